@@ -1,0 +1,61 @@
+"""Jupyter kernel provisioners for local processes, Docker containers, SSH hosts and
+Kubernetes pods, and jupyter_client's connection API working for remote kernels too."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import ClusterProvisioner
+from .connect import (
+    ConnectionFileMixin,
+    KernelConnectionInfo,
+    LocalPortCache,
+    connection_file_content,
+    find_connection_file,
+    launch_kernel,
+    write_connection_file,
+)
+from .exceptions import (
+    EngineUnavailableError,
+    KernelStartError,
+    ProvisionerConfigError,
+    ProvisionerError,
+)
+from .local import LocalClusterProvisioner
+from .ports import ClusterPortCache, PortRange
+
+__version__ = "0.1.0"
+
+# The SSH functions import paramiko; load them on first use.
+_TUNNEL_NAMES = ("ssh_tunnel", "forward_tunnel", "tunnel_to_kernel")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TUNNEL_NAMES:
+        from . import tunnels
+
+        return getattr(tunnels, name)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+__all__ = [
+    "ClusterPortCache",
+    "ClusterProvisioner",
+    "ConnectionFileMixin",
+    "EngineUnavailableError",
+    "KernelConnectionInfo",
+    "KernelStartError",
+    "LocalClusterProvisioner",
+    "LocalPortCache",
+    "PortRange",
+    "ProvisionerConfigError",
+    "ProvisionerError",
+    "connection_file_content",
+    "find_connection_file",
+    "forward_tunnel",
+    "launch_kernel",
+    "ssh_tunnel",
+    "tunnel_to_kernel",
+    "write_connection_file",
+]

@@ -1,0 +1,506 @@
+"""The lifecycle every cluster provisioner shares, written once.
+
+A target (local process, Docker container, SSH host, Kubernetes pod) subclasses
+:class:`ClusterProvisioner` and fills in a few engine hooks: ``start_kernel``,
+``kernel_address``, ``poll_kernel``, ``signal_kernel``, ``stop_kernel``,
+``remove_kernel`` and the state hooks. The base allocates ports through the
+cluster-aware cache, builds the connection info and the kernel's command, keeps the
+kernel's environment to what it should see, applies the local fallback when the
+engine cannot be reached, opens and closes SSH tunnels, and cleans up after partial
+starts, shutdowns and restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import uuid
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from jupyter_client.provisioning import KernelProvisionerBase
+from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode
+
+from .connect import KernelConnectionInfo
+from .exceptions import EngineUnavailableError, ProvisionerConfigError, ProvisionerError
+from .owner import ServerIdentity
+from .ports import DEFAULT_PORT_RANGE, LOCAL_HOST, ClusterPortCache, PortRange, PortSource
+
+if TYPE_CHECKING:
+    from .tunnels import KernelTunnels
+
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+PROVISIONER_INFO_VERSION = 1
+#: Keys the jupyter_client factory passes besides the kernelspec's config.
+_FACTORY_KEYS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
+
+
+class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Base class of our provisioners: the lifecycle, with engine hooks for targets."""
+
+    #: Short engine name used in logs, errors, labels and the CLI.
+    target: ClassVar[str] = "base"
+
+    port_range = Unicode(
+        DEFAULT_PORT_RANGE,
+        config=True,
+        help="""Range 'LOW-HIGH' from which the kernel's five ports are allocated, per host,
+        through the cluster-aware port cache. The default lies below Linux's ephemeral range.""",
+    )
+    fallback = CaselessStrEnum(
+        ["local", "none"],
+        default_value="local",
+        config=True,
+        help="""What to do when the engine (Docker daemon, SSH host, Kubernetes API) cannot
+        be reached: 'local' starts the kernel as a local process and logs a warning naming
+        the engine and the cause; 'none' raises. Other start failures never fall back.""",
+    )
+    launch_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds the engine may take to start the kernel before the start fails.",
+    )
+    command = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="""Command run for the kernel instead of the kernelspec's argv. '{connection_file}'
+        is replaced by the path of the connection file as the kernel sees it.""",
+    )
+    env = Dict(
+        value_trait=Unicode(),
+        default_value={},
+        config=True,
+        help="""Extra environment variables for the kernel, added after the kernelspec's env
+        and the KERNEL_* values of the start request.""",
+    )
+    inherit_server_env = Bool(
+        False,
+        config=True,
+        help="""Pass the server's whole environment to the kernel. Off for remote targets: a
+        remote kernel sees only the kernelspec's env, this provisioner's 'env' and the
+        KERNEL_* values of the start request, never the server's tokens or credentials.""",
+    )
+    ssh_server = Unicode(
+        "",
+        config=True,
+        help="""'[user@]host[:port]' of an SSH server to tunnel the kernel's ZMQ channels
+        through (a bastion, or a remote Docker host). Empty: connect directly.""",
+    )
+    ssh_key = Unicode("", config=True, help="Private key file for 'ssh_server' (optional).")
+    ssh_password = Unicode(
+        "", config=True, help="Password for 'ssh_server', when keys are not used."
+    )
+    ssh_known_hosts = Unicode(
+        "",
+        config=True,
+        help="known_hosts file checked for 'ssh_server' (default: ~/.ssh/known_hosts).",
+    )
+    ssh_accept_unknown_host_keys = Bool(
+        False,
+        config=True,
+        help="""Accept an SSH host key not listed in known_hosts (a changed key is always
+        refused). Off by default: an unknown host is an error.""",
+    )
+    ssh_connect_timeout = Float(
+        10.0, config=True, help="Seconds to wait for the SSH server to connect and authenticate."
+    )
+    shutdown_wait_time = Float(
+        5.0,
+        config=True,
+        help="Seconds jupyter_client waits for a graceful shutdown before terminating.",
+    )
+    kernel_ports = Int(5, help="How many ports a kernel needs (shell, iopub, stdin, hb, control).")
+
+    def __init__(self, **kwargs: Any) -> None:
+        kernel_spec = kwargs.get("kernel_spec")
+        spec_name = getattr(kernel_spec, "name", "") or getattr(kernel_spec, "display_name", "")
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k not in _FACTORY_KEYS}
+        allowed = set(self.class_trait_names(config=True))
+        for key in settings:
+            if key not in allowed:
+                msg = (
+                    f"kernelspec {spec_name!r}: unknown {self.target} provisioner config key "
+                    f"{key!r}; known keys: {', '.join(sorted(allowed))}"
+                )
+                raise ProvisionerConfigError(msg, key=key, kernel_spec=spec_name, target=self.target)
+        try:
+            super().__init__(**kwargs)
+        except TraitError as exc:
+            msg = f"kernelspec {spec_name!r}: invalid {self.target} provisioner config: {exc}"
+            raise ProvisionerConfigError(msg, kernel_spec=spec_name, target=self.target) from exc
+        for key, value in settings.items():
+            try:
+                setattr(self, key, value)
+            except TraitError as exc:
+                msg = (
+                    f"kernelspec {spec_name!r}: config key {key!r} of the {self.target} "
+                    f"provisioner has a wrong value {value!r}: {exc}"
+                )
+                raise ProvisionerConfigError(
+                    msg, key=key, kernel_spec=spec_name, target=self.target
+                ) from exc
+        try:
+            self.validate_config()
+        except ProvisionerConfigError as exc:
+            exc.kernel_spec = spec_name
+            exc.args = (f"kernelspec {spec_name!r}: {exc.args[0]}",)
+            raise
+        self.spec_name = spec_name
+        self.owner = ServerIdentity.current()
+        self._runner: ClusterProvisioner = self
+        self._ports: list[int] = []
+        self._port_host = LOCAL_HOST
+        self._kernel_info: dict[str, Any] = {}
+        self._tunnels: KernelTunnels | None = None
+        self._restarting = False
+        self._started = False
+
+    # ------------------------------------------------------------------ config
+
+    def validate_config(self) -> None:
+        """Cross-field checks; raise :class:`ProvisionerConfigError` naming the key."""
+        PortRange.parse(self.port_range)
+
+    def config_error(self, key: str, problem: str) -> ProvisionerConfigError:
+        """Build a config error for ``key`` of this provisioner."""
+        msg = f"{self.target} provisioner config key {key!r}: {problem}"
+        return ProvisionerConfigError(msg, key=key, target=self.target)
+
+    # ------------------------------------------------------------------ engine hooks
+
+    async def check_engine(self) -> None:
+        """Raise :class:`EngineUnavailableError` when the engine cannot be reached."""
+
+    def port_host(self) -> str:
+        """The host whose ports the kernel's ports are allocated on."""
+        return LOCAL_HOST
+
+    def port_sources(self) -> list[PortSource]:
+        """Engine records of ports in use on :meth:`port_host` (labels, annotations...)."""
+        return []
+
+    def needs_ports(self) -> bool:
+        """False where the kernel needs no allocated TCP ports (e.g. ipc transport)."""
+        return True
+
+    def kernel_bind_ip(self) -> str:
+        """The IP the kernel binds, as written in its own connection file."""
+        return "127.0.0.1"
+
+    def kernel_connection_file(self) -> str:
+        """Path of the connection file as the kernel sees it."""
+        return f"/tmp/jupyter-kernel-{self.kernel_id}/connection.json"
+
+    def format_command(self, argv: list[str], extra_arguments: list[str]) -> list[str]:
+        """Fill ``{connection_file}`` (and friends) into the kernel's argv."""
+        values = {
+            "connection_file": self.kernel_connection_file(),
+            "resource_dir": getattr(self.kernel_spec, "resource_dir", ""),
+            "prefix": sys.prefix,
+        }
+        return [_substitute(arg, values) for arg in argv] + list(extra_arguments)
+
+    async def start_kernel(
+        self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
+    ) -> None:
+        """Start the kernel with ``cmd``/``env``, its connection file holding ``kernel_info``.
+
+        Record every created resource on ``self`` as soon as it exists, so that
+        :meth:`remove_kernel` can undo a partial start.
+        """
+        raise NotImplementedError
+
+    async def kernel_address(self) -> tuple[str, dict[str, int]]:
+        """Where this server reaches the kernel: an IP and the five named ports."""
+        return self.kernel_bind_ip(), {n: self._kernel_info[n] for n in PORT_NAMES}
+
+    async def poll_kernel(self) -> int | None:
+        """None while the kernel runs, else its exit code."""
+        raise NotImplementedError
+
+    async def signal_kernel(self, signum: int) -> None:
+        """Deliver ``signum`` to the kernel process."""
+        raise NotImplementedError
+
+    async def stop_kernel(self, force: bool) -> None:
+        """Ask the kernel to stop (SIGTERM, grace) or, with ``force``, kill it now."""
+        raise NotImplementedError
+
+    async def remove_kernel(self, restart: bool) -> None:
+        """Remove what the start created (container, pod, secret, remote files)."""
+
+    def has_kernel(self) -> bool:
+        """True once :meth:`start_kernel` has created the kernel's process or resource."""
+        return self._started
+
+    def kernel_state(self) -> dict[str, Any]:
+        """JSON-safe state that lets another server process reconnect to the kernel."""
+        return {}
+
+    async def load_kernel_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`kernel_state` (and reattach to the engine)."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def runner(self) -> ClusterProvisioner:
+        """The provisioner whose hooks run the kernel: ``self``, or the local fallback."""
+        return self._runner
+
+    @property
+    def has_process(self) -> bool:
+        return self._runner.has_kernel()
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Pick the runner, allocate ports, build connection info, command and env."""
+        if not self._restarting:
+            self._runner = await self._select_runner()
+        self._restarting = False
+        runner = self._runner
+        if not self._ports and runner.needs_ports():
+            self._port_host = runner.port_host()
+            self._ports = await asyncio.to_thread(
+                ClusterPortCache.instance().allocate,
+                runner.kernel_ports,
+                self.allocation_owner,
+                host=self._port_host,
+                port_range=self.port_range,
+                sources=runner.port_sources(),
+            )
+        try:
+            self._kernel_info = self._build_kernel_info(runner)
+            extra_arguments = kwargs.pop("extra_arguments", [])
+            kwargs["cmd"] = await runner.prepare_command(self._kernel_info, extra_arguments)
+            kwargs = await super().pre_launch(**kwargs)
+            kwargs["env"] = self._kernel_env(kwargs.get("env", {}), runner)
+        except BaseException:
+            self._release_ports()
+            raise
+        return kwargs
+
+    async def prepare_command(
+        self, kernel_info: dict[str, Any], extra_arguments: list[str]
+    ) -> list[str]:
+        """The kernel's command; a target may also write its connection file here."""
+        argv = list(self.command or self.kernel_spec.argv)
+        return self.format_command(argv, extra_arguments)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Start the kernel through the runner and return how the client reaches it."""
+        runner = self._runner
+        env = kwargs.pop("env", {})
+        try:
+            await asyncio.wait_for(
+                runner.start_kernel(cmd, env, dict(self._kernel_info), **kwargs),
+                timeout=self.launch_timeout,
+            )
+            self.connection_info = await self._connect()
+        except BaseException as exc:
+            self.log.warning(
+                "Kernel %s (%s): start failed, removing what was created: %s",
+                self.kernel_id,
+                runner.target,
+                _describe(exc),
+            )
+            await self._teardown(restart=False)
+            if isinstance(exc, asyncio.TimeoutError):
+                msg = (
+                    f"{runner.target} kernel {self.kernel_id} did not start within "
+                    f"launch_timeout={self.launch_timeout:g} s"
+                )
+                raise ProvisionerError(msg, target=runner.target, kernel_id=self.kernel_id) from exc
+            raise
+        return self.connection_info
+
+    async def poll(self) -> int | None:
+        if not self._runner.has_kernel():
+            return 0
+        return await self._runner.poll_kernel()
+
+    async def wait(self) -> int | None:
+        while True:
+            status = await self.poll()
+            if status is not None:
+                return status
+            await asyncio.sleep(0.1)
+
+    async def send_signal(self, signum: int) -> None:
+        if not self._runner.has_kernel():
+            return
+        if signum == signal.SIGKILL:
+            await self.kill(restart=self._restarting)
+            return
+        await self._runner.signal_kernel(signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        if self._runner.has_kernel():
+            await self._runner.stop_kernel(force=True)
+
+    async def terminate(self, restart: bool = False) -> None:
+        if self._runner.has_kernel():
+            await self._runner.stop_kernel(force=False)
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        # jupyter_client does not pass restart=True on to terminate()/kill(): remember it.
+        self._restarting = restart
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await self._teardown(restart=restart)
+        self._restarting = restart
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        return max(recommended, self.shutdown_wait_time)
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """JSON-safe, versioned state (the HMAC key as text) for reconnecting later."""
+        info = await super().get_provisioner_info()
+        connection = dict(self.connection_info)
+        if isinstance(connection.get("key"), bytes):
+            connection["key"] = connection["key"].decode()
+        info.update(
+            {
+                "version": PROVISIONER_INFO_VERSION,
+                "target": self.target,
+                "runner": self._runner.target,
+                "connection_info": connection,
+                "kernel_info": _json_safe(self._kernel_info),
+                "ports": list(self._ports),
+                "port_host": self._port_host,
+                "state": self._runner.kernel_state(),
+            }
+        )
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Restore :meth:`get_provisioner_info` and reattach to the running kernel."""
+        version = provisioner_info.get("version")
+        if version != PROVISIONER_INFO_VERSION:
+            msg = f"unsupported provisioner info version {version!r}"
+            raise ProvisionerError(msg, target=self.target)
+        await super().load_provisioner_info(provisioner_info)
+        connection = dict(provisioner_info["connection_info"])
+        if isinstance(connection.get("key"), str):
+            connection["key"] = connection["key"].encode()
+        self._kernel_info = dict(provisioner_info.get("kernel_info", {}))
+        if isinstance(self._kernel_info.get("key"), str):
+            self._kernel_info["key"] = self._kernel_info["key"].encode()
+        self._ports = list(provisioner_info.get("ports", []))
+        self._port_host = provisioner_info.get("port_host", LOCAL_HOST)
+        if provisioner_info.get("runner", self.target) != self.target:
+            self._runner = self._make_local_runner()
+        await self._runner.load_kernel_state(provisioner_info.get("state", {}))
+        if self._runner.has_kernel():
+            self.connection_info = await self._connect()
+        else:
+            self.connection_info = connection
+
+    # ------------------------------------------------------------------ internals
+
+    @property
+    def allocation_owner(self) -> str:
+        """The port cache owner of this kernel's ports."""
+        return f"kernel-{self.kernel_id}"
+
+    async def _select_runner(self) -> ClusterProvisioner:
+        try:
+            await self.check_engine()
+        except EngineUnavailableError as exc:
+            if self.fallback != "local":
+                raise
+            self.log.warning(
+                "Kernel %s: the %s engine is unreachable (%s); starting the kernel locally "
+                "(fallback = 'local')",
+                self.kernel_id,
+                self.target,
+                exc,
+            )
+            return self._make_local_runner()
+        return self
+
+    def _make_local_runner(self) -> ClusterProvisioner:
+        from .local import LocalClusterProvisioner
+
+        runner = LocalClusterProvisioner(
+            kernel_id=self.kernel_id, kernel_spec=self.kernel_spec, parent=self.parent
+        )
+        runner.port_range = self.port_range
+        runner.env = dict(self.env)
+        runner.inherit_server_env = True
+        return runner
+
+    def _build_kernel_info(self, runner: ClusterProvisioner) -> dict[str, Any]:
+        session = getattr(self.parent, "session", None)
+        key = getattr(session, "key", None) or str(uuid.uuid4()).encode()
+        scheme = getattr(session, "signature_scheme", "hmac-sha256")
+        info: dict[str, Any] = {
+            "transport": getattr(self.parent, "transport", "tcp"),
+            "ip": runner.kernel_bind_ip(),
+            "key": key,
+            "signature_scheme": scheme,
+            "kernel_name": getattr(self.kernel_spec, "name", "") or "",
+        }
+        info.update(dict(zip(PORT_NAMES, self._ports or [0] * 5)))
+        return info
+
+    def _kernel_env(self, env: dict[str, str], runner: ClusterProvisioner) -> dict[str, str]:
+        """Keep the server's environment out of a remote kernel's (unless configured)."""
+        if not (self.inherit_server_env or runner.inherit_server_env):
+            spec_env = set(getattr(self.kernel_spec, "env", {}) or {})
+            env = {
+                k: v
+                for k, v in env.items()
+                if k in spec_env or k.startswith("KERNEL_") or k == "JPY_SESSION_NAME"
+            }
+        env.update(self.env)
+        return env
+
+    async def _connect(self) -> KernelConnectionInfo:
+        """Client-side connection info: direct, or through SSH tunnels."""
+        ip, ports = await self._runner.kernel_address()
+        if self.ssh_server:
+            from .tunnels import KernelTunnels
+
+            if self._tunnels is None:
+                self._tunnels = KernelTunnels.from_provisioner(self)
+            ip, ports = "127.0.0.1", await self._tunnels.open(ip, ports)
+        info = dict(self._kernel_info)
+        info.update(ports)
+        info["ip"] = ip
+        return info
+
+    async def _teardown(self, restart: bool) -> None:
+        """Close tunnels, remove engine resources; on a full stop, return ports too."""
+        if self._tunnels is not None:
+            await self._tunnels.close()
+            self._tunnels = None
+        try:
+            await self._runner.remove_kernel(restart)
+        finally:
+            if not restart:
+                self._release_ports()
+
+    def _release_ports(self) -> None:
+        if self._ports:
+            ClusterPortCache.instance().release(self.allocation_owner)
+            self._ports = []
+
+
+def _substitute(arg: str, values: dict[str, str]) -> str:
+    for name, value in values.items():
+        arg = arg.replace("{" + name + "}", value)
+    return arg
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _json_safe(info: dict[str, Any]) -> dict[str, Any]:
+    out = dict(info)
+    if isinstance(out.get("key"), bytes):
+        out["key"] = out["key"].decode()
+    json.dumps(out)
+    return out
+

@@ -1,0 +1,136 @@
+"""The local target: the kernel as a process of this machine (and every target's fallback)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, ClassVar
+
+from jupyter_core.paths import jupyter_runtime_dir
+from traitlets import Bool
+
+from .base import ClusterProvisioner
+from .connect import launch_kernel, write_connection_file
+
+#: Keyword arguments of a start request that reach the process launcher.
+_LAUNCH_KWARGS = ("stdin", "stdout", "stderr", "cwd", "independent")
+
+
+class LocalClusterProvisioner(ClusterProvisioner):
+    """Starts the kernel as a local subprocess, with ports from the cluster-aware cache."""
+
+    target: ClassVar[str] = "local"
+
+    inherit_server_env = Bool(
+        True,
+        config=True,
+        help="""Pass the server's environment to the kernel, as jupyter_client does. Set it
+        False to give the kernel only the kernelspec's env, this provisioner's 'env' and the
+        KERNEL_* values of the start request, as remote targets do.""",
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.pgid: int | None = None
+        self._connection_file = ""
+
+    def needs_ports(self) -> bool:
+        return getattr(self.parent, "transport", "tcp") == "tcp"
+
+    def kernel_bind_ip(self) -> str:
+        return getattr(self.parent, "ip", "") or "127.0.0.1"
+
+    def kernel_connection_file(self) -> str:
+        if not self._connection_file:
+            km_file = getattr(self.parent, "connection_file", "")
+            self._connection_file = km_file or str(
+                Path(jupyter_runtime_dir()) / f"kernel-{self.kernel_id}.json"
+            )
+        return self._connection_file
+
+    async def prepare_command(
+        self, kernel_info: dict[str, Any], extra_arguments: list[str]
+    ) -> list[str]:
+        """Write the connection file where the kernel manager keeps it, then format argv."""
+        km = self.parent
+        if km is not None and hasattr(km, "format_kernel_cmd"):
+            km.load_connection_info(kernel_info)
+            km.write_connection_file()
+            kernel_info.update(km.get_connection_info())
+            self._connection_file = km.connection_file
+            if self.command:
+                return self.format_command(list(self.command), extra_arguments)
+            return list(km.format_kernel_cmd(extra_arguments=extra_arguments))
+        fields = {k: v for k, v in kernel_info.items() if k != "kernel_name"}
+        write_connection_file(self.kernel_connection_file(), **fields)
+        return await super().prepare_command(kernel_info, extra_arguments)
+
+    async def start_kernel(
+        self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
+    ) -> None:
+        launch_args = {k: kwargs[k] for k in _LAUNCH_KWARGS if k in kwargs}
+        self.process = launch_kernel(cmd, env=env, **launch_args)
+        self.pid = self.process.pid
+        try:
+            self.pgid = os.getpgid(self.pid)
+        except OSError:
+            self.pgid = None
+        self._started = True
+        self.log.debug("Kernel %s: local process %s started", self.kernel_id, self.pid)
+
+    async def poll_kernel(self) -> int | None:
+        if self.process is not None:
+            return self.process.poll()
+        if self.pid is None:
+            return 0
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return 0
+        except PermissionError:
+            return None
+        return None
+
+    async def signal_kernel(self, signum: int) -> None:
+        if self.pid is None or await self.poll_kernel() is not None:
+            return
+        try:
+            if self.pgid is not None and signum in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+                os.killpg(self.pgid, signum)
+            else:
+                os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    async def stop_kernel(self, force: bool) -> None:
+        await self.signal_kernel(signal.SIGKILL if force else signal.SIGTERM)
+
+    async def remove_kernel(self, restart: bool) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                await self.stop_kernel(force=True)
+            try:
+                await asyncio.to_thread(self.process.wait, 5)
+            except subprocess.TimeoutExpired:
+                self.log.warning("Kernel %s: process %s did not exit", self.kernel_id, self.pid)
+            for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+                if stream is not None:
+                    stream.close()
+        self.process = None
+        self.pid = self.pgid = None
+        self._started = False
+        if not restart and self.parent is None and self._connection_file:
+            Path(self._connection_file).unlink(missing_ok=True)
+
+    def kernel_state(self) -> dict[str, Any]:
+        return {"pid": self.pid, "pgid": self.pgid}
+
+    async def load_kernel_state(self, state: dict[str, Any]) -> None:
+        self.pid = state.get("pid")
+        self.pgid = state.get("pgid")
+        self._started = self.pid is not None

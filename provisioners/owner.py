@@ -1,0 +1,59 @@
+"""Who owns a kernel: the server process that started it, and whether it is gone."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .ports import _process_alive, _process_start_time
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """A server process: machine name, pid and the pid's start tick (against pid reuse).
+
+    Its text form ``host.pid.start`` is what labels and annotations carry.
+    """
+
+    hostname: str
+    pid: int
+    start: str
+
+    @classmethod
+    @lru_cache(maxsize=1)
+    def _for_pid(cls, pid: int) -> ServerIdentity:
+        return cls(socket.gethostname(), pid, _process_start_time(pid) or "0")
+
+    @classmethod
+    def current(cls) -> ServerIdentity:
+        """This process (recomputed after a fork)."""
+        return cls._for_pid(os.getpid())
+
+    def __str__(self) -> str:
+        return f"{self.hostname}.{self.pid}.{self.start}"
+
+    @classmethod
+    def parse(cls, text: str) -> ServerIdentity | None:
+        """The identity in ``text``, or None when it is not one of ours."""
+        host, _, rest = text.rpartition(".")
+        hostname, _, pid = host.rpartition(".")
+        if not hostname or not pid.isdigit():
+            return None
+        return cls(hostname, int(pid), rest)
+
+    def is_gone(self) -> bool:
+        """True when this identity's process is known to have ended.
+
+        Only a process of this machine can be checked; others are assumed alive.
+        """
+        if self.hostname != socket.gethostname():
+            return False
+        return not _process_alive(self.pid, "" if self.start == "0" else self.start)
+
+
+def owner_is_gone(text: str) -> bool:
+    """True when the owner label ``text`` names a server process of this machine that ended."""
+    identity = ServerIdentity.parse(text)
+    return identity is not None and identity.is_gone()

@@ -1,0 +1,304 @@
+"""A cluster-aware port cache.
+
+Ports are handed out per *host* (``localhost``, a Kubernetes node, an SSH host, a
+Docker daemon) from a configurable range. A port is never handed out twice while it
+is held: threads share one lock, processes on one machine share a file-locked store in
+the Jupyter runtime directory, and :class:`PortSource` objects add what an engine
+itself knows (ports published by our containers, annotated on our pods, listening on
+a remote host), so servers on different machines sharing one engine never collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import random
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_runtime_dir
+
+from .exceptions import PortsExhaustedError, ProvisionerConfigError
+
+#: Below Linux's default ephemeral range (32768-60999), so outgoing connections
+#: never take a port we are about to publish.
+DEFAULT_PORT_RANGE = "20000-29999"
+LOCAL_HOST = "localhost"
+STORE_FILENAME = "cluster-provisioners-ports.json"
+
+
+@dataclass(frozen=True)
+class PortRange:
+    """An inclusive range of TCP ports, written ``"LOW-HIGH"``."""
+
+    low: int
+    high: int
+
+    @classmethod
+    def parse(cls, text: str, *, key: str = "port_range") -> PortRange:
+        """Parse ``"40000-40999"``; raise :class:`ProvisionerConfigError` naming ``key``."""
+        low_text, sep, high_text = str(text).partition("-")
+        try:
+            low, high = int(low_text), int(high_text)
+        except ValueError:
+            low = high = -1
+        if not sep or not (1024 <= low <= high <= 65535):
+            msg = (
+                f"{key}: {text!r} is not a port range; write 'LOW-HIGH' with "
+                "1024 <= LOW <= HIGH <= 65535, e.g. '40000-40999'"
+            )
+            raise ProvisionerConfigError(msg, key=key)
+        return cls(low, high)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.low, self.high + 1))
+
+    def __len__(self) -> int:
+        return self.high - self.low + 1
+
+    def __str__(self) -> str:
+        return f"{self.low}-{self.high}"
+
+
+class PortSource(ABC):
+    """An engine's own record of ports in use on a host (labels, annotations, sockets)."""
+
+    @abstractmethod
+    def ports_in_use(self, host: str) -> set[int]:
+        """Return the ports known to be held on ``host``; may block (called in a thread)."""
+
+
+class LocalBindProbe:
+    """Tells whether a port of this machine can be bound right now."""
+
+    def __init__(self, bind_addresses: Iterable[str] = ("127.0.0.1", "0.0.0.0")) -> None:
+        self.bind_addresses = tuple(bind_addresses)
+
+    def is_free(self, port: int) -> bool:
+        """True when every bind address accepts a listener on ``port``."""
+        for address in self.bind_addresses:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((address, port))
+                except OSError:
+                    return False
+        return True
+
+
+def _process_start_time(pid: int) -> str:
+    """The kernel's start tick of ``pid`` (guards against pid reuse), or '' if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _process_alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not start or _process_start_time(pid) in ("", start)
+
+
+class PortStore(ABC):
+    """Where held ports are recorded. Implementations must be safe across processes."""
+
+    @abstractmethod
+    def allocate(
+        self,
+        host: str,
+        count: int,
+        owner: str,
+        port_range: PortRange,
+        taken: set[int],
+        is_free: Callable[[int], bool] | None = None,
+    ) -> list[int]:
+        """Atomically pick and record ``count`` ports for ``owner`` on ``host``."""
+
+    @abstractmethod
+    def release(self, owner: str, ports: Iterable[int] | None = None) -> list[int]:
+        """Forget ``owner``'s ports (all of them, or only ``ports``); return those freed."""
+
+    @abstractmethod
+    def held(self, host: str | None = None) -> dict[str, dict[int, dict[str, Any]]]:
+        """Return live records: ``{host: {port: record}}``."""
+
+
+class FilePortStore(PortStore):
+    """A JSON store guarded by ``flock``; records of dead processes are reclaimed."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        self.directory = Path(directory or jupyter_runtime_dir())
+        self.path = self.directory / STORE_FILENAME
+        self.lock_path = self.directory / (STORE_FILENAME + ".lock")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, dict[str, dict[str, Any]]]]:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = self._read()
+            before = json.dumps(data, sort_keys=True)
+            self._reclaim_dead(data)
+            yield data
+            if json.dumps(data, sort_keys=True) != before:
+                self._write(data)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _read(self) -> dict[str, dict[str, dict[str, Any]]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return {}  # a corrupt store is rebuilt; live holders are found by the sources
+        return data if isinstance(data, dict) else {}
+
+    def _write(self, data: dict[str, dict[str, dict[str, Any]]]) -> None:
+        data = {host: ports for host, ports in data.items() if ports}
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, self.path)
+
+    @staticmethod
+    def _reclaim_dead(data: dict[str, dict[str, dict[str, Any]]]) -> None:
+        alive: dict[tuple[int, str], bool] = {}
+        for ports in data.values():
+            for port, record in list(ports.items()):
+                key = (int(record.get("pid", 0)), str(record.get("start", "")))
+                if key not in alive:
+                    alive[key] = key[0] > 0 and _process_alive(*key)
+                if not alive[key]:
+                    del ports[port]
+
+    def allocate(
+        self,
+        host: str,
+        count: int,
+        owner: str,
+        port_range: PortRange,
+        taken: set[int],
+        is_free: Callable[[int], bool] | None = None,
+    ) -> list[int]:
+        pid = os.getpid()
+        record = {"owner": owner, "pid": pid, "start": _process_start_time(pid), "t": time.time()}
+        with self._locked() as data:
+            recorded = data.setdefault(host, {})
+            candidates = [p for p in port_range if str(p) not in recorded and p not in taken]
+            random.shuffle(candidates)
+            chosen: list[int] = []
+            for port in candidates:
+                if is_free is None or is_free(port):
+                    chosen.append(port)
+                    if len(chosen) == count:
+                        break
+            if len(chosen) < count:
+                msg = (
+                    f"no {count} free ports left on host {host!r} in range {port_range} "
+                    f"({len(recorded)} recorded as held); widen port_range or stop kernels"
+                )
+                raise PortsExhaustedError(msg)
+            for port in chosen:
+                recorded[str(port)] = dict(record)
+            return chosen
+
+    def release(self, owner: str, ports: Iterable[int] | None = None) -> list[int]:
+        wanted = None if ports is None else {str(p) for p in ports}
+        freed: list[int] = []
+        with self._locked() as data:
+            for recorded in data.values():
+                for port, record in list(recorded.items()):
+                    if record.get("owner") == owner and (wanted is None or port in wanted):
+                        del recorded[port]
+                        freed.append(int(port))
+        return freed
+
+    def held(self, host: str | None = None) -> dict[str, dict[int, dict[str, Any]]]:
+        with self._locked() as data:
+            return {
+                h: {int(p): dict(r) for p, r in ports.items()}
+                for h, ports in data.items()
+                if host is None or h == host
+            }
+
+
+class ClusterPortCache:
+    """Allocates ports per host from a store, consulting the engines' own records."""
+
+    _instance: ClusterPortCache | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self, store: PortStore | None = None) -> None:
+        self.store = store or FilePortStore()
+        self._lock = threading.Lock()
+        self._local = LocalBindProbe()
+
+    @classmethod
+    def instance(cls) -> ClusterPortCache:
+        """The process-wide cache over the default store in the Jupyter runtime dir."""
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def allocate(
+        self,
+        count: int,
+        owner: str,
+        *,
+        host: str = LOCAL_HOST,
+        port_range: PortRange | str = DEFAULT_PORT_RANGE,
+        sources: Iterable[PortSource] = (),
+        check_local_bind: bool | None = None,
+    ) -> list[int]:
+        """Hand out ``count`` ports on ``host`` to ``owner``; blocking (use a thread).
+
+        ``check_local_bind`` (default: ``host == 'localhost'``) also skips ports that
+        some process of this machine is bound to.
+        """
+        if isinstance(port_range, str):
+            port_range = PortRange.parse(port_range)
+        taken: set[int] = set()
+        for source in sources:
+            taken |= source.ports_in_use(host)
+        if check_local_bind is None:
+            check_local_bind = host == LOCAL_HOST
+        is_free = self._local.is_free if check_local_bind else None
+        with self._lock:
+            return self.store.allocate(host, count, owner, port_range, taken, is_free)
+
+    def release(self, owner: str, ports: Iterable[int] | None = None) -> list[int]:
+        """Return ``owner``'s ports (or only ``ports``) to the pool."""
+        with self._lock:
+            return self.store.release(owner, ports)
+
+    def held(self, host: str | None = None) -> dict[str, dict[int, dict[str, Any]]]:
+        """Live records per host (dead holders already reclaimed)."""
+        with self._lock:
+            return self.store.held(host)
+
+
+def port_is_listening(host: str, port: int, timeout: float = 0.2) -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
