@@ -124,7 +124,9 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                     f"kernelspec {spec_name!r}: unknown {self.target} provisioner config key "
                     f"{key!r}; known keys: {', '.join(sorted(allowed))}"
                 )
-                raise ProvisionerConfigError(msg, key=key, kernel_spec=spec_name, target=self.target)
+                raise ProvisionerConfigError(
+                    msg, key=key, kernel_spec=spec_name, target=self.target
+                )
         try:
             super().__init__(**kwargs)
         except TraitError as exc:
@@ -441,7 +443,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "signature_scheme": scheme,
             "kernel_name": getattr(self.kernel_spec, "name", "") or "",
         }
-        info.update(dict(zip(PORT_NAMES, self._ports or [0] * 5)))
+        info.update(dict(zip(PORT_NAMES, self._ports or [0] * 5, strict=True)))
         return info
 
     def _kernel_env(self, env: dict[str, str], runner: ClusterProvisioner) -> dict[str, str]:
@@ -503,4 +505,3 @@ def _json_safe(info: dict[str, Any]) -> dict[str, Any]:
         out["key"] = out["key"].decode()
     json.dumps(out)
     return out
-
