@@ -22,6 +22,7 @@ from .exceptions import (
     ProvisionerError,
 )
 from .local import LocalClusterProvisioner
+from .manager import AsyncKernelManager, KernelManager
 from .ports import ClusterPortCache, PortRange
 
 __version__ = "0.1.0"
@@ -40,11 +41,13 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AsyncKernelManager",
     "ClusterPortCache",
     "ClusterProvisioner",
     "ConnectionFileMixin",
     "EngineUnavailableError",
     "KernelConnectionInfo",
+    "KernelManager",
     "KernelStartError",
     "LocalClusterProvisioner",
     "LocalPortCache",

@@ -134,6 +134,9 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             raise ProvisionerConfigError(msg, kernel_spec=spec_name, target=self.target) from exc
         for key, value in settings.items():
             try:
+                if isinstance(self.traits()[key], List) and not isinstance(value, list | tuple):
+                    problem = f"expected a list, not {type(value).__name__}"
+                    raise TraitError(problem)
                 setattr(self, key, value)
             except TraitError as exc:
                 msg = (
@@ -272,7 +275,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 sources=runner.port_sources(),
             )
         try:
-            self._kernel_info = self._build_kernel_info(runner)
+            self._kernel_info = runner._kernel_info = self._build_kernel_info(runner)
             extra_arguments = kwargs.pop("extra_arguments", [])
             kwargs["cmd"] = await runner.prepare_command(self._kernel_info, extra_arguments)
             kwargs = await super().pre_launch(**kwargs)
@@ -392,6 +395,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._port_host = provisioner_info.get("port_host", LOCAL_HOST)
         if provisioner_info.get("runner", self.target) != self.target:
             self._runner = self._make_local_runner()
+        self._runner._kernel_info = self._kernel_info
         await self._runner.load_kernel_state(provisioner_info.get("state", {}))
         if self._runner.has_kernel():
             self.connection_info = await self._connect()

@@ -235,7 +235,7 @@ class FilePortStore(PortStore):
             return {
                 h: {int(p): dict(r) for p, r in ports.items()}
                 for h, ports in data.items()
-                if host is None or h == host
+                if ports and (host is None or h == host)
             }
 
 

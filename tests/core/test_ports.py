@@ -1,0 +1,124 @@
+"""The cluster-aware port cache: no port handed out twice, across threads and processes."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioners.exceptions import PortsExhaustedError, ProvisionerConfigError
+from provisioners.ports import ClusterPortCache, FilePortStore, PortRange, PortSource
+
+
+def _allocate_many(directory: str, worker: int, rounds: int, out: str, barrier: Any) -> None:
+    cache = ClusterPortCache(FilePortStore(directory))
+    barrier.wait(60)  # all start together
+    held: list[int] = []
+    for i in range(rounds):
+        held += cache.allocate(5, f"w{worker}-{i}", port_range="40000-41999")
+    Path(out).write_text(json.dumps(held))
+    barrier.wait(60)  # all still hold their ports until every worker is done
+
+
+def test_four_processes_never_share_a_port(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"out{i}.json" for i in range(4)]
+    barrier = ctx.Barrier(4)
+    procs = [
+        ctx.Process(target=_allocate_many, args=(str(tmp_path), i, 50, str(outs[i]), barrier))
+        for i in range(4)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    ports = [port for out in outs for port in json.loads(out.read_text())]
+    assert len(ports) == 4 * 50 * 5
+    assert len(set(ports)) == len(ports), "a port was handed out twice while held"
+    # every holder has exited, so the store reclaims all of their records
+    assert FilePortStore(tmp_path).held() == {}
+
+
+def test_threads_never_share_a_port(tmp_path: Path) -> None:
+    cache = ClusterPortCache(FilePortStore(tmp_path))
+    results: list[list[int]] = []
+
+    def work(n: int) -> None:
+        results.append(cache.allocate(5, f"t{n}", port_range="42000-42999"))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ports = [p for r in results for p in r]
+    assert len(ports) == 200 and len(set(ports)) == 200
+
+
+def test_release_returns_ports(tmp_path: Path) -> None:
+    cache = ClusterPortCache(FilePortStore(tmp_path))
+    ports = cache.allocate(5, "a", port_range="43000-43004")
+    assert sorted(ports) == list(range(43000, 43005))
+    with pytest.raises(PortsExhaustedError, match="43000-43004"):
+        cache.allocate(1, "b", port_range="43000-43004")
+    assert sorted(cache.release("a")) == sorted(ports)
+    assert sorted(cache.allocate(5, "b", port_range="43000-43004")) == sorted(ports)
+
+
+def test_ports_of_a_sigkilled_holder_come_back(tmp_path: Path) -> None:
+    code = (
+        "import sys,time\n"
+        "from provisioners.ports import ClusterPortCache, FilePortStore\n"
+        f"c = ClusterPortCache(FilePortStore({str(tmp_path)!r}))\n"
+        "print(c.allocate(5, 'victim', port_range='44000-44004'), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert len(json.loads(line)) == 5
+        cache = ClusterPortCache(FilePortStore(tmp_path))
+        with pytest.raises(PortsExhaustedError):
+            cache.allocate(1, "other", port_range="44000-44004")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert len(cache.allocate(5, "other", port_range="44000-44004")) == 5
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_engine_sources_and_bound_ports_are_skipped(tmp_path: Path) -> None:
+    class Held(PortSource):
+        def ports_in_use(self, host: str) -> set[int]:
+            return {45000, 45001} if host == "node-a" else set()
+
+    cache = ClusterPortCache(FilePortStore(tmp_path))
+    got = cache.allocate(3, "k", host="node-a", port_range="45000-45004", sources=[Held()])
+    assert set(got) == {45002, 45003, 45004}
+    # on localhost a port some process is bound to is never handed out
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 45100))
+        sock.listen()
+        got = cache.allocate(1, "k2", port_range="45100-45101")
+        assert got == [45101]
+
+
+@pytest.mark.parametrize("text", ["", "40000", "a-b", "50000-40000", "80-90", "1000-70000"])
+def test_bad_port_ranges_are_named(text: str) -> None:
+    with pytest.raises(ProvisionerConfigError, match="port_range"):
+        PortRange.parse(text)

@@ -1,0 +1,84 @@
+"""Shared test helpers: kernelspecs on disk, running code on a kernel, engine policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+KERNEL_TEST_IMAGE = os.environ.get(
+    "CLUSTER_PROVISIONERS_TEST_IMAGE", "cluster-provisioners/kernel-test:latest"
+)
+LOCAL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+CONTAINER_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
+def engine_required(engine: str) -> bool:
+    """True when a missing ``engine`` must fail the run: always under CI, or when
+    ``CLUSTER_PROVISIONERS_REQUIRE_<ENGINE>=1`` is set."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        return True
+    return os.environ.get(f"CLUSTER_PROVISIONERS_REQUIRE_{engine.upper()}", "") == "1"
+
+
+def skip_or_fail(engine: str, reason: str) -> None:
+    """Skip with ``reason``, or fail where the engine is required (CI)."""
+    if engine_required(engine):
+        pytest.fail(f"{engine} is required here (CI) but unavailable: {reason}")
+    pytest.skip(f"{engine} unavailable: {reason}")
+
+
+def write_kernelspec(
+    directory: Path,
+    name: str,
+    provisioner: str,
+    config: dict[str, Any] | None = None,
+    *,
+    argv: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    interrupt_mode: str | None = None,
+) -> KernelSpecManager:
+    """Write ``directory/name/kernel.json`` selecting ``provisioner`` with ``config``."""
+    spec: dict[str, Any] = {
+        "argv": argv or LOCAL_ARGV,
+        "display_name": name,
+        "language": "python",
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": provisioner, "config": config or {}}
+        },
+    }
+    if env:
+        spec["env"] = env
+    if interrupt_mode:
+        spec["interrupt_mode"] = interrupt_mode
+    (directory / name).mkdir(parents=True, exist_ok=True)
+    (directory / name / "kernel.json").write_text(json.dumps(spec))
+    return KernelSpecManager(kernel_dirs=[str(directory)])
+
+
+async def execute(km: AsyncKernelManager, code: str, timeout: float = 60) -> dict[str, Any]:
+    """Run ``code`` on ``km``'s kernel; return stdout, stderr, the reply status and error."""
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=timeout)
+        out: dict[str, Any] = {"stdout": "", "stderr": "", "error": None}
+
+        def hook(msg: dict[str, Any]) -> None:
+            content = msg["content"]
+            if msg["msg_type"] == "stream":
+                out[content["name"]] += content["text"]
+            elif msg["msg_type"] == "error":
+                out["error"] = content["ename"]
+
+        reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        out["status"] = reply["content"]["status"]
+        return out
+    finally:
+        kc.stop_channels()
