@@ -1,0 +1,33 @@
+"""Run the benchmarks and print each ratio against its same-run baseline.
+
+    python -m benchmarks.run [local docker ssh kubernetes]
+
+Each benchmark measures its baseline in the same run (jupyter_client's provisioner, a
+bare ``docker run``, a direct connection...), so the ratios hold across machines. Goals
+are printed beside the ratios; a missed goal is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+
+BENCHMARKS = ("local", "docker", "ssh", "kubernetes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], default=list(BENCHMARKS))
+    args = parser.parse_args()
+    for name in args.names or BENCHMARKS:
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        print(f"== {name}")
+        try:
+            asyncio.run(module.run())
+        except Exception as exc:  # one unavailable engine must not hide the others
+            print(f"{name}: not measured: {type(exc).__name__}: {exc}")
+
+
+if __name__ == "__main__":
+    main()

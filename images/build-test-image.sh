@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Build the offline kernel test image (default tag
+# cluster-provisioners/kernel-test:latest) without pulling anything from a
+# container registry. A Debian bookworm rootfs with python3-ipykernel is made
+# by mmdebstrap from the apt mirror this machine already uses, cached as a
+# tarball so reruns skip that step, imported as a base image, and finished by
+# a tiny Dockerfile that adds the non-root user jovyan (uid 1000). The image
+# runs as root by default (tests can pass --user jovyan or --user 1000), its
+# WORKDIR is /home/jovyan and its CMD is `python3 -m ipykernel_launcher`.
+# Idempotent: if the tag already exists in the daemon it exits at once.
+#
+# Usage: images/build-test-image.sh [TAG]
+# Env:   CLUSTER_PROVISIONERS_TEST_IMAGE   tag (the TAG argument wins)
+#        CLUSTER_PROVISIONERS_CACHE        cache dir (~/.cache/cluster-provisioners)
+#        CLUSTER_PROVISIONERS_DEBIAN_MIRROR  mirror URI (default: from apt sources)
+# To rebuild: docker rmi the tag (and delete the cached tarball for a new rootfs).
+set -euo pipefail
+
+tag=${1:-${CLUSTER_PROVISIONERS_TEST_IMAGE:-cluster-provisioners/kernel-test:latest}}
+base_tag=${CLUSTER_PROVISIONERS_TEST_BASE_IMAGE:-cluster-provisioners/kernel-test-base:bookworm}
+cache=${CLUSTER_PROVISIONERS_CACHE:-$HOME/.cache/cluster-provisioners}
+rootfs=$cache/kernel-rootfs-bookworm.tar
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+say() { echo "build-test-image: $*" >&2; }
+die() { say "ERROR: $*"; exit 1; }
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# Print the URI of the Debian mirror configured for apt: the first "deb"
+# source whose suites include bookworm, else the first non-security one.
+# Reads both one-line (*.list) and deb822 (*.sources) files.
+apt_mirror() {
+    local files=()
+    [[ -f /etc/apt/sources.list ]] && files+=(/etc/apt/sources.list)
+    for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [[ -f $f ]] && files+=("$f")
+    done
+    ((${#files[@]})) || return 0
+    awk '
+        # Emit "URI SUITE" for each deb source, in file order.
+        function emit(types, uris, suites,   nu, ns, u, s, U, S) {
+            if (types !~ /(^| )deb( |$)/) return
+            nu = split(uris, U, " "); ns = split(suites, S, " ")
+            for (u = 1; u <= nu; u++) for (s = 1; s <= ns; s++) print U[u], S[s]
+        }
+        FNR == 1 { if (t != "" && !off) emit(t, u, s); t = u = s = ""; off = 0 }
+        FILENAME ~ /\.sources$/ {
+            if ($0 ~ /^[ \t]*$/) { if (!off && t != "") emit(t, u, s); t = u = s = ""; off = 0; next }
+            if ($0 ~ /^#/) next
+            key = tolower($1); sub(/:$/, "", key); $1 = ""; sub(/^ +/, "")
+            if (key == "types") t = $0
+            else if (key == "uris") u = $0
+            else if (key == "suites") s = $0
+            else if (key == "enabled" && tolower($0) == "no") off = 1
+            next
+        }
+        $1 == "deb" {
+            line = $0; sub(/#.*/, "", line); gsub(/\[[^]]*\]/, "", line)
+            split(line, F, " "); print F[2], F[3]
+        }
+        END { if (t != "" && !off) emit(t, u, s) }
+    ' "${files[@]}" | awk '
+        $1 !~ /^(https?|file):/ { next }
+        $2 == "bookworm" && !best { best = $1 }
+        $2 !~ /-(security|updates|backports)$/ && $1 !~ /security/ && !any { any = $1 }
+        END { if (best) print best; else if (any) print any }
+    '
+}
+
+# Make sure the engine answers (docker.sh installs/starts it when needed).
+if ! docker info >/dev/null 2>&1; then
+    "$repo/.ci/lib/docker.sh"
+fi
+
+if image_exists "$tag"; then
+    say "$tag already present; nothing to do"
+    exit 0
+fi
+
+mkdir -p "$cache"
+# Serialise concurrent builds (e.g. parallel test workers), then re-check.
+exec 9>"$cache/.build-test-image.lock"
+flock 9
+if image_exists "$tag"; then
+    say "$tag was built meanwhile; nothing to do"
+    exit 0
+fi
+
+start=$SECONDS
+
+# 1. Root filesystem, cached across runs.
+if [[ -s $rootfs ]]; then
+    say "using cached rootfs $rootfs"
+else
+    if ! command -v mmdebstrap >/dev/null 2>&1; then
+        say "installing mmdebstrap"
+        export DEBIAN_FRONTEND=noninteractive
+        # apt-get update unless the package lists are less than an hour old.
+        if [[ -z $(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -60 -print -quit) ]]; then
+            apt-get -o DPkg::Lock::Timeout=300 update
+        fi
+        apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends \
+            mmdebstrap debian-archive-keyring
+    fi
+    mirror=${CLUSTER_PROVISIONERS_DEBIAN_MIRROR:-$(apt_mirror)}
+    mirror=${mirror:-http://deb.debian.org/debian}
+    aptopts=()
+    # Snapshot mirrors serve Release files whose Valid-Until has passed.
+    [[ $mirror == *snapshot.debian.org* ]] && aptopts+=(--aptopt='Acquire::Check-Valid-Until "false"')
+    say "mmdebstrap bookworm from $mirror"
+    tmp_tar=$cache/.kernel-rootfs-bookworm.$$.tar
+    trap 'rm -f "$tmp_tar"' EXIT
+    # Drop docs, man pages and translations: they only make the image bigger.
+    mmdebstrap --variant=minbase \
+        --include=python3-ipykernel,python-is-python3,procps \
+        --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' \
+        --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+        "${aptopts[@]}" \
+        bookworm "$tmp_tar" "$mirror"
+    mv "$tmp_tar" "$rootfs"
+    trap - EXIT
+    say "rootfs cached in $rootfs ($((SECONDS - start))s)"
+fi
+
+# 2. Base image straight from the tarball (no registry involved).
+say "importing $rootfs as $base_tag"
+docker import --change 'CMD ["python3"]' "$rootfs" "$base_tag" >/dev/null
+
+# 3. Final image: user jovyan and defaults. The classic builder uses the
+#    local base image as is and never contacts a registry. Its output (and
+#    its deprecation notice) is shown only on failure.
+say "building $tag"
+build_log=$(mktemp)
+if ! DOCKER_BUILDKIT=0 docker build --quiet --tag "$tag" - >"$build_log" 2>&1 <<EOF
+FROM $base_tag
+RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash jovyan
+# PYDEVD_DISABLE_FILE_VALIDATION silences debugpy's frozen-modules warning.
+ENV LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYDEVD_DISABLE_FILE_VALIDATION=1
+WORKDIR /home/jovyan
+CMD ["python3", "-m", "ipykernel_launcher"]
+LABEL org.opencontainers.image.title="cluster-provisioners offline kernel test image"
+EOF
+then
+    cat "$build_log" >&2
+    rm -f "$build_log"
+    die "docker build of $tag failed"
+fi
+rm -f "$build_log"
+
+# 4. Check that the kernel package imports, as root and as jovyan.
+version=$(docker run --rm "$tag" python3 -c "import ipykernel; print(ipykernel.__version__)")
+docker run --rm --user jovyan "$tag" python3 -c "import ipykernel" ||
+    die "$tag: ipykernel does not import as jovyan"
+say "built $tag (ipykernel $version) in $((SECONDS - start))s"

@@ -1,0 +1,213 @@
+"""``jupyter-provisioners``: install kernelspecs, run code on a kernel, list and clean up."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+
+from .exceptions import ProvisionerError
+from .manager import AsyncKernelManager
+from .ports import ClusterPortCache
+from .targets import TARGETS, load_target
+
+PYTHON_ARGV = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
+def _parse_setting(text: str) -> tuple[str, Any]:
+    """``key=value``; the value is read as JSON when it parses, else kept as text."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        msg = f"--set takes KEY=VALUE, not {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def build_kernelspec(args: argparse.Namespace) -> dict[str, Any]:
+    """The kernel.json for ``kernelspec install``, its config validated by the provisioner."""
+    config: dict[str, Any] = json.loads(args.config_json) if args.config_json else {}
+    config.update(dict(args.set or []))
+    if args.image:
+        config["image"] = args.image
+    target = TARGETS[args.target]
+    remote = args.target != "local"
+    python = "python3" if remote else sys.executable
+    argv = args.argv or [python if a == "{python}" else a for a in PYTHON_ARGV]
+    spec = {
+        "argv": argv,
+        "display_name": args.display_name or f"Python ({args.target})",
+        "language": "python",
+        "interrupt_mode": args.interrupt_mode,
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": target.entry_point, "config": config}
+        },
+    }
+    kernel_spec = KernelSpec(**{k: v for k, v in spec.items() if k != "metadata"})
+    kernel_spec.metadata = spec["metadata"]
+    kernel_spec.name = args.name
+    load_target(args.target)(kernel_id="validate", kernel_spec=kernel_spec, **config)
+    return spec
+
+
+def cmd_kernelspec_install(args: argparse.Namespace) -> int:
+    spec = build_kernelspec(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "kernel.json").write_text(json.dumps(spec, indent=2))
+        dest = KernelSpecManager().install_kernel_spec(
+            tmp, kernel_name=args.name, user=args.user, prefix=args.prefix
+        )
+    print(f"Installed kernelspec {args.name} ({args.target}) in {dest}")
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    code = args.code if args.code is not None else Path(args.file).read_text()
+    km = AsyncKernelManager(kernel_name=args.kernel)
+    if args.kernel_dir:
+        km.kernel_spec_manager = KernelSpecManager(kernel_dirs=[args.kernel_dir])
+    try:
+        km.kernel_spec  # noqa: B018 - fail early on an unknown kernel name
+    except NoSuchKernel as exc:
+        msg = f"no kernelspec named {args.kernel!r}; see 'jupyter kernelspec list'"
+        raise ProvisionerError(msg) from exc
+    await km.start_kernel()
+    status = 1
+    try:
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=args.timeout)
+            reply = await kc.execute_interactive(
+                code, timeout=args.timeout, output_hook=_print_output
+            )
+            status = 0 if reply["content"]["status"] == "ok" else 1
+        finally:
+            kc.stop_channels()
+    finally:
+        await km.shutdown_kernel()
+    return status
+
+
+def _print_output(msg: dict[str, Any]) -> None:
+    kind, content = msg["msg_type"], msg["content"]
+    if kind == "stream":
+        stream = sys.stderr if content["name"] == "stderr" else sys.stdout
+        stream.write(content["text"])
+        stream.flush()
+    elif kind in ("execute_result", "display_data"):
+        print(content["data"].get("text/plain", ""))
+    elif kind == "error":
+        print("\n".join(content["traceback"]), file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    for host, ports in ClusterPortCache.instance().held().items():
+        owners: dict[str, list[int]] = {}
+        for port, record in ports.items():
+            owners.setdefault(record["owner"], []).append(port)
+        for owner, held in sorted(owners.items()):
+            if owner.startswith("kernel-"):
+                rows.append(
+                    {"target": "ports", "kernel_id": owner[7:], "host": host, "ports": sorted(held)}
+                )
+    for name in TARGETS:
+        rows.extend(asyncio.run(TARGETS[name].list_kernels()))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("No running kernels of ours.")
+    else:
+        for row in rows:
+            extra = " ".join(f"{k}={v}" for k, v in row.items() if k not in ("target", "kernel_id"))
+            print(f"{row['target']:<10} {row['kernel_id']:<38} {extra}")
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    removed = 0
+    ClusterPortCache.instance().held()  # reclaims the records of dead processes
+    for name in TARGETS:
+        for item in asyncio.run(TARGETS[name].sweep()):
+            print(f"removed {name} {item}")
+            removed += 1
+    print(f"Removed {removed} orphaned resource(s).")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jupyter-provisioners",
+        description="Kernels in local processes, Docker containers, SSH hosts and Kubernetes pods.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ks = sub.add_parser("kernelspec", help="manage kernelspecs that select our provisioners")
+    ks_sub = ks.add_subparsers(dest="kernelspec_command", required=True)
+    install = ks_sub.add_parser("install", help="write a kernel.json selecting a provisioner")
+    install.add_argument("name", help="kernelspec name, e.g. python-docker")
+    install.add_argument("--target", choices=sorted(TARGETS), default="local")
+    install.add_argument("--display-name", help="name shown in JupyterLab")
+    install.add_argument("--image", help="kernel image (docker, kubernetes)")
+    install.add_argument(
+        "--set",
+        action="append",
+        type=_parse_setting,
+        metavar="KEY=VALUE",
+        help="a provisioner config value (JSON or text); repeatable",
+    )
+    install.add_argument("--config-json", help="provisioner config as a JSON object")
+    install.add_argument(
+        "--interrupt-mode",
+        choices=["message", "signal"],
+        default="message",
+        help="how interrupts reach the kernel",
+    )
+    install.add_argument("--argv", nargs="+", help="kernel command ('{connection_file}' filled)")
+    install.add_argument("--user", action="store_true", help="install for this user only")
+    install.add_argument("--prefix", help="install under this prefix")
+    install.set_defaults(func=cmd_kernelspec_install)
+
+    run = sub.add_parser("run", help="start a kernel, run code, stream its output, stop it")
+    run.add_argument("--kernel", default="python3", help="kernelspec name")
+    run.add_argument("--kernel-dir", help="look for kernelspecs in this directory only")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", "--code", help="code to run")
+    source.add_argument("file", nargs="?", help="file of code to run")
+    run.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    run.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("list", help="list the running kernels of ours")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=cmd_list)
+
+    clean = sub.add_parser("cleanup", help="remove what kernels of dead servers left behind")
+    clean.set_defaults(func=cmd_cleanup)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ProvisionerError, OSError, ValueError) as exc:
+        print(f"jupyter-provisioners: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""The jupyter-provisioners command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, "-m", "provisioners", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["kernelspec"], ["kernelspec", "install"], ["run"], ["list"], ["cleanup"]]
+)
+def test_help_everywhere(args: list[str]) -> None:
+    result = cli(*args, "--help")
+    assert result.returncode == 0
+    assert "usage: jupyter-provisioners" in result.stdout
+
+
+def test_install_run_list_cleanup(tmp_path: Path) -> None:
+    result = cli(
+        "kernelspec",
+        "install",
+        "py-cluster",
+        "--prefix",
+        str(tmp_path),
+        "--set",
+        'port_range="47000-47999"',
+        "--set",
+        'env={"GREETING": "hi there"}',
+    )
+    assert result.returncode == 0, result.stderr
+    kernel_dir = tmp_path / "share" / "jupyter" / "kernels" / "py-cluster"
+    spec = json.loads((kernel_dir / "kernel.json").read_text())
+    stanza = spec["metadata"]["kernel_provisioner"]
+    assert stanza["provisioner_name"] == "cluster-local-provisioner"
+    assert stanza["config"] == {"port_range": "47000-47999", "env": {"GREETING": "hi there"}}
+
+    code_file = tmp_path / "job.py"
+    code_file.write_text("import os\nprint(os.environ['GREETING'])\nprint(6 * 7)\n")
+    run = cli(
+        "run", "--kernel-dir", str(kernel_dir.parent), "--kernel", "py-cluster", str(code_file)
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["hi there", "42"]
+
+    failing = cli(
+        "run", "--kernel-dir", str(kernel_dir.parent), "--kernel", "py-cluster", "-c", "1/0"
+    )
+    assert failing.returncode == 1
+    assert "ZeroDivisionError" in failing.stderr
+
+    listed = cli("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert isinstance(json.loads(listed.stdout), list)
+    cleaned = cli("cleanup")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert "Removed" in cleaned.stdout
+
+
+def test_bad_config_is_refused_before_writing(tmp_path: Path) -> None:
+    result = cli("kernelspec", "install", "bad", "--prefix", str(tmp_path), "--set", "port_rang=1")
+    assert result.returncode == 2
+    assert "port_rang" in result.stderr and "'bad'" in result.stderr
+    assert not (tmp_path / "share" / "jupyter" / "kernels" / "bad").exists()
+
+
+def test_unknown_kernel_is_a_clear_error(tmp_path: Path) -> None:
+    result = cli("run", "--kernel-dir", str(tmp_path), "--kernel", "nope", "-c", "1")
+    assert result.returncode == 2
+    assert "no kernelspec named 'nope'" in result.stderr
