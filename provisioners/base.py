@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sys
 import uuid
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
 PROVISIONER_INFO_VERSION = 1
 #: Keys the jupyter_client factory passes besides the kernelspec's config.
+#: Kernel ids end up in file, container and pod names: a fixed, safe alphabet only.
+_SAFE_KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _FACTORY_KEYS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
 
 
@@ -146,6 +149,15 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 raise ProvisionerConfigError(
                     msg, key=key, kernel_spec=spec_name, target=self.target
                 ) from exc
+        kernel_id = kwargs.get("kernel_id") or ""
+        if not _SAFE_KERNEL_ID.fullmatch(str(kernel_id)):
+            msg = (
+                f"kernelspec {spec_name!r}: kernel id {str(kernel_id)[:80]!r} is not allowed: "
+                "use 1-128 letters, digits, '.', '_' or '-' (a UUID, as jupyter_client makes)"
+            )
+            raise ProvisionerConfigError(
+                msg, key="kernel_id", kernel_spec=spec_name, target=self.target
+            )
         try:
             self.validate_config()
         except ProvisionerConfigError as exc:
@@ -246,6 +258,18 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def load_kernel_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`kernel_state` (and reattach to the engine)."""
+
+    async def sweep_orphans(self) -> list[str]:
+        """Remove what kernels of dead servers left on this engine; return what was removed.
+
+        Only resources whose owner is known to be gone are touched (see
+        :func:`provisioners.owner.owner_is_gone`); a live server's kernels never are.
+        """
+        return []
+
+    async def list_kernels(self) -> list[dict[str, Any]]:
+        """Our kernels this engine knows of, as JSON-safe rows (kernel_id, owner, ...)."""
+        return []
 
     # ------------------------------------------------------------------ lifecycle
 

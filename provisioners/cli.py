@@ -12,10 +12,10 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
-from .exceptions import ProvisionerError
+from .exceptions import EngineUnavailableError, ProvisionerError
 from .manager import AsyncKernelManager
 from .ports import ClusterPortCache
-from .targets import TARGETS, load_target
+from .targets import TARGETS, load_target, our_kernelspecs, provisioner_for
 
 PYTHON_ARGV = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
@@ -38,7 +38,7 @@ def build_kernelspec(args: argparse.Namespace) -> dict[str, Any]:
     config.update(dict(args.set or []))
     if args.image:
         config["image"] = args.image
-    target = TARGETS[args.target]
+    entry_point = TARGETS[args.target][0]
     remote = args.target != "local"
     python = "python3" if remote else sys.executable
     argv = args.argv or [python if a == "{python}" else a for a in PYTHON_ARGV]
@@ -47,9 +47,7 @@ def build_kernelspec(args: argparse.Namespace) -> dict[str, Any]:
         "display_name": args.display_name or f"Python ({args.target})",
         "language": "python",
         "interrupt_mode": args.interrupt_mode,
-        "metadata": {
-            "kernel_provisioner": {"provisioner_name": target.entry_point, "config": config}
-        },
+        "metadata": {"kernel_provisioner": {"provisioner_name": entry_point, "config": config}},
     }
     kernel_spec = KernelSpec(**{k: v for k, v in spec.items() if k != "metadata"})
     kernel_spec.metadata = spec["metadata"]
@@ -113,6 +111,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(args))
 
 
+async def _over_kernelspecs(kernel_dirs: list[str] | None, action: str) -> list[Any]:
+    """Run ``sweep_orphans`` or ``list_kernels`` on the engine of each of our kernelspecs."""
+    results: list[Any] = []
+    for name, spec in our_kernelspecs(kernel_dirs):
+        provisioner = provisioner_for(spec)
+        try:
+            await provisioner.check_engine()
+            for item in await getattr(provisioner, action)():
+                results.append((name, item))
+        except EngineUnavailableError as exc:
+            print(f"kernelspec {name}: engine unreachable, skipped: {exc}", file=sys.stderr)
+    return results
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for host, ports in ClusterPortCache.instance().held().items():
@@ -122,10 +134,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         for owner, held in sorted(owners.items()):
             if owner.startswith("kernel-"):
                 rows.append(
-                    {"target": "ports", "kernel_id": owner[7:], "host": host, "ports": sorted(held)}
+                    {"kernel_id": owner[7:], "target": "ports", "host": host, "ports": sorted(held)}
                 )
-    for name in TARGETS:
-        rows.extend(asyncio.run(TARGETS[name].list_kernels()))
+    seen = set()
+    for spec_name, row in asyncio.run(_over_kernelspecs(args.kernel_dir, "list_kernels")):
+        key = (row.get("target"), row.get("kernel_id"))
+        if key not in seen:
+            seen.add(key)
+            rows.append({**row, "kernelspec": spec_name})
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -138,13 +154,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    removed = 0
-    ClusterPortCache.instance().held()  # reclaims the records of dead processes
-    for name in TARGETS:
-        for item in asyncio.run(TARGETS[name].sweep()):
-            print(f"removed {name} {item}")
-            removed += 1
-    print(f"Removed {removed} orphaned resource(s).")
+    ClusterPortCache.instance().held()  # reclaims the port records of dead processes
+    removed = asyncio.run(_over_kernelspecs(args.kernel_dir, "sweep_orphans"))
+    for spec_name, item in removed:
+        print(f"removed {item} (kernelspec {spec_name})")
+    print(f"Removed {len(removed)} orphaned resource(s).")
     return 0
 
 
@@ -192,9 +206,15 @@ def make_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list the running kernels of ours")
     ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--kernel-dir", action="append", help="kernelspec dir to read (repeatable)")
     ls.set_defaults(func=cmd_list)
 
-    clean = sub.add_parser("cleanup", help="remove what kernels of dead servers left behind")
+    clean = sub.add_parser(
+        "cleanup",
+        help="remove what kernels of dead servers left behind, on the engine of every "
+        "installed kernelspec that selects one of our provisioners",
+    )
+    clean.add_argument("--kernel-dir", action="append", help="kernelspec dir to read (repeatable)")
     clean.set_defaults(func=cmd_cleanup)
     return parser
 
