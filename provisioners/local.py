@@ -47,9 +47,12 @@ class LocalClusterProvisioner(ClusterProvisioner):
 
     def kernel_connection_file(self) -> str:
         if not self._connection_file:
-            km_file = getattr(self.parent, "connection_file", "")
+            # Through SSH tunnels the kernel manager's file holds the tunnel ports: the
+            # kernel gets a file of its own.
+            km_file = "" if self.ssh_server else getattr(self.parent, "connection_file", "")
+            suffix = "-tunneled" if self.ssh_server else ""
             self._connection_file = km_file or str(
-                Path(jupyter_runtime_dir()) / f"kernel-{self.kernel_id}.json"
+                Path(jupyter_runtime_dir()) / f"kernel-{self.kernel_id}{suffix}.json"
             )
         return self._connection_file
 
@@ -58,7 +61,9 @@ class LocalClusterProvisioner(ClusterProvisioner):
     ) -> list[str]:
         """Write the connection file where the kernel manager keeps it, then format argv."""
         km = self.parent
-        if km is not None and hasattr(km, "format_kernel_cmd"):
+        if km is not None and hasattr(km, "format_kernel_cmd") and not self.ssh_server:
+            if not km.connection_file:  # named after the kernel, so sweeps can find it
+                km.connection_file = self.kernel_connection_file()
             km.load_connection_info(kernel_info)
             km.write_connection_file()
             kernel_info.update(km.get_connection_info())
@@ -124,7 +129,7 @@ class LocalClusterProvisioner(ClusterProvisioner):
         self.process = None
         self.pid = self.pgid = None
         self._started = False
-        if not restart and self.parent is None and self._connection_file:
+        if not restart and (self.parent is None or self.ssh_server) and self._connection_file:
             Path(self._connection_file).unlink(missing_ok=True)
 
     def kernel_state(self) -> dict[str, Any]:

@@ -177,16 +177,25 @@ class FilePortStore(PortStore):
             json.dump(data, f)
         os.replace(tmp, self.path)
 
-    @staticmethod
-    def _reclaim_dead(data: dict[str, dict[str, dict[str, Any]]]) -> None:
+    def _reclaim_dead(self, data: dict[str, dict[str, dict[str, Any]]]) -> None:
+        """Drop records of dead processes, and the connection files of their kernels.
+
+        A kernel's records are owned by ``kernel-<id>``; its connection file in the
+        runtime dir, ``kernel-<id>.json``, is removed with them once its server is gone.
+        """
         alive: dict[tuple[int, str], bool] = {}
+        dead_owners: set[str] = set()
         for ports in data.values():
             for port, record in list(ports.items()):
                 key = (int(record.get("pid", 0)), str(record.get("start", "")))
                 if key not in alive:
                     alive[key] = key[0] > 0 and _process_alive(*key)
                 if not alive[key]:
+                    dead_owners.add(str(record.get("owner", "")))
                     del ports[port]
+        for owner in dead_owners:
+            if owner.startswith("kernel-") and "/" not in owner:
+                (self.directory / f"{owner}.json").unlink(missing_ok=True)
 
     def allocate(
         self,

@@ -1,0 +1,38 @@
+"""Engine fixtures shared by the cross-target suites (security, faults): ``target`` runs a
+test once per engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import KERNEL_TEST_IMAGE, skip_or_fail
+from tests.targets import TargetCase, docker_case, local_case
+
+TARGET_NAMES = ["local", "docker"]
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A Docker client with the kernel test image, or a skip (a failure under CI)."""
+    import docker
+
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except Exception as exc:
+        skip_or_fail("docker", f"no Docker engine ({exc}); run: bash .ci/lib/docker.sh")
+    try:
+        client.images.get(KERNEL_TEST_IMAGE)
+    except Exception:
+        skip_or_fail("docker", f"image {KERNEL_TEST_IMAGE} missing; run images/build-test-image.sh")
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=TARGET_NAMES)
+def target(request: pytest.FixtureRequest) -> TargetCase:
+    if request.param == "local":
+        return local_case()
+    if request.param == "docker":
+        return docker_case(request.getfixturevalue("docker_engine"))
+    raise AssertionError(request.param)

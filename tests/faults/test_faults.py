@@ -1,0 +1,146 @@
+"""What survives a fault: killed servers, concurrent servers, on every target."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.manager import AsyncKernelManager
+
+from provisioners.ports import ClusterPortCache
+from tests.helpers import execute, write_kernelspec
+from tests.targets import TargetCase
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class ServerProcess:
+    """``tests/faults/server.py`` in a subprocess: a server holding ``count`` kernels."""
+
+    def __init__(self, kernel_dir: Path, name: str, count: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.server", str(kernel_dir), name, str(count)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )
+        self.kernels: list[dict[str, Any]] = []
+
+    def wait_ready(self, timeout: float = 180) -> ServerProcess:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"server exited early ({self.proc.wait()})")
+            if line.strip() == "ready":
+                return self
+            self.kernels.append(json.loads(line))
+        raise AssertionError("server did not get ready")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(120)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return code
+
+
+def cleanup_cli(kernel_dir: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "provisioners", "cleanup", "--kernel-dir", str(kernel_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+async def answers(connection_info: dict[str, Any]) -> bool:
+    km = AsyncKernelManager()
+    info = dict(connection_info)
+    info["key"] = info["key"].encode()
+    km.load_connection_info(info)
+    out = await execute(km, "print('still here')", timeout=30)
+    return out["stdout"] == "still here\n"
+
+
+async def test_orphans_of_a_killed_server_are_swept(target: TargetCase, tmp_path: Path) -> None:
+    kernel_dir = tmp_path / "kernels"
+    write_kernelspec(kernel_dir, "shared", target.provisioner, target.config, argv=target.argv)
+    victim = ServerProcess(kernel_dir, "shared", 2)
+    survivor = ServerProcess(kernel_dir, "shared", 1)
+    try:
+        victim.wait_ready()
+        survivor.wait_ready()
+        victim_ids = [k["kernel_id"] for k in victim.kernels]
+        survivor_id = survivor.kernels[0]["kernel_id"]
+        victim.kill()
+
+        report = cleanup_cli(kernel_dir)
+        deadline = time.monotonic() + 30
+        left = [r for k in victim_ids for r in target.leftovers(k)]
+        while left and time.monotonic() < deadline:  # a local kernel exits with its parent
+            await asyncio.sleep(0.5)
+            cleanup_cli(kernel_dir)
+            left = [r for k in victim_ids for r in target.leftovers(k)]
+        assert left == [], f"orphans of the killed server remain: {left} ({report})"
+        held = ClusterPortCache.instance().held()
+        owners = {r["owner"] for ports in held.values() for r in ports.values()}
+        assert not any(v in owner for v in victim_ids for owner in owners)
+
+        # the live server's kernel was not touched
+        assert target.leftovers(survivor_id)
+        assert await answers(survivor.kernels[0]["info"]["connection_info"])
+    finally:
+        victim.proc.kill()
+        victim.stop()
+        assert survivor.stop() == 0
+    assert target.leftovers(survivor_id) == []
+    assert ClusterPortCache.instance().held() == {}
+
+
+async def test_twenty_concurrent_starts_across_two_servers(tmp_path: Path) -> None:
+    """Two server processes on one host start ten local kernels each at once."""
+    kernel_dir = tmp_path / "kernels"
+    write_kernelspec(
+        kernel_dir, "burst", "cluster-local-provisioner", {"port_range": "48000-48199"}
+    )
+    servers = [ServerProcess(kernel_dir, "burst", 10) for _ in range(2)]
+    try:
+        for server in servers:
+            server.wait_ready(timeout=300)
+        kernels = [k for s in servers for k in s.kernels]
+        assert len(kernels) == 20
+        ports = [
+            k["info"]["connection_info"][p]
+            for k in kernels
+            for p in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+        ]
+        assert len(set(ports)) == 100, "a port was handed out twice"
+        held = ClusterPortCache.instance().held("localhost").get("localhost", {})
+        assert set(held) == set(ports)
+        assert all(
+            await asyncio.gather(*(answers(k["info"]["connection_info"]) for k in kernels[:4]))
+        )
+    finally:
+        for server in servers:
+            assert server.stop() == 0
+    assert ClusterPortCache.instance().held() == {}
+    runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
+    assert [p.name for p in runtime.glob("kernel-*.json")] == []

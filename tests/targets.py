@@ -1,0 +1,86 @@
+"""Every target as a test case, for the suites that check all targets at once.
+
+A :class:`TargetCase` says how to write a kernelspec for one engine, and how to read
+what that engine shows of a kernel (``docker inspect``, a pod, a remote command line),
+so the security and fault suites run the same table on every target.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
+
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, LOCAL_ARGV
+
+
+@dataclass
+class TargetCase:
+    """One engine's kernelspec recipe and inspection hook."""
+
+    name: str
+    provisioner: str
+    argv: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
+    #: Returns, as text, everything the engine exposes about a running kernel.
+    inspect: Callable[[AsyncKernelManager], str] = lambda km: ""
+    #: Names of what the engine still holds for a kernel id (processes, containers...).
+    leftovers: Callable[[str], list[str]] = lambda kernel_id: []
+
+    def spec(self, **extra_config: Any) -> dict[str, Any]:
+        """Keyword arguments for the ``kernel_manager`` fixture."""
+        return {"config": {**self.config, **extra_config}, "argv": self.argv}
+
+
+def local_case() -> TargetCase:
+    def inspect(km: AsyncKernelManager) -> str:
+        import psutil
+
+        proc = psutil.Process(km.provisioner.runner.pid)
+        return json.dumps({"cmdline": proc.cmdline(), "environ": proc.environ()})
+
+    def leftovers(kernel_id: str) -> list[str]:
+        import psutil
+
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if any(kernel_id in arg for arg in proc.info["cmdline"] or []):
+                found.append(f"process {proc.info['pid']}")
+        runtime = Path(jupyter_runtime_dir())
+        found += [str(p) for p in runtime.glob(f"*{kernel_id}*")]
+        return found
+
+    return TargetCase(
+        "local",
+        "cluster-local-provisioner",
+        LOCAL_ARGV,
+        {"inherit_server_env": False},
+        inspect,
+        leftovers,
+    )
+
+
+def docker_case(client: Any) -> TargetCase:
+    def inspect(km: AsyncKernelManager) -> str:
+        container = client.containers.get(km.provisioner.runner.kernel_state()["container_id"])
+        return json.dumps(container.attrs)
+
+    def leftovers(kernel_id: str) -> list[str]:
+        found = client.containers.list(
+            all=True, filters={"label": f"cluster-provisioners.kernel-id={kernel_id}"}
+        )
+        return [f"container {c.name}" for c in found]
+
+    return TargetCase(
+        "docker",
+        "cluster-docker-provisioner",
+        CONTAINER_ARGV,
+        {"image": KERNEL_TEST_IMAGE},
+        inspect,
+        leftovers,
+    )
