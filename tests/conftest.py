@@ -42,3 +42,17 @@ async def kernel_manager(tmp_path: Path) -> AsyncIterator[Callable[..., AsyncKer
     for km in made:
         if km.has_kernel:
             await km.shutdown_kernel(now=True)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the security and fault suites' counts per target."""
+    from tests.helpers import SUITE_COUNTS
+
+    if not SUITE_COUNTS:
+        return
+    terminalreporter.section("security and fault suite counts")
+    for what in sorted({w for w, _ in SUITE_COUNTS}):
+        per_target = ", ".join(
+            f"{t}={n}" for (w, t), n in sorted(SUITE_COUNTS.items()) if w == what
+        )
+        terminalreporter.write_line(f"{what}: {per_target}")

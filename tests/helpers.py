@@ -82,3 +82,12 @@ async def execute(km: AsyncKernelManager, code: str, timeout: float = 60) -> dic
         return out
     finally:
         kc.stop_channels()
+
+
+#: Counts printed at the end of the run: {(what, target): n}.
+SUITE_COUNTS: dict[tuple[str, str], int] = {}
+
+
+def count(what: str, target: str, n: int = 1) -> None:
+    """Add ``n`` to the end-of-run summary line for ``what`` on ``target``."""
+    SUITE_COUNTS[(what, target)] = SUITE_COUNTS.get((what, target), 0) + n

@@ -15,7 +15,7 @@ from typing import Any
 from jupyter_client.manager import AsyncKernelManager
 
 from provisioners.ports import ClusterPortCache
-from tests.helpers import execute, write_kernelspec
+from tests.helpers import count, execute, write_kernelspec
 from tests.targets import TargetCase
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,6 +91,7 @@ async def test_orphans_of_a_killed_server_are_swept(target: TargetCase, tmp_path
         victim_ids = [k["kernel_id"] for k in victim.kernels]
         survivor_id = survivor.kernels[0]["kernel_id"]
         victim.kill()
+        count("faults injected", target.name)
 
         report = cleanup_cli(kernel_dir)
         deadline = time.monotonic() + 30
@@ -99,6 +100,7 @@ async def test_orphans_of_a_killed_server_are_swept(target: TargetCase, tmp_path
             await asyncio.sleep(0.5)
             cleanup_cli(kernel_dir)
             left = [r for k in victim_ids for r in target.leftovers(k)]
+        count("orphans found after sweep", target.name, len(left))
         assert left == [], f"orphans of the killed server remain: {left} ({report})"
         held = ClusterPortCache.instance().held()
         owners = {r["owner"] for ports in held.values() for r in ports.values()}

@@ -17,7 +17,7 @@ import pytest
 
 from provisioners.exceptions import ProvisionerConfigError
 from provisioners.ports import ClusterPortCache
-from tests.helpers import execute
+from tests.helpers import count, execute
 from tests.targets import TargetCase
 
 SERVER_SECRETS = {
@@ -125,6 +125,7 @@ async def test_hostile_values_reach_the_kernel_as_literal_data(
         )
         seen = json.loads((await execute(km, code))["stdout"])
         assert seen == {**env, **config_env}
+        count("hostile inputs tried", target.name, len(env) + len(config_env))
     finally:
         await km.shutdown_kernel()
     assert not Path(PWNED).exists(), "a hostile value was executed by a shell"
@@ -138,6 +139,7 @@ async def test_hostile_kernel_ids_are_refused(
     with pytest.raises(ProvisionerConfigError) as info:
         await km.start_kernel(kernel_id=kernel_id or "")
     assert info.value.key == "kernel_id"
+    count("hostile inputs tried", target.name)
     assert not km.has_kernel
     assert ClusterPortCache.instance().held() == {}
 
@@ -154,5 +156,6 @@ async def test_wrong_provisioner_config_starts_nothing(
     with pytest.raises(ProvisionerConfigError) as info:
         await km.start_kernel()
     assert next(iter(config)) in str(info.value) and "wrongcfg" in str(info.value)
+    count("hostile inputs tried", target.name)
     assert not km.has_kernel
     assert ClusterPortCache.instance().held() == {}
