@@ -1,0 +1,166 @@
+{{/*
+Helpers shared by every template of the cluster-provisioners chart.
+*/}}
+
+{{/* Chart name, overridable with .Values.nameOverride. */}}
+{{- define "cluster-provisioners.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified name used as the prefix of every resource. Truncated to 63 characters
+(DNS label limit); suffixes added by templates are short, and trimmed again where needed.
+*/}}
+{{- define "cluster-provisioners.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "name-suffix", kept within 63 characters. Call with (list $ "suffix"). */}}
+{{- define "cluster-provisioners.suffixed" -}}
+{{- $root := index . 0 }}
+{{- $suffix := index . 1 }}
+{{- $base := include "cluster-provisioners.fullname" $root | trunc (int (sub 62 (len $suffix))) | trimSuffix "-" }}
+{{- printf "%s-%s" $base $suffix }}
+{{- end }}
+
+{{- define "cluster-provisioners.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels put on every object the chart creates. */}}
+{{- define "cluster-provisioners.labels" -}}
+helm.sh/chart: {{ include "cluster-provisioners.chart" . }}
+{{ include "cluster-provisioners.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: cluster-provisioners
+{{- end }}
+
+{{- define "cluster-provisioners.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cluster-provisioners.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector of the Jupyter Server pods (also used by the kernel NetworkPolicy). */}}
+{{- define "cluster-provisioners.serverSelectorLabels" -}}
+{{ include "cluster-provisioners.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{/*
+Labels that the Kubernetes provisioner puts on every kernel pod. The chart never creates
+kernel pods; it only selects them (NetworkPolicy).
+*/}}
+{{- define "cluster-provisioners.kernelPodLabels" -}}
+app.kubernetes.io/managed-by: cluster-provisioners
+app.kubernetes.io/component: kernel
+{{- end }}
+
+{{- define "cluster-provisioners.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "cluster-provisioners.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Secret holding the server token, and the key inside it. */}}
+{{- define "cluster-provisioners.tokenSecretName" -}}
+{{- if .Values.auth.existingSecret }}
+{{- .Values.auth.existingSecret }}
+{{- else }}
+{{- include "cluster-provisioners.suffixed" (list . "token") }}
+{{- end }}
+{{- end }}
+
+{{- define "cluster-provisioners.tokenSecretKey" -}}
+{{- if .Values.auth.existingSecret }}
+{{- .Values.auth.existingSecretKey }}
+{{- else -}}
+token
+{{- end }}
+{{- end }}
+
+{{- define "cluster-provisioners.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Namespace the kernels start in unless a kernelspec says otherwise. */}}
+{{- define "cluster-provisioners.kernelNamespace" -}}
+{{- default .Release.Namespace .Values.kernels.namespace }}
+{{- end }}
+
+{{/*
+Every namespace kernels may run in, as a JSON list (use with fromJsonArray): the default
+kernel namespace first, then kernels.extraNamespaces, without duplicates.
+*/}}
+{{- define "cluster-provisioners.kernelNamespaces" -}}
+{{- $all := list (include "cluster-provisioners.kernelNamespace" .) }}
+{{- range .Values.kernels.extraNamespaces }}
+{{- $all = append $all . }}
+{{- end }}
+{{- $all | uniq | toJson }}
+{{- end }}
+
+{{/* Server base URL, always starting and ending with "/". */}}
+{{- define "cluster-provisioners.baseUrl" -}}
+{{- $u := trimAll "/" .Values.server.baseUrl }}
+{{- if $u }}{{ printf "/%s/" $u }}{{ else }}/{{ end }}
+{{- end }}
+
+{{/* A Python literal for a boolean. */}}
+{{- define "cluster-provisioners.pyBool" -}}
+{{- ternary "True" "False" (and (not (kindIs "invalid" .)) (eq (toString .) "true")) }}
+{{- end }}
+
+{{/* Directories inside the server container. */}}
+{{- define "cluster-provisioners.configDir" -}}/etc/cluster-provisioners/jupyter{{- end }}
+{{- define "cluster-provisioners.dataDir" -}}/opt/cluster-provisioners/share/jupyter{{- end }}
+{{- define "cluster-provisioners.tokenDir" -}}/var/run/secrets/cluster-provisioners{{- end }}
+
+{{/*
+Kernelspecs after template rendering: a dict name -> kernel.json content. String values in
+.Values.kernels.kernelspecs may use template actions such as {{ .Values.kernels.image }}.
+Entries set to null are dropped. Returned as JSON (use with fromJson).
+*/}}
+{{- define "cluster-provisioners.kernelspecs" -}}
+{{- $out := dict }}
+{{- range $name, $spec := .Values.kernels.kernelspecs }}
+{{- if $spec }}
+{{- $_ := set $out $name (tpl (toJson $spec) $ | fromJson) }}
+{{- end }}
+{{- end }}
+{{- $out | toJson }}
+{{- end }}
+
+{{/*
+Kernel images to pre-pull: kernels.image, every image named in a kernelspec's provisioner
+config, and prePuller.extraImages, without duplicates. Returned as a JSON list.
+*/}}
+{{- define "cluster-provisioners.prePullImages" -}}
+{{- $images := list .Values.kernels.image }}
+{{- range $name, $spec := include "cluster-provisioners.kernelspecs" . | fromJson }}
+{{- $img := dig "metadata" "kernel_provisioner" "config" "image" "" $spec }}
+{{- if $img }}
+{{- $images = append $images $img }}
+{{- end }}
+{{- end }}
+{{- range .Values.prePuller.extraImages }}
+{{- $images = append $images . }}
+{{- end }}
+{{- $images | uniq | toJson }}
+{{- end }}
+
+{{/* Container securityContext shared by every container the chart runs. */}}
+{{- define "cluster-provisioners.containerSecurityContext" -}}
+{{- toYaml .Values.securityContext }}
+{{- end }}

@@ -1,0 +1,976 @@
+"""Tests of the Helm chart in charts/cluster-provisioners.
+
+They lint and render the chart with the default values and with several non-default value
+sets, validate every rendered manifest against the Kubernetes OpenAPI schema
+(kubernetes-validate, strict mode), check values.schema.json, and check security properties
+of the rendered objects as data (RBAC, NetworkPolicy, token handling, securityContext).
+A last test starts a real Jupyter Server with the rendered configuration.
+
+helm comes from $HELM, $CLUSTER_PROVISIONERS_CACHE/bin/helm or
+~/.cache/cluster-provisioners/bin/helm (``bash .ci/lib/helm.sh`` installs it there). Without
+it the tests skip, except under CI (CI=true) where a missing helm fails them.
+
+Nothing here imports the ``provisioners`` package.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from functools import cache
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from traitlets.config import Config
+
+pytestmark = pytest.mark.helm
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "cluster-provisioners"
+RELEASE = "kernels"
+NAMESPACE = "jupyter"
+FULLNAME = f"{RELEASE}-cluster-provisioners"
+# Oldest Kubernetes minor the chart supports and a current one (kubectl from the layer is 1.33).
+K8S_VERSIONS = ("1.30.0", "1.33.0")
+
+KERNEL_POD_LABELS = {
+    "app.kubernetes.io/managed-by": "cluster-provisioners",
+    "app.kubernetes.io/component": "kernel",
+}
+# What the provisioner may do, and nothing more.
+ALLOWED_RULES = {
+    "pods": {"get", "list", "watch", "create", "delete", "patch"},
+    "pods/exec": {"create", "get"},
+    "pods/log": {"get"},
+    "secrets": {"create", "get", "delete", "list"},
+    "events": {"get", "list", "watch"},
+    "pods/portforward": {"create", "get"},
+}
+REQUIRED_RULES = {
+    "pods": {"get", "list", "watch", "create", "delete", "patch"},
+    "pods/exec": {"create"},
+    "secrets": {"create", "get", "delete", "list"},
+    "events": {"get", "list", "watch"},
+}
+CLUSTER_SCOPED_KINDS = {"ClusterRole", "ClusterRoleBinding", "Namespace"}
+
+
+def _kernelspec(display_name: str, image: str, **config: Any) -> dict[str, Any]:
+    return {
+        "display_name": display_name,
+        "language": "python",
+        "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "metadata": {
+            "kernel_provisioner": {
+                "prov_name": "cluster-kubernetes-provisioner",
+                "config": {"image": image, **config},
+            }
+        },
+    }
+
+
+# Value sets rendered by the tests: the defaults and the main non-default configurations.
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "ingress": {
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "3600"},
+            "hosts": [
+                {
+                    "host": "kernels.example.org",
+                    "paths": [{"path": "/kernels", "pathType": "Prefix"}],
+                }
+            ],
+            "tls": [{"secretName": "kernels-tls", "hosts": ["kernels.example.org"]}],
+        },
+        "server": {"baseUrl": "/kernels", "trustXheaders": True},
+    },
+    "namespaces": {
+        "kernels": {
+            "namespace": "kernels",
+            # "kernels" again on purpose: it must not produce a second Role.
+            "extraNamespaces": ["team-a", "team-b", "kernels"],
+            "portForward": False,
+            "kernelspecs": {
+                "team-a": _kernelspec(
+                    "Team A", "registry.example.org/team-a/kernel:1", namespace="team-a"
+                )
+            },
+        },
+    },
+    "prepuller": {
+        "prePuller": {"enabled": True, "extraImages": ["registry.example.org/tools/kernel-r:4"]},
+        "kernels": {
+            "kernelspecs": {
+                "python3-gpu": _kernelspec("Python 3 (GPU)", "registry.example.org/kernel-gpu:1")
+            }
+        },
+    },
+    "existing-secret": {
+        "auth": {"existingSecret": "site-jupyter-token", "existingSecretKey": "jupyter-token"},
+        "serviceAccount": {"create": False, "name": "jupyter-kernels"},
+    },
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_helm() -> str | None:
+    """The helm binary to use, or None."""
+    if os.environ.get("HELM"):
+        return shutil.which(os.environ["HELM"]) or None
+    caches = [
+        os.environ.get("CLUSTER_PROVISIONERS_CACHE"),
+        str(Path.home() / ".cache/cluster-provisioners"),
+    ]
+    for cache_dir in caches:
+        if cache_dir and os.access(Path(cache_dir) / "bin/helm", os.X_OK):
+            return str(Path(cache_dir) / "bin/helm")
+    return None
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    path = find_helm()
+    if path is None:
+        reason = (
+            "helm not found ($HELM, $CLUSTER_PROVISIONERS_CACHE/bin/helm, "
+            "~/.cache/cluster-provisioners/bin/helm): run `bash .ci/lib/helm.sh` to install it"
+        )
+        if _truthy(os.environ.get("CI")):
+            pytest.fail(reason + " (CI is set, so a missing helm is a failure)")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for helm: private cache/config/data dirs, no cluster."""
+    home = tmp_path_factory.mktemp("helm-home")
+    env = dict(os.environ)
+    env.update(
+        HELM_CACHE_HOME=str(home / "cache"),
+        HELM_CONFIG_HOME=str(home / "config"),
+        HELM_DATA_HOME=str(home / "data"),
+        KUBECONFIG=str(home / "no-kubeconfig"),
+    )
+    return env
+
+
+def run_helm(helm: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [helm, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm-like merge of values (maps merge, everything else replaces; None deletes)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@cache
+def default_values() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+@cache
+def values_schema() -> dict[str, Any]:
+    return json.loads((CHART / "values.schema.json").read_text())
+
+
+def effective_values(scenario: str) -> dict[str, Any]:
+    return deep_merge(default_values(), SCENARIOS[scenario])
+
+
+def kernel_namespaces(values: dict[str, Any]) -> list[str]:
+    first = values["kernels"]["namespace"] or NAMESPACE
+    out = [first]
+    for ns in values["kernels"]["extraNamespaces"]:
+        if ns not in out:
+            out.append(ns)
+    return out
+
+
+class Rendered:
+    """The manifests of one `helm template` run."""
+
+    def __init__(self, scenario: str, docs: list[dict[str, Any]]):
+        self.scenario = scenario
+        self.values = effective_values(scenario)
+        self.docs = docs
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        found = [d for d in self.of_kind(kind) if name is None or d["metadata"]["name"] == name]
+        assert len(found) == 1, (
+            f"{self.scenario}: expected one {kind} {name or ''}, got {len(found)}"
+        )
+        return found[0]
+
+    def pod_specs(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for doc in self.docs:
+            where = f"{doc['kind']}/{doc['metadata']['name']}"
+            if doc["kind"] in ("Deployment", "DaemonSet", "StatefulSet", "Job"):
+                yield where, doc["spec"]["template"]["spec"]
+            elif doc["kind"] == "Pod":
+                yield where, doc["spec"]
+
+    @property
+    def server_pod(self) -> dict[str, Any]:
+        return self.one("Deployment")["spec"]["template"]
+
+    @property
+    def server_container(self) -> dict[str, Any]:
+        (container,) = [c for c in self.server_pod["spec"]["containers"] if c["name"] == "server"]
+        return container
+
+    def configmap_file(self, key: str) -> str:
+        return self.one("ConfigMap", FULLNAME)["data"][key]
+
+
+@pytest.fixture(scope="session")
+def values_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("values")
+    for name, values in SCENARIOS.items():
+        (directory / f"{name}.yaml").write_text(yaml.safe_dump(values))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def render(helm: str, helm_env: dict[str, str], values_dir: Path):
+    """render(scenario) -> Rendered, cached for the session."""
+    done: dict[str, Rendered] = {}
+
+    def _render(scenario: str) -> Rendered:
+        if scenario not in done:
+            proc = run_helm(
+                helm,
+                helm_env,
+                "template",
+                RELEASE,
+                str(CHART),
+                "--namespace",
+                NAMESPACE,
+                "--kube-version",
+                K8S_VERSIONS[-1],
+                "-f",
+                str(values_dir / f"{scenario}.yaml"),
+            )
+            assert proc.returncode == 0, f"helm template ({scenario}) failed:\n{proc.stderr}"
+            docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+            done[scenario] = Rendered(scenario, docs)
+        return done[scenario]
+
+    return _render
+
+
+@pytest.fixture(params=sorted(SCENARIOS))
+def scenario(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+# --------------------------------------------------------------------------- lint, render, schema
+
+
+def test_helm_version(helm: str, helm_env: dict[str, str]) -> None:
+    proc = run_helm(helm, helm_env, "version", "--short")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("v4."), f"expected helm v4, got {proc.stdout!r}"
+
+
+def test_lint(helm: str, helm_env: dict[str, str], values_dir: Path, scenario: str) -> None:
+    proc = run_helm(
+        helm,
+        helm_env,
+        "lint",
+        "--strict",
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "-f",
+        str(values_dir / f"{scenario}.yaml"),
+    )
+    assert proc.returncode == 0, f"helm lint ({scenario}):\n{proc.stdout}\n{proc.stderr}"
+    assert "0 chart(s) failed" in proc.stdout
+
+
+def test_manifests_match_kubernetes_openapi(render, scenario: str) -> None:
+    rendered = render(scenario)
+    assert rendered.docs, "nothing rendered"
+    errors = []
+    for doc in rendered.docs:
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                errors.append(
+                    f"{doc['kind']}/{doc['metadata']['name']} (k8s {version}): {exc.message}"
+                )
+            except kubernetes_validate.SchemaNotFoundError:
+                errors.append(
+                    f"{doc['kind']} {doc['apiVersion']}: no schema in Kubernetes {version}"
+                )
+    assert not errors, "\n".join(errors)
+
+
+def test_rendered_kinds(render, scenario: str) -> None:
+    rendered = render(scenario)
+    values = rendered.values
+    kinds = sorted(d["kind"] for d in rendered.docs)
+    n_ns = len(kernel_namespaces(values))
+    expected = {
+        "ConfigMap": 1,
+        "Deployment": 1,
+        "Service": 1,
+        "Pod": 1,  # helm test hook
+        "Role": n_ns,
+        "RoleBinding": n_ns,
+        "NetworkPolicy": n_ns,
+        "ServiceAccount": int(values["serviceAccount"]["create"]),
+        "Secret": int(not values["auth"]["existingSecret"]),
+        "Ingress": int(values["ingress"]["enabled"]),
+        "DaemonSet": int(values["prePuller"]["enabled"]),
+    }
+    assert kinds == sorted(k for k, n in expected.items() for _ in range(n))
+    names = [
+        (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in rendered.docs
+    ]
+    assert len(names) == len(set(names)), "duplicate objects"
+    for doc in rendered.docs:
+        assert len(doc["metadata"]["name"]) <= 63
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        (["--set", "replicaCount=abc"], "replicaCount"),
+        (["--set", "replicaCount=3"], "replicaCount"),
+        (["--set", "kernels.portForward=sometimes"], "portForward"),
+        (["--set", "service.port=http"], "port"),
+        (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+        (["--set", "server.baseUrl=kernels"], "baseUrl"),
+        (["--set", "kernels.extraNamespaces[0]=Not_A_Namespace"], "extraNamespaces"),
+        (["--set", "server.extraArgs[0]=--IdentityProvider.token=abc"], "extraArgs"),
+        (["--set", "noSuchValue=1"], "noSuchValue"),
+        (["--set", "ingress.enabeld=true"], "enabeld"),
+        (
+            ["--set-json", 'kernels.kernelspecs={"bad/name":{"argv":["x"],"display_name":"x"}}'],
+            "bad/name",
+        ),
+    ],
+)
+def test_schema_rejects_bad_values(
+    helm: str, helm_env: dict[str, str], setting: list[str], named: str
+) -> None:
+    proc = run_helm(helm, helm_env, "template", RELEASE, str(CHART), *setting)
+    assert proc.returncode != 0, f"helm template accepted {setting}"
+    assert "schema" in proc.stderr, proc.stderr
+    assert named in proc.stderr, f"the error does not name {named!r}:\n{proc.stderr}"
+
+
+def test_default_kernel_must_exist(helm: str, helm_env: dict[str, str]) -> None:
+    proc = run_helm(
+        helm, helm_env, "template", RELEASE, str(CHART), "--set", "server.defaultKernelName=nope"
+    )
+    assert proc.returncode != 0
+    assert "nope" in proc.stderr and "kernelspec" in proc.stderr
+
+
+def test_values_yaml_matches_schema() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--schemafile",
+            str(CHART / "values.schema.json"),
+            str(CHART / "values.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("scenario_name", sorted(SCENARIOS))
+def test_scenario_values_match_schema(scenario_name: str) -> None:
+    jsonschema.Draft7Validator(values_schema()).validate(effective_values(scenario_name))
+
+
+def test_port_forward_kernelspec_needs_port_forward(helm: str, helm_env: dict[str, str]) -> None:
+    spec = _kernelspec("PF", "img:1", connection_mode="port-forward")
+    args = [
+        "template",
+        RELEASE,
+        str(CHART),
+        "--set-json",
+        f"kernels.kernelspecs.pf={json.dumps(spec)}",
+    ]
+    assert run_helm(helm, helm_env, *args).returncode == 0
+    proc = run_helm(helm, helm_env, *args, "--set", "kernels.portForward=false")
+    assert proc.returncode != 0
+    assert "port-forward" in proc.stderr and "portForward" in proc.stderr
+
+
+def test_schema_is_draft7_and_closed() -> None:
+    schema = values_schema()
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
+    assert schema["additionalProperties"] is False
+
+    def check(node: dict[str, Any], path: str) -> None:
+        if "properties" in node:
+            assert node.get("additionalProperties") is False, f"{path or '/'} is open"
+            for key, sub in node["properties"].items():
+                check(sub, f"{path}.{key}")
+
+    check(schema, "")
+
+
+def _value_leaves(
+    values: dict[str, Any], schema: dict[str, Any], prefix: str = ""
+) -> Iterator[str]:
+    """Dotted paths of every value; maps the schema leaves open (e.g. annotations) are leaves."""
+    for key, value in values.items():
+        sub = schema.get("properties", {}).get(key)
+        assert sub is not None, f"values.yaml has {prefix}{key}, values.schema.json does not"
+        if isinstance(value, dict) and "properties" in sub:
+            yield from _value_leaves(value, sub, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_every_value_in_schema_and_readme() -> None:
+    leaves = list(_value_leaves(default_values(), values_schema()))
+    assert "kernels.portForward" in leaves and "replicaCount" in leaves
+    readme = (CHART / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([^`]+)` \| (.+?) \|", readme, flags=re.MULTILINE))
+    missing = [leaf for leaf in leaves if leaf not in rows]
+    assert not missing, f"README.md does not document {missing}"
+    # Rows of other tables (e.g. `pods` in the permissions table) do not name values.
+    stale = [row for row in rows if row.split(".")[0] in default_values() and row not in leaves]
+    assert not stale, f"README.md documents values that do not exist: {stale}"
+    # Scalar defaults are shown as they are in values.yaml.
+    for leaf in leaves:
+        value: Any = default_values()
+        for part in leaf.split("."):
+            value = value[part]
+        if isinstance(value, bool | int) or (isinstance(value, str) and value):
+            shown = json.dumps(value) if isinstance(value, bool) else str(value)
+            assert shown in rows[leaf], (
+                f"README default of {leaf} is {rows[leaf]}, values.yaml has {value!r}"
+            )
+        elif value == "":
+            assert rows[leaf] == '`""`', f'README default of {leaf} should be `""`'
+
+
+# --------------------------------------------------------------------------- RBAC
+
+
+def test_rbac_is_namespaced_and_minimal(render, scenario: str) -> None:
+    rendered = render(scenario)
+    values = rendered.values
+    assert not [d for d in rendered.docs if d["kind"] in CLUSTER_SCOPED_KINDS], (
+        "cluster-scoped object rendered"
+    )
+    roles = rendered.of_kind("Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(kernel_namespaces(values))
+    for role in roles:
+        granted: dict[str, set[str]] = {}
+        for rule in role["rules"]:
+            assert set(rule) <= {"apiGroups", "resources", "verbs"}, (
+                f"unexpected rule fields {rule}"
+            )
+            assert rule["apiGroups"] == [""], rule
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], f"wildcard in {rule}"
+            for resource in rule["resources"]:
+                assert resource in ALLOWED_RULES, (
+                    f"{resource} is not something the provisioner uses"
+                )
+                assert set(rule["verbs"]) <= ALLOWED_RULES[resource], rule
+                granted.setdefault(resource, set()).update(rule["verbs"])
+        for resource, verbs in REQUIRED_RULES.items():
+            assert verbs <= granted.get(resource, set()), f"{resource}: {verbs} missing"
+        if values["kernels"]["portForward"]:
+            assert granted.get("pods/portforward") == {"create", "get"}
+        else:
+            assert "pods/portforward" not in granted, (
+                "pods/portforward granted with portForward off"
+            )
+
+
+def test_rolebindings_bind_the_server_account(render, scenario: str) -> None:
+    rendered = render(scenario)
+    account = rendered.server_pod["spec"]["serviceAccountName"]
+    if rendered.values["serviceAccount"]["create"]:
+        assert rendered.one("ServiceAccount")["metadata"]["name"] == account
+    else:
+        assert account == rendered.values["serviceAccount"]["name"]
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in rendered.of_kind("Role")}
+    for binding in rendered.of_kind("RoleBinding"):
+        ns = binding["metadata"]["namespace"]
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": binding["roleRef"]["name"],
+        }
+        assert (ns, binding["roleRef"]["name"]) in roles
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+        ]
+
+
+def test_portforward_toggle(render) -> None:
+    on = render("default")
+    off = render("namespaces")
+    assert on.values["kernels"]["portForward"] is True
+    assert off.values["kernels"]["portForward"] is False
+
+    def resources(r: Rendered) -> set[str]:
+        return {
+            res for role in r.of_kind("Role") for rule in role["rules"] for res in rule["resources"]
+        }
+
+    assert "pods/portforward" in resources(on)
+    assert "pods/portforward" not in resources(off)
+
+
+# --------------------------------------------------------------------------- network
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are expected"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_network_policy_isolates_kernel_pods(render, scenario: str) -> None:
+    rendered = render(scenario)
+    policies = rendered.of_kind("NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == sorted(
+        kernel_namespaces(rendered.values)
+    )
+    server_labels = rendered.server_pod["metadata"]["labels"]
+    for policy in policies:
+        spec = policy["spec"]
+        assert spec["podSelector"] == {"matchLabels": KERNEL_POD_LABELS}
+        assert _selects(spec["podSelector"], {**KERNEL_POD_LABELS, "kernel-id": "x"})
+        assert not _selects(spec["podSelector"], server_labels), (
+            "the policy must not select the server"
+        )
+        assert "Ingress" in spec["policyTypes"]
+        assert len(spec["ingress"]) == 1
+        (rule,) = spec["ingress"]
+        assert "ports" not in rule or rule["ports"]
+        (peer,) = rule["from"]
+        assert set(peer) == {"namespaceSelector", "podSelector"}, (
+            "a peer must name namespace AND pods"
+        )
+        assert peer["namespaceSelector"] == {
+            "matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}
+        }
+        assert _selects(peer["podSelector"], server_labels)
+        assert peer["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "server"
+        assert not _selects(peer["podSelector"], KERNEL_POD_LABELS)
+
+
+def test_service_and_ingress_reach_the_server(render, scenario: str) -> None:
+    rendered = render(scenario)
+    service = rendered.one("Service")
+    assert _selects(
+        {"matchLabels": service["spec"]["selector"]}, rendered.server_pod["metadata"]["labels"]
+    )
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "http"
+    assert {
+        "name": "http",
+        "containerPort": rendered.values["server"]["port"],
+        "protocol": "TCP",
+    } in (rendered.server_container["ports"])
+    for ingress in rendered.of_kind("Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                assert backend == {
+                    "name": service["metadata"]["name"],
+                    "port": {"number": port["port"]},
+                }
+    if scenario == "ingress":
+        ingress = rendered.one("Ingress")
+        assert ingress["spec"]["ingressClassName"] == "nginx"
+        assert ingress["spec"]["tls"][0]["secretName"] == "kernels-tls"
+        probe = rendered.server_container["readinessProbe"]["httpGet"]
+        assert probe["path"] == "/kernels/api"
+
+
+# --------------------------------------------------------------------------- token
+
+
+def _all_containers(rendered: Rendered) -> Iterator[tuple[str, dict[str, Any]]]:
+    for where, spec in rendered.pod_specs():
+        for container in spec.get("initContainers", []) + spec.get("containers", []):
+            yield f"{where}/{container['name']}", container
+
+
+def test_token_comes_from_a_secret(render, scenario: str) -> None:
+    rendered = render(scenario)
+    values = rendered.values
+    existing = values["auth"]["existingSecret"]
+    secret_name = existing or f"{FULLNAME}-token"
+    secret_key = values["auth"]["existingSecretKey"] if existing else "token"
+    token = None
+    if existing:
+        assert not rendered.of_kind("Secret"), (
+            "the chart must not create a Secret for an existing one"
+        )
+    else:
+        secret = rendered.one("Secret", secret_name)
+        token = base64.b64decode(secret["data"][secret_key]).decode()
+        assert re.fullmatch(r"[A-Za-z0-9]{48}", token), "expected a random 48-character token"
+
+    # The server reads the token from a file of a Secret volume.
+    container = rendered.server_container
+    env = {e["name"]: e for e in container["env"]}
+    assert "JUPYTER_TOKEN" not in env
+    token_file = env["JUPYTER_TOKEN_FILE"]["value"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered.server_pod["spec"]["volumes"]}
+    (volume_name,) = [n for n, m in mounts.items() if token_file.startswith(m["mountPath"] + "/")]
+    volume = volumes[volume_name]["secret"]
+    assert volume["secretName"] == secret_name
+    relative = token_file[len(mounts[volume_name]["mountPath"]) + 1 :]
+    assert {"key": secret_key, "path": relative} in volume["items"]
+    assert mounts[volume_name]["readOnly"] is True
+
+    # The test hook gets it from the same Secret.
+    hook = rendered.one("Pod")
+    hook_env = {e["name"]: e for e in hook["spec"]["containers"][0]["env"]}
+    assert hook_env["TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": secret_name,
+        "key": secret_key,
+    }
+
+    # The token never appears on a command line, in a literal env value or in the ConfigMap.
+    for where, c in _all_containers(rendered):
+        argv = [*c.get("command", []), *c.get("args", [])]
+        for arg in argv:
+            assert not re.search(r"(?i)(^|[.-])token=", arg), (
+                f"{where}: token option on the command line: {arg}"
+            )
+            if token:
+                assert token not in arg, f"{where}: token on the command line"
+        for e in c.get("env", []):
+            if "token" in e["name"].lower() and e["name"] != "JUPYTER_TOKEN_FILE":
+                assert "valueFrom" in e and "value" not in e, (
+                    f"{where}: literal token variable {e['name']}"
+                )
+            if token and "value" in e:
+                assert token not in e["value"], f"{where}: token in env {e['name']}"
+    config_map = rendered.one("ConfigMap", FULLNAME)
+    if token:
+        assert all(token not in text for text in config_map["data"].values())
+    assert "IdentityProvider.token" not in rendered.configmap_file("jupyter_server_config.py")
+
+
+def test_generated_token_is_random_per_render(helm: str, helm_env: dict[str, str]) -> None:
+    """Without a cluster `lookup` finds nothing: each render draws a new token. (On upgrade the
+    chart reads the existing Secret back instead.)"""
+
+    def token() -> str:
+        proc = run_helm(
+            helm, helm_env, "template", RELEASE, str(CHART), "--show-only", "templates/secret.yaml"
+        )
+        assert proc.returncode == 0, proc.stderr
+        return yaml.safe_load(proc.stdout)["data"]["token"]
+
+    assert token() != token()
+    text = (CHART / "templates" / "secret.yaml").read_text()
+    assert "lookup" in text and "randAlphaNum" in text
+
+
+# --------------------------------------------------------------------------- pods
+
+
+def test_pods_are_locked_down(render, scenario: str) -> None:
+    rendered = render(scenario)
+    for where, spec in rendered.pod_specs():
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True, where
+        assert pod_sc["runAsUser"] == 1000, where
+        assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(key), f"{where}: {key}"
+        for volume in spec.get("volumes", []):
+            assert "hostPath" not in volume, f"{where}: hostPath volume {volume['name']}"
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            name = f"{where}/{container['name']}"
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert not sc["capabilities"].get("add"), name
+            assert not sc.get("privileged"), name
+            assert sc.get("runAsNonRoot", pod_sc["runAsNonRoot"]) is True, name
+            assert "resources" in container, name
+            for mount in container.get("volumeMounts", []):
+                assert not mount["mountPath"].endswith(".sock"), f"{name}: mounts a socket"
+    # The server writes only to /tmp, an emptyDir.
+    mounts = {m["mountPath"]: m["name"] for m in rendered.server_container["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered.server_pod["spec"]["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    env = {e["name"]: e.get("value") for e in rendered.server_container["env"]}
+    assert env["HOME"].startswith("/tmp") and env["JUPYTER_RUNTIME_DIR"].startswith("/tmp")
+    assert rendered.server_container["command"] == ["jupyter", "server"]
+
+
+def test_prepuller_pulls_every_kernel_image(render) -> None:
+    assert not render("default").of_kind("DaemonSet")
+    rendered = render("prepuller")
+    daemonset = rendered.one("DaemonSet")
+    spec = daemonset["spec"]["template"]["spec"]
+    images = [c["image"] for c in spec["initContainers"]]
+    assert sorted(images) == sorted(
+        {
+            rendered.values["kernels"]["image"],
+            "registry.example.org/kernel-gpu:1",
+            "registry.example.org/tools/kernel-r:4",
+        }
+    )
+    for container in spec["initContainers"]:
+        assert container["command"] == ["true"]
+    assert not spec.get("volumes"), "the pre-puller mounts nothing"
+    assert spec["automountServiceAccountToken"] is False
+    (pause,) = spec["containers"]
+    assert pause["image"] == rendered.values["prePuller"]["pauseImage"]
+
+
+# --------------------------------------------------------------------------- Jupyter config
+
+
+def _load_config(rendered: Rendered) -> Config:
+    source = rendered.configmap_file("jupyter_server_config.py")
+    config = Config()
+    code = compile(source, "jupyter_server_config.py", "exec")
+    exec(code, {"get_config": lambda: config})
+    return config
+
+
+def test_jupyter_config(render, scenario: str) -> None:
+    rendered = render(scenario)
+    values = rendered.values
+    c = _load_config(rendered)
+    assert c.ServerApp.ip == "0.0.0.0"
+    assert c.ServerApp.open_browser is False
+    assert c.ServerApp.port == values["server"]["port"]
+    expected_base = (
+        "/" + values["server"]["baseUrl"].strip("/") + "/"
+        if values["server"]["baseUrl"].strip("/")
+        else "/"
+    )
+    assert c.ServerApp.base_url == expected_base
+    assert c.ServerApp.trust_xheaders is values["server"]["trustXheaders"]
+    assert c.KubernetesClusterProvisioner.namespace == kernel_namespaces(values)[0]
+    assert c.MappingKernelManager.default_kernel_name == values["server"]["defaultKernelName"]
+    # The config file is found through JUPYTER_CONFIG_PATH.
+    env = {e["name"]: e.get("value") for e in rendered.server_container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in rendered.server_container["volumeMounts"]}
+    assert env["JUPYTER_CONFIG_PATH"] == mounts["config"]
+    assert env["JUPYTER_PATH"] + "/kernels" == mounts["kernelspecs"]
+    if values["server"]["onlyChartKernelspecs"]:
+        assert c.KernelSpecManager.allowed_kernelspecs == sorted(values["kernels"]["kernelspecs"])
+        assert c.KernelSpecManager.ensure_native_kernel is False
+
+
+def test_kernelspecs(render, scenario: str) -> None:
+    rendered = render(scenario)
+    values = rendered.values
+    data = rendered.one("ConfigMap", FULLNAME)["data"]
+    specs = {
+        k[len("kernelspec.") : -len(".json")]: json.loads(v)
+        for k, v in data.items()
+        if k.startswith("kernelspec.")
+    }
+    assert sorted(specs) == sorted(values["kernels"]["kernelspecs"])
+    default = specs["python3"]
+    assert default["argv"][-1] == "{connection_file}"
+    provisioner = default["metadata"]["kernel_provisioner"]
+    assert provisioner["prov_name"] == "cluster-kubernetes-provisioner"
+    assert provisioner["config"]["image"] == values["kernels"]["image"]
+    # Each key is mounted as <name>/kernel.json.
+    (volume,) = [v for v in rendered.server_pod["spec"]["volumes"] if v["name"] == "kernelspecs"]
+    items = {i["key"]: i["path"] for i in volume["configMap"]["items"]}
+    assert items == {f"kernelspec.{name}.json": f"{name}/kernel.json" for name in specs}
+
+
+def test_config_change_rolls_the_server(helm: str, helm_env: dict[str, str]) -> None:
+    def checksum(*extra: str) -> str:
+        proc = run_helm(
+            helm,
+            helm_env,
+            "template",
+            RELEASE,
+            str(CHART),
+            "--show-only",
+            "templates/deployment.yaml",
+            *extra,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return yaml.safe_load(proc.stdout)["spec"]["template"]["metadata"]["annotations"][
+            "checksum/config"
+        ]
+
+    assert checksum() == checksum()
+    assert checksum() != checksum("--set", "kernels.image=other/kernel:2")
+
+
+# --------------------------------------------------------------------------- the real server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url, headers={"Authorization": f"token {token}"} if token else {}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_jupyter_server_starts_with_rendered_config(render, tmp_path: Path) -> None:
+    """Run `jupyter server` (this Python's jupyter_server) with the chart's config file,
+    kernelspec files and token file, laid out as in the pod but under tmp_path."""
+    rendered = render("ingress")  # non-trivial base_url
+    mounts = {m["name"]: m["mountPath"] for m in rendered.server_container["volumeMounts"]}
+    env = {e["name"]: e["value"] for e in rendered.server_container["env"] if "value" in e}
+    secret = rendered.one("Secret")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    data = rendered.one("ConfigMap", FULLNAME)["data"]
+
+    def local(path: str) -> Path:
+        return tmp_path / "root" / path.lstrip("/")
+
+    config = data["jupyter_server_config.py"].replace(
+        'root_dir = "/tmp"', f"root_dir = {str(tmp_path)!r}"
+    )
+    local(mounts["config"]).mkdir(parents=True)
+    (local(mounts["config"]) / "jupyter_server_config.py").write_text(config)
+    for key, text in data.items():
+        if key.startswith("kernelspec."):
+            spec_dir = local(mounts["kernelspecs"]) / key[len("kernelspec.") : -len(".json")]
+            spec_dir.mkdir(parents=True)
+            (spec_dir / "kernel.json").write_text(text)
+    token_file = local(env["JUPYTER_TOKEN_FILE"])
+    token_file.parent.mkdir(parents=True)
+    token_file.write_text(token)
+
+    port = _free_port()
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
+    run_env.update(
+        JUPYTER_CONFIG_PATH=str(local(env["JUPYTER_CONFIG_PATH"])),
+        JUPYTER_PATH=str(local(env["JUPYTER_PATH"])),
+        JUPYTER_TOKEN_FILE=str(token_file),
+        JUPYTER_CONFIG_DIR=str(tmp_path / "home" / ".jupyter"),
+        JUPYTER_DATA_DIR=str(tmp_path / "home" / "data"),
+        JUPYTER_RUNTIME_DIR=str(tmp_path / "home" / "runtime"),
+        HOME=str(tmp_path / "home"),
+    )
+    # Loopback only for the test: the command line overrides ip and port of the config.
+    argv = [
+        sys.executable,
+        "-m",
+        "jupyter_server",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+    ]
+    if os.geteuid() == 0:  # the pod runs as uid 1000; this machine may not
+        argv.append("--allow-root")
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(argv, env=run_env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/kernels/"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "server exited:\n" + (tmp_path / "server.log").read_text()
+            try:
+                status, _ = _get(base + "api")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (
+                "server did not answer:\n" + (tmp_path / "server.log").read_text()
+            )
+            time.sleep(0.3)
+        assert _get(base + "api/kernelspecs")[0] == 403, "kernelspecs served without the token"
+        assert _get(base + "api/terminals", token)[0] == 404, "terminals must be disabled"
+        assert _get(base + "api/kernelspecs", "wrong-token")[0] == 403
+        status, body = _get(base + "api/kernelspecs", token)
+        assert status == 200, body
+        listing = json.loads(body)
+        assert listing["default"] == "python3"
+        registered = {ep.name for ep in entry_points(group="jupyter_client.kernel_provisioners")}
+        if "cluster-kubernetes-provisioner" in registered:
+            # Only the chart's kernelspecs, with their provisioner metadata.
+            assert sorted(listing["kernelspecs"]) == ["python3"]
+            spec = listing["kernelspecs"]["python3"]["spec"]
+            assert (
+                spec["metadata"]["kernel_provisioner"]["prov_name"]
+                == "cluster-kubernetes-provisioner"
+            )
+        else:
+            # jupyter_client hides kernelspecs whose provisioner is not installed.
+            assert listing["kernelspecs"] == {} or sorted(listing["kernelspecs"]) == ["python3"]
+        server_log = (tmp_path / "server.log").read_text()
+        assert "not recognized" not in server_log, f"config the server ignores:\n{server_log}"
+        assert token not in server_log, "the token was logged"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
