@@ -207,7 +207,7 @@ def test_kernelspecs_come_from_the_chart() -> None:
     assert listing["default"] == "python3"
     spec = listing["kernelspecs"]["python3"]["spec"]
     provisioner = spec["metadata"]["kernel_provisioner"]
-    assert provisioner["prov_name"] == "cluster-kubernetes-provisioner"
+    assert provisioner["provisioner_name"] == "cluster-kubernetes-provisioner"
     assert provisioner["config"]["image"] == KERNEL_IMAGE
 
 
@@ -288,7 +288,7 @@ async def test_notebook_through_port_forward(
                 "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                 "metadata": {
                     "kernel_provisioner": {
-                        "prov_name": "cluster-kubernetes-provisioner",
+                        "provisioner_name": "cluster-kubernetes-provisioner",
                         "config": {
                             "image": KERNEL_IMAGE,
                             "namespace": NAMESPACE,

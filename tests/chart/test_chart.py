@@ -78,7 +78,7 @@ def _kernelspec(display_name: str, image: str, **config: Any) -> dict[str, Any]:
         "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "metadata": {
             "kernel_provisioner": {
-                "prov_name": "cluster-kubernetes-provisioner",
+                "provisioner_name": "cluster-kubernetes-provisioner",
                 "config": {"image": image, **config},
             }
         },
@@ -829,7 +829,7 @@ def test_kernelspecs(render, scenario: str) -> None:
     default = specs["python3"]
     assert default["argv"][-1] == "{connection_file}"
     provisioner = default["metadata"]["kernel_provisioner"]
-    assert provisioner["prov_name"] == "cluster-kubernetes-provisioner"
+    assert provisioner["provisioner_name"] == "cluster-kubernetes-provisioner"
     assert provisioner["config"]["image"] == values["kernels"]["image"]
     # Each key is mounted as <name>/kernel.json.
     (volume,) = [v for v in rendered.server_pod["spec"]["volumes"] if v["name"] == "kernelspecs"]
@@ -957,7 +957,7 @@ def test_jupyter_server_starts_with_rendered_config(render, tmp_path: Path) -> N
             assert sorted(listing["kernelspecs"]) == ["python3"]
             spec = listing["kernelspecs"]["python3"]["spec"]
             assert (
-                spec["metadata"]["kernel_provisioner"]["prov_name"]
+                spec["metadata"]["kernel_provisioner"]["provisioner_name"]
                 == "cluster-kubernetes-provisioner"
             )
         else:

@@ -1,0 +1,397 @@
+"""The chart's server configuration, run here with a Docker kernelspec, serves kernels.
+
+The chart is rendered with ``helm template`` and a values override whose only kernelspec
+selects ``cluster-docker-provisioner`` on the offline test image. The ConfigMap, Secret and
+environment of the server container are laid out under a temporary "root" as the pod would
+see them, and a real ``jupyter server`` (this Python's, outside any container) is started
+with them on 127.0.0.1. A kernel is then started over REST, driven over its websocket by a
+real websocket client speaking the Jupyter message protocol, and deleted; the server is
+stopped with SIGTERM. No container of ours may remain at any of those points.
+
+Needs helm (see test_chart.py) and a Docker engine with the test image; without them the
+test skips, except under CI where it fails.
+
+Like the rest of tests/chart this module does not import the ``provisioners`` package: the
+server process loads it through its entry point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import yaml
+from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.provisioning import KernelProvisionerFactory
+from websockets.asyncio.client import connect
+
+from tests.chart import test_chart as chart
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, skip_or_fail
+
+pytestmark = [pytest.mark.docker, pytest.mark.helm]
+
+# Fixtures of test_chart.py, shared rather than redefined.
+helm = chart.helm
+helm_env = chart.helm_env
+
+DOCKER = "cluster-docker-provisioner"
+SPEC_NAME = "python3-docker"
+LABEL_KERNEL_ID = "cluster-provisioners.kernel-id"
+# An extra container label (the provisioner's ``labels`` option) unique to one test run:
+# it finds every container the server started, whatever its kernel id.
+LABEL_RUN = "test.cluster-provisioners/run"
+PROTOCOL_VERSION = "5.3"
+
+
+def _docker_values(run_id: str) -> dict[str, Any]:
+    """Values replacing the chart's kernelspecs by one Docker kernelspec."""
+    stanza: dict[str, Any] = {"provisioner_name": DOCKER}
+    stanza["config"] = {
+        "image": KERNEL_TEST_IMAGE,
+        "pull_policy": "never",  # the test image is built locally, never pulled
+        "sweep_on_start": False,  # leave other runs' containers alone
+        "labels": {LABEL_RUN: run_id},
+    }
+    return {
+        "server": {"defaultKernelName": SPEC_NAME},
+        "kernels": {
+            "kernelspecs": {
+                "python3": None,
+                SPEC_NAME: {
+                    "display_name": "Python 3 (Docker)",
+                    "language": "python",
+                    "argv": list(CONTAINER_ARGV),
+                    "metadata": {"kernel_provisioner": stanza},
+                },
+            }
+        },
+    }
+
+
+class _Rendered(chart.Rendered):
+    """test_chart's view of one render, for values that are not one of its scenarios."""
+
+    def __init__(self, values: dict[str, Any], docs: list[dict[str, Any]]):
+        self.scenario = "docker-server"
+        self.values = values
+        self.docs = docs
+
+
+def _render(
+    helm: str, helm_env: dict[str, str], override: dict[str, Any], where: Path
+) -> _Rendered:
+    values_file = where / "values.yaml"
+    values_file.write_text(yaml.safe_dump(override))
+    proc = chart.run_helm(
+        helm,
+        helm_env,
+        "template",
+        chart.RELEASE,
+        str(chart.CHART),
+        "--namespace",
+        chart.NAMESPACE,
+        "--kube-version",
+        chart.K8S_VERSIONS[-1],
+        "-f",
+        str(values_file),
+    )
+    assert proc.returncode == 0, f"helm template failed:\n{proc.stderr}"
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return _Rendered(chart.deep_merge(chart.default_values(), override), docs)
+
+
+@pytest.fixture(scope="module")
+def docker_client() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        skip_or_fail("docker", f"no Docker daemon answers ({exc}); run .ci/lib/docker.sh")
+    try:
+        client.images.get(KERNEL_TEST_IMAGE)
+    except docker.errors.ImageNotFound:
+        client.close()
+        skip_or_fail(
+            "docker", f"image {KERNEL_TEST_IMAGE} is missing; run images/build-test-image.sh"
+        )
+    yield client
+    client.close()
+
+
+def _containers(client: docker.DockerClient, label: str, value: str) -> list[Any]:
+    return client.containers.list(all=True, filters={"label": f"{label}={value}"})
+
+
+def _lay_out_pod(rendered: chart.Rendered, root: Path) -> dict[str, str]:
+    """Write the server container's ConfigMap and Secret volumes under ``root`` as they are
+    mounted in the pod; return its literal environment with absolute paths under ``root``."""
+
+    def local(path: str) -> Path:
+        return root / path.lstrip("/")
+
+    container = rendered.server_container
+    volumes = {v["name"]: v for v in rendered.server_pod["spec"]["volumes"]}
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "configMap" in volume:
+            source = volume["configMap"]
+            data = rendered.one("ConfigMap", source["name"])["data"]
+            files = {i["path"]: data[i["key"]].encode() for i in source["items"]}
+        elif "secret" in volume:
+            source = volume["secret"]
+            data = rendered.one("Secret", source["secretName"])["data"]
+            files = {i["path"]: base64.b64decode(data[i["key"]]) for i in source["items"]}
+        else:  # emptyDir
+            files = {}
+        local(mount["mountPath"]).mkdir(parents=True, exist_ok=True)
+        for relative, content in files.items():
+            target = local(mount["mountPath"]) / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+    env = {}
+    for item in container["env"]:
+        if "value" in item:
+            value = item["value"]
+            env[item["name"]] = str(local(value)) if value.startswith("/") else value
+    return env
+
+
+def _send(method: str, url: str, token: str, body: Any = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _execute_request(session: str, code: str) -> dict[str, Any]:
+    msg_id = uuid.uuid4().hex
+    return {
+        "msg_id": msg_id,
+        "msg_type": "execute_request",
+        "header": {
+            "msg_id": msg_id,
+            "username": "test",
+            "session": session,
+            "date": datetime.now(timezone.utc).isoformat(),
+            "msg_type": "execute_request",
+            "version": PROTOCOL_VERSION,
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": {
+            "code": code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+        },
+        "channel": "shell",
+        "buffers": [],
+    }
+
+
+async def _execute(ws: Any, session: str, code: str, timeout: float = 60) -> dict[str, Any]:
+    """Send an execute_request; read until its execute_reply and its iopub idle status (the
+    streams of a request all precede that status). Returns the reply content and streams."""
+    request = _execute_request(session, code)
+    await ws.send(json.dumps(request))
+    out: dict[str, Any] = {"stdout": "", "stderr": "", "errors": [], "reply": None}
+    idle = False
+    deadline = time.monotonic() + timeout
+    while out["reply"] is None or not idle:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no execute_reply / idle status for {code!r}: {out}"
+        msg = json.loads(await asyncio.wait_for(ws.recv(), remaining))
+        if msg.get("parent_header", {}).get("msg_id") != request["msg_id"]:
+            continue
+        channel, msg_type, content = msg["channel"], msg["msg_type"], msg["content"]
+        if channel == "shell" and msg_type == "execute_reply":
+            out["reply"] = content
+        elif channel == "iopub" and msg_type == "stream":
+            out[content["name"]] += content["text"]
+        elif channel == "iopub" and msg_type == "error":
+            out["errors"].append(f"{content['ename']}: {content['evalue']}")
+        elif channel == "iopub" and msg_type == "status":
+            idle = content["execution_state"] == "idle"
+    return out
+
+
+async def _run_on_kernel(ws_url: str, token: str) -> list[dict[str, Any]]:
+    session = uuid.uuid4().hex
+    async with connect(
+        f"{ws_url}?session_id={session}",
+        additional_headers={"Authorization": f"token {token}"},
+        max_size=None,
+        open_timeout=30,
+    ) as ws:
+        return [
+            await _execute(ws, session, "print(sum(range(10)))"),
+            await _execute(ws, session, "import socket; print(socket.gethostname())"),
+        ]
+
+
+def test_chart_server_serves_a_docker_kernel(
+    helm: str, helm_env: dict[str, str], docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    run_id = uuid.uuid4().hex
+    rendered = _render(helm, helm_env, _docker_values(run_id), tmp_path)
+    token = base64.b64decode(rendered.one("Secret")["data"]["token"]).decode()
+    base_url = chart._load_config(rendered).ServerApp.base_url
+
+    root = tmp_path / "root"
+    pod_env = _lay_out_pod(rendered, root)
+    for name in ("JUPYTER_CONFIG_PATH", "JUPYTER_PATH", "JUPYTER_TOKEN_FILE"):
+        assert name in pod_env, f"the chart no longer sets {name}"
+    assert (Path(pod_env["JUPYTER_PATH"]) / "kernels" / SPEC_NAME / "kernel.json").is_file()
+    assert Path(pod_env["JUPYTER_TOKEN_FILE"]).read_text() == token
+
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
+    run_env.update(pod_env)
+    home = Path(pod_env.get("HOME", str(root / "tmp")))
+    run_env.update(
+        JUPYTER_CONFIG_DIR=str(home / ".jupyter"),
+        JUPYTER_DATA_DIR=str(home / ".local/share/jupyter"),
+        JUPYTER_RUNTIME_DIR=pod_env.get("JUPYTER_RUNTIME_DIR", str(home / "runtime")),
+    )
+    assert "JUPYTER_TOKEN" not in run_env
+
+    port = chart._free_port()
+    base = f"http://127.0.0.1:{port}{base_url}"
+    # Loopback only, and a root dir under tmp_path: the command line overrides the config.
+    argv = [
+        sys.executable,
+        "-m",
+        "jupyter_server",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={root / 'tmp'}",
+    ]
+    if os.geteuid() == 0:  # the pod runs as uid 1000; this machine may not
+        argv.append("--allow-root")
+    log_path = tmp_path / "server.log"
+    kernel_ids: list[str] = []
+
+    def ours() -> list[Any]:
+        return _containers(docker_client, LABEL_RUN, run_id)
+
+    def server_log() -> str:
+        return log_path.read_text(errors="replace")
+
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, env=run_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "server exited:\n" + server_log()
+            try:
+                if chart._get(base + "api")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not answer:\n" + server_log()
+            time.sleep(0.3)
+
+        # The Docker kernelspec is served, with its provisioner.
+        status, body = chart._get(base + "api/kernelspecs", token)
+        assert status == 200, body
+        listing = json.loads(body)
+        assert sorted(listing["kernelspecs"]) == [SPEC_NAME], listing
+        assert listing["default"] == SPEC_NAME
+        spec = listing["kernelspecs"][SPEC_NAME]["spec"]
+        assert spec["argv"] == CONTAINER_ARGV
+        assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == DOCKER
+        assert spec["metadata"]["kernel_provisioner"]["config"]["image"] == KERNEL_TEST_IMAGE
+
+        # A kernel starts, in a container labelled with its id.
+        status, body = _send("POST", base + "api/kernels", token, {"name": SPEC_NAME})
+        assert status == 201, f"{status} {body!r}\n{server_log()}"
+        kernel = json.loads(body)
+        kernel_id = kernel["id"]
+        kernel_ids.append(kernel_id)
+        assert kernel["name"] == SPEC_NAME
+        (container,) = _containers(docker_client, LABEL_KERNEL_ID, kernel_id)
+        container.reload()
+        assert container.status == "running", container.status
+        assert container.labels[LABEL_RUN] == run_id
+        assert container.image.id == docker_client.images.get(KERNEL_TEST_IMAGE).id
+        hostname = container.attrs["Config"]["Hostname"]
+
+        # A real websocket client runs code on it.
+        ws_url = base.replace("http://", "ws://", 1) + f"api/kernels/{kernel_id}/channels"
+        arithmetic, host = asyncio.run(_run_on_kernel(ws_url, token))
+        for result in (arithmetic, host):
+            assert result["reply"]["status"] == "ok", result
+            assert not result["errors"], result
+        assert arithmetic["stdout"] == "45\n", arithmetic
+        assert host["stdout"] == f"{hostname}\n", (host, hostname)
+
+        # Deleting the kernel removes its container.
+        status, body = _send("DELETE", base + f"api/kernels/{kernel_id}", token)
+        assert status == 204, f"{status} {body!r}\n{server_log()}"
+        left = _containers(docker_client, LABEL_KERNEL_ID, kernel_id)
+        assert not left, f"container of deleted kernel {kernel_id} remains: {left}"
+        assert chart._get(base + f"api/kernels/{kernel_id}", token)[0] == 404
+
+        # A kernel still running when the server gets SIGTERM is shut down with it.
+        status, body = _send("POST", base + "api/kernels", token, {"name": SPEC_NAME})
+        assert status == 201, f"{status} {body!r}\n{server_log()}"
+        kernel_ids.append(json.loads(body)["id"])
+        assert _containers(docker_client, LABEL_KERNEL_ID, kernel_ids[-1])
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("server did not exit within 60 s of SIGTERM:\n" + server_log())
+        assert code == 0, f"server exited with {code}:\n{server_log()}"
+        left = ours() + [
+            c for kid in kernel_ids for c in _containers(docker_client, LABEL_KERNEL_ID, kid)
+        ]
+        assert not left, f"the stopped server left containers {[c.name for c in left]}"
+
+        text = server_log()
+        assert token not in text, "the token appears in the server's output"
+        assert "not recognized" not in text, f"config the server ignores:\n{text}"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for leftover in ours():  # never leak containers, even when an assertion failed
+            leftover.remove(force=True, v=True)
+
+
+def test_chart_kernelspec_selects_its_provisioner(
+    helm: str, helm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A kernelspec rendered by the chart selects the named provisioner in jupyter_client
+    (which silently falls back to its local-provisioner on a misspelt key)."""
+    rendered = _render(helm, helm_env, _docker_values("unused"), tmp_path)
+    spec_json = json.loads(rendered.configmap_file(f"kernelspec.{SPEC_NAME}.json"))
+    selected = KernelProvisionerFactory.instance()._get_provisioner_config(KernelSpec(**spec_json))
+    assert selected["provisioner_name"] == DOCKER, selected
