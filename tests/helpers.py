@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
@@ -62,9 +63,22 @@ def write_kernelspec(
     return KernelSpecManager(kernel_dirs=[str(directory)])
 
 
-async def execute(km: AsyncKernelManager, code: str, timeout: float = 60) -> dict[str, Any]:
-    """Run ``code`` on ``km``'s kernel; return stdout, stderr, the reply status and error."""
-    kc = km.client()
+async def execute(
+    kernel: AsyncKernelManager | dict[str, Any], code: str, timeout: float = 60
+) -> dict[str, Any]:
+    """Run ``code`` on a kernel; return stdout, stderr, the reply status and error.
+
+    ``kernel`` is a kernel manager, or connection info (key as bytes or text) of a
+    kernel this process did not start: its client then judges liveness by heartbeat.
+    """
+    if isinstance(kernel, dict):
+        info = dict(kernel)
+        if isinstance(info.get("key"), str):
+            info["key"] = info["key"].encode()
+        kc = AsyncKernelClient()
+        kc.load_connection_info(info)
+    else:
+        kc = kernel.client()
     kc.start_channels()
     try:
         await kc.wait_for_ready(timeout=timeout)

@@ -99,8 +99,6 @@ async def test_env_filter_switch(kernel_manager, monkeypatch: pytest.MonkeyPatch
 
 
 async def test_provisioner_info_round_trip_reconnects(kernel_manager) -> None:
-    from jupyter_client.manager import AsyncKernelManager
-
     km = kernel_manager(LOCAL)
     await km.start_kernel()
     try:
@@ -109,8 +107,6 @@ async def test_provisioner_info_round_trip_reconnects(kernel_manager) -> None:
         fresh = LocalClusterProvisioner(kernel_id=km.kernel_id, kernel_spec=km.kernel_spec)
         await fresh.load_provisioner_info(info)
         assert await fresh.poll() is None
-        km2 = AsyncKernelManager()
-        km2.load_connection_info(fresh.connection_info)
-        assert (await execute(km2, "print('again')"))["stdout"] == "again\n"
+        assert (await execute(fresh.connection_info, "print('again')"))["stdout"] == "again\n"
     finally:
         await km.shutdown_kernel()

@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.manager import AsyncKernelManager
-
 from provisioners.ports import ClusterPortCache
 from tests.helpers import count, execute, write_kernelspec
 from tests.targets import TargetCase
@@ -72,11 +70,7 @@ def cleanup_cli(kernel_dir: Path) -> str:
 
 
 async def answers(connection_info: dict[str, Any]) -> bool:
-    km = AsyncKernelManager()
-    info = dict(connection_info)
-    info["key"] = info["key"].encode()
-    km.load_connection_info(info)
-    out = await execute(km, "print('still here')", timeout=30)
+    out = await execute(connection_info, "print('still here')", timeout=30)
     return out["stdout"] == "still here\n"
 
 

@@ -1,0 +1,804 @@
+"""The Docker target: each kernel runs in a container of any image with a stock kernel.
+
+The kernelspec's argv (or ``command``) runs as the container's command; its connection
+file is copied into the created container with ``put_archive`` before it starts, so
+nothing on the server's filesystem is needed and a remote daemon works too. The five
+kernel ports are published on ``publish_ip`` (host ports from the cluster-aware cache,
+cross-checked against the ports our containers on that daemon hold), or, with
+``connect_via_container_ip``, reached on the container's own IP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import io
+import ipaddress
+import logging
+import os
+import posixpath
+import re
+import secrets
+import signal
+import tarfile
+import threading
+import time
+from typing import Any, ClassVar
+from urllib.parse import urlparse
+
+import docker
+import requests
+from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
+from traitlets import Bool, CaselessStrEnum, Dict, Float, List, Unicode, default
+
+from .base import PORT_NAMES, ClusterProvisioner
+from .connect import connection_file_content
+from .exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
+from .owner import owner_is_gone
+from .ports import LOCAL_HOST, PortSource
+
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "cluster-provisioners"
+LABEL_KERNEL_ID = "cluster-provisioners.kernel-id"
+LABEL_OWNER = "cluster-provisioners.owner"
+LABEL_PORTS = "cluster-provisioners.ports"
+LABEL_KERNELSPEC = "cluster-provisioners.kernelspec"
+_OUR_LABELS = (LABEL_MANAGED_BY, LABEL_KERNEL_ID, LABEL_OWNER, LABEL_PORTS, LABEL_KERNELSPEC)
+
+#: ``extra_create_args`` keys we set ourselves; the traits are the way to change them.
+_MANAGED_CREATE_KEYS = frozenset(
+    {"image", "command", "environment", "labels", "ports", "detach", "name", "version"}
+)
+_CREATE_KEYS = (
+    frozenset(RUN_CREATE_KWARGS)
+    | frozenset(RUN_HOST_CONFIG_KWARGS)
+    | {"volumes", "network", "networking_config"}
+) - _MANAGED_CREATE_KEYS
+_GPUS = re.compile(r"^(all|\d+|device=[\w.,-]+)$")
+_UNSAFE_NAME = re.compile(r"[^a-zA-Z0-9_.-]")
+#: Daemons (by port host key) already swept for orphans by this process.
+_SWEPT: set[str] = set()
+_SWEPT_LOCK = threading.Lock()
+_PROBE_INTERVAL = 0.05
+
+_ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+
+
+def connect_docker(
+    docker_host: str = "", *, timeout: float = 30.0, connect_timeout: float = 3.0
+) -> docker.DockerClient:
+    """A client of ``docker_host`` (default: DOCKER_HOST, else the local socket).
+
+    Reaching the daemon (the API version check) may take ``connect_timeout`` seconds,
+    every later call ``timeout``. Raises :class:`EngineUnavailableError`.
+    """
+    environment = dict(os.environ)
+    if docker_host:
+        environment["DOCKER_HOST"] = docker_host
+    try:
+        client = docker.from_env(environment=environment, timeout=connect_timeout, max_pool_size=32)
+    except _ENGINE_ERRORS as exc:
+        where = docker_host or environment.get("DOCKER_HOST") or "the local socket"
+        msg = f"Docker daemon at {where} is unreachable: {exc}"
+        raise EngineUnavailableError(msg, target="docker") from exc
+    client.api.timeout = timeout
+    return client
+
+
+def sweep_orphans(client: docker.DockerClient, log: logging.Logger | None = None) -> list[str]:
+    """Remove our kernel containers whose owning server process is gone.
+
+    Only owners on this machine can be checked; a live server's containers (and those
+    of servers on other machines) are never touched. Returns the removed container ids.
+    """
+    log = log or logging.getLogger(__name__)
+    removed: list[str] = []
+    found = client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"})
+    for item in found:
+        owner = (item.get("Labels") or {}).get(LABEL_OWNER, "")
+        if not owner or not owner_is_gone(owner):
+            continue
+        try:
+            client.api.remove_container(item["Id"], v=True, force=True)
+        except docker.errors.NotFound:
+            continue
+        except _ENGINE_ERRORS as exc:
+            log.warning("Could not remove orphaned kernel container %s: %s", item["Id"][:12], exc)
+            continue
+        log.info(
+            "Removed orphaned kernel container %s (kernel %s, owner %s gone)",
+            item["Id"][:12],
+            (item.get("Labels") or {}).get(LABEL_KERNEL_ID, "?"),
+            owner,
+        )
+        removed.append(item["Id"])
+    return removed
+
+
+def _sweep_quietly(docker_host: str, timeout: float, log: logging.Logger) -> None:
+    """Run :func:`sweep_orphans` on a client of its own; log instead of raising."""
+    try:
+        client = connect_docker(docker_host, timeout=timeout, connect_timeout=timeout)
+        try:
+            sweep_orphans(client, log)
+        finally:
+            client.close()
+    except (*_ENGINE_ERRORS, EngineUnavailableError) as exc:
+        log.warning("Sweeping orphaned kernel containers failed: %s", exc)
+
+
+def parse_ports_label(text: str) -> set[int]:
+    """The ports in a ``cluster-provisioners.ports`` label (``"p1,p2,..."``)."""
+    return {int(p) for p in text.split(",") if p.strip().isdigit()}
+
+
+class DockerPortSource(PortSource):
+    """Ports held on a daemon: those labelled on our containers and all published ones."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+
+    def ports_in_use(self, host: str) -> set[int]:
+        try:
+            items = self.client.api.containers(all=True)
+        except _ENGINE_ERRORS as exc:
+            msg = f"cannot list the containers of Docker host {host!r}: {exc}"
+            raise KernelStartError(msg, target="docker") from exc
+        held: set[int] = set()
+        for item in items:
+            labels = item.get("Labels") or {}
+            if labels.get(LABEL_MANAGED_BY) == MANAGED_BY:
+                held |= parse_ports_label(labels.get(LABEL_PORTS, ""))
+            held |= {int(p["PublicPort"]) for p in item.get("Ports") or [] if p.get("PublicPort")}
+        return held
+
+
+def parse_gpus(text: str) -> list[docker.types.DeviceRequest]:
+    """Device requests for ``gpus`` ('' | 'all' | 'N' | 'device=0,1'), as ``docker --gpus``."""
+    if not text:
+        return []
+    if text == "all":
+        return [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    if text.isdigit():
+        return [docker.types.DeviceRequest(count=int(text), capabilities=[["gpu"]])]
+    ids = text.removeprefix("device=").split(",")
+    return [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+
+
+def connection_archive(dirname: str, content: bytes, uid: int, gid: int) -> bytes:
+    """A tar of ``dirname/`` (0700) holding ``connection.json`` (0600), owned by uid:gid.
+
+    The file is writable by its owner on purpose: ipykernel rewrites its connection file
+    at start and exits on a read-only one.
+    """
+    now = time.time()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        folder = tarfile.TarInfo(dirname)
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o700
+        entry = tarfile.TarInfo(f"{dirname}/connection.json")
+        entry.size, entry.mode = len(content), 0o600
+        for info in (folder, entry):
+            info.uid, info.gid, info.mtime = uid, gid, now
+        tar.addfile(folder)
+        tar.addfile(entry, io.BytesIO(content))
+    return buf.getvalue()
+
+
+def _lookup_id(table: bytes, name: str) -> tuple[int, int] | None:
+    """(id, primary gid) of ``name`` in an /etc/passwd or /etc/group text."""
+    for line in table.decode(errors="replace").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[0] == name and fields[2].isdigit():
+            gid = fields[3] if len(fields) > 3 and fields[3].isdigit() else fields[2]
+            return int(fields[2]), int(gid)
+    return None
+
+
+class DockerClusterProvisioner(ClusterProvisioner):
+    """Starts each kernel in a Docker container and publishes its five ports."""
+
+    target: ClassVar[str] = "docker"
+
+    image = Unicode(
+        "", config=True, help="Image the kernel runs in (required); it needs only a stock kernel."
+    )
+    docker_host = Unicode(
+        config=True,
+        help="""URL of the Docker daemon (unix://, tcp://, ssh://). Default: the DOCKER_HOST
+        environment variable, else the local socket. TLS settings come from DOCKER_TLS_VERIFY and
+        DOCKER_CERT_PATH. For a remote daemon, set ssh_server (tunnels to its loopback) or
+        publish_ip.""",
+    )
+    api_timeout = Float(30.0, config=True, help="Seconds each Docker API call may take.")
+    connect_timeout = Float(
+        3.0,
+        config=True,
+        help="""Seconds to reach the daemon before it counts as unreachable (then the local
+        fallback applies).""",
+    )
+    pull_policy = CaselessStrEnum(
+        ["never", "if-missing", "always"],
+        default_value="if-missing",
+        config=True,
+        help="""When to pull the image: 'never' (must be present), 'if-missing', or 'always'
+        (pull before each start).""",
+    )
+    publish_ip = Unicode(
+        "127.0.0.1",
+        config=True,
+        help="""Host IP the kernel's ports are published on. '0.0.0.0' exposes them on every
+        interface of the daemon's host: only do that on a trusted network.""",
+    )
+    network = Unicode(
+        "", config=True, help="Docker network the container joins (default: the daemon's)."
+    )
+    connect_via_container_ip = Bool(
+        False,
+        config=True,
+        help="""Publish nothing and connect to the container's IP on 'network' directly; for a
+        server that runs on that network itself.""",
+    )
+    volumes = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="Bind mounts / named volumes as 'SOURCE:TARGET[:MODE]', as in 'docker run -v'.",
+    )
+    mounts = List(
+        Dict(),
+        default_value=[],
+        config=True,
+        help="""Mounts in the Docker API form, e.g. {"Type": "tmpfs", "Target": "/scratch"} or
+        {"Type": "volume", "Source": "data", "Target": "/data", "ReadOnly": true}.""",
+    )
+    working_dir = Unicode("", config=True, help="Kernel working directory (default: the image's).")
+    user = Unicode(
+        "",
+        config=True,
+        help="User the kernel runs as, 'name|uid[:group|gid]' (default: the image's user).",
+    )
+    cpu_limit = Float(0.0, config=True, help="CPUs the kernel may use (e.g. 1.5); 0: no limit.")
+    memory_limit = Unicode(
+        "", config=True, help="Memory limit as in 'docker run -m' (e.g. '2g'); '': no limit."
+    )
+    gpus = Unicode(
+        "", config=True, help="GPUs as in 'docker run --gpus': '', 'all', a count, or 'device=0,1'."
+    )
+    labels = Dict(
+        value_trait=Unicode(),
+        default_value={},
+        config=True,
+        help="Extra labels for the kernel container (ours, cluster-provisioners.*, win).",
+    )
+    extra_create_args = Dict(
+        default_value={},
+        config=True,
+        help="""More keyword arguments of docker-py's containers.create (e.g. {"shm_size": "1g",
+        "init": true}); they override the values derived from the other options.""",
+    )
+    name_prefix = Unicode(
+        "jupyter-kernel-", config=True, help="Prefix of the container names (then the kernel id)."
+    )
+    sweep_on_start = Bool(
+        True,
+        config=True,
+        help="""Remove containers left by dead servers of this machine once per process, when the
+        first kernel starts (in a thread).""",
+    )
+
+    @default("docker_host")
+    def _docker_host_default(self) -> str:
+        return os.environ.get("DOCKER_HOST", "")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.container_id = ""
+        self.container_name = ""
+        self.container_ip = ""
+        self._client: docker.DockerClient | None = None
+        self._daemon_key = ""
+        self._pending_create: asyncio.Future[Any] | None = None
+        self._stop_signal = signal.SIGTERM
+
+    # ------------------------------------------------------------------ config
+
+    def validate_config(self) -> None:
+        super().validate_config()
+        if not self.image:
+            raise self.config_error("image", "required: the Docker image the kernel runs in")
+        if self.docker_host and "://" not in self.docker_host:
+            raise self.config_error("docker_host", f"{self.docker_host!r} is not a URL")
+        for key in ("api_timeout", "connect_timeout"):
+            if getattr(self, key) <= 0:
+                raise self.config_error(key, "must be a positive number of seconds")
+        try:
+            ipaddress.ip_address(self.publish_ip)
+        except ValueError as exc:
+            raise self.config_error("publish_ip", f"{self.publish_ip!r} is not an IP") from exc
+        for spec in self.volumes:
+            parts = spec.split(":")
+            if len(parts) not in (2, 3) or not all(parts) or not parts[1].startswith("/"):
+                raise self.config_error("volumes", f"{spec!r} is not 'SOURCE:/TARGET[:MODE]'")
+        if any("Target" not in m for m in self.mounts):
+            raise self.config_error("mounts", "every mount needs a 'Target'")
+        if self.cpu_limit < 0:
+            raise self.config_error("cpu_limit", "must be >= 0")
+        if self.memory_limit:
+            try:
+                docker.utils.parse_bytes(self.memory_limit)
+            except docker.errors.DockerException as exc:
+                raise self.config_error("memory_limit", str(exc)) from exc
+        if self.gpus and not _GPUS.match(self.gpus):
+            raise self.config_error("gpus", f"{self.gpus!r}: use 'all', N or 'device=ID,...'")
+        reserved = sorted(k for k in self.labels if k in _OUR_LABELS)
+        if reserved:
+            raise self.config_error("labels", f"{reserved} are set by the provisioner")
+        for key in sorted(self.extra_create_args):
+            if key in _MANAGED_CREATE_KEYS:
+                raise self.config_error(
+                    "extra_create_args", f"{key!r} is set by the provisioner (see its options)"
+                )
+            if key not in _CREATE_KEYS:
+                raise self.config_error(
+                    "extra_create_args", f"{key!r} is not an argument of containers.create"
+                )
+        if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", self.name_prefix):
+            raise self.config_error(
+                "name_prefix", "start with a letter or digit; then letters, digits, '_.-'"
+            )
+        reachable = self._is_local_daemon() or self.ssh_server or self.connect_via_container_ip
+        if ipaddress.ip_address(self.publish_ip).is_loopback and not reachable:
+            raise self.config_error(
+                "publish_ip",
+                f"a remote daemon ({self.docker_host}) publishes {self.publish_ip} on its "
+                "own loopback: set ssh_server to tunnel to it, or publish on an address "
+                "this server reaches (e.g. 0.0.0.0 on a trusted network)",
+            )
+
+    # ------------------------------------------------------------------ engine
+
+    async def _docker(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = await asyncio.to_thread(
+                connect_docker,
+                self.docker_host,
+                timeout=self.api_timeout,
+                connect_timeout=self.connect_timeout,
+            )
+        return self._client
+
+    async def check_engine(self) -> None:
+        client = await self._docker()
+        try:
+            await asyncio.to_thread(self._ping, client)
+            self._daemon_key = await asyncio.to_thread(self._host_key, client)
+        except _ENGINE_ERRORS as exc:
+            self._close_client()
+            msg = f"Docker daemon {self.docker_host or '(local)'} is unreachable: {exc}"
+            raise EngineUnavailableError(msg, target=self.target) from exc
+
+    def _ping(self, client: docker.DockerClient) -> None:
+        api = client.api
+        response = api.get(f"{api.base_url}/_ping", timeout=self.connect_timeout)
+        response.raise_for_status()
+
+    def _is_local_daemon(self) -> bool:
+        url = urlparse(self.docker_host or "unix://")
+        if url.scheme in ("unix", "npipe", "http+unix"):
+            return True
+        return url.scheme in ("tcp", "http", "https") and url.hostname in (
+            "localhost",
+            "127.0.0.1",
+            "::1",
+        )
+
+    def _host_key(self, client: docker.DockerClient) -> str:
+        """'localhost' for a daemon of this machine, else 'docker:<daemon id>'."""
+        if self._is_local_daemon():
+            return LOCAL_HOST
+        return f"docker:{client.info()['ID']}"
+
+    def port_host(self) -> str:
+        return self._daemon_key or LOCAL_HOST
+
+    def port_sources(self) -> list[PortSource]:
+        return [DockerPortSource(self._client)] if self._client is not None else []
+
+    def kernel_bind_ip(self) -> str:
+        return "0.0.0.0"
+
+    def kernel_connection_file(self) -> str:
+        return f"/tmp/jupyter-kernel-{_UNSAFE_NAME.sub('-', self.kernel_id)}/connection.json"
+
+    async def kernel_address(self) -> tuple[str, dict[str, int]]:
+        ports = {name: self._kernel_info[name] for name in PORT_NAMES}
+        if self.connect_via_container_ip:
+            return self.container_ip, ports
+        if self.publish_ip not in ("0.0.0.0", "::"):
+            return self.publish_ip, ports
+        if self._is_local_daemon():
+            return "127.0.0.1", ports
+        return urlparse(self.docker_host).hostname or "127.0.0.1", ports
+
+    # ------------------------------------------------------------------ start
+
+    def create_args(self, cmd: list[str], env: dict[str, str], name: str) -> dict[str, Any]:
+        """Keyword arguments of ``containers.create`` for this kernel (no I/O)."""
+        ports = [self._kernel_info[n] for n in PORT_NAMES]
+        labels = dict(self.labels)
+        labels.update(
+            {
+                LABEL_MANAGED_BY: MANAGED_BY,
+                LABEL_KERNEL_ID: self.kernel_id,
+                LABEL_OWNER: str(self.owner),
+                LABEL_PORTS: ",".join(map(str, ports)),
+                LABEL_KERNELSPEC: self.spec_name,
+            }
+        )
+        args: dict[str, Any] = {
+            "image": self.image,
+            "command": list(cmd),
+            "name": name,
+            "environment": dict(env),
+            "labels": labels,
+            "detach": True,
+        }
+        if not self.connect_via_container_ip:
+            args["ports"] = {f"{p}/tcp": (self.publish_ip, p) for p in ports}
+        optional = {
+            "network": self.network,
+            "volumes": list(self.volumes),
+            "mounts": [dict(m) for m in self.mounts],
+            "working_dir": self.working_dir,
+            "user": self.user,
+            "nano_cpus": int(self.cpu_limit * 1e9),
+            "mem_limit": self.memory_limit,
+            "device_requests": parse_gpus(self.gpus),
+        }
+        args.update({k: v for k, v in optional.items() if v})
+        args.update(self.extra_create_args)
+        return args
+
+    async def start_kernel(
+        self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
+    ) -> None:
+        if kernel_info.get("transport", "tcp") != "tcp":
+            msg = "the docker target needs the tcp transport"
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+        client = await self._docker()
+        self._maybe_sweep()
+        if self.pull_policy == "always":
+            await self._pull(client)
+        name = f"{self.name_prefix}{_UNSAFE_NAME.sub('-', self.kernel_id)}-{secrets.token_hex(2)}"
+        args = self.create_args(cmd, env, name)
+        container = await self._create(client, args)
+        self.container_id, self.container_name = container.id, name
+        self._pending_create = None
+        self._started = True
+        self._stop_signal = _signal_number(container.attrs.get("Config", {}).get("StopSignal"))
+        uid, gid = await self._owner_ids(container)
+        conn_file = self.kernel_connection_file()
+        folder = posixpath.dirname(conn_file)
+        content = connection_file_content(kernel_info)
+        archive = connection_archive(posixpath.basename(folder), content, uid, gid)
+        try:
+            await asyncio.to_thread(container.put_archive, posixpath.dirname(folder), archive)
+            await asyncio.to_thread(container.start)
+        except _ENGINE_ERRORS as exc:
+            msg = f"container {name} from image {self.image!r} failed to start: {exc}"
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        self.log.info(
+            "Kernel %s: container %s (%s) started from image %s",
+            self.kernel_id,
+            name,
+            container.short_id,
+            self.image,
+        )
+        await self._watch_start(client)
+
+    async def _create(self, client: docker.DockerClient, args: dict[str, Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            # Shielded: if the start is cancelled (launch_timeout) while the daemon creates
+            # the container, remove_kernel still learns its id from the pending call.
+            self._pending_create = loop.run_in_executor(
+                None, functools.partial(client.containers.create, **args)
+            )
+            try:
+                return await asyncio.shield(self._pending_create)
+            except docker.errors.ImageNotFound as exc:
+                if attempt or self.pull_policy != "if-missing":
+                    msg = (
+                        f"image {self.image!r} is not present on the Docker daemon "
+                        f"(pull_policy={self.pull_policy!r}): {exc.explanation or exc}"
+                    )
+                    raise KernelStartError(
+                        msg, target=self.target, kernel_id=self.kernel_id
+                    ) from exc
+                await self._pull(client)
+            except _ENGINE_ERRORS as exc:
+                msg = f"cannot create a container from image {self.image!r}: {exc}"
+                raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        raise AssertionError("unreachable")
+
+    async def _pull(self, client: docker.DockerClient) -> None:
+        repository, tag = docker.utils.parse_repository_tag(self.image)
+        self.log.info("Kernel %s: pulling image %s", self.kernel_id, self.image)
+        try:
+            await asyncio.to_thread(client.images.pull, repository, tag=tag or "latest")
+        except _ENGINE_ERRORS as exc:
+            msg = f"cannot pull image {self.image!r} (pull_policy={self.pull_policy!r}): {exc}"
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+
+    async def _owner_ids(self, container: Any) -> tuple[int, int]:
+        """uid and gid the kernel runs as, so its connection file is its own."""
+        user = container.attrs.get("Config", {}).get("User") or ""
+        name, _, group = user.partition(":")
+        if name in ("", "root", "0") and not group:
+            return 0, 0
+        uid = gid = None
+        if name.isdigit():
+            uid, gid = int(name), 0
+        else:
+            found = _lookup_id(await self._read_file(container, "/etc/passwd"), name)
+            if found is not None:
+                uid, gid = found
+        if group.isdigit():
+            gid = int(group)
+        elif group:
+            found = _lookup_id(await self._read_file(container, "/etc/group"), group)
+            gid = found[0] if found else gid
+        if uid is None:
+            self.log.warning(
+                "Kernel %s: user %r not found in the image; connection file owned by 1000",
+                self.kernel_id,
+                user,
+            )
+            uid = 1000
+        return uid, 1000 if gid is None else gid
+
+    async def _read_file(self, container: Any, path: str) -> bytes:
+        def read() -> bytes:
+            stream, _ = container.get_archive(path)
+            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+                member = tar.extractfile(posixpath.basename(path))
+                return member.read() if member is not None else b""
+
+        try:
+            return await asyncio.to_thread(read)
+        except (*_ENGINE_ERRORS, tarfile.TarError, KeyError):
+            return b""
+
+    async def _watch_start(self, client: docker.DockerClient) -> None:
+        """Wait until the kernel's heartbeat port speaks ZMTP; fail if the container exits.
+
+        Without a probe (ports behind an SSH tunnel) the container is watched for 1 s.
+        """
+        started = time.monotonic()
+        next_state = started + 0.3  # the container's state, every 0.5 s
+        probe = not self.ssh_server
+        address: tuple[str, int] | None = None
+        while True:
+            check_state = time.monotonic() >= next_state
+            try:
+                if probe and self.connect_via_container_ip and not self.container_ip:
+                    self.container_ip = await self._container_ip(client)
+                state = await self._state(client) if check_state else {}
+            except _ENGINE_ERRORS as exc:
+                msg = f"container {self.container_name} vanished while starting: {exc}"
+                raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+            if check_state:
+                if state.get("Status") not in ("created", "running", "restarting"):
+                    await self._raise_exited(client, state)
+                if not probe and time.monotonic() - started > 1.0:
+                    return
+                next_state = time.monotonic() + 0.5
+            if probe and address is None:
+                ip, ports = await self.kernel_address()
+                address = (ip, ports["hb_port"]) if ip else None
+            if address is not None and await speaks_zmtp(*address):
+                return
+            await asyncio.sleep(_PROBE_INTERVAL)
+
+    async def _container_ip(self, client: docker.DockerClient) -> str:
+        attrs = await asyncio.to_thread(client.api.inspect_container, self.container_id)
+        networks = attrs.get("NetworkSettings", {}).get("Networks") or {}
+        if self.network in networks:
+            return networks[self.network].get("IPAddress") or ""
+        return next((n["IPAddress"] for n in networks.values() if n.get("IPAddress")), "")
+
+    async def _state(self, client: docker.DockerClient) -> dict[str, Any]:
+        attrs = await asyncio.to_thread(client.api.inspect_container, self.container_id)
+        return dict(attrs.get("State") or {})
+
+    async def _raise_exited(self, client: docker.DockerClient, state: dict[str, Any]) -> None:
+        try:
+            raw = await asyncio.to_thread(client.api.logs, self.container_id, tail=20)
+            logs = raw.decode(errors="replace").strip()
+        except _ENGINE_ERRORS as exc:
+            logs = f"(logs unavailable: {exc})"
+        msg = (
+            f"container {self.container_name} from image {self.image!r} exited with code "
+            f"{state.get('ExitCode')} while the kernel was starting"
+            f"{': ' + state['Error'] if state.get('Error') else ''}; last log lines:\n{logs}"
+        )
+        raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+
+    def _maybe_sweep(self) -> None:
+        if not self.sweep_on_start:
+            return
+        with _SWEPT_LOCK:
+            if self.port_host() in _SWEPT:
+                return
+            _SWEPT.add(self.port_host())
+        threading.Thread(
+            target=_sweep_quietly,
+            args=(self.docker_host, self.api_timeout, self.log),
+            name="docker-orphan-sweep",
+            daemon=True,
+        ).start()
+
+    async def sweep_orphans(self) -> list[str]:
+        """Remove our containers on this daemon whose server process is gone."""
+        client = await self._docker()
+        removed = await asyncio.to_thread(sweep_orphans, client, self.log)
+        return [f"container {container_id[:12]}" for container_id in removed]
+
+    async def list_kernels(self) -> list[dict[str, Any]]:
+        """Our kernel containers on this daemon."""
+        client = await self._docker()
+        found = await asyncio.to_thread(
+            client.api.containers,
+            all=True,
+            filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"},
+        )
+        return [
+            {
+                "kernel_id": (item.get("Labels") or {}).get(LABEL_KERNEL_ID, "?"),
+                "target": self.target,
+                "container": item["Id"][:12],
+                "state": item.get("State", ""),
+                "owner": (item.get("Labels") or {}).get(LABEL_OWNER, ""),
+            }
+            for item in found
+        ]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def poll_kernel(self) -> int | None:
+        if not self.container_id or self._client is None:
+            return 0
+        try:
+            state = await self._state(self._client)
+        except docker.errors.NotFound:
+            return -1
+        except _ENGINE_ERRORS as exc:
+            self.log.debug("Kernel %s: polling the container failed: %s", self.kernel_id, exc)
+            return None
+        if state.get("Status") in ("created", "running", "paused", "restarting"):
+            return None
+        return int(state.get("ExitCode") or 0)
+
+    async def signal_kernel(self, signum: int) -> None:
+        if not self.container_id or self._client is None:
+            return
+        name = signal.Signals(signum).name
+        try:
+            await asyncio.to_thread(self._client.api.kill, self.container_id, signal=name)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # not running
+                return
+            msg = f"cannot send {name} to container {self.container_name}: {exc}"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        except _ENGINE_ERRORS as exc:
+            msg = f"cannot send {name} to container {self.container_name}: {exc}"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+
+    async def stop_kernel(self, force: bool) -> None:
+        # The image's stop signal, as `docker stop` sends; jupyter_client waits, then kills.
+        # (A kernel that is PID 1 ignores an unhandled SIGTERM.)
+        await self.signal_kernel(signal.SIGKILL if force else self._stop_signal)
+
+    async def remove_kernel(self, restart: bool) -> None:
+        pending, self._pending_create = self._pending_create, None
+        if pending is not None and not self.container_id:
+            with contextlib.suppress(Exception):
+                self.container_id = (await asyncio.wait_for(pending, self.api_timeout)).id
+        if self.container_id and self._client is not None:
+            await self._remove_container(self._client)
+        self.container_id = self.container_name = self.container_ip = ""
+        self._started = False
+        if not restart:
+            self._close_client()
+
+    async def _remove_container(self, client: docker.DockerClient) -> None:
+        """Remove the container (and its anonymous volumes); one retry, then a warning."""
+        for attempt in range(2):
+            try:
+                await asyncio.to_thread(
+                    client.api.remove_container, self.container_id, v=True, force=True
+                )
+            except docker.errors.NotFound:
+                return
+            except _ENGINE_ERRORS as exc:
+                if attempt:
+                    self.log.warning(
+                        "Kernel %s: could not remove container %s: %s",
+                        self.kernel_id,
+                        self.container_name,
+                        exc,
+                    )
+                    return
+                await asyncio.sleep(0.5)
+            else:
+                self.log.debug("Kernel %s: container %s removed", self.kernel_id, self.container_id)
+                return
+
+    def _close_client(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def kernel_state(self) -> dict[str, Any]:
+        return {
+            "container_id": self.container_id,
+            "container_name": self.container_name,
+            "container_ip": self.container_ip,
+            "docker_host": self.docker_host,
+            "daemon_key": self._daemon_key,
+        }
+
+    async def load_kernel_state(self, state: dict[str, Any]) -> None:
+        self.docker_host = state.get("docker_host", self.docker_host)
+        self._daemon_key = state.get("daemon_key", "")
+        self.container_id = state.get("container_id", "")
+        self.container_name = state.get("container_name", "")
+        self.container_ip = state.get("container_ip", "")
+        self._started = False
+        if not self.container_id:
+            return
+        client = await self._docker()
+        try:
+            current = await self._state(client)
+        except docker.errors.NotFound:
+            self.log.warning("Kernel %s: container %s is gone", self.kernel_id, self.container_name)
+            self.container_id = ""
+            return
+        except _ENGINE_ERRORS as exc:
+            msg = f"cannot inspect container {self.container_name}: {exc}"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        self._started = True
+        if self.connect_via_container_ip and current.get("Running"):
+            self.container_ip = await self._container_ip(client)
+
+
+def _signal_number(name: str | None) -> signal.Signals:
+    """The signal named ``name`` ('SIGQUIT', 'QUIT' or '3'); SIGTERM when unknown."""
+    text = (name or "").upper()
+    try:
+        if text.isdigit():
+            return signal.Signals(int(text))
+        return signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
+    except (KeyError, ValueError):
+        return signal.SIGTERM
+
+
+async def speaks_zmtp(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when a ZMQ socket answers on host:port (its greeting starts with 0xFF).
+
+    A bare TCP connect is not enough: docker-proxy accepts before the kernel binds.
+    """
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        first = await asyncio.wait_for(reader.read(1), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+    return first == b"\xff"

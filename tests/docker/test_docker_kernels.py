@@ -1,0 +1,154 @@
+"""Kernels in containers of the offline test image, driven by jupyter_client and nbclient."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import docker
+import nbformat
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+from provisioners.base import PORT_NAMES
+from provisioners.docker import LABEL_OWNER, LABEL_PORTS, DockerClusterProvisioner
+from provisioners.owner import ServerIdentity
+from provisioners.ports import ClusterPortCache
+from tests.helpers import KERNEL_TEST_IMAGE, execute
+
+pytestmark = pytest.mark.docker
+
+
+async def _interrupt_busy_loop(km: AsyncKernelManager) -> None:
+    """Run ``while True: pass``, interrupt it, expect KeyboardInterrupt."""
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        msg_id = kc.execute("while True: pass")
+        await asyncio.sleep(0.5)
+        await km.interrupt_kernel()
+        reply = await kc._async_get_shell_msg(timeout=20)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = await kc._async_get_shell_msg(timeout=20)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+    finally:
+        kc.stop_channels()
+
+
+async def test_execute_notebook_and_inspect(docker_kernels, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="traitlets")
+    caplog.set_level(logging.DEBUG, logger="provisioners")
+    make, tracker = docker_kernels
+    km = make(env={"FROM_SPEC": "spec"})
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("x = 6 * 7"),
+            nbformat.v4.new_code_cell("import os; print(x, os.environ['FROM_SPEC'])"),
+            nbformat.v4.new_code_cell("print(os.getuid(), os.path.exists('/.dockerenv'))"),
+        ]
+    )
+    client = NotebookClient(nb, km=km, timeout=60)
+    async with client.async_setup_kernel():
+        assert isinstance(km.provisioner, DockerClusterProvisioner)
+        for index, cell in enumerate(nb.cells):
+            await client.async_execute_cell(cell, index)
+
+        prov = km.provisioner
+        container = tracker.client.containers.get(prov.container_id)
+        attrs = container.attrs
+        key = km.session.key.decode()
+        # no HMAC key anywhere in `docker inspect`, nor in the container's log
+        assert key not in json.dumps(attrs)
+        assert key not in container.logs().decode(errors="replace")
+        assert key not in caplog.text
+        assert attrs["Config"]["Labels"][LABEL_OWNER] == str(ServerIdentity.current())
+        # published on 127.0.0.1 only, each port on itself
+        info = km.get_connection_info()
+        ports = sorted(info[n] for n in PORT_NAMES)
+        assert attrs["Config"]["Labels"][LABEL_PORTS] == ",".join(map(str, prov._ports))
+        bindings = attrs["HostConfig"]["PortBindings"]
+        assert sorted(int(p.split("/")[0]) for p in bindings) == ports
+        for port, bound in bindings.items():
+            assert bound == [{"HostIp": "127.0.0.1", "HostPort": port.split("/")[0]}]
+        published = attrs["NetworkSettings"]["Ports"]
+        assert {b["HostIp"] for v in published.values() for b in v} == {"127.0.0.1"}
+        # the connection file: the kernel's own, private, in a private directory
+        path = prov.kernel_connection_file()
+        code, stat = container.exec_run(["stat", "-c", "%a %u", path, path.rsplit("/", 1)[0]])
+        assert code == 0
+        (file_mode, file_uid), (dir_mode, dir_uid) = (
+            line.split() for line in stat.decode().splitlines()
+        )
+        assert (file_mode, file_uid, dir_uid) == ("600", "0", "0")
+        assert int(dir_mode, 8) & 0o777 == 0o700  # ipykernel adds the sticky bit
+
+    await km.shutdown_kernel()  # nbclient leaves a kernel manager it was given running
+    assert nb.cells[1].outputs[0]["text"] == "42 spec\n"
+    assert nb.cells[2].outputs[0]["text"] == "0 True\n"  # root, in a container
+    assert tracker.containers(km.kernel_id) == []
+    assert ClusterPortCache.instance().held() == {}
+
+
+async def test_interrupt_restart_shutdown(docker_kernels) -> None:
+    make, tracker = docker_kernels
+    km = make(interrupt_mode="signal")
+    await km.start_kernel()
+    await _interrupt_busy_loop(km)  # SIGINT to the container's PID 1, the kernel
+    km.kernel_spec.interrupt_mode = "message"
+    await _interrupt_busy_loop(km)  # interrupt_request on the control channel
+
+    first = km.provisioner.container_id
+    ports = {n: km.get_connection_info()[n] for n in PORT_NAMES}
+    await km.restart_kernel()
+    assert km.provisioner.container_id != first
+    with pytest.raises(docker.errors.NotFound):
+        tracker.client.containers.get(first)
+    assert {n: km.get_connection_info()[n] for n in PORT_NAMES} == ports
+    assert (await execute(km, "print('after restart')"))["stdout"] == "after restart\n"
+
+    await km.shutdown_kernel()
+    assert tracker.containers(km.kernel_id) == []
+    assert ClusterPortCache.instance().held() == {}
+
+
+async def test_container_ip_mode(docker_kernels) -> None:
+    make, _ = docker_kernels
+    km = make({"network": "bridge", "connect_via_container_ip": True, "user": "jovyan"})
+    await km.start_kernel()
+    prov = km.provisioner
+    info = km.get_connection_info()
+    assert info["ip"] == prov.container_ip != "127.0.0.1"
+    attrs = await asyncio.to_thread(prov._client.api.inspect_container, prov.container_id)
+    assert not attrs["HostConfig"]["PortBindings"]
+    out = await execute(km, "import os; print(os.getuid())")
+    assert out["stdout"] == "1000\n"
+    await km.shutdown_kernel(now=True)
+
+
+async def test_provisioner_info_reconnects(docker_kernels) -> None:
+    make, tracker = docker_kernels
+    km = make()
+    await km.start_kernel()
+    await execute(km, "state = 'kept'")
+    info = json.loads(json.dumps(await km.provisioner.get_provisioner_info()))
+    assert info["target"] == "docker" and info["state"]["container_id"]
+
+    fresh = DockerClusterProvisioner(
+        kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, image=KERNEL_TEST_IMAGE
+    )
+    await fresh.load_provisioner_info(info)
+    assert await fresh.poll() is None
+    # a fresh KernelManager adopts the rebuilt provisioner: it runs code and stops the kernel
+    km2 = AsyncKernelManager(kernel_name=km.kernel_name, kernel_spec_manager=km.kernel_spec_manager)
+    km2.kernel_id = km.kernel_id
+    km2.provisioner = fresh
+    km2.load_connection_info(fresh.connection_info)
+    assert (await execute(km2, "print(state)"))["stdout"] == "kept\n"
+    await km2.shutdown_kernel(now=True)
+    assert tracker.containers(km.kernel_id) == []
+    await km.shutdown_kernel(now=True)  # the original manager copes with a gone container
+    assert ClusterPortCache.instance().held() == {}
