@@ -26,9 +26,7 @@ def kernelspecs(specs: dict[str, tuple[str, dict[str, Any], list[str]]]) -> Kern
             "argv": argv,
             "display_name": name,
             "language": "python",
-            "metadata": {
-                "kernel_provisioner": {"provisioner_name": provisioner, "config": config}
-            },
+            "metadata": {"kernel_provisioner": {"provisioner_name": provisioner, "config": config}},
         }
         (root / name / "kernel.json").write_text(json.dumps(spec))
     return KernelSpecManager(kernel_dirs=[str(root)])
