@@ -1,0 +1,362 @@
+"""Reaching into a pod through the API server's websockets: port-forward and exec.
+
+Port-forward (``GET .../pods/NAME/portforward?ports=P``, subprotocol
+``v4.channel.k8s.io``, which kubelets also accept as ``portforward.k8s.io``): every frame
+starts with a channel byte; for the i-th requested port, channel ``2i`` carries data both
+ways and channel ``2i+1`` carries error text from the server; the server's first frame on
+each channel starts with the port number as two little-endian bytes. One websocket
+carries one TCP connection, so :class:`PortForwarder` opens one per accepted local
+connection: a dropped websocket only ends that connection, and the next one (ZMQ
+reconnects by itself) opens a fresh websocket.
+
+Exec (``.../pods/NAME/exec``, ``v4.channel.k8s.io``): channels 1 and 2 are stdout and
+stderr, channel 3 carries the final ``Status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from ..exceptions import TunnelError
+from .client import KubeApiError, KubeClient
+
+#: Offered in this order; the server picks the first it speaks.
+PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "portforward.k8s.io")
+EXEC_PROTOCOLS = ("v4.channel.k8s.io",)
+_CHUNK = 256 * 1024
+
+log = logging.getLogger(__name__)
+
+
+class PortForwarder:
+    """Local TCP listeners forwarding each connection to a pod port over a websocket.
+
+    ``local_ports`` are the ports to listen on (0, or a port that cannot be bound, lets
+    the OS pick one: :attr:`local_ports` tells which were used). Use it as an async
+    context manager or through :meth:`start` / :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        client: KubeClient,
+        namespace: str,
+        pod: str,
+        remote_ports: Sequence[int],
+        local_ports: Sequence[int] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        connect_timeout: float = 10.0,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.pod = pod
+        self.remote_ports = [int(p) for p in remote_ports]
+        wanted = list(local_ports) if local_ports is not None else [0] * len(self.remote_ports)
+        if len(wanted) != len(self.remote_ports):
+            msg = "local_ports and remote_ports differ in length"
+            raise ValueError(msg)
+        self._wanted = [int(p) for p in wanted]
+        self.host = host
+        self.connect_timeout = connect_timeout
+        self.log = logger or log
+        self.local_ports: list[int] = []
+        self._servers: list[asyncio.Server] = []
+        self._conns: set[asyncio.Task[None]] = set()
+        self._warned: set[tuple[str, int]] = set()
+        self._spares: dict[int, asyncio.Task[aiohttp.ClientWebSocketResponse]] = {}
+
+    async def __aenter__(self) -> PortForwarder:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def path(self) -> str:
+        return f"/api/v1/namespaces/{self.namespace}/pods/{self.pod}/portforward"
+
+    def retarget(self, pod: str) -> None:
+        """Send new connections to pod ``pod`` (open ones keep their websocket)."""
+        if pod != self.pod:
+            self._drop_spares()
+        self.pod = pod
+
+    async def start(self) -> list[int]:
+        """Open the listeners; return the local ports, in the order of the remote ones."""
+        if self._servers:
+            return self.local_ports
+        try:
+            for wanted, remote in zip(self._wanted, self.remote_ports, strict=True):
+                server = await self._listen(wanted, remote)
+                self._servers.append(server)
+                self.local_ports.append(server.sockets[0].getsockname()[1])
+        except OSError as exc:
+            await self.stop()
+            msg = f"cannot listen on {self.host} for the port-forward: {exc}"
+            raise TunnelError(msg, target="kubernetes") from exc
+        return self.local_ports
+
+    async def _listen(self, port: int, remote: int) -> asyncio.Server:
+        def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.create_task(self._serve(reader, writer, remote))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+        try:
+            return await asyncio.start_server(handler, self.host, port, reuse_address=True)
+        except OSError as exc:
+            if port == 0 or exc.errno != errno.EADDRINUSE:
+                raise
+            self.log.warning("Port %s of %s is taken; forwarding from another one", port, self.host)
+            return await asyncio.start_server(handler, self.host, 0)
+
+    def prime(self) -> None:
+        """Open one websocket per port now, for the next local connection to each port.
+
+        Call it once the kernel listens: the client's first connections (and ZMQ's
+        subscription on iopub) then skip the websocket handshake.
+        """
+        self._drop_spares()
+        for remote in self.remote_ports:
+            self._spares[remote] = asyncio.create_task(self._open(self.pod, remote))
+
+    def _drop_spares(self) -> None:
+        spares, self._spares = self._spares, {}
+        for task in spares.values():
+            task.cancel()
+            task.add_done_callback(_close_spare)
+
+    async def _open(self, pod: str, remote: int) -> aiohttp.ClientWebSocketResponse:
+        return await self.client.websocket(
+            f"/api/v1/namespaces/{self.namespace}/pods/{pod}/portforward",
+            [("ports", str(remote))],
+            PORTFORWARD_PROTOCOLS,
+            self.connect_timeout,
+        )
+
+    async def _take_spare(self, pod: str, remote: int) -> aiohttp.ClientWebSocketResponse | None:
+        task = self._spares.pop(remote, None)
+        if task is None or pod != self.pod:
+            return None
+        with contextlib.suppress(Exception):
+            ws = await task
+            if not ws.closed:
+                return ws
+        return None
+
+    async def stop(self) -> None:
+        """Close the listeners and every forwarded connection."""
+        self._drop_spares()
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        conns = list(self._conns)
+        for task in conns:
+            task.cancel()
+        for task in conns:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2)
+        self.local_ports = []
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, remote: int
+    ) -> None:
+        pod = self.pod
+        ws: aiohttp.ClientWebSocketResponse | None = None
+        try:
+            ws = await self._take_spare(pod, remote) or await self._open(pod, remote)
+            upstream = asyncio.create_task(_tcp_to_ws(reader, ws))
+            downstream = asyncio.create_task(_ws_to_tcp(ws, writer))
+            try:
+                done, _ = await asyncio.wait(
+                    {upstream, downstream}, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for task in (upstream, downstream):
+                    task.cancel()
+                await asyncio.gather(upstream, downstream, return_exceptions=True)
+            for task in done:
+                error = task.exception()
+                if isinstance(error, PortForwardError):
+                    self.log.debug("Port-forward to %s:%s: %s", pod, remote, error)
+        except asyncio.CancelledError:
+            raise
+        except KubeApiError as exc:
+            # ZMQ reconnects every 0.1 s: warn once per pod and status, not each time; a 404
+            # (the pod is gone: a client reconnecting during a restart) is no news.
+            seen = (pod, exc.status)
+            level = logging.DEBUG if exc.status == 404 or seen in self._warned else logging.WARNING
+            self._warned.add(seen)
+            self.log.log(level, "Port-forward to pod %s port %s failed: %s", pod, remote, exc)
+        except Exception as exc:
+            self.log.debug("Port-forward to %s:%s ended: %r", pod, remote, exc)
+        finally:
+            if ws is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(), 2)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+
+    async def probe(self, index: int, timeout: float = 2.0) -> bool:
+        """True when a ZMQ socket answers on ``remote_ports[index]`` of the pod.
+
+        ZMQ peers send their greeting (first byte 0xFF) as soon as they are connected, so
+        it arrives on the data channel once the kernel listens; a refused connection
+        comes back as text on the error channel.
+        """
+        ws = await self.client.websocket(
+            self.path, [("ports", str(self.remote_ports[index]))], PORTFORWARD_PROTOCOLS
+        )
+        try:
+            frames = _Deframer()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), left)
+                except asyncio.TimeoutError:
+                    return False
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    return False
+                channel, payload = frames.feed(msg.data)
+                if payload:
+                    return channel == 0 and payload[0] == 0xFF
+            return False
+        finally:
+            await asyncio.wait_for(ws.close(), 2)
+
+
+def _close_spare(task: asyncio.Task[aiohttp.ClientWebSocketResponse]) -> None:
+    """Close the websocket of a dropped spare, if it opened."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    ws = task.result()
+    if not ws.closed:
+        asyncio.get_running_loop().create_task(ws.close())
+
+
+class PortForwardError(TunnelError):
+    """The server reported an error on a port-forward stream."""
+
+
+class _Deframer:
+    """Splits port-forward frames into (channel, payload), dropping each channel's port prefix."""
+
+    def __init__(self) -> None:
+        self.prefix_left: dict[int, int] = {}
+
+    def feed(self, frame: bytes) -> tuple[int, bytes]:
+        if not frame:
+            return -1, b""
+        channel, payload = frame[0], frame[1:]
+        left = self.prefix_left.setdefault(channel, 2)
+        if left:
+            cut = min(left, len(payload))
+            self.prefix_left[channel] = left - cut
+            payload = payload[cut:]
+        return channel, payload
+
+
+async def _tcp_to_ws(reader: asyncio.StreamReader, ws: aiohttp.ClientWebSocketResponse) -> None:
+    while True:
+        data = await reader.read(_CHUNK)
+        if not data:
+            return
+        await ws.send_bytes(b"\x00" + data)
+
+
+async def _ws_to_tcp(ws: aiohttp.ClientWebSocketResponse, writer: asyncio.StreamWriter) -> None:
+    frames = _Deframer()
+    error = b""
+    async for msg in ws:
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            continue
+        channel, payload = frames.feed(msg.data)
+        if channel == 0 and payload:
+            writer.write(payload)
+            await writer.drain()
+        elif channel == 1 and payload:
+            error += payload
+    if error:
+        raise PortForwardError(error.decode(errors="replace").strip(), target="kubernetes")
+
+
+# ---------------------------------------------------------------------- exec
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What a command run in a pod returned."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+async def pod_exec(
+    client: KubeClient,
+    namespace: str,
+    pod: str,
+    command: Sequence[str],
+    *,
+    container: str = "",
+    timeout: float = 10.0,
+) -> ExecResult:
+    """Run ``command`` (an argv, no shell) in ``pod`` and return its exit code and output."""
+    query = [("command", str(arg)) for arg in command]
+    query += [("stdout", "true"), ("stderr", "true")]
+    if container:
+        query.append(("container", container))
+    path = f"/api/v1/namespaces/{namespace}/pods/{pod}/exec"
+    ws = await client.websocket(path, query, EXEC_PROTOCOLS, timeout)
+    out: dict[int, bytearray] = {1: bytearray(), 2: bytearray(), 3: bytearray()}
+
+    async def read() -> None:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY and msg.data:
+                buf = out.get(msg.data[0])
+                if buf is not None:
+                    buf += msg.data[1:]
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError as exc:
+        msg = f"exec in pod {pod} did not finish within {timeout:g} s"
+        raise KubeApiError(0, "Timeout", msg) from exc
+    finally:
+        await asyncio.wait_for(ws.close(), 2)
+    stdout, stderr = out[1].decode(errors="replace"), out[2].decode(errors="replace")
+    return ExecResult(_exit_code(bytes(out[3])), stdout, stderr)
+
+
+def _exit_code(status: bytes) -> int:
+    """The exit code in an exec ``Status`` (0 on Success or when none was sent)."""
+    if not status.strip():
+        return 0
+    try:
+        data = json.loads(status)
+    except ValueError:
+        return 1
+    if data.get("status") == "Success":
+        return 0
+    for cause in (data.get("details") or {}).get("causes") or []:
+        if cause.get("reason") == "ExitCode":
+            with contextlib.suppress(TypeError, ValueError):
+                return int(cause.get("message"))
+    msg = str(data.get("message") or "exec failed")
+    raise KubeApiError(int(data.get("code") or 0), str(data.get("reason") or ""), msg)

@@ -1,0 +1,706 @@
+"""The Kubernetes target: one pod per kernel, reached on its pod IP or through a port-forward.
+
+A start creates the pod (built by :mod:`.manifests`), then the Secret holding the
+connection file, owned by the pod so the cluster deletes it with the pod; an init
+container copies the file into a memory volume the kernel may rewrite. The start waits
+on a watch (a reflector shared per namespace, plus the pod's events for progress) until
+the kernel container runs, and fails at once, in the cluster's own words, on image-pull
+errors, an unschedulable pod, a crash, or a 403. Inside the cluster the client connects
+to the pod IP; outside it, through the API server's port-forward websocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+import uuid
+from typing import Any, ClassVar, NoReturn
+
+from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default
+
+from ..base import PORT_NAMES, ClusterProvisioner
+from ..connect import connection_file_content
+from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
+from ..ports import LOCAL_HOST, PortSource
+from . import manifests as m
+from .client import KubeApiError, KubeClient, acquire_client, default_namespace, release_client
+from .portforward import PortForwarder, pod_exec
+from .sweep import sweep_orphans
+from .watch import (
+    PodReflector,
+    StartProblem,
+    describe_progress,
+    kernel_exit_code,
+    kernel_running,
+    pod_events,
+    start_problem,
+)
+
+_PROGRESS_REASONS = frozenset({"Scheduled", "Pulling", "Pulled", "Created", "Started"})
+#: (kubeconfig, context, namespace) already swept for orphans by this process.
+_SWEPT: set[tuple[str, str, str]] = set()
+_SWEPT_LOCK = threading.Lock()
+
+
+class _HeldPorts(PortSource):
+    """A snapshot of the ports our hostNetwork pods hold (from the reflector's cache)."""
+
+    def __init__(self, ports: set[int]) -> None:
+        self.ports = set(ports)
+
+    def ports_in_use(self, host: str) -> set[int]:
+        return set(self.ports)
+
+
+class KubernetesClusterProvisioner(ClusterProvisioner):
+    """Starts each kernel in its own pod of a Kubernetes namespace."""
+
+    target: ClassVar[str] = "kubernetes"
+
+    image = Unicode("", config=True, help="Kernel image (any image with a stock Jupyter kernel).")
+    image_pull_policy = CaselessStrEnum(
+        ["Always", "IfNotPresent", "Never"],
+        default_value="IfNotPresent",
+        config=True,
+        help="imagePullPolicy of the kernel's containers.",
+    )
+    image_pull_secrets = List(
+        Unicode(), default_value=[], config=True, help="Names of Secrets used to pull the image."
+    )
+    namespace = Unicode(
+        config=True,
+        help="""Namespace of the kernel pods. Default: $CLUSTER_PROVISIONERS_NAMESPACE, else the
+        server pod's own namespace when in a cluster, else 'default'.""",
+    )
+    kubeconfig = Unicode(
+        "",
+        config=True,
+        help="""kubeconfig file to use. Default: $KUBECONFIG, else the service account when the
+        server runs in a pod, else ~/.kube/config.""",
+    )
+    context = Unicode("", config=True, help="kubeconfig context (default: its current one).")
+    connection_mode = CaselessStrEnum(
+        ["auto", "pod-ip", "port-forward"],
+        default_value="auto",
+        config=True,
+        help="""How this server reaches the kernel: 'pod-ip' connects to the pod's IP (needs the
+        cluster network), 'port-forward' goes through the API server's port-forward websocket
+        from local listeners on 127.0.0.1; 'auto' picks pod-ip with in-cluster config, else
+        port-forward.""",
+    )
+    api_timeout = Float(10.0, config=True, help="Seconds each Kubernetes API request may take.")
+    cpu_request = Unicode("", config=True, help="CPU request of the kernel, e.g. '500m'.")
+    cpu_limit = Unicode("", config=True, help="CPU limit of the kernel, e.g. '2'.")
+    memory_request = Unicode("", config=True, help="Memory request of the kernel, e.g. '1Gi'.")
+    memory_limit = Unicode("", config=True, help="Memory limit of the kernel, e.g. '4Gi'.")
+    gpus = Int(0, config=True, help="GPUs for the kernel (a limit of 'gpu_resource').")
+    gpu_resource = Unicode(
+        m.GPU_RESOURCE, config=True, help="Extended resource name of GPUs, e.g. 'amd.com/gpu'."
+    )
+    node_selector = Dict(
+        value_trait=Unicode(), default_value={}, config=True, help="nodeSelector of the pod."
+    )
+    affinity = Dict(default_value={}, config=True, help="affinity of the pod (Kubernetes form).")
+    tolerations = List(Dict(), default_value=[], config=True, help="tolerations of the pod.")
+    volumes = List(Dict(), default_value=[], config=True, help="Extra volumes of the pod.")
+    volume_mounts = List(
+        Dict(), default_value=[], config=True, help="Extra volumeMounts of the kernel container."
+    )
+    service_account_name = Unicode(
+        "", config=True, help="serviceAccountName of the pod (default: the namespace's default)."
+    )
+    automount_service_account_token = Bool(
+        False,
+        config=True,
+        help="Mount the service account's API token into the kernel (off: kernels get no token).",
+    )
+    run_as_user = Int(
+        1000, allow_none=True, config=True, help="runAsUser of the kernel (None: the image's)."
+    )
+    run_as_group = Int(
+        1000, allow_none=True, config=True, help="runAsGroup of the kernel (None: the image's)."
+    )
+    fs_group = Int(
+        1000,
+        allow_none=True,
+        config=True,
+        help="fsGroup of the pod; it lets the kernel's user read the connection Secret.",
+    )
+    run_as_non_root = Bool(True, config=True, help="Refuse to run the kernel as root.")
+    labels = Dict(
+        value_trait=Unicode(),
+        default_value={},
+        config=True,
+        help="Extra pod labels (values are sanitized to the label charset; ours win).",
+    )
+    annotations = Dict(
+        value_trait=Unicode(), default_value={}, config=True, help="Extra pod annotations."
+    )
+    priority_class_name = Unicode("", config=True, help="priorityClassName of the pod.")
+    pod_template = Union(
+        [Unicode(), Dict()],
+        default_value="",
+        config=True,
+        help="""A Pod (YAML text or a mapping) merged over the built pod: mappings merge, lists of
+        named items (containers, env, volumes) merge by name, other values replace. The
+        kernel container is named 'kernel'. Name, namespace, our labels, the connection
+        volumes and the kernel's command are kept.""",
+    )
+    host_network = Bool(
+        False,
+        config=True,
+        help="""Run the kernel in the node's network namespace. Its ports are then allocated per
+        node ('node_name' pins the node) or, without 'node_name', kept unique across all our
+        hostNetwork pods of the namespace, since the node is only known after scheduling.""",
+    )
+    node_name = Unicode(
+        "", config=True, help="Pin the pod to this node (a kubernetes.io/hostname nodeSelector)."
+    )
+    pod_name_prefix = Unicode(
+        "kernel", config=True, help="Pod names are '<prefix>-<random hex>' (a DNS-1123 label)."
+    )
+    working_dir = Unicode(
+        "", config=True, help="Working directory of the kernel (default: image's)."
+    )
+    termination_grace_period = Int(
+        5, config=True, help="Seconds a terminated kernel pod gets before it is killed."
+    )
+    fail_on_unschedulable = Bool(
+        True,
+        config=True,
+        help="""Fail the start at once when the scheduler reports the pod Unschedulable; turn off
+        with a cluster autoscaler that adds nodes.""",
+    )
+    wait_for_port = Bool(
+        True,
+        config=True,
+        help="""End the start only once the kernel's shell port answers (its ZMQ greeting), so a
+        kernel that dies while booting fails the start with its log; off: once it runs.""",
+    )
+    sweep_on_start = Bool(
+        True,
+        config=True,
+        help="""Delete pods and Secrets of dead servers of this machine in the namespace, once per
+        process, when the first kernel starts there.""",
+    )
+
+    @default("namespace")
+    def _namespace_default(self) -> str:
+        return default_namespace()
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._client: KubeClient | None = None
+        self._reflector: PodReflector | None = None
+        self._forwarder: PortForwarder | None = None
+        self._mode = ""
+        self.pod_name = ""
+        self.pod_uid = ""
+        self.pod_ip = ""
+        self.secret_name = ""
+        #: perf_counter() stamps of the last start: 'start', 'created', 'running'.
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ config
+
+    def validate_config(self) -> None:
+        super().validate_config()
+        if not self.image:
+            raise self.config_error("image", "required: the kernel image the pod runs")
+        if not m.is_dns_label(self.namespace):
+            raise self.config_error("namespace", f"{self.namespace!r} is not a DNS-1123 label")
+        if not m.is_dns_label(self.pod_name_prefix) or len(self.pod_name_prefix) > 24:
+            raise self.config_error(
+                "pod_name_prefix", "use at most 24 lowercase letters, digits and '-'"
+            )
+        for key in ("cpu_request", "cpu_limit", "memory_request", "memory_limit"):
+            value = getattr(self, key)
+            if value and not m.is_quantity(value):
+                raise self.config_error(key, f"{value!r} is not a quantity (e.g. '500m', '2Gi')")
+        if self.gpus < 0:
+            raise self.config_error("gpus", "must be >= 0")
+        if self.termination_grace_period < 0:
+            raise self.config_error("termination_grace_period", "must be >= 0")
+        if self.api_timeout <= 0:
+            raise self.config_error("api_timeout", "must be > 0")
+        ours = set(m.kernel_labels("x", "x", "x"))
+        if ours & set(self.labels):
+            raise self.config_error("labels", f"{sorted(ours & set(self.labels))} are ours")
+        try:
+            m.parse_pod_template(self.pod_template)
+        except ValueError as exc:
+            raise self.config_error("pod_template", str(exc)) from exc
+
+    # ------------------------------------------------------------------ engine hooks
+
+    async def check_engine(self) -> None:
+        await self._attach()
+        if self.sweep_on_start:
+            await self._sweep_once()
+
+    async def _attach(self, mode: str = "") -> None:
+        """Hold the shared client and the namespace's reflector; resolve the connection mode."""
+        if self._client is None:
+            self._client = await acquire_client(self, self.kubeconfig, self.context)
+            self._client.timeout = self.api_timeout
+        try:
+            reflector = self._client.reflectors.get(self.namespace)
+            if reflector is None:
+                reflector = PodReflector(self._client, self.namespace)
+                self._client.reflectors[self.namespace] = reflector
+            if not reflector.running:
+                await reflector.start(timeout=self.api_timeout)
+        except KubeApiError as exc:
+            await self._detach()
+            if exc.status == 0:
+                msg = f"Kubernetes API unreachable: {exc}"
+                raise EngineUnavailableError(msg, target=self.target) from exc
+            msg = f"cannot watch pods in namespace {self.namespace!r}: {exc}"
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        self._reflector = reflector
+        self._mode = mode or self._resolve_mode()
+
+    def _resolve_mode(self) -> str:
+        if self.connection_mode != "auto":
+            return self.connection_mode
+        assert self._client is not None
+        return "pod-ip" if self._client.in_cluster else "port-forward"
+
+    async def _detach(self) -> None:
+        client, self._client, self._reflector = self._client, None, None
+        if client is not None:
+            await release_client(self, client)
+
+    async def _sweep_once(self) -> None:
+        key = (self.kubeconfig, self.context, self.namespace)
+        with _SWEPT_LOCK:
+            if key in _SWEPT:
+                return
+            _SWEPT.add(key)
+        try:
+            assert self._client is not None
+            await sweep_orphans(self._client, self.namespace, self.log)
+        except (KubeApiError, ProvisionerError) as exc:
+            self.log.warning("Orphan sweep in namespace %s failed: %s", self.namespace, exc)
+
+    def port_host(self) -> str:
+        if self.host_network:
+            return f"kubernetes-node:{self.node_name or '*'}"
+        if self._mode == "port-forward":
+            return LOCAL_HOST  # the pod ports double as the local listener ports
+        return "kubernetes-pod"
+
+    def port_sources(self) -> list[PortSource]:
+        if not self.host_network or self._reflector is None:
+            return []
+        pods = list(self._reflector.pods.values())
+        return [_HeldPorts(m.ports_held_on_node(pods, self.node_name or None))]
+
+    def kernel_bind_ip(self) -> str:
+        return "0.0.0.0"
+
+    def kernel_connection_file(self) -> str:
+        return m.CONNECTION_FILE
+
+    def _pod_spec(self, cmd: list[str], env: dict[str, str]) -> m.KernelPod:
+        ports = tuple(int(self._kernel_info[n]) for n in PORT_NAMES)
+        return m.KernelPod(
+            name=self.pod_name,
+            namespace=self.namespace,
+            image=self.image,
+            command=tuple(cmd),
+            ports=ports,  # type: ignore[arg-type]
+            kernel_id=self.kernel_id,
+            secret_name=self.secret_name,
+            owner=str(self.owner),
+            username=env.get("KERNEL_USERNAME", ""),
+            kernelspec=self.spec_name,
+            env=dict(env),
+            image_pull_policy=self.image_pull_policy,
+            image_pull_secrets=tuple(self.image_pull_secrets),
+            resources=m.Resources(
+                self.cpu_request,
+                self.cpu_limit,
+                self.memory_request,
+                self.memory_limit,
+                self.gpus,
+                self.gpu_resource,
+            ),
+            security=m.Security(
+                self.run_as_user, self.run_as_group, self.fs_group, self.run_as_non_root
+            ),
+            scheduling=m.Scheduling(
+                dict(self.node_selector),
+                dict(self.affinity),
+                tuple(self.tolerations),
+                self.priority_class_name,
+                self.host_network,
+                self.node_name,
+            ),
+            volumes=tuple(self.volumes),
+            volume_mounts=tuple(self.volume_mounts),
+            service_account_name=self.service_account_name,
+            automount_service_account_token=self.automount_service_account_token,
+            labels=dict(self.labels),
+            annotations=dict(self.annotations),
+            working_dir=self.working_dir,
+            grace_period=self.termination_grace_period,
+            template=m.parse_pod_template(self.pod_template),
+        )
+
+    def build_manifests(
+        self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The pod and (unowned) Secret this provisioner would create; for inspection."""
+        pod = m.pod_manifest(self._pod_spec(cmd, env))
+        return pod, self._secret(kernel_info, None)
+
+    def _secret(self, kernel_info: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
+        labels = m.kernel_labels(self.kernel_id, str(self.owner))
+        content = connection_file_content(kernel_info, ip="0.0.0.0")
+        secret = m.secret_manifest(self.secret_name, self.namespace, content, labels, owner)
+        secret["metadata"]["annotations"] = m.kernel_annotations(self.kernel_id, str(self.owner))
+        return secret
+
+    async def start_kernel(
+        self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
+    ) -> None:
+        if self._client is None or self._reflector is None:
+            await self._attach(self._mode)
+        self.timings = {"start": time.perf_counter()}
+        self.pod_name = m.pod_name(self.pod_name_prefix, uuid.uuid4().hex)
+        self.secret_name = m.secret_name_for(self.pod_name)
+        self.pod_uid = self.pod_ip = ""
+        pod = m.pod_manifest(self._pod_spec(cmd, env))
+        self.log.info(
+            "Kernel %s: creating pod %s/%s (image %s, %s)",
+            self.kernel_id,
+            self.namespace,
+            self.pod_name,
+            self.image,
+            self._mode,
+        )
+        created = await self._create("pods", pod)
+        self.timings["created"] = time.perf_counter()
+        self.pod_uid = created["metadata"]["uid"]
+        self._started = True
+        await self._create("secrets", self._secret(kernel_info, created))
+        events = asyncio.create_task(self._follow_events(self.pod_name))
+        try:
+            running = await self._wait_running()
+        finally:
+            events.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await events
+        self.timings["running"] = time.perf_counter()
+        self.pod_ip = (running.get("status") or {}).get("podIP", "")
+        if self._mode == "port-forward":
+            await self._open_forwarder()
+        if self.wait_for_port:
+            await self._wait_for_shell()
+            self.timings["listening"] = time.perf_counter()
+            if self._forwarder is not None:
+                self._forwarder.prime()
+        self.log.info("Kernel %s: pod %s is running", self.kernel_id, self.pod_name)
+
+    async def _create(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body``; retried on transient errors (409 on a retry means it was created)."""
+        assert self._client is not None
+        path = f"/api/v1/namespaces/{self.namespace}/{kind}"
+        name = body["metadata"]["name"]
+        delay = 0.2
+        for attempt in range(3):
+            try:
+                return await self._client.request("POST", path, body=body)
+            except KubeApiError as exc:
+                if exc.status == 409 and attempt:
+                    return await self._client.request("GET", f"{path}/{name}")
+                if exc.status in (0, 429, 500, 502, 503, 504) and attempt < 2:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                    continue
+                what = "Forbidden (check the RBAC rules)" if exc.status == 403 else exc.reason
+                msg = f"cannot create {kind[:-1]} {self.namespace}/{name}: {what}: {exc}"
+                raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _wait_running(self) -> dict[str, Any]:
+        """Wait on the reflector until the kernel container runs; fail fast on a lost cause."""
+        reflector = self._reflector
+        assert reflector is not None
+        name, last = self.pod_name, ""
+        seen = False
+        try:
+            while True:
+                pod = reflector.get(name)
+                if pod is not None and pod["metadata"].get("uid") == self.pod_uid:
+                    seen = True
+                    problem = start_problem(pod, unschedulable_fails=self.fail_on_unschedulable)
+                    if problem is not None:
+                        await self._fail(problem)
+                    if kernel_running(pod):
+                        return pod
+                    progress = describe_progress(pod)
+                    if progress != last:
+                        self.log.debug("Kernel %s: pod %s: %s", self.kernel_id, name, progress)
+                        last = progress
+                elif pod is None and seen:
+                    msg = f"kernel pod {self.namespace}/{name} was deleted while starting"
+                    raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+                await reflector.wait_for(lambda p=pod: reflector.get(name) is not p, timeout=2.0)
+        except asyncio.CancelledError:
+            self.log.warning(
+                "Kernel %s: pod %s not running in time (%s)", self.kernel_id, name, last or "?"
+            )
+            raise
+
+    async def _fail(self, problem: StartProblem) -> NoReturn:
+        """Raise the start failure for ``problem``, with the container's log tail."""
+        msg = f"kernel pod {self.namespace}/{self.pod_name} failed to start: {problem}"
+        if problem.wants_logs and problem.container:
+            tail = await self._log_tail(problem.container)
+            if tail:
+                msg += f"\n--- last lines of its log ---\n{tail}"
+        raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+
+    async def _follow_events(self, name: str) -> None:
+        """Log the pod's events (scheduled, pulling, started, warnings) while it starts."""
+        assert self._client is not None
+        try:
+            await self._log_events(name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # progress logs never fail a start
+            self.log.debug("Kernel %s: events of pod %s: %r", self.kernel_id, name, exc)
+
+    async def _log_events(self, name: str) -> None:
+        assert self._client is not None
+        async for event in pod_events(self._client, self.namespace, name):
+            reason, text = event.get("reason", ""), event.get("message", "")
+            if event.get("type") == "Warning":
+                # the kubelet may try the Secret volume before we created the Secret
+                ours = reason == "FailedMount" and self.secret_name in text
+                level = logging.DEBUG if ours else logging.INFO
+                self.log.log(level, "Kernel %s: pod %s: %s: %s", self.kernel_id, name, reason, text)
+            elif reason in _PROGRESS_REASONS:
+                self.log.info("Kernel %s: pod %s: %s", self.kernel_id, name, text or reason)
+
+    async def _log_tail(self, container: str, lines: int = 20) -> str:
+        """The last lines of ``container``'s log ('' when it cannot be read)."""
+        assert self._client is not None
+        path = f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}/log"
+        query = [("container", container), ("tailLines", str(lines))]
+        try:
+            return (await self._client.request_text(path, query)).strip()
+        except KubeApiError as exc:
+            self.log.debug("Kernel %s: no log of %s: %s", self.kernel_id, container, exc)
+            return ""
+
+    async def _open_forwarder(self) -> None:
+        assert self._client is not None
+        remote = [int(self._kernel_info[n]) for n in PORT_NAMES]
+        if self._forwarder is not None:
+            self._forwarder.retarget(self.pod_name)
+            if self._forwarder.remote_ports == remote and self._forwarder.local_ports:
+                return
+            await self._forwarder.stop()
+        local = remote if self._port_host == LOCAL_HOST else [0] * len(remote)
+        self._forwarder = PortForwarder(
+            self._client,
+            self.namespace,
+            self.pod_name,
+            remote,
+            local,
+            connect_timeout=self.api_timeout,
+            logger=self.log,
+        )
+        await self._forwarder.start()
+
+    async def _wait_for_shell(self) -> None:
+        """Wait until the shell port answers; fail (with the log) if the kernel ends first."""
+        reflector = self._reflector
+        assert reflector is not None
+        port = int(self._kernel_info["shell_port"])
+        try:
+            while True:
+                pod = reflector.get(self.pod_name)
+                if pod is None:
+                    msg = f"kernel pod {self.namespace}/{self.pod_name} was deleted while starting"
+                    raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+                problem = start_problem(pod)
+                if problem is not None:
+                    await self._fail(problem)
+                if self._forwarder is not None:
+                    if await self._probe_forwarded():
+                        return
+                elif await _zmtp_greets(self.pod_ip, port):
+                    return
+                await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            where = "through the port-forward" if self._forwarder else f"on {self.pod_ip}:{port}"
+            self.log.warning(
+                "Kernel %s: pod %s runs but its shell port never answered %s%s",
+                self.kernel_id,
+                self.pod_name,
+                where,
+                "" if self._forwarder else " (is the pod network reachable from this server?)",
+            )
+            raise
+
+    async def _probe_forwarded(self) -> bool:
+        """Probe the shell port through the forward; a refused port-forward fails the start."""
+        assert self._forwarder is not None
+        try:
+            return await self._forwarder.probe(0)
+        except KubeApiError as exc:
+            if exc.status in (401, 403):
+                msg = (
+                    f"port-forward to kernel pod {self.namespace}/{self.pod_name} refused "
+                    f"(grant pods/portforward, or use connection_mode='pod-ip'): {exc}"
+                )
+                raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+            return False
+
+    async def kernel_address(self) -> tuple[str, dict[str, int]]:
+        if self._mode == "port-forward":
+            if self._forwarder is None or not self._forwarder.local_ports:
+                await self._open_forwarder()
+            assert self._forwarder is not None
+            return "127.0.0.1", dict(zip(PORT_NAMES, self._forwarder.local_ports, strict=True))
+        return self.pod_ip, {n: int(self._kernel_info[n]) for n in PORT_NAMES}
+
+    async def poll_kernel(self) -> int | None:
+        if self._reflector is None or not self.pod_name:
+            return 0
+        return kernel_exit_code(self._reflector.get(self.pod_name))
+
+    async def signal_kernel(self, signum: int) -> None:
+        if not self.pod_name or await self.poll_kernel() is not None:
+            return
+        assert self._client is not None
+        name = signal.Signals(signum).name.removeprefix("SIG")
+        commands = (
+            ["sh", "-c", f"kill -s {name} 1"],
+            ["python3", "-c", f"import os; os.kill(1, {int(signum)})"],
+        )
+        error: Exception | None = None
+        for command in commands:
+            try:
+                result = await pod_exec(
+                    self._client,
+                    self.namespace,
+                    self.pod_name,
+                    command,
+                    container=m.KERNEL_CONTAINER,
+                    timeout=self.api_timeout,
+                )
+            except KubeApiError as exc:
+                error = exc
+                continue
+            if result.exit_code == 0:
+                self.log.debug(
+                    "Kernel %s: sent SIG%s in pod %s", self.kernel_id, name, self.pod_name
+                )
+                return
+            error = ProvisionerError(
+                f"exit code {result.exit_code}: {result.stderr.strip()[:200]}", target=self.target
+            )
+        msg = f"cannot send SIG{name} to kernel pod {self.pod_name}: {error}"
+        raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from error
+
+    async def stop_kernel(self, force: bool) -> None:
+        await self._delete_pod(0 if force else self.termination_grace_period)
+
+    async def _delete_pod(self, grace: int) -> None:
+        if not self.pod_name or self._client is None:
+            return
+        path = f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}"
+        query = [("gracePeriodSeconds", str(int(grace))), ("propagationPolicy", "Background")]
+        try:
+            await self._client.request("DELETE", path, query=query)
+        except KubeApiError as exc:
+            if exc.status != 404:
+                raise ProvisionerError(
+                    f"cannot delete pod {self.pod_name}: {exc}",
+                    target=self.target,
+                    kernel_id=self.kernel_id,
+                ) from exc
+
+    async def remove_kernel(self, restart: bool) -> None:
+        name = self.pod_name
+        try:
+            if name and self._client is not None:
+                await self._delete_pod(0)
+                secret = f"/api/v1/namespaces/{self.namespace}/secrets/{self.secret_name}"
+                try:
+                    await self._client.request("DELETE", secret)
+                except KubeApiError as exc:
+                    if exc.status != 404:
+                        self.log.warning("Kernel %s: secret not deleted: %s", self.kernel_id, exc)
+                if (not restart or self.host_network) and self._reflector is not None:
+                    reflector = self._reflector
+                    gone = await reflector.wait_for(
+                        lambda: reflector.get(name) is None, timeout=self.api_timeout + 5
+                    )
+                    if not gone:
+                        self.log.warning(
+                            "Kernel %s: pod %s still terminating", self.kernel_id, name
+                        )
+        finally:
+            self.pod_name = self.pod_uid = self.pod_ip = self.secret_name = ""
+            self._started = False
+            if not restart:
+                if self._forwarder is not None:
+                    await self._forwarder.stop()
+                    self._forwarder = None
+                await self._detach()
+
+    def kernel_state(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "pod": self.pod_name,
+            "uid": self.pod_uid,
+            "secret": self.secret_name,
+            "pod_ip": self.pod_ip,
+            "mode": self._mode,
+        }
+
+    async def load_kernel_state(self, state: dict[str, Any]) -> None:
+        if not state.get("pod"):
+            return
+        self.namespace = state.get("namespace") or self.namespace
+        await self._attach(state.get("mode", ""))
+        assert self._client is not None and self._reflector is not None
+        self.pod_name, self.pod_uid = state["pod"], state.get("uid", "")
+        self.secret_name = state.get("secret") or m.secret_name_for(self.pod_name)
+        pod = self._reflector.get(self.pod_name)
+        if pod is None or (self.pod_uid and pod["metadata"].get("uid") != self.pod_uid):
+            self.log.warning("Kernel %s: pod %s is gone", self.kernel_id, self.pod_name)
+            self._started = False
+            return
+        self.pod_ip = (pod.get("status") or {}).get("podIP", "") or state.get("pod_ip", "")
+        self._started = kernel_exit_code(pod) is None
+        self.log.info("Kernel %s: reattached to pod %s", self.kernel_id, self.pod_name)
+
+
+async def _zmtp_greets(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True when a ZMQ socket listens on host:port (its greeting starts with 0xFF)."""
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        first = await asyncio.wait_for(reader.read(1), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    return first == b"\xff"
+
+
+__all__ = ["KubernetesClusterProvisioner", "sweep_orphans"]

@@ -1,0 +1,122 @@
+"""Where the Kubernetes tests run: the in-repo API double, or a real cluster ($KUBECONFIG).
+
+No test knows which one it has: both speak the real Kubernetes API. With ``KUBECONFIG``
+set, the tests use its current context, the namespace
+``$CLUSTER_PROVISIONERS_TEST_NAMESPACE`` (default ``default``) and the image
+``$CLUSTER_PROVISIONERS_TEST_IMAGE``, which the cluster's nodes must have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from provisioners.k8s import manifests as m
+from provisioners.k8s.client import KubeApiError, KubeClient
+from provisioners.owner import ServerIdentity
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, skip_or_fail
+
+try:  # the double's own fixture, written alongside (tests/kubernetes/apidouble/)
+    from tests.kubernetes.apidouble.fixtures import k8s_double, kube_double  # noqa: F401
+
+    _DOUBLE_ERROR = ""
+except Exception as exc:  # a missing or broken double is reported by the fixture
+    _DOUBLE_ERROR = f"{type(exc).__name__}: {exc}"
+
+PROVISIONER = "cluster-kubernetes-provisioner"
+NAMESPACE_ENV = "CLUSTER_PROVISIONERS_TEST_NAMESPACE"
+
+
+@dataclass(frozen=True)
+class Kube:
+    """A Kubernetes API to test against."""
+
+    kubeconfig: str
+    namespace: str
+    image: str = KERNEL_TEST_IMAGE
+    #: Makes the API answer 403 to ``(verb, resource)`` until the returned object's
+    #: ``lift()``; only the double has one (None on a real cluster).
+    forbid: Callable[[str, str], Any] | None = None
+
+    def config(self, **extra: Any) -> dict[str, Any]:
+        """Provisioner config for a kernelspec starting kernels there."""
+        config: dict[str, Any] = {
+            "kubeconfig": self.kubeconfig,
+            "namespace": self.namespace,
+            "image": self.image,
+            "fallback": "none",
+            "launch_timeout": 60.0,
+            "termination_grace_period": 1,
+        }
+        config.update(extra)
+        return config
+
+    def spec(self, **extra: Any) -> dict[str, Any]:
+        """Kernelspec fields for ``kernel_manager`` (argv as the image runs it)."""
+        return {"argv": list(CONTAINER_ARGV), **extra}
+
+
+async def _reachable(kubeconfig: str, namespace: str) -> str:
+    """'' when ``namespace``'s pods can be listed, else why not."""
+    try:
+        client = await KubeClient.connect(kubeconfig)
+    except Exception as exc:
+        return str(exc)
+    try:
+        await client.request("GET", f"/api/v1/namespaces/{namespace}/pods", retries=0)
+    except KubeApiError as exc:
+        return str(exc)
+    finally:
+        await client.close()
+    return ""
+
+
+@pytest.fixture(scope="session")
+def kube(request: pytest.FixtureRequest) -> Iterator[Kube]:
+    """The double's kubeconfig by default, or the real cluster's when $KUBECONFIG is set."""
+    if os.environ.get("KUBECONFIG"):
+        target = Kube(os.environ["KUBECONFIG"], os.environ.get(NAMESPACE_ENV, "default"))
+    else:
+        if _DOUBLE_ERROR:
+            skip_or_fail("k8s", f"the Kubernetes API double cannot be loaded ({_DOUBLE_ERROR})")
+        double = request.getfixturevalue("kube_double")
+        target = Kube(double.kubeconfig, double.namespace, forbid=double.forbid)
+    problem = asyncio.run(_reachable(target.kubeconfig, target.namespace))
+    if problem:
+        skip_or_fail("k8s", f"the Kubernetes API cannot be used: {problem}")
+    yield target
+
+
+@pytest.fixture
+async def kube_api(kube: Kube) -> AsyncIterator[KubeClient]:
+    """A client of the test API; after the test, checks that this process left no
+    kernel pod or Secret behind (waiting a little for pods still terminating)."""
+    client = await KubeClient.connect(kube.kubeconfig)
+    try:
+        yield client
+        left = await leftovers(client, kube.namespace, wait=15.0)
+        assert not left, f"left behind: {left}"
+    finally:
+        await client.close()
+
+
+async def leftovers(client: KubeClient, namespace: str, wait: float = 0.0) -> list[str]:
+    """Our kernel pods and Secrets owned by this process, after waiting up to ``wait`` s."""
+    owner = m.sanitize_label_value(str(ServerIdentity.current()))
+    selector = [("labelSelector", f"{m.KERNEL_SELECTOR},{m.LABEL_OWNER}={owner}")]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        names = []
+        for kind in ("pods", "secrets"):
+            path = f"/api/v1/namespaces/{namespace}/{kind}"
+            items = (await client.request("GET", path, query=selector)).get("items") or []
+            names += [f"{kind}/{item['metadata']['name']}" for item in items]
+        if not names or loop.time() >= deadline:
+            return names
+        await asyncio.sleep(0.25)
