@@ -489,7 +489,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _connect(self) -> KernelConnectionInfo:
         """Client-side connection info: direct, or through SSH tunnels."""
         ip, ports = await self._runner.kernel_address()
-        if self.ssh_server:
+        if self.ssh_server and self._runner is self:  # never tunnel to the local fallback
             from .tunnels import KernelTunnels
 
             if self._tunnels is None:
@@ -501,8 +501,12 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return info
 
     async def _teardown(self, restart: bool) -> None:
-        """Close tunnels, remove engine resources; on a full stop, return ports too."""
-        if self._tunnels is not None:
+        """Remove engine resources; on a full stop, close tunnels and return ports too.
+
+        A restart keeps the tunnels: reopening them retargets the same local ports, so
+        clients connected before the restart keep working.
+        """
+        if self._tunnels is not None and not restart:
             await self._tunnels.close()
             self._tunnels = None
         try:

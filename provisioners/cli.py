@@ -117,7 +117,6 @@ async def _over_kernelspecs(kernel_dirs: list[str] | None, action: str) -> list[
     for name, spec in our_kernelspecs(kernel_dirs):
         provisioner = provisioner_for(spec)
         try:
-            await provisioner.check_engine()
             for item in await getattr(provisioner, action)():
                 results.append((name, item))
         except EngineUnavailableError as exc:

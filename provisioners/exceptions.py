@@ -52,3 +52,15 @@ class TunnelError(ProvisionerError):
 
 class HostKeyError(TunnelError):
     """An SSH host key is unknown or does not match known_hosts."""
+
+
+class SSHAuthenticationError(TunnelError):
+    """The SSH server was reached but refused the credentials (key, agent or password)."""
+
+
+class SSHUnreachableError(TunnelError, EngineUnavailableError):
+    """The SSH server cannot be reached (refused, timed out, unknown name).
+
+    Also an :class:`EngineUnavailableError`, so an SSH target may fall back to a local
+    kernel; host-key and authentication errors never do.
+    """

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import KERNEL_TEST_IMAGE, skip_or_fail
-from tests.targets import TargetCase, docker_case, local_case
+from tests.targets import TargetCase, docker_case, kubernetes_case, local_case
 
-TARGET_NAMES = ["local", "docker"]
+TARGET_NAMES = ["local", "docker", "kubernetes"]
 
 
 @pytest.fixture(scope="session")
@@ -35,4 +35,6 @@ def target(request: pytest.FixtureRequest) -> TargetCase:
         return local_case()
     if request.param == "docker":
         return docker_case(request.getfixturevalue("docker_engine"))
+    if request.param == "kubernetes":
+        return kubernetes_case(request.getfixturevalue("kube"))
     raise AssertionError(request.param)

@@ -27,10 +27,12 @@ class TargetCase:
     provisioner: str
     argv: list[str]
     config: dict[str, Any] = field(default_factory=dict)
-    #: Returns, as text, everything the engine exposes about a running kernel.
-    inspect: Callable[[AsyncKernelManager], str] = lambda km: ""
-    #: Names of what the engine still holds for a kernel id (processes, containers...).
-    leftovers: Callable[[str], list[str]] = lambda kernel_id: []
+    #: Returns, as text, everything the engine exposes about a running kernel
+    #: (may be a coroutine function).
+    inspect: Callable[[AsyncKernelManager], Any] = lambda km: ""
+    #: Names of what the engine still holds for a kernel id: processes, containers, pods
+    #: (may be a coroutine function).
+    leftovers: Callable[[str], Any] = lambda kernel_id: []
 
     def spec(self, **extra_config: Any) -> dict[str, Any]:
         """Keyword arguments for the ``kernel_manager`` fixture."""
@@ -84,3 +86,54 @@ def docker_case(client: Any) -> TargetCase:
         inspect,
         leftovers,
     )
+
+
+def kubernetes_case(kube: Any) -> TargetCase:
+    """``kube``: the Kubernetes suite's target (the API double, or $KUBECONFIG)."""
+    from provisioners.k8s import manifests as m
+    from provisioners.k8s.client import KubeClient
+
+    async def inspect(km: AsyncKernelManager) -> str:
+        state = km.provisioner.runner.kernel_state()
+        client = await KubeClient.connect(kube.kubeconfig)
+        try:
+            pod = await client.request(
+                "GET", f"/api/v1/namespaces/{kube.namespace}/pods/{state['pod']}"
+            )
+        finally:
+            await client.close()
+        return json.dumps(pod)
+
+    async def leftovers(kernel_id: str) -> list[str]:
+        client = await KubeClient.connect(kube.kubeconfig)
+        try:
+            found = []
+            for kind in ("pods", "secrets"):
+                items = await client.request(
+                    "GET",
+                    f"/api/v1/namespaces/{kube.namespace}/{kind}",
+                    query=[("labelSelector", m.KERNEL_SELECTOR)],
+                )
+                for item in items.get("items") or []:
+                    annotations = item["metadata"].get("annotations") or {}
+                    if annotations.get(m.ANNOTATION_KERNEL_ID) == kernel_id:
+                        found.append(f"{kind}/{item['metadata']['name']}")
+            return found
+        finally:
+            await client.close()
+
+    return TargetCase(
+        "kubernetes",
+        "cluster-kubernetes-provisioner",
+        CONTAINER_ARGV,
+        kube.config(),
+        inspect,
+        leftovers,
+    )
+
+
+async def resolve(value: Any) -> Any:
+    """``value``, awaited when it is awaitable (TargetCase hooks may be either)."""
+    import inspect as _inspect
+
+    return await value if _inspect.isawaitable(value) else value

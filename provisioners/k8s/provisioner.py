@@ -287,6 +287,40 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         except (KubeApiError, ProvisionerError) as exc:
             self.log.warning("Orphan sweep in namespace %s failed: %s", self.namespace, exc)
 
+    async def sweep_orphans(self) -> list[str]:
+        """Delete our pods and Secrets in the namespace whose server process is gone."""
+        await self._attach()
+        try:
+            assert self._client is not None
+            removed = await sweep_orphans(self._client, self.namespace, self.log)
+        finally:
+            await self._detach()
+        return [f"{self.namespace}/{name}" for name in removed]
+
+    async def list_kernels(self) -> list[dict[str, Any]]:
+        """Our kernel pods in the namespace."""
+        await self._attach()
+        try:
+            assert self._client is not None
+            pods = await self._client.request(
+                "GET",
+                f"/api/v1/namespaces/{self.namespace}/pods",
+                query=[("labelSelector", m.KERNEL_SELECTOR)],
+            )
+        finally:
+            await self._detach()
+        return [
+            {
+                "kernel_id": pod["metadata"]
+                .get("annotations", {})
+                .get(m.ANNOTATION_KERNEL_ID, "?"),
+                "target": self.target,
+                "pod": f"{self.namespace}/{pod['metadata']['name']}",
+                "phase": pod.get("status", {}).get("phase", ""),
+            }
+            for pod in pods.get("items", [])
+        ]
+
     def port_host(self) -> str:
         if self.host_network:
             return f"kubernetes-node:{self.node_name or '*'}"

@@ -14,7 +14,7 @@ from typing import Any
 
 from provisioners.ports import ClusterPortCache
 from tests.helpers import count, execute, write_kernelspec
-from tests.targets import TargetCase
+from tests.targets import TargetCase, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,11 +89,11 @@ async def test_orphans_of_a_killed_server_are_swept(target: TargetCase, tmp_path
 
         report = cleanup_cli(kernel_dir)
         deadline = time.monotonic() + 30
-        left = [r for k in victim_ids for r in target.leftovers(k)]
+        left = [r for k in victim_ids for r in await resolve(target.leftovers(k))]
         while left and time.monotonic() < deadline:  # a local kernel exits with its parent
             await asyncio.sleep(0.5)
             cleanup_cli(kernel_dir)
-            left = [r for k in victim_ids for r in target.leftovers(k)]
+            left = [r for k in victim_ids for r in await resolve(target.leftovers(k))]
         count("orphans found after sweep", target.name, len(left))
         assert left == [], f"orphans of the killed server remain: {left} ({report})"
         held = ClusterPortCache.instance().held()
@@ -101,13 +101,13 @@ async def test_orphans_of_a_killed_server_are_swept(target: TargetCase, tmp_path
         assert not any(v in owner for v in victim_ids for owner in owners)
 
         # the live server's kernel was not touched
-        assert target.leftovers(survivor_id)
+        assert await resolve(target.leftovers(survivor_id))
         assert await answers(survivor.kernels[0]["info"]["connection_info"])
     finally:
         victim.proc.kill()
         victim.stop()
         assert survivor.stop() == 0
-    assert target.leftovers(survivor_id) == []
+    assert await resolve(target.leftovers(survivor_id)) == []
     assert ClusterPortCache.instance().held() == {}
 
 

@@ -18,7 +18,7 @@ import pytest
 from provisioners.exceptions import ProvisionerConfigError
 from provisioners.ports import ClusterPortCache
 from tests.helpers import count, execute
-from tests.targets import TargetCase
+from tests.targets import TargetCase, resolve
 
 SERVER_SECRETS = {
     "JUPYTER_TOKEN": "server-token-do-not-leak",
@@ -82,11 +82,11 @@ async def test_hmac_key_only_in_the_connection_file(
     key = km.session.key.decode()
     try:
         assert (await execute(km, "print('up')"))["stdout"] == "up\n"
-        shown = target.inspect(km)
+        shown = await resolve(target.inspect(km))
         assert shown and key not in shown, f"the key shows in the {target.name} engine"
         await km.restart_kernel()
         assert (await execute(km, "print('again')"))["stdout"] == "again\n"
-        assert key not in target.inspect(km)
+        assert key not in await resolve(target.inspect(km))
     finally:
         await km.shutdown_kernel()
     assert key not in caplog.text, "the HMAC key was logged"

@@ -1,0 +1,630 @@
+"""The SSH target: the kernel runs as a detached process of a remote host.
+
+The kernel binds 127.0.0.1 on the remote host and is reached through the base's SSH
+tunnels: ``ssh_server``, ``ssh_key`` and ``ssh_password`` default to this target's
+``host``/``port``/``user``/``key_file``/``password``, so the tunnels, the remote commands
+and SFTP share one SSH connection. ``ssh_known_hosts``, ``ssh_accept_unknown_host_keys``
+and ``ssh_connect_timeout`` apply to it.
+
+Each kernel gets a 0700 directory ``<remote_runtime_dir>/cluster-kernel-<kernel id>``
+holding its connection file (0600, uploaded over SFTP), its launcher script (the env as
+quoted ``export`` lines and the quoted argv: no value ever reaches a command line), its
+owner (the server identity, for :func:`sweep_orphans`), its pid and its log. The kernel
+starts with ``setsid nohup`` so it survives the SSH session; it is polled and signalled
+by pid (and start time, against pid reuse) over SSH. Every remote command is a POSIX
+sh script run by ``/bin/sh -c`` (see :meth:`SSHLink.sh`) in which every value is quoted
+with :func:`shlex.quote`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import posixpath
+import re
+import shlex
+import signal
+from typing import Any, ClassVar
+
+import paramiko
+from traitlets import Float, Int, Unicode, default
+
+from .base import ClusterProvisioner
+from .connect import connection_file_content
+from .exceptions import KernelStartError, ProvisionerError, TunnelError
+from .owner import owner_is_gone
+from .ports import PortSource
+from .tunnels import CommandResult, SSHLink, SSHSettings, format_server
+
+__all__ = [
+    "DEFAULT_REMOTE_RUNTIME_DIR",
+    "KERNEL_DIR_PREFIX",
+    "RemoteListeningPorts",
+    "SSHClusterProvisioner",
+    "sweep_kernelspec_hosts",
+    "sweep_orphans",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REMOTE_RUNTIME_DIR = "~/.local/share/jupyter/runtime"
+#: Name prefix of the per-kernel directories in the remote runtime directory.
+KERNEL_DIR_PREFIX = "cluster-kernel-"
+ENTRY_POINT = "cluster-ssh-provisioner"
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_REMOTE_ERRORS = (TunnelError, paramiko.SSHException, EOFError, OSError)
+#: Exit codes of the remote preparation scripts.
+_NO_INTERPRETER = 127
+_NO_CWD = 3
+_NO_DIR = 4
+
+
+def _q(value: object) -> str:
+    return shlex.quote(str(value))
+
+
+def _kernel_dir_name(kernel_id: str) -> str:
+    return KERNEL_DIR_PREFIX + (_SAFE_ID.sub("_", kernel_id)[:80] or "unnamed")
+
+
+def _is_kernel_dir(path: str) -> bool:
+    """Only directories we create are ever removed."""
+    name = posixpath.basename(path.rstrip("/"))
+    return posixpath.isabs(path) and name.startswith(KERNEL_DIR_PREFIX) and "/" not in name
+
+
+def _expand_home(path: str, home: str) -> str:
+    if path == "~":
+        return home
+    if path.startswith("~/"):
+        return posixpath.join(home, path[2:])
+    return path
+
+
+def _alive_function(pid: int, start: str) -> str:
+    """A shell function ``alive`` true while process ``pid`` (started at ``start``) runs.
+
+    With a known start time (Linux /proc) a reused pid or a zombie counts as gone.
+    """
+    if start and start != "-":
+        return (
+            "alive() { s=$(sed 's/.*) //' /proc/"
+            f"{int(pid)}/stat 2>/dev/null) || return 1; "
+            '[ -n "$s" ] || return 1; set -- $s; '
+            f'[ "$1" != Z ] && [ "${{20}}" = {_q(start)} ]; }}'
+        )
+    return f"alive() {{ kill -0 {int(pid)} 2>/dev/null; }}"
+
+
+def _kill_script(pid: int, start: str, group: bool, signame: str) -> str:
+    target = f"-- -{int(pid)}" if group else str(int(pid))
+    return f"{_alive_function(pid, start)}\nalive && kill -s {signame} {target}\n"
+
+
+def _remove_script(pid: int | None, start: str, group: bool, kernel_dir: str) -> str:
+    """Kill the kernel if it still runs and remove its directory."""
+    lines = []
+    if pid:
+        lines += [
+            _alive_function(pid, start),
+            "if alive; then",
+            f"  kill -s KILL {f'-- -{int(pid)}' if group else int(pid)} 2>/dev/null",
+            "  i=0; while alive && [ $i -lt 60 ]; do sleep 0.05; i=$((i+1)); done",
+            "fi",
+        ]
+    if kernel_dir and _is_kernel_dir(kernel_dir):
+        lines.append(f"rm -rf -- {_q(kernel_dir)}")
+    return "\n".join(lines) + "\n"
+
+
+class RemoteListeningPorts(PortSource):
+    """Ports in use on the remote host, read from /proc/net/tcp* (or ``ss``) over SSH."""
+
+    def __init__(self, link: SSHLink, timeout: float) -> None:
+        self.link = link
+        self.timeout = timeout
+
+    def ports_in_use(self, host: str) -> set[int]:
+        script = "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null || ss -Htan 2>/dev/null"
+        result = self.link.sh(script, timeout=self.timeout)
+        return _parse_ports(result.stdout)
+
+
+def _parse_ports(text: str) -> set[int]:
+    """Local ports of /proc/net/tcp lines (hex) or of ``ss -Htan`` lines."""
+    ports: set[int] = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        if fields[0].endswith(":") and fields[0][:-1].isdigit():
+            address = fields[1]
+            with_port = address.rpartition(":")[2]
+            try:
+                ports.add(int(with_port, 16))
+            except ValueError:
+                continue
+        else:
+            port = fields[3].rpartition(":")[2]
+            if port.isdigit():
+                ports.add(int(port))
+    return ports
+
+
+class SSHClusterProvisioner(ClusterProvisioner):
+    """Starts the kernel on a remote host over SSH and reaches it through SSH tunnels."""
+
+    target: ClassVar[str] = "ssh"
+
+    host = Unicode(
+        "", config=True, help="Host name or IP of the remote host the kernel runs on (required)."
+    )
+    port = Int(22, config=True, help="SSH port of the remote host.")
+    user = Unicode("", config=True, help="Remote user name (default: the local user's name).")
+    key_file = Unicode(
+        "",
+        config=True,
+        help="Private key file to log in with (default: the SSH agent or ~/.ssh/id_*).",
+    )
+    password = Unicode("", config=True, help="Password to log in with, when keys are not used.")
+    remote_cwd = Unicode(
+        "",
+        config=True,
+        help="""Working directory of the kernel on the remote host ('~/...' allowed; default:
+        the user's home). The server-side cwd of the start request is not used.""",
+    )
+    remote_runtime_dir = Unicode(
+        DEFAULT_REMOTE_RUNTIME_DIR,
+        config=True,
+        help="""Remote directory ('~/...' allowed) in which each kernel gets a private 0700
+        directory holding its connection file, launcher, pid and log.""",
+    )
+    command_timeout = Float(
+        30.0, config=True, help="Seconds each remote command or SFTP operation may take."
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._link: SSHLink | None = None
+        self._link_lock = asyncio.Lock()
+        self._home = ""
+        self._kernel_dir = ""
+        self._pid: int | None = None
+        self._start_tick = ""
+        self._group = False
+        self._stopping = False
+        self._exit_reported = False
+
+    # ------------------------------------------------------------------ config
+
+    @default("ssh_server")
+    def _default_ssh_server(self) -> str:
+        return format_server(self.user or getpass.getuser(), self.host, self.port)
+
+    @default("ssh_key")
+    def _default_ssh_key(self) -> str:
+        return self.key_file
+
+    @default("ssh_password")
+    def _default_ssh_password(self) -> str:
+        return self.password
+
+    def validate_config(self) -> None:
+        super().validate_config()
+        if not self.host.strip() or any(c.isspace() or c in "@/" for c in self.host):
+            raise self.config_error("host", f"{self.host!r} is not a host name or IP address")
+        if not 0 < self.port < 65536:
+            raise self.config_error("port", f"{self.port} is not a TCP port")
+        for key in ("ssh_server", "ssh_key", "ssh_password"):
+            if self.trait_has_value(key):
+                raise self.config_error(
+                    key,
+                    "the SSH target tunnels through its own host; set host, port, user, "
+                    "key_file and password instead",
+                )
+        for key in ("remote_runtime_dir", "remote_cwd"):
+            value = getattr(self, key)
+            if (value or key == "remote_runtime_dir") and not (
+                posixpath.isabs(value) or value == "~" or value.startswith("~/")
+            ):
+                raise self.config_error(key, f"{value!r} must be absolute or start with '~/'")
+        if self.command_timeout <= 0:
+            raise self.config_error("command_timeout", "must be positive")
+
+    def settings(self) -> SSHSettings:
+        """How this provisioner reaches its host (the same link the tunnels use)."""
+        return SSHSettings.from_server(
+            self.ssh_server,
+            key_file=self.ssh_key,
+            password=self.ssh_password,
+            known_hosts=self.ssh_known_hosts,
+            accept_unknown_host_keys=self.ssh_accept_unknown_host_keys,
+            connect_timeout=self.ssh_connect_timeout,
+        )
+
+    # ------------------------------------------------------------------ SSH plumbing
+
+    async def _get_link(self) -> SSHLink:
+        async with self._link_lock:
+            if self._link is None or self._link.closed:
+                self._link = await asyncio.to_thread(SSHLink.acquire, self.settings())
+            return self._link
+
+    async def _release_link(self) -> None:
+        async with self._link_lock:
+            link, self._link = self._link, None
+        if link is not None:
+            await asyncio.to_thread(link.release)
+
+    async def _run(self, script: str, *, timeout: float | None = None) -> CommandResult:
+        link = await self._get_link()
+        return await asyncio.to_thread(link.sh, script, timeout=timeout or self.command_timeout)
+
+    @property
+    def kernel_dir(self) -> str:
+        """The kernel's private directory on the remote host ('' before the start)."""
+        return self._kernel_dir
+
+    @property
+    def pid(self) -> int | None:
+        """The kernel's pid on the remote host."""
+        return self._pid
+
+    # ------------------------------------------------------------------ engine hooks
+
+    async def check_engine(self) -> None:
+        """Connect; unreachable host → :class:`SSHUnreachableError` (fallback allowed)."""
+        link = await self._get_link()
+        await asyncio.to_thread(link.transport)
+
+    def port_host(self) -> str:
+        return f"ssh:{self.host.lower()}"
+
+    def port_sources(self) -> list[PortSource]:
+        if self._link is None:
+            return []
+        return [RemoteListeningPorts(self._link, self.command_timeout)]
+
+    def kernel_bind_ip(self) -> str:
+        return "127.0.0.1"
+
+    def kernel_connection_file(self) -> str:
+        return posixpath.join(self._kernel_dir, "connection.json")
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return await super().pre_launch(**kwargs)
+        except BaseException:
+            if not self.has_kernel():
+                await self._release_link()
+            raise
+
+    async def prepare_command(
+        self, kernel_info: dict[str, Any], extra_arguments: list[str]
+    ) -> list[str]:
+        """Check the remote interpreter, resolve the kernel's directory, format argv."""
+        argv = list(self.command or self.kernel_spec.argv)
+        if not argv:
+            raise self.config_error("command", "the kernelspec has no argv and no command is set")
+        script = (
+            'printf "%s\\n" "$HOME"\n'
+            f"command -v -- {_q(argv[0])} >/dev/null 2>&1 || exit {_NO_INTERPRETER}\n"
+        )
+        link = await self._get_link()
+        # the upload's SFTP session opens meanwhile (it may start a login shell too)
+        result, _ = await asyncio.gather(
+            self._run(script), asyncio.to_thread(link.warm_sftp, self.command_timeout)
+        )
+        where = self.settings().address
+        if result.returncode == _NO_INTERPRETER:
+            msg = (
+                f"kernel command {argv[0]!r} not found on {where} (PATH of a non-interactive "
+                "SSH session); install it there or give its absolute path in the argv"
+            )
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+        home = result.stdout.splitlines()[0].strip() if result.stdout.strip() else ""
+        if result.returncode != 0 or not posixpath.isabs(home):
+            msg = f"probing {where} failed (status {result.returncode}): {result.stderr.strip()}"
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+        self._home = home
+        runtime = posixpath.normpath(_expand_home(self.remote_runtime_dir, home))
+        self._kernel_dir = posixpath.join(runtime, _kernel_dir_name(self.kernel_id))
+        return self.format_command(argv, extra_arguments)
+
+    async def start_kernel(
+        self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
+    ) -> None:
+        kernel_dir = self._kernel_dir
+        runtime = posixpath.dirname(kernel_dir)
+        cwd = posixpath.normpath(_expand_home(self.remote_cwd or "~", self._home))
+        if kwargs.get("cwd"):
+            self.log.debug("Kernel %s: the server-side cwd is not used remotely", self.kernel_id)
+        where = self.settings().address
+        prepare = (
+            "umask 077\n"
+            f"[ -d {_q(cwd)} ] || exit {_NO_CWD}\n"
+            f"mkdir -p -- {_q(runtime)} || exit {_NO_DIR}\n"
+            f"rm -rf -- {_q(kernel_dir)}\n"
+            f"mkdir -m 700 -- {_q(kernel_dir)} || exit {_NO_DIR}\n"
+            f"printf '%s\\n' {_q(self.owner)} > {_q(kernel_dir + '/owner')}\n"
+        )
+        result = await self._run(prepare)
+        if result.returncode == _NO_CWD:
+            msg = f"remote working directory {cwd!r} does not exist on {where}"
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+        if result.returncode != 0:
+            msg = (
+                f"cannot create the kernel directory {kernel_dir!r} on {where}: "
+                f"{result.stderr.strip() or result.returncode}"
+            )
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+        launcher = self._launcher(cmd, env, cwd)
+        link = await self._get_link()
+        await asyncio.to_thread(
+            self._upload,
+            link,
+            {
+                "connection.json": connection_file_content(kernel_info),
+                "launch.sh": launcher.encode(),
+            },
+        )
+        log_file = posixpath.join(kernel_dir, "kernel.log")
+        run = (
+            f"/bin/sh {_q(posixpath.join(kernel_dir, 'launch.sh'))} </dev/null >{_q(log_file)} 2>&1"
+        )
+        launch = (
+            "cd /\n"
+            "if command -v setsid >/dev/null 2>&1; then\n"
+            f"  setsid nohup {run} & G=1\n"
+            "else\n"
+            f"  nohup {run} & G=0\n"
+            "fi\n"
+            "P=$!\n"
+            "S=$(sed 's/.*) //' /proc/$P/stat 2>/dev/null | cut -d' ' -f20)\n"
+            f'printf \'%s %s %s\\n\' "$P" "${{S:--}}" "$G" | tee {_q(kernel_dir + "/pid")}\n'
+        )
+        result = await self._run(launch)
+        try:
+            pid_text, start, group = result.stdout.split()[:3]
+            self._pid = int(pid_text)
+        except ValueError as exc:
+            msg = f"starting the kernel on {where} failed: {result.stderr.strip() or result.stdout}"
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        self._start_tick = "" if start == "-" else start
+        self._group = group == "1"
+        self._started = True
+        self.log.info(
+            "Kernel %s: started on %s as pid %s in %s", self.kernel_id, where, self._pid, kernel_dir
+        )
+
+    def _launcher(self, cmd: list[str], env: dict[str, str], cwd: str) -> str:
+        lines = ["# cluster-provisioners kernel launcher (generated)"]
+        for name, value in sorted(env.items()):
+            if not _ENV_NAME.match(name) or "\0" in value:
+                self.log.warning(
+                    "Kernel %s: environment variable %r cannot be passed to a remote shell; "
+                    "skipped",
+                    self.kernel_id,
+                    name,
+                )
+                continue
+            lines.append(f"export {name}={_q(value)}")
+        lines.append(f"cd -- {_q(cwd)} || exit 126")
+        lines.append("exec " + " ".join(_q(arg) for arg in cmd))
+        return "\n".join(lines) + "\n"
+
+    def _upload(self, link: SSHLink, files: dict[str, bytes]) -> None:
+        """Write ``files`` (0600) into the kernel directory over SFTP."""
+        try:
+            with link.sftp(self.command_timeout) as sftp:
+                for name, data in files.items():
+                    path = posixpath.join(self._kernel_dir, name)
+                    with sftp.open(path, "wb") as remote:
+                        remote.chmod(0o600)
+                        remote.write(data)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            msg = f"uploading the kernel's files to {link.settings.address} failed: {exc}"
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+
+    async def poll_kernel(self) -> int | None:
+        if self._pid is None:
+            return 0
+        report = not (self._stopping or self._exit_reported) and _is_kernel_dir(self._kernel_dir)
+        log_tail = f"; tail -n 20 -- {_q(self._kernel_dir + '/kernel.log')}" if report else ""
+        script = (
+            f"{_alive_function(self._pid, self._start_tick)}\n"
+            f"if alive; then echo running; else echo gone{log_tail}; fi\n"
+        )
+        try:
+            result = await self._run(script)
+        except TunnelError as exc:
+            self.log.warning("Kernel %s: polling over SSH failed: %s", self.kernel_id, exc)
+            return None
+        status, _, log = result.stdout.partition("\n")
+        if status.strip() != "gone":
+            return None
+        if report:  # it exited unasked: say why, once
+            self._exit_reported = True
+            self.log.warning(
+                "Kernel %s on %s exited; the end of its log:\n%s",
+                self.kernel_id,
+                self.host,
+                log.rstrip() or "(empty)",
+            )
+        return 0  # the exit status of a detached remote process is not known
+
+    async def signal_kernel(self, signum: int) -> None:
+        if self._pid is None:
+            return
+        try:
+            name = signal.Signals(signum).name.removeprefix("SIG")
+        except ValueError as exc:
+            msg = f"unknown signal {signum}"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        group = self._group and signum in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
+        await self._run(_kill_script(self._pid, self._start_tick, group, name))
+
+    async def stop_kernel(self, force: bool) -> None:
+        self._stopping = True
+        try:
+            await self.signal_kernel(signal.SIGKILL if force else signal.SIGTERM)
+        except TunnelError as exc:  # the host went away: cleanup retries, sweeps follow
+            self.log.warning("Kernel %s: stopping over SSH failed: %s", self.kernel_id, exc)
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        self._stopping = True
+        await super().shutdown_requested(restart)
+
+    async def remove_kernel(self, restart: bool) -> None:
+        """Kill the process group if it still runs and remove the kernel's directory."""
+        if self._pid is not None or self._kernel_dir:
+            script = _remove_script(self._pid, self._start_tick, self._group, self._kernel_dir)
+            try:
+                await self._run(script, timeout=self.command_timeout + 5)
+            except _REMOTE_ERRORS as exc:
+                self.log.warning(
+                    "Kernel %s: cleaning up on %s failed (pid %s, %s left for sweep_orphans): %s",
+                    self.kernel_id,
+                    self.host,
+                    self._pid,
+                    self._kernel_dir,
+                    exc,
+                )
+        self._pid = None
+        self._start_tick = ""
+        self._kernel_dir = ""
+        self._started = False
+        self._stopping = self._exit_reported = False
+        if not restart:
+            await self._release_link()
+
+    def kernel_state(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "kernel_dir": self._kernel_dir,
+            "pid": self._pid,
+            "start": self._start_tick,
+            "group": self._group,
+        }
+
+    async def load_kernel_state(self, state: dict[str, Any]) -> None:
+        self._kernel_dir = str(state.get("kernel_dir") or "")
+        self._pid = state.get("pid")
+        self._start_tick = str(state.get("start") or "")
+        self._group = bool(state.get("group"))
+        self._started = self._pid is not None
+        if self._started:
+            await self._get_link()
+
+
+# ---------------------------------------------------------------------- orphan sweep
+
+
+def sweep_orphans(
+    host: str,
+    *,
+    port: int = 22,
+    user: str = "",
+    key_file: str = "",
+    password: str = "",
+    ssh_known_hosts: str = "",
+    ssh_accept_unknown_host_keys: bool = False,
+    ssh_connect_timeout: float = 10.0,
+    remote_runtime_dir: str = DEFAULT_REMOTE_RUNTIME_DIR,
+    command_timeout: float = 30.0,
+    dry_run: bool = False,
+    log: logging.Logger | None = None,
+) -> list[str]:
+    """Kill the kernels and remove the directories on ``host`` whose owner (a server
+    process of this machine) has ended; return the directories removed (or, with
+    ``dry_run``, that would be). Keyword names match the provisioner's config keys.
+    Blocking: call it in a thread from async code.
+    """
+    log = log or logger
+    settings = SSHSettings(
+        host=host,
+        port=port,
+        user=user or getpass.getuser(),
+        key_file=key_file,
+        password=password,
+        known_hosts=ssh_known_hosts,
+        accept_unknown_host_keys=ssh_accept_unknown_host_keys,
+        connect_timeout=ssh_connect_timeout,
+    )
+    link = SSHLink.acquire(settings)
+    try:
+        home = link.sh('printf "%s" "$HOME"', timeout=command_timeout).stdout.strip()
+        runtime = posixpath.normpath(_expand_home(remote_runtime_dir, home))
+        listing = (
+            f"for d in {_q(runtime)}/{KERNEL_DIR_PREFIX}*; do\n"
+            '  [ -d "$d" ] || continue\n'
+            '  o=$(head -n 1 "$d/owner" 2>/dev/null); p=$(head -n 1 "$d/pid" 2>/dev/null)\n'
+            '  printf \'%s\\t%s\\t%s\\n\' "$d" "$o" "$p"\n'
+            "done\n"
+        )
+        result = link.sh(listing, timeout=command_timeout)
+        removed: list[str] = []
+        for line in result.stdout.splitlines():
+            kernel_dir, _, rest = line.partition("\t")
+            owner, _, pid_line = rest.partition("\t")
+            if not owner or not owner_is_gone(owner) or not _is_kernel_dir(kernel_dir):
+                continue
+            fields = pid_line.split()  # "PID START GROUP", as the launch wrote it
+            pid = int(fields[0]) if fields and fields[0].isdigit() else None
+            start = fields[1] if len(fields) > 1 else "-"
+            group = len(fields) < 3 or fields[2] == "1"
+            if not dry_run:
+                script = _remove_script(pid, start, group, kernel_dir)
+                link.sh(script, timeout=command_timeout + 5)
+            log.info("Swept orphaned SSH kernel %s on %s (owner %s)", kernel_dir, host, owner)
+            removed.append(kernel_dir)
+        return removed
+    finally:
+        link.release()
+
+
+_SWEEP_KEYS = frozenset(
+    {
+        "host",
+        "port",
+        "user",
+        "key_file",
+        "password",
+        "ssh_known_hosts",
+        "ssh_accept_unknown_host_keys",
+        "ssh_connect_timeout",
+        "remote_runtime_dir",
+        "command_timeout",
+    }
+)
+
+
+async def sweep_kernelspec_hosts(log: logging.Logger | None = None) -> list[str]:
+    """Run :func:`sweep_orphans` on every host named by an installed kernelspec that
+    selects this provisioner (for the CLI's cleanup); unreachable hosts are logged."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    log = log or logger
+    seen: set[tuple[Any, ...]] = set()
+    removed: list[str] = []
+    specs = KernelSpecManager().get_all_specs()
+    for name, entry in sorted(specs.items()):
+        meta = entry.get("spec", {}).get("metadata", {}).get("kernel_provisioner", {})
+        if meta.get("provisioner_name") != ENTRY_POINT:
+            continue
+        config = {k: v for k, v in (meta.get("config") or {}).items() if k in _SWEEP_KEYS}
+        if not config.get("host"):
+            continue
+        key = tuple(sorted((k, str(v)) for k, v in config.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            removed += await asyncio.to_thread(sweep_orphans, log=log, **config)
+        except (ProvisionerError, *_REMOTE_ERRORS) as exc:
+            log.warning("Sweeping SSH host of kernelspec %r failed: %s", name, exc)
+    return removed

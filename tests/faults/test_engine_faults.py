@@ -1,0 +1,52 @@
+"""Engine faults under a running kernel: the engine goes away, the kernel is reported dead,
+cleanup still succeeds and leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from provisioners.ports import ClusterPortCache
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, count, execute
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def restart_dockerd() -> None:
+    """Stop this machine's dockerd (its containers stop with it) and start it again."""
+    daemons = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "dockerd"]
+    assert daemons, "no dockerd process on this machine to restart"
+    for daemon in daemons:
+        daemon.terminate()
+    psutil.wait_procs(daemons, timeout=60)
+    subprocess.run(["bash", str(REPO / ".ci/lib/docker.sh")], check=True, timeout=120)
+
+
+@pytest.mark.docker
+async def test_dockerd_restart_under_a_running_kernel(kernel_manager, docker_engine) -> None:
+    km = kernel_manager(
+        "cluster-docker-provisioner", {"image": KERNEL_TEST_IMAGE}, argv=CONTAINER_ARGV
+    )
+    await km.start_kernel()
+    kernel_id = km.kernel_id
+    assert (await execute(km, "print('before')"))["stdout"] == "before\n"
+
+    await asyncio.to_thread(restart_dockerd)
+    count("faults injected", "docker")
+
+    deadline = time.monotonic() + 30
+    while await km.is_alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert not await km.is_alive(), "the provisioner did not notice the kernel died"
+    await km.shutdown_kernel(now=True)
+    left = docker_engine.containers.list(
+        all=True, filters={"label": f"cluster-provisioners.kernel-id={kernel_id}"}
+    )
+    count("orphans found after sweep", "docker", len(left))
+    assert left == []
+    assert ClusterPortCache.instance().held() == {}
