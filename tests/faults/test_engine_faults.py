@@ -50,3 +50,32 @@ async def test_dockerd_restart_under_a_running_kernel(kernel_manager, docker_eng
     count("orphans found after sweep", "docker", len(left))
     assert left == []
     assert ClusterPortCache.instance().held() == {}
+
+
+@pytest.mark.k8s
+async def test_pod_deleted_behind_our_back_then_restart(kernel_manager, kube) -> None:
+    """Poll reports the deleted pod; a restart starts a new pod that answers."""
+    from provisioners.k8s.client import KubeClient
+
+    km = kernel_manager("cluster-kubernetes-provisioner", kube.config(), argv=CONTAINER_ARGV)
+    await km.start_kernel()
+    first_pod = km.provisioner.runner.kernel_state()["pod"]
+    client = await KubeClient.connect(kube.kubeconfig)
+    try:
+        await client.request(
+            "DELETE",
+            f"/api/v1/namespaces/{kube.namespace}/pods/{first_pod}",
+            query=[("gracePeriodSeconds", "0")],
+        )
+        count("faults injected", "kubernetes")
+        deadline = time.monotonic() + 20
+        while await km.is_alive():
+            assert time.monotonic() < deadline, "poll() never noticed the pod was deleted"
+            await asyncio.sleep(0.2)
+        await km.restart_kernel(now=True)
+        second_pod = km.provisioner.runner.kernel_state()["pod"]
+        assert second_pod != first_pod
+        assert (await execute(km, "print('new pod')"))["stdout"] == "new pod\n"
+    finally:
+        await km.shutdown_kernel(now=True)
+        await client.close()
