@@ -44,6 +44,11 @@ async def kernel_manager(tmp_path: Path) -> AsyncIterator[Callable[..., AsyncKer
             await km.shutdown_kernel(now=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run ``disruptive`` tests (they restart an engine) after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print the security and fault suites' counts per target."""
     from tests.helpers import SUITE_COUNTS

@@ -28,6 +28,7 @@ def restart_dockerd() -> None:
 
 
 @pytest.mark.docker
+@pytest.mark.disruptive
 async def test_dockerd_restart_under_a_running_kernel(kernel_manager, docker_engine) -> None:
     km = kernel_manager(
         "cluster-docker-provisioner", {"image": KERNEL_TEST_IMAGE}, argv=CONTAINER_ARGV
