@@ -25,8 +25,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from provisioners.docker import speaks_zmtp
-from provisioners.ports import ClusterPortCache
+from provisioners.ports import ClusterPortCache, zmq_listens
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
 
 PROVISIONER = "cluster-docker-provisioner"
@@ -82,7 +81,7 @@ async def bare_start(client: docker.DockerClient, probe: bool = False) -> float:
         try:
             t0 = time.perf_counter()
             container = await asyncio.to_thread(_run_bare, client, folder, ports)
-            while probe and not await speaks_zmtp("127.0.0.1", info["hb_port"]):
+            while probe and not await zmq_listens("127.0.0.1", info["hb_port"]):
                 await asyncio.sleep(0.05)
             await _ready(kc)
             return time.perf_counter() - t0

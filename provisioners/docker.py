@@ -36,7 +36,7 @@ from .base import PORT_NAMES, ClusterProvisioner
 from .connect import connection_file_content
 from .exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from .owner import owner_is_gone
-from .ports import LOCAL_HOST, PortSource
+from .ports import LOCAL_HOST, PortSource, zmq_listens
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "cluster-provisioners"
@@ -598,7 +598,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
             if probe and address is None:
                 ip, ports = await self.kernel_address()
                 address = (ip, ports["hb_port"]) if ip else None
-            if address is not None and await speaks_zmtp(*address):
+            if address is not None and await zmq_listens(*address):
                 return
             await asyncio.sleep(_PROBE_INTERVAL)
 
@@ -785,20 +785,3 @@ def _signal_number(name: str | None) -> signal.Signals:
         return signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
     except (KeyError, ValueError):
         return signal.SIGTERM
-
-
-async def speaks_zmtp(host: str, port: int, timeout: float = 0.5) -> bool:
-    """True when a ZMQ socket answers on host:port (its greeting starts with 0xFF).
-
-    A bare TCP connect is not enough: docker-proxy accepts before the kernel binds.
-    """
-    writer = None
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        first = await asyncio.wait_for(reader.read(1), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    finally:
-        if writer is not None:
-            writer.close()
-    return first == b"\xff"

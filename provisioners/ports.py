@@ -10,6 +10,7 @@ a remote host), so servers on different machines sharing one engine never collid
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -311,3 +312,23 @@ def port_is_listening(host: str, port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
+
+
+async def zmq_listens(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when a ZMQ socket answers on ``host:port``: its greeting starts with 0xFF.
+
+    A bare TCP connect is not enough where a proxy (docker-proxy, a port-forward)
+    accepts connections before the kernel has bound its port.
+    """
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        first = await asyncio.wait_for(reader.read(1), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    return first == b"\xff"

@@ -25,7 +25,7 @@ from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Un
 from ..base import PORT_NAMES, ClusterProvisioner
 from ..connect import connection_file_content
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
-from ..ports import LOCAL_HOST, PortSource
+from ..ports import LOCAL_HOST, PortSource, zmq_listens
 from . import manifests as m
 from .client import KubeApiError, KubeClient, acquire_client, default_namespace, release_client
 from .portforward import PortForwarder, pod_exec
@@ -571,7 +571,7 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
                 if self._forwarder is not None:
                     if await self._probe_forwarded():
                         return
-                elif await _zmtp_greets(self.pod_ip, port):
+                elif await zmq_listens(self.pod_ip, port, timeout=1.0):
                     return
                 await asyncio.sleep(0.05)
         except asyncio.CancelledError:
@@ -719,22 +719,6 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         self.pod_ip = (pod.get("status") or {}).get("podIP", "") or state.get("pod_ip", "")
         self._started = kernel_exit_code(pod) is None
         self.log.info("Kernel %s: reattached to pod %s", self.kernel_id, self.pod_name)
-
-
-async def _zmtp_greets(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True when a ZMQ socket listens on host:port (its greeting starts with 0xFF)."""
-    writer = None
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        first = await asyncio.wait_for(reader.read(1), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    return first == b"\xff"
 
 
 __all__ = ["KubernetesClusterProvisioner", "sweep_orphans"]
