@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -94,6 +95,24 @@ async def execute(
         reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
         out["status"] = reply["content"]["status"]
         return out
+    finally:
+        kc.stop_channels()
+
+
+async def interrupt_busy_loop(km: AsyncKernelManager, settle: float = 0.5) -> None:
+    """Run ``while True: pass``, interrupt it through ``km``, expect KeyboardInterrupt."""
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        msg_id = kc.execute("while True: pass")
+        await asyncio.sleep(settle)
+        await km.interrupt_kernel()
+        reply = await kc._async_get_shell_msg(timeout=20)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = await kc._async_get_shell_msg(timeout=20)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
     finally:
         kc.stop_channels()
 

@@ -13,7 +13,7 @@ import pytest
 
 from provisioners import LocalClusterProvisioner
 from provisioners.ports import ClusterPortCache
-from tests.helpers import execute
+from tests.helpers import execute, interrupt_busy_loop
 
 LOCAL = "cluster-local-provisioner"
 
@@ -39,21 +39,7 @@ async def test_execute_interrupt_restart_shutdown(kernel_manager, jupyter_dirs: 
     mode = stat.S_IMODE(os.stat(km.connection_file).st_mode)
     assert mode == 0o600
 
-    # interrupt stops a busy loop
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=30)
-        msg_id = kc.execute("while True: pass")
-        await asyncio.sleep(1.0)
-        await km.interrupt_kernel()
-        reply = await kc._async_get_shell_msg(timeout=20)
-        while reply["parent_header"].get("msg_id") != msg_id:
-            reply = await kc._async_get_shell_msg(timeout=20)
-        assert reply["content"]["status"] == "error"
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
-    finally:
-        kc.stop_channels()
+    await interrupt_busy_loop(km, settle=1.0)  # interrupt stops a busy loop
 
     pid = km.provisioner.runner.pid
     await km.restart_kernel()

@@ -16,27 +16,9 @@ from provisioners.base import PORT_NAMES
 from provisioners.docker import LABEL_OWNER, LABEL_PORTS, DockerClusterProvisioner
 from provisioners.owner import ServerIdentity
 from provisioners.ports import ClusterPortCache
-from tests.helpers import KERNEL_TEST_IMAGE, execute
+from tests.helpers import KERNEL_TEST_IMAGE, execute, interrupt_busy_loop
 
 pytestmark = pytest.mark.docker
-
-
-async def _interrupt_busy_loop(km: AsyncKernelManager) -> None:
-    """Run ``while True: pass``, interrupt it, expect KeyboardInterrupt."""
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=30)
-        msg_id = kc.execute("while True: pass")
-        await asyncio.sleep(0.5)
-        await km.interrupt_kernel()
-        reply = await kc._async_get_shell_msg(timeout=20)
-        while reply["parent_header"].get("msg_id") != msg_id:
-            reply = await kc._async_get_shell_msg(timeout=20)
-        assert reply["content"]["status"] == "error"
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
-    finally:
-        kc.stop_channels()
 
 
 async def test_execute_notebook_and_inspect(docker_kernels, caplog) -> None:
@@ -97,9 +79,9 @@ async def test_interrupt_restart_shutdown(docker_kernels) -> None:
     make, tracker = docker_kernels
     km = make(interrupt_mode="signal")
     await km.start_kernel()
-    await _interrupt_busy_loop(km)  # SIGINT to the container's PID 1, the kernel
+    await interrupt_busy_loop(km)  # SIGINT to the container's PID 1, the kernel
     km.kernel_spec.interrupt_mode = "message"
-    await _interrupt_busy_loop(km)  # interrupt_request on the control channel
+    await interrupt_busy_loop(km)  # interrupt_request on the control channel
 
     first = km.provisioner.container_id
     ports = {n: km.get_connection_info()[n] for n in PORT_NAMES}
