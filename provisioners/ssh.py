@@ -25,6 +25,7 @@ import posixpath
 import re
 import shlex
 import signal
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import paramiko
@@ -40,9 +41,10 @@ from .tunnels import CommandResult, SSHLink, SSHSettings, format_server
 __all__ = [
     "DEFAULT_REMOTE_RUNTIME_DIR",
     "KERNEL_DIR_PREFIX",
+    "RemoteKernel",
     "RemoteListeningPorts",
     "SSHClusterProvisioner",
-    "sweep_kernelspec_hosts",
+    "list_remote_kernels",
     "sweep_orphans",
 ]
 
@@ -500,6 +502,43 @@ class SSHClusterProvisioner(ClusterProvisioner):
         if not restart:
             await self._release_link()
 
+    # ------------------------------------------------------------------ maintenance
+
+    def _host_config(self) -> dict[str, Any]:
+        return {
+            "port": self.port,
+            "user": self.user,
+            "key_file": self.key_file,
+            "password": self.password,
+            "ssh_known_hosts": self.ssh_known_hosts,
+            "ssh_accept_unknown_host_keys": self.ssh_accept_unknown_host_keys,
+            "ssh_connect_timeout": self.ssh_connect_timeout,
+            "remote_runtime_dir": self.remote_runtime_dir,
+            "command_timeout": self.command_timeout,
+        }
+
+    async def sweep_orphans(self) -> list[str]:
+        """Kill the kernels of dead servers on this host and remove their directories."""
+        removed = await asyncio.to_thread(
+            sweep_orphans, self.host, log=self.log, **self._host_config()
+        )
+        return [f"ssh kernel {self.host}:{kernel_dir}" for kernel_dir in removed]
+
+    async def list_kernels(self) -> list[dict[str, Any]]:
+        """Our kernels on this host, whichever server started them."""
+        found = await asyncio.to_thread(list_remote_kernels, self.host, **self._host_config())
+        return [
+            {
+                "kernel_id": kernel.kernel_id,
+                "target": self.target,
+                "host": self.host,
+                "pid": kernel.pid,
+                "state": "running" if kernel.alive else "exited",
+                "owner": kernel.owner,
+            }
+            for kernel in found
+        ]
+
     def kernel_state(self) -> dict[str, Any]:
         return {
             "host": self.host,
@@ -521,7 +560,106 @@ class SSHClusterProvisioner(ClusterProvisioner):
             await self._get_link()
 
 
-# ---------------------------------------------------------------------- orphan sweep
+# ---------------------------------------------------------------------- sweeps, listings
+
+
+@dataclass(frozen=True)
+class RemoteKernel:
+    """A kernel directory found on a remote host."""
+
+    kernel_dir: str
+    owner: str
+    pid: int | None
+    start: str
+    group: bool
+    alive: bool
+
+    @property
+    def kernel_id(self) -> str:
+        return posixpath.basename(self.kernel_dir).removeprefix(KERNEL_DIR_PREFIX)
+
+
+def _host_link(
+    host: str,
+    port: int,
+    user: str,
+    key_file: str,
+    password: str,
+    ssh_known_hosts: str,
+    ssh_accept_unknown_host_keys: bool,
+    ssh_connect_timeout: float,
+) -> SSHLink:
+    settings = SSHSettings.from_server(
+        format_server(user or getpass.getuser(), host, port),
+        key_file=key_file,
+        password=password,
+        known_hosts=ssh_known_hosts,
+        accept_unknown_host_keys=ssh_accept_unknown_host_keys,
+        connect_timeout=ssh_connect_timeout,
+    )
+    return SSHLink.acquire(settings)
+
+
+def _remote_kernels(link: SSHLink, remote_runtime_dir: str, timeout: float) -> list[RemoteKernel]:
+    """Our kernel directories under ``remote_runtime_dir`` with owner, pid and liveness."""
+    home = link.sh('printf "%s" "$HOME"', timeout=timeout).stdout.strip()
+    runtime = posixpath.normpath(_expand_home(remote_runtime_dir, home))
+    listing = (
+        f"for d in {_q(runtime)}/{KERNEL_DIR_PREFIX}*; do\n"
+        '  [ -d "$d" ] || continue\n'
+        '  o=$(head -n 1 "$d/owner" 2>/dev/null); p=$(head -n 1 "$d/pid" 2>/dev/null)\n'
+        "  a=0; P=${p%% *}\n"
+        '  case "$P" in ""|*[!0-9]*) ;; *) kill -0 "$P" 2>/dev/null && a=1;; esac\n'
+        '  printf \'%s\\t%s\\t%s\\t%s\\n\' "$d" "$o" "$p" "$a"\n'
+        "done\n"
+    )
+    found = []
+    for line in link.sh(listing, timeout=timeout).stdout.splitlines():
+        kernel_dir, owner, pid_line, alive = ([*line.split("\t"), "", "", ""])[:4]
+        if not _is_kernel_dir(kernel_dir):
+            continue
+        fields = pid_line.split()  # "PID START GROUP", as the launch wrote it
+        found.append(
+            RemoteKernel(
+                kernel_dir=kernel_dir,
+                owner=owner,
+                pid=int(fields[0]) if fields and fields[0].isdigit() else None,
+                start=fields[1] if len(fields) > 1 else "-",
+                group=len(fields) < 3 or fields[2] == "1",
+                alive=alive == "1",
+            )
+        )
+    return found
+
+
+def list_remote_kernels(
+    host: str,
+    *,
+    port: int = 22,
+    user: str = "",
+    key_file: str = "",
+    password: str = "",
+    ssh_known_hosts: str = "",
+    ssh_accept_unknown_host_keys: bool = False,
+    ssh_connect_timeout: float = 10.0,
+    remote_runtime_dir: str = DEFAULT_REMOTE_RUNTIME_DIR,
+    command_timeout: float = 30.0,
+) -> list[RemoteKernel]:
+    """Our kernels on ``host`` (every owner's). Blocking: call it in a thread."""
+    link = _host_link(
+        host,
+        port,
+        user,
+        key_file,
+        password,
+        ssh_known_hosts,
+        ssh_accept_unknown_host_keys,
+        ssh_connect_timeout,
+    )
+    try:
+        return _remote_kernels(link, remote_runtime_dir, command_timeout)
+    finally:
+        link.release()
 
 
 def sweep_orphans(
@@ -537,7 +675,7 @@ def sweep_orphans(
     remote_runtime_dir: str = DEFAULT_REMOTE_RUNTIME_DIR,
     command_timeout: float = 30.0,
     dry_run: bool = False,
-    log: logging.Logger | None = None,
+    log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
 ) -> list[str]:
     """Kill the kernels and remove the directories on ``host`` whose owner (a server
     process of this machine) has ended; return the directories removed (or, with
@@ -545,86 +683,31 @@ def sweep_orphans(
     Blocking: call it in a thread from async code.
     """
     log = log or logger
-    settings = SSHSettings(
-        host=host,
-        port=port,
-        user=user or getpass.getuser(),
-        key_file=key_file,
-        password=password,
-        known_hosts=ssh_known_hosts,
-        accept_unknown_host_keys=ssh_accept_unknown_host_keys,
-        connect_timeout=ssh_connect_timeout,
+    link = _host_link(
+        host,
+        port,
+        user,
+        key_file,
+        password,
+        ssh_known_hosts,
+        ssh_accept_unknown_host_keys,
+        ssh_connect_timeout,
     )
-    link = SSHLink.acquire(settings)
     try:
-        home = link.sh('printf "%s" "$HOME"', timeout=command_timeout).stdout.strip()
-        runtime = posixpath.normpath(_expand_home(remote_runtime_dir, home))
-        listing = (
-            f"for d in {_q(runtime)}/{KERNEL_DIR_PREFIX}*; do\n"
-            '  [ -d "$d" ] || continue\n'
-            '  o=$(head -n 1 "$d/owner" 2>/dev/null); p=$(head -n 1 "$d/pid" 2>/dev/null)\n'
-            '  printf \'%s\\t%s\\t%s\\n\' "$d" "$o" "$p"\n'
-            "done\n"
-        )
-        result = link.sh(listing, timeout=command_timeout)
         removed: list[str] = []
-        for line in result.stdout.splitlines():
-            kernel_dir, _, rest = line.partition("\t")
-            owner, _, pid_line = rest.partition("\t")
-            if not owner or not owner_is_gone(owner) or not _is_kernel_dir(kernel_dir):
+        for kernel in _remote_kernels(link, remote_runtime_dir, command_timeout):
+            if not kernel.owner or not owner_is_gone(kernel.owner):
                 continue
-            fields = pid_line.split()  # "PID START GROUP", as the launch wrote it
-            pid = int(fields[0]) if fields and fields[0].isdigit() else None
-            start = fields[1] if len(fields) > 1 else "-"
-            group = len(fields) < 3 or fields[2] == "1"
             if not dry_run:
-                script = _remove_script(pid, start, group, kernel_dir)
+                script = _remove_script(kernel.pid, kernel.start, kernel.group, kernel.kernel_dir)
                 link.sh(script, timeout=command_timeout + 5)
-            log.info("Swept orphaned SSH kernel %s on %s (owner %s)", kernel_dir, host, owner)
-            removed.append(kernel_dir)
+            log.info(
+                "Swept orphaned SSH kernel %s on %s (owner %s)",
+                kernel.kernel_dir,
+                host,
+                kernel.owner,
+            )
+            removed.append(kernel.kernel_dir)
         return removed
     finally:
         link.release()
-
-
-_SWEEP_KEYS = frozenset(
-    {
-        "host",
-        "port",
-        "user",
-        "key_file",
-        "password",
-        "ssh_known_hosts",
-        "ssh_accept_unknown_host_keys",
-        "ssh_connect_timeout",
-        "remote_runtime_dir",
-        "command_timeout",
-    }
-)
-
-
-async def sweep_kernelspec_hosts(log: logging.Logger | None = None) -> list[str]:
-    """Run :func:`sweep_orphans` on every host named by an installed kernelspec that
-    selects this provisioner (for the CLI's cleanup); unreachable hosts are logged."""
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    log = log or logger
-    seen: set[tuple[Any, ...]] = set()
-    removed: list[str] = []
-    specs = KernelSpecManager().get_all_specs()
-    for name, entry in sorted(specs.items()):
-        meta = entry.get("spec", {}).get("metadata", {}).get("kernel_provisioner", {})
-        if meta.get("provisioner_name") != ENTRY_POINT:
-            continue
-        config = {k: v for k, v in (meta.get("config") or {}).items() if k in _SWEEP_KEYS}
-        if not config.get("host"):
-            continue
-        key = tuple(sorted((k, str(v)) for k, v in config.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            removed += await asyncio.to_thread(sweep_orphans, log=log, **config)
-        except (ProvisionerError, *_REMOTE_ERRORS) as exc:
-            log.warning("Sweeping SSH host of kernelspec %r failed: %s", name, exc)
-    return removed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,11 @@ import paramiko
 import pytest
 import zmq
 from jupyter_client.asynchronous import AsyncKernelClient
-from jupyter_client.manager import AsyncKernelManager
 
 from provisioners import tunnels
 from provisioners.ports import ClusterPortCache
 from provisioners.tunnels import ENV_KNOWN_HOSTS, THREAD_PREFIX, SSHLink
-from tests.helpers import skip_or_fail, write_kernelspec
+from tests.helpers import skip_or_fail
 
 try:
     from tests.engines.sshd import LoopbackSSHD, SSHDError
@@ -82,24 +81,6 @@ def ssh_config(sshd: Any, remote_runtime: Path) -> dict[str, Any]:
         "remote_runtime_dir": str(remote_runtime),
         "ssh_connect_timeout": 5.0,
     }
-
-
-@pytest.fixture
-async def make_km(tmp_path: Path) -> AsyncIterator[Callable[..., AsyncKernelManager]]:
-    """Kernel managers for kernelspecs written on the fly; shut down at teardown."""
-    made: list[AsyncKernelManager] = []
-
-    def make(provisioner: str, config: dict[str, Any], **spec: Any) -> AsyncKernelManager:
-        name = spec.pop("name", f"ssh{len(made)}")
-        ksm = write_kernelspec(tmp_path / "kernels", name, provisioner, config, **spec)
-        km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-        made.append(km)
-        return km
-
-    yield make
-    for km in made:
-        if km.has_kernel:
-            await km.shutdown_kernel(now=True)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:

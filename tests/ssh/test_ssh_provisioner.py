@@ -66,9 +66,9 @@ def closed_port() -> int:
 
 
 async def test_execute_interrupt_restart_shutdown(
-    make_km: Any, ssh_config: dict[str, Any], remote_runtime: Path
+    kernel_manager: Any, ssh_config: dict[str, Any], remote_runtime: Path
 ) -> None:
-    km = make_km(SSH_PROVISIONER, ssh_config, interrupt_mode="signal")
+    km = kernel_manager(SSH_PROVISIONER, ssh_config, interrupt_mode="signal")
     await km.start_kernel()
     provisioner = km.provisioner
     assert isinstance(provisioner, SSHClusterProvisioner) and provisioner.runner is provisioner
@@ -124,8 +124,10 @@ async def test_execute_interrupt_restart_shutdown(
     # no port records, tunnel threads or SSH links: checked by the autouse fixture
 
 
-async def test_transport_closed_mid_session(make_km: Any, ssh_config: dict[str, Any]) -> None:
-    km = make_km(SSH_PROVISIONER, ssh_config)
+async def test_transport_closed_mid_session(
+    kernel_manager: Any, ssh_config: dict[str, Any]
+) -> None:
+    km = kernel_manager(SSH_PROVISIONER, ssh_config)
     await km.start_kernel()
     pid = kernel_pid(km)
     kc = km.client()
@@ -147,7 +149,7 @@ async def test_transport_closed_mid_session(make_km: Any, ssh_config: dict[str, 
 
 
 async def test_kernel_values_reach_the_kernel_literally(
-    make_km: Any,
+    kernel_manager: Any,
     ssh_config: dict[str, Any],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -158,7 +160,7 @@ async def test_kernel_values_reach_the_kernel_literally(
         "\\back\\slash\nsecond line $HOME ${PATH} %s {connection_file}"
     )
     monkeypatch.setenv("SERVER_SECRET_TOKEN", "s3cr3t")
-    km = make_km(SSH_PROVISIONER, ssh_config, env={"FROM_SPEC": "spec value"})
+    km = kernel_manager(SSH_PROVISIONER, ssh_config, env={"FROM_SPEC": "spec value"})
     await km.start_kernel(env={"KERNEL_NASTY": nasty, "KERNEL_EMPTY": ""})
     try:
         code = (
@@ -182,17 +184,17 @@ async def test_kernel_values_reach_the_kernel_literally(
 
 
 async def test_unknown_host_key_refused_then_accepted_with_the_switch(
-    make_km: Any, ssh_config: dict[str, Any], tmp_path: Path, remote_runtime: Path
+    kernel_manager: Any, ssh_config: dict[str, Any], tmp_path: Path, remote_runtime: Path
 ) -> None:
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
-    strict = make_km(SSH_PROVISIONER, dict(ssh_config, ssh_known_hosts=str(empty)))
+    strict = kernel_manager(SSH_PROVISIONER, dict(ssh_config, ssh_known_hosts=str(empty)))
     with pytest.raises(HostKeyError, match="not in"):
         await strict.start_kernel()
     assert not strict.has_kernel and strict.provisioner.runner is strict.provisioner  # no fallback
     assert list(remote_runtime.iterdir()) == []
 
-    accepting = make_km(
+    accepting = kernel_manager(
         SSH_PROVISIONER,
         dict(ssh_config, ssh_known_hosts=str(empty), ssh_accept_unknown_host_keys=True),
     )
@@ -205,7 +207,7 @@ async def test_unknown_host_key_refused_then_accepted_with_the_switch(
 
 
 async def test_changed_host_key_refused(
-    make_km: Any, ssh_config: dict[str, Any], sshd: Any, tmp_path: Path, remote_runtime: Path
+    kernel_manager: Any, ssh_config: dict[str, Any], sshd: Any, tmp_path: Path, remote_runtime: Path
 ) -> None:
     key = tmp_path / "other"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -213,18 +215,18 @@ async def test_changed_host_key_refused(
     public = " ".join(key.with_suffix(".pub").read_text().split()[:2])
     changed.write_text(f"[{sshd.host}]:{sshd.port} {public}\n")
     config = dict(ssh_config, ssh_known_hosts=str(changed), ssh_accept_unknown_host_keys=True)
-    km = make_km(SSH_PROVISIONER, config)
+    km = kernel_manager(SSH_PROVISIONER, config)
     with pytest.raises(HostKeyError, match="CHANGED"):
         await km.start_kernel()
     assert not km.has_kernel and list(remote_runtime.iterdir()) == []
 
 
 async def test_auth_failure_is_fast_and_never_falls_back(
-    make_km: Any, ssh_config: dict[str, Any], tmp_path: Path, remote_runtime: Path
+    kernel_manager: Any, ssh_config: dict[str, Any], tmp_path: Path, remote_runtime: Path
 ) -> None:
     wrong = tmp_path / "wrong_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
-    km = make_km(SSH_PROVISIONER, dict(ssh_config, key_file=str(wrong)))
+    km = kernel_manager(SSH_PROVISIONER, dict(ssh_config, key_file=str(wrong)))
     started = time.monotonic()
     with pytest.raises(SSHAuthenticationError, match="authentication") as failed:
         await km.start_kernel()
@@ -235,10 +237,10 @@ async def test_auth_failure_is_fast_and_never_falls_back(
 
 
 async def test_missing_remote_interpreter_is_named(
-    make_km: Any, ssh_config: dict[str, Any], remote_runtime: Path
+    kernel_manager: Any, ssh_config: dict[str, Any], remote_runtime: Path
 ) -> None:
     argv = ["/nonexistent/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    km = make_km(SSH_PROVISIONER, ssh_config, argv=argv)
+    km = kernel_manager(SSH_PROVISIONER, ssh_config, argv=argv)
     started = time.monotonic()
     with pytest.raises(KernelStartError, match="/nonexistent/bin/python3"):
         await km.start_kernel()
@@ -247,13 +249,13 @@ async def test_missing_remote_interpreter_is_named(
 
 
 async def test_a_kernel_dying_at_start_is_reported_with_its_log(
-    make_km: Any,
+    kernel_manager: Any,
     ssh_config: dict[str, Any],
     remote_runtime: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     argv = [sys.executable, "-c", "raise SystemExit('no kernel here')", "{connection_file}"]
-    km = make_km(SSH_PROVISIONER, ssh_config, argv=argv)
+    km = kernel_manager(SSH_PROVISIONER, ssh_config, argv=argv)
     await km.start_kernel()
     with pytest.raises(RuntimeError, match="died"):
         await execute(km, "1", timeout=20)
@@ -263,10 +265,10 @@ async def test_a_kernel_dying_at_start_is_reported_with_its_log(
 
 
 async def test_unreachable_host_falls_back_to_a_local_kernel(
-    make_km: Any, ssh_config: dict[str, Any], caplog: pytest.LogCaptureFixture
+    kernel_manager: Any, ssh_config: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     port = closed_port()
-    km = make_km(SSH_PROVISIONER, dict(ssh_config, port=port))
+    km = kernel_manager(SSH_PROVISIONER, dict(ssh_config, port=port))
     await km.start_kernel()
     try:
         assert km.provisioner.runner.target == "local"
@@ -276,13 +278,13 @@ async def test_unreachable_host_falls_back_to_a_local_kernel(
         await km.shutdown_kernel()
     assert "unreachable" in caplog.text and str(port) in caplog.text
 
-    strict = make_km(SSH_PROVISIONER, dict(ssh_config, port=port, fallback="none"))
+    strict = kernel_manager(SSH_PROVISIONER, dict(ssh_config, port=port, fallback="none"))
     with pytest.raises(EngineUnavailableError, match=str(port)):
         await strict.start_kernel()
 
 
-async def test_provisioner_info_reattaches(make_km: Any, ssh_config: dict[str, Any]) -> None:
-    km = make_km(SSH_PROVISIONER, ssh_config)
+async def test_provisioner_info_reattaches(kernel_manager: Any, ssh_config: dict[str, Any]) -> None:
+    km = kernel_manager(SSH_PROVISIONER, ssh_config)
     await km.start_kernel()
     try:
         assert (await execute(km, "print('first')"))["stdout"] == "first\n"
@@ -306,14 +308,21 @@ async def test_provisioner_info_reattaches(make_km: Any, ssh_config: dict[str, A
 
 
 async def test_sweep_orphans_removes_only_dead_owners(
-    make_km: Any, ssh_config: dict[str, Any], remote_runtime: Path
+    kernel_manager: Any, ssh_config: dict[str, Any], remote_runtime: Path, tmp_path: Path
 ) -> None:
-    """A kernel whose owner (server process) is gone is killed and its files removed;
-    a directory of a live owner is kept."""
-    orphaned = make_km(SSH_PROVISIONER, ssh_config)
+    """A kernel whose owner (server process) is gone is killed and its files removed, by
+    the module function and by ``jupyter-provisioners cleanup``; a live owner's is kept."""
+    orphaned = kernel_manager(SSH_PROVISIONER, ssh_config, name="orphans")
     await orphaned.start_kernel()
     pid = kernel_pid(orphaned)
     orphan = Path(orphaned.provisioner.kernel_dir)
+    maintenance = SSHClusterProvisioner(
+        kernel_id="maintenance", kernel_spec=orphaned.kernel_spec, **ssh_config
+    )
+    (row,) = await maintenance.list_kernels()
+    assert row["kernel_id"] == orphaned.kernel_id and row["pid"] == pid
+    assert row["state"] == "running" and row["owner"] == str(ServerIdentity.current())
+
     dead = subprocess.Popen(["true"])
     dead.wait()
     (orphan / "owner").write_text(f"{socket.gethostname()}.{dead.pid}.0\n")  # it "crashed"
@@ -323,8 +332,19 @@ async def test_sweep_orphans_removes_only_dead_owners(
     try:
         assert await asyncio.to_thread(sweep_orphans, dry_run=True, **ssh_config) == [str(orphan)]
         assert orphan.exists() and pid_alive(pid)
-        assert await asyncio.to_thread(sweep_orphans, **ssh_config) == [str(orphan)]
+        kernel_dir = str(tmp_path / "kernels")
+        cli = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "provisioners", "cleanup", "--kernel-dir", kernel_dir],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert f"ssh kernel 127.0.0.1:{orphan}" in cli.stdout
         assert not pid_alive(pid) and not orphan.exists() and live.exists()
+        assert await asyncio.to_thread(sweep_orphans, **ssh_config) == []
     finally:
         subprocess.run(["rm", "-rf", str(live)], check=True)
     await orphaned.shutdown_kernel(now=True)  # nothing left to remove: no error

@@ -180,6 +180,25 @@ async def test_authentication_failure_is_fast_and_clear(
     assert SSHLink.active() == []
 
 
+async def test_agent_authentication(
+    sshd: Any, server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No key file, no password: the key comes from an SSH agent, without a prompt."""
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        assert await async_wait_until(sock.exists)
+        env = {"SSH_AUTH_SOCK": str(sock), "PATH": "/usr/bin:/bin"}
+        subprocess.run(["ssh-add", "-q", str(sshd.user_key_path)], env=env, check=True, timeout=10)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        async with KernelTunnels(server) as tunnels:
+            ports = await tunnels.open("127.0.0.1", {"shell_port": sshd.port})
+            assert port_is_listening("127.0.0.1", ports["shell_port"])
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+
+
 async def test_unreachable_server_is_an_engine_error(known_hosts: Path) -> None:
     started = time.monotonic()
     tunnels = KernelTunnels(f"root@127.0.0.1:{free_port()}", connect_timeout=3)
@@ -223,10 +242,10 @@ async def test_sshd_restart_mid_session_reconnects(
 
 
 async def test_local_provisioner_routes_through_ssh_server(
-    make_km: Any, sshd: Any, server: str, jupyter_dirs: Path
+    kernel_manager: Any, sshd: Any, server: str, jupyter_dirs: Path
 ) -> None:
     """``ssh_server`` works on any provisioner: here the local one, via the sshd."""
-    km = make_km(
+    km = kernel_manager(
         LOCAL_PROVISIONER,
         {
             "ssh_server": server,
