@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import KERNEL_TEST_IMAGE, skip_or_fail
-from tests.targets import TargetCase, docker_case, kubernetes_case, local_case
+from tests.targets import TargetCase, docker_case, kubernetes_case, local_case, ssh_case
 
-TARGET_NAMES = ["local", "docker", "kubernetes"]
+TARGET_NAMES = ["local", "docker", "ssh", "kubernetes"]
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +29,25 @@ def docker_engine():
     client.close()
 
 
+@pytest.fixture(scope="session")
+def ssh_engine(tmp_path_factory: pytest.TempPathFactory):
+    """A loopback sshd and the "remote" runtime dir, or a skip (a failure under CI)."""
+    from tests.ssh.conftest import start_sshd
+
+    server = start_sshd(tmp_path_factory.mktemp("cross-target-sshd"))
+    remote_runtime = tmp_path_factory.mktemp("remote-runtime")
+    yield server, remote_runtime
+    server.stop()
+
+
 @pytest.fixture(params=TARGET_NAMES)
 def target(request: pytest.FixtureRequest) -> TargetCase:
     if request.param == "local":
         return local_case()
     if request.param == "docker":
         return docker_case(request.getfixturevalue("docker_engine"))
+    if request.param == "ssh":
+        return ssh_case(*request.getfixturevalue("ssh_engine"))
     if request.param == "kubernetes":
         return kubernetes_case(request.getfixturevalue("kube"))
     raise AssertionError(request.param)

@@ -47,12 +47,7 @@ def local_case() -> TargetCase:
         return json.dumps({"cmdline": proc.cmdline(), "environ": proc.environ()})
 
     def leftovers(kernel_id: str) -> list[str]:
-        import psutil
-
-        found = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if any(kernel_id in arg for arg in proc.info["cmdline"] or []):
-                found.append(f"process {proc.info['pid']}")
+        found = _processes_with(kernel_id)
         runtime = Path(jupyter_runtime_dir())
         found += [str(p) for p in runtime.glob(f"*{kernel_id}*")]
         return found
@@ -86,6 +81,51 @@ def docker_case(client: Any) -> TargetCase:
         inspect,
         leftovers,
     )
+
+
+def _processes_with(kernel_id: str) -> list[str]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(kernel_id in arg for arg in proc.info["cmdline"] or []):
+            found.append(f"process {proc.info['pid']}")
+    return found
+
+
+def ssh_case(sshd: Any, remote_runtime: Path) -> TargetCase:
+    """The SSH target on a loopback sshd; the "remote" host is this machine."""
+    import sys
+
+    def inspect(km: AsyncKernelManager) -> str:
+        import psutil
+
+        state = km.provisioner.runner.kernel_state()
+        proc = psutil.Process(state["pid"])
+        launcher = Path(state["kernel_dir"]) / "launch.sh"
+        return json.dumps(
+            {
+                "cmdline": proc.cmdline(),
+                "environ": proc.environ(),
+                "launcher": launcher.read_text() if launcher.exists() else "",
+            }
+        )
+
+    def leftovers(kernel_id: str) -> list[str]:
+        found = _processes_with(kernel_id)
+        found += [str(p) for p in remote_runtime.glob(f"*{kernel_id}*")]
+        return found
+
+    config = {
+        "host": sshd.host,
+        "port": sshd.port,
+        "user": sshd.user,
+        "key_file": str(sshd.user_key_path),
+        "ssh_known_hosts": str(sshd.known_hosts_path),
+        "remote_runtime_dir": str(remote_runtime),
+    }
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    return TargetCase("ssh", "cluster-ssh-provisioner", argv, config, inspect, leftovers)
 
 
 def kubernetes_case(kube: Any) -> TargetCase:

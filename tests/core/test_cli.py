@@ -39,7 +39,7 @@ def test_install_run_list_cleanup(tmp_path: Path) -> None:
         "--prefix",
         str(tmp_path),
         "--set",
-        'port_range="47000-47999"',
+        'port_range="27000-27999"',
         "--set",
         'env={"GREETING": "hi there"}',
     )
@@ -48,7 +48,7 @@ def test_install_run_list_cleanup(tmp_path: Path) -> None:
     spec = json.loads((kernel_dir / "kernel.json").read_text())
     stanza = spec["metadata"]["kernel_provisioner"]
     assert stanza["provisioner_name"] == "cluster-local-provisioner"
-    assert stanza["config"] == {"port_range": "47000-47999", "env": {"GREETING": "hi there"}}
+    assert stanza["config"] == {"port_range": "27000-27999", "env": {"GREETING": "hi there"}}
 
     code_file = tmp_path / "job.py"
     code_file.write_text("import os\nprint(os.environ['GREETING'])\nprint(6 * 7)\n")

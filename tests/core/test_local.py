@@ -24,11 +24,11 @@ def _children() -> set[int]:
 
 async def test_execute_interrupt_restart_shutdown(kernel_manager, jupyter_dirs: Path) -> None:
     before = _children()
-    km = kernel_manager(LOCAL, {"port_range": "46000-46999"}, interrupt_mode="signal")
+    km = kernel_manager(LOCAL, {"port_range": "26000-26999"}, interrupt_mode="signal")
     await km.start_kernel()
     assert isinstance(km.provisioner, LocalClusterProvisioner)
     info = km.get_connection_info()
-    assert all(46000 <= info[p] <= 46999 for p in ("shell_port", "iopub_port", "hb_port"))
+    assert all(26000 <= info[p] <= 26999 for p in ("shell_port", "iopub_port", "hb_port"))
     out = await execute(km, "print(6 * 7)")
     assert out["stdout"] == "42\n"
     # the five ports are recorded as held by this kernel

@@ -23,7 +23,7 @@ def _allocate_many(directory: str, worker: int, rounds: int, out: str, barrier: 
     barrier.wait(60)  # all start together
     held: list[int] = []
     for i in range(rounds):
-        held += cache.allocate(5, f"w{worker}-{i}", port_range="40000-41999")
+        held += cache.allocate(5, f"w{worker}-{i}", port_range="22000-23999")
     Path(out).write_text(json.dumps(held))
     barrier.wait(60)  # all still hold their ports until every worker is done
 
@@ -53,7 +53,7 @@ def test_threads_never_share_a_port(tmp_path: Path) -> None:
     results: list[list[int]] = []
 
     def work(n: int) -> None:
-        results.append(cache.allocate(5, f"t{n}", port_range="42000-42999"))
+        results.append(cache.allocate(5, f"t{n}", port_range="24000-24999"))
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(40)]
     for t in threads:
@@ -66,12 +66,12 @@ def test_threads_never_share_a_port(tmp_path: Path) -> None:
 
 def test_release_returns_ports(tmp_path: Path) -> None:
     cache = ClusterPortCache(FilePortStore(tmp_path))
-    ports = cache.allocate(5, "a", port_range="43000-43004")
-    assert sorted(ports) == list(range(43000, 43005))
-    with pytest.raises(PortsExhaustedError, match="43000-43004"):
-        cache.allocate(1, "b", port_range="43000-43004")
+    ports = cache.allocate(5, "a", port_range="25000-25004")
+    assert sorted(ports) == list(range(25000, 25005))
+    with pytest.raises(PortsExhaustedError, match="25000-25004"):
+        cache.allocate(1, "b", port_range="25000-25004")
     assert sorted(cache.release("a")) == sorted(ports)
-    assert sorted(cache.allocate(5, "b", port_range="43000-43004")) == sorted(ports)
+    assert sorted(cache.allocate(5, "b", port_range="25000-25004")) == sorted(ports)
 
 
 def test_ports_of_a_sigkilled_holder_come_back(tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def test_ports_of_a_sigkilled_holder_come_back(tmp_path: Path) -> None:
         "import sys,time\n"
         "from provisioners.ports import ClusterPortCache, FilePortStore\n"
         f"c = ClusterPortCache(FilePortStore({str(tmp_path)!r}))\n"
-        "print(c.allocate(5, 'victim', port_range='44000-44004'), flush=True)\n"
+        "print(c.allocate(5, 'victim', port_range='25010-25014'), flush=True)\n"
         "time.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -89,10 +89,10 @@ def test_ports_of_a_sigkilled_holder_come_back(tmp_path: Path) -> None:
         assert len(json.loads(line)) == 5
         cache = ClusterPortCache(FilePortStore(tmp_path))
         with pytest.raises(PortsExhaustedError):
-            cache.allocate(1, "other", port_range="44000-44004")
+            cache.allocate(1, "other", port_range="25010-25014")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        assert len(cache.allocate(5, "other", port_range="44000-44004")) == 5
+        assert len(cache.allocate(5, "other", port_range="25010-25014")) == 5
     finally:
         proc.kill()
         proc.wait()
@@ -103,19 +103,19 @@ def test_ports_of_a_sigkilled_holder_come_back(tmp_path: Path) -> None:
 def test_engine_sources_and_bound_ports_are_skipped(tmp_path: Path) -> None:
     class Held(PortSource):
         def ports_in_use(self, host: str) -> set[int]:
-            return {45000, 45001} if host == "node-a" else set()
+            return {25020, 25021} if host == "node-a" else set()
 
     cache = ClusterPortCache(FilePortStore(tmp_path))
-    got = cache.allocate(3, "k", host="node-a", port_range="45000-45004", sources=[Held()])
-    assert set(got) == {45002, 45003, 45004}
+    got = cache.allocate(3, "k", host="node-a", port_range="25020-25024", sources=[Held()])
+    assert set(got) == {25022, 25023, 25024}
     # on localhost a port some process is bound to is never handed out
     import socket
 
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 45100))
+        sock.bind(("127.0.0.1", 25100))
         sock.listen()
-        got = cache.allocate(1, "k2", port_range="45100-45101")
-        assert got == [45101]
+        got = cache.allocate(1, "k2", port_range="25100-25101")
+        assert got == [25101]
 
 
 @pytest.mark.parametrize("text", ["", "40000", "a-b", "50000-40000", "80-90", "1000-70000"])

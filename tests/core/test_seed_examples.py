@@ -19,20 +19,26 @@ from pathlib import Path
 import psutil
 import pytest
 
-from provisioners import write_connection_file
+from provisioners import KernelManager, write_connection_file
 from provisioners.ports import FilePortStore
 
 EXAMPLES = Path(__file__).parent / "seed_examples"
 
 
-def run_example(name: str, tmp_path: Path, runtime: Path, replace: dict[str, str] | None = None):
+def run_example(
+    name: str,
+    tmp_path: Path,
+    runtime: Path,
+    replace: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+):
     source = (EXAMPLES / name).read_text()
     for old, new in (replace or {}).items():
         assert old in source
         source = source.replace(old, new)
     script = tmp_path / name
     script.write_text(source)
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime), TMPDIR=str(tmp_path))
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime), TMPDIR=str(tmp_path), **(env or {}))
     return subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
@@ -113,21 +119,31 @@ def test_launch_kernel(tmp_path: Path, jupyter_dirs: Path) -> None:
 
 
 @pytest.mark.ssh
-def test_tunnel_to_kernel(tmp_path: Path, jupyter_dirs: Path, loopback_sshd, local_kernel) -> None:
-    """The seed's tunnel example, against a loopback sshd and a kernel behind it."""
-    conn_file = jupyter_dirs / "kernel-remote.json"
-    conn_file.write_text(json.dumps(local_kernel.connection_info_json))
-    result = run_example(
-        "ex4_tunnel_to_kernel.py",
-        tmp_path,
-        jupyter_dirs,
-        {
-            "user@remote-server.com": f"{loopback_sshd.user}@127.0.0.1:{loopback_sshd.port}",
-            "/path/to/private_key": str(loopback_sshd.user_key_path),
-        },
-    )
-    assert result.returncode == 0, result.stderr
-    ports = json.loads(
-        result.stdout.split("Local tunnel ports: ")[1].replace("(", "[").replace(")", "]")
-    )
-    assert len(ports) == 5
+def test_tunnel_to_kernel(tmp_path: Path, jupyter_dirs: Path) -> None:
+    """The seed's tunnel example, against a loopback sshd, with a local kernel behind it
+    standing in for the remote one (the sshd's host is this machine)."""
+    from tests.ssh.conftest import start_sshd
+
+    sshd = start_sshd(tmp_path / "sshd")
+    km = KernelManager()
+    km.start_kernel()
+    try:
+        info = km.get_connection_info()
+        info["key"] = info["key"].decode()
+        (jupyter_dirs / "kernel-remote.json").write_text(json.dumps(info))
+        result = run_example(
+            "ex4_tunnel_to_kernel.py",
+            tmp_path,
+            jupyter_dirs,
+            {
+                "user@remote-server.com": f"{sshd.user}@127.0.0.1:{sshd.port}",
+                "/path/to/private_key": str(sshd.user_key_path),
+            },
+            env={"CLUSTER_PROVISIONERS_SSH_KNOWN_HOSTS": str(sshd.known_hosts_path)},
+        )
+        assert result.returncode == 0, result.stderr
+        ports = result.stdout.split("Local tunnel ports: ")[1].strip(" ()\n").split(",")
+        assert len(ports) == 5 and all(int(p) > 0 for p in ports)
+    finally:
+        km.shutdown_kernel(now=True)
+        sshd.stop()

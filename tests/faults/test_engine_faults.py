@@ -80,3 +80,33 @@ async def test_pod_deleted_behind_our_back_then_restart(kernel_manager, kube) ->
     finally:
         await km.shutdown_kernel(now=True)
         await client.close()
+
+
+@pytest.mark.ssh
+async def test_ssh_connection_dropped_under_a_running_kernel(kernel_manager, ssh_engine) -> None:
+    """sshd's side of the connection dies; the next request re-tunnels, same kernel."""
+    from tests.targets import ssh_case
+
+    case = ssh_case(*ssh_engine)
+    sshd, _ = ssh_engine
+    km = kernel_manager(case.provisioner, **case.spec())
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        assert (await kc.execute_interactive("x = 41", timeout=30))["content"]["status"] == "ok"
+        pid = km.provisioner.runner.kernel_state()["pid"]
+        sessions = psutil.Process(sshd.proc.pid).children()
+        assert sessions, "no SSH session to drop"
+        for session in sessions:  # the per-connection sshd processes: the link drops
+            session.kill()
+        count("faults injected", "ssh")
+        await asyncio.sleep(0.5)
+        reply = await kc.execute_interactive("assert x == 41; print('same kernel')", timeout=60)
+        assert reply["content"]["status"] == "ok"
+        assert km.provisioner.runner.kernel_state()["pid"] == pid
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel()
+    assert case.leftovers(km.kernel_id) == []

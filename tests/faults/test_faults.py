@@ -115,7 +115,7 @@ async def test_twenty_concurrent_starts_across_two_servers(tmp_path: Path) -> No
     """Two server processes on one host start ten local kernels each at once."""
     kernel_dir = tmp_path / "kernels"
     write_kernelspec(
-        kernel_dir, "burst", "cluster-local-provisioner", {"port_range": "48000-48199"}
+        kernel_dir, "burst", "cluster-local-provisioner", {"port_range": "28000-28199"}
     )
     servers = [ServerProcess(kernel_dir, "burst", 10) for _ in range(2)]
     try:
