@@ -1,0 +1,65 @@
+"""Docker on "another host": the daemon reached as DOCKER_HOST=ssh://…, the kernel's
+channels tunnelled through the same SSH server. The other host is this machine behind a
+loopback sshd; docker-py checks its host key against ~/.ssh/known_hosts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, execute
+
+pytestmark = [pytest.mark.ssh, pytest.mark.docker]
+
+
+async def test_docker_daemon_over_ssh_with_tunnelled_channels(
+    kernel_manager: Any, sshd: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("docker") is None:
+        pytest.skip("the docker CLI (for 'docker system dial-stdio' over ssh) is missing")
+    docker = pytest.importorskip("docker")
+    try:
+        docker.from_env(timeout=5).images.get(KERNEL_TEST_IMAGE)
+    except Exception as exc:
+        from tests.helpers import skip_or_fail
+
+        skip_or_fail("docker", f"no local Docker engine with {KERNEL_TEST_IMAGE}: {exc}")
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    shutil.copy(sshd.known_hosts_path, home / ".ssh" / "known_hosts")
+    (home / ".ssh" / "config").write_text(f"Host 127.0.0.1\n  IdentityFile {sshd.user_key_path}\n")
+    monkeypatch.setenv("HOME", str(home))
+
+    server = f"{sshd.user}@127.0.0.1:{sshd.port}"
+    km = kernel_manager(
+        "cluster-docker-provisioner",
+        {
+            "image": KERNEL_TEST_IMAGE,
+            "docker_host": f"ssh://{server}",
+            "ssh_server": server,
+            "ssh_key": str(sshd.user_key_path),
+            "ssh_known_hosts": str(sshd.known_hosts_path),
+            "fallback": "none",
+        },
+        argv=CONTAINER_ARGV,
+    )
+    await km.start_kernel()
+    try:
+        state = km.provisioner.runner.kernel_state()
+        assert state["docker_host"].startswith("ssh://")
+        client_side = km.get_connection_info()
+        assert client_side["ip"] == "127.0.0.1"
+        # the client talks to local tunnel ports, not to the ports published on the host
+        published = {km.provisioner._kernel_info[p] for p in ("shell_port", "iopub_port")}
+        assert not published & {client_side["shell_port"], client_side["iopub_port"]}
+        out = await execute(km, "import socket; print(socket.gethostname())")
+        assert out["stdout"].strip() == state["container_id"][:12]
+    finally:
+        await km.shutdown_kernel()
+    left = docker.from_env().containers.list(
+        all=True, filters={"label": f"cluster-provisioners.kernel-id={km.kernel_id}"}
+    )
+    assert left == []
