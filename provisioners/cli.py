@@ -161,6 +161,18 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print every config key of a target with its default and help."""
+    cls = load_target(args.target)
+    traits = cls.class_traits(config=True)
+    for name in sorted(traits):
+        trait = traits[name]
+        default = trait.default_value_repr()
+        print(f"{name} (default {default})")
+        print(f"    {' '.join((trait.help or '').split())}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jupyter-provisioners",
@@ -207,6 +219,10 @@ def make_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.add_argument("--kernel-dir", action="append", help="kernelspec dir to read (repeatable)")
     ls.set_defaults(func=cmd_list)
+
+    config = sub.add_parser("config", help="list a target's config keys with their help")
+    config.add_argument("target", choices=sorted(TARGETS))
+    config.set_defaults(func=cmd_config)
 
     clean = sub.add_parser(
         "cleanup",

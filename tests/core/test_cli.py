@@ -23,7 +23,8 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
 
 
 @pytest.mark.parametrize(
-    "args", [[], ["kernelspec"], ["kernelspec", "install"], ["run"], ["list"], ["cleanup"]]
+    "args",
+    [[], ["kernelspec"], ["kernelspec", "install"], ["run"], ["list"], ["cleanup"], ["config"]],
 )
 def test_help_everywhere(args: list[str]) -> None:
     result = cli(*args, "--help")
@@ -83,3 +84,15 @@ def test_unknown_kernel_is_a_clear_error(tmp_path: Path) -> None:
     result = cli("run", "--kernel-dir", str(tmp_path), "--kernel", "nope", "-c", "1")
     assert result.returncode == 2
     assert "no kernelspec named 'nope'" in result.stderr
+
+
+@pytest.mark.parametrize("target", ["local", "docker", "ssh", "kubernetes"])
+def test_config_lists_every_key_with_help(target: str) -> None:
+    from provisioners.targets import load_target
+
+    result = cli("config", target)
+    assert result.returncode == 0, result.stderr
+    traits = load_target(target).class_traits(config=True)
+    for name, trait in traits.items():
+        assert f"{name} (default" in result.stdout
+        assert len((trait.help or "").split()) >= 3, f"{target}: '{name}' has no help text"
