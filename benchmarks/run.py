@@ -10,21 +10,25 @@ are printed beside the ratios; a missed goal is reported, not fatal.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
+import sys
 
 BENCHMARKS = ("local", "docker", "ssh", "kubernetes")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], default=list(BENCHMARKS))
+    parser.add_argument("names", nargs="*", help=f"any of {', '.join(BENCHMARKS)} (default: all)")
     args = parser.parse_args()
+    unknown = set(args.names) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     for name in args.names or BENCHMARKS:
         module = importlib.import_module(f"benchmarks.bench_{name}")
         print(f"== {name}")
+        sys.argv = [str(module.__file__)]  # each benchmark parses its own (empty) arguments
         try:
-            asyncio.run(module.run())
+            module.main()
         except Exception as exc:  # one unavailable engine must not hide the others
             print(f"{name}: not measured: {type(exc).__name__}: {exc}")
 
