@@ -33,6 +33,9 @@ class TargetCase:
     #: Names of what the engine still holds for a kernel id: processes, containers, pods
     #: (may be a coroutine function).
     leftovers: Callable[[str], Any] = lambda kernel_id: []
+    #: Names the engine gave the kernel's objects (container, pod, Secret, remote dir);
+    #: each must stay in a safe alphabet whatever the user sent (may be a coroutine).
+    names: Callable[[AsyncKernelManager], Any] = lambda km: []
 
     def spec(self, **extra_config: Any) -> dict[str, Any]:
         """Keyword arguments for the ``kernel_manager`` fixture."""
@@ -73,6 +76,9 @@ def docker_case(client: Any) -> TargetCase:
         )
         return [f"container {c.name}" for c in found]
 
+    def names(km: AsyncKernelManager) -> list[str]:
+        return [km.provisioner.runner.kernel_state()["container_name"]]
+
     return TargetCase(
         "docker",
         "cluster-docker-provisioner",
@@ -80,6 +86,7 @@ def docker_case(client: Any) -> TargetCase:
         {"image": KERNEL_TEST_IMAGE},
         inspect,
         leftovers,
+        names,
     )
 
 
@@ -125,7 +132,11 @@ def ssh_case(sshd: Any, remote_runtime: Path) -> TargetCase:
         "remote_runtime_dir": str(remote_runtime),
     }
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    return TargetCase("ssh", "cluster-ssh-provisioner", argv, config, inspect, leftovers)
+
+    def names(km: AsyncKernelManager) -> list[str]:
+        return [Path(km.provisioner.runner.kernel_state()["kernel_dir"]).name]
+
+    return TargetCase("ssh", "cluster-ssh-provisioner", argv, config, inspect, leftovers, names)
 
 
 def kubernetes_case(kube: Any) -> TargetCase:
@@ -162,6 +173,24 @@ def kubernetes_case(kube: Any) -> TargetCase:
         finally:
             await client.close()
 
+    async def names(km: AsyncKernelManager) -> list[str]:
+        """Every pod and Secret name in the namespace (a YAML document smuggled in a
+        value would show up here as an extra object), and our pod's label values."""
+        client = await KubeClient.connect(kube.kubeconfig)
+        try:
+            found = []
+            for kind in ("pods", "secrets"):
+                items = await client.request("GET", f"/api/v1/namespaces/{kube.namespace}/{kind}")
+                found += [item["metadata"]["name"] for item in items.get("items") or []]
+            state = km.provisioner.runner.kernel_state()
+            pod = await client.request(
+                "GET", f"/api/v1/namespaces/{kube.namespace}/pods/{state['pod']}"
+            )
+            found += [v for v in (pod["metadata"].get("labels") or {}).values() if v]
+            return found
+        finally:
+            await client.close()
+
     return TargetCase(
         "kubernetes",
         "cluster-kubernetes-provisioner",
@@ -169,6 +198,7 @@ def kubernetes_case(kube: Any) -> TargetCase:
         kube.config(),
         inspect,
         leftovers,
+        names,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import uuid
 from pathlib import Path
@@ -38,6 +39,8 @@ HOSTILE_VALUES = {
     "unicode": "héllo wörld ✓ 日本語 \u202e",
     "long": "A" * 10_000,
 }
+#: DNS-1123-style names and label values: what every engine object name must stay within.
+SAFE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
 HOSTILE_KERNEL_IDS = [
     "../../etc/passwd",
     "a b",
@@ -113,6 +116,8 @@ async def test_hostile_values_reach_the_kernel_as_literal_data(
     kernel_manager, target: TargetCase
 ) -> None:
     env = {f"KERNEL_HOSTILE_{name.upper()}": value for name, value in HOSTILE_VALUES.items()}
+    # user names reach labels, annotations and paths on some engines
+    env["KERNEL_USERNAME"] = HOSTILE_VALUES["yaml_document"] + HOSTILE_VALUES["semicolon"] * 20
     config_env = {f"CONFIG_HOSTILE_{name.upper()}": v for name, v in HOSTILE_VALUES.items()}
     km = kernel_manager(
         target.provisioner, **target.spec(env=config_env), name=f"hostile-{target.name}"
@@ -123,8 +128,12 @@ async def test_hostile_values_reach_the_kernel_as_literal_data(
             "import os, json; print(json.dumps({k: v for k, v in os.environ.items() "
             "if 'HOSTILE' in k}))"
         )
+        code = code.replace("'HOSTILE' in k", "'HOSTILE' in k or k == 'KERNEL_USERNAME'")
         seen = json.loads((await execute(km, code))["stdout"])
         assert seen == {**env, **config_env}
+        for name in await resolve(target.names(km)):
+            assert SAFE_NAME.fullmatch(name), f"unsafe {target.name} object name {name!r}"
+            assert "injected-pod" not in name
         count("hostile inputs tried", target.name, len(env) + len(config_env))
     finally:
         await km.shutdown_kernel()
