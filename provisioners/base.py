@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import uuid
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode
@@ -385,7 +385,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def get_provisioner_info(self) -> dict[str, Any]:
         """JSON-safe, versioned state (the HMAC key as text) for reconnecting later."""
         info = await super().get_provisioner_info()
-        connection = dict(self.connection_info)
+        connection: dict[str, Any] = dict(self.connection_info)
         if isinstance(connection.get("key"), bytes):
             connection["key"] = connection["key"].decode()
         info.update(
@@ -424,7 +424,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self._runner.has_kernel():
             self.connection_info = await self._connect()
         else:
-            self.connection_info = connection
+            self.connection_info = cast(KernelConnectionInfo, connection)
 
     # ------------------------------------------------------------------ internals
 
@@ -498,7 +498,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info = dict(self._kernel_info)
         info.update(ports)
         info["ip"] = ip
-        return info
+        return cast(KernelConnectionInfo, info)
 
     async def _teardown(self, restart: bool) -> None:
         """Remove engine resources; on a full stop, close tunnels and return ports too.

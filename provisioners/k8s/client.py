@@ -263,7 +263,7 @@ class KubeClient:
         cfg = self.api.configuration
         if cfg.username and "authorization" not in headers:
             headers["authorization"] = cfg.get_basic_auth_token()
-        url = cfg.host.rstrip("/") + path
+        url = (cfg.host or "").rstrip("/") + path
         query = list(query)
         if query:
             url += "?" + urlencode(query)

@@ -485,7 +485,12 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
                 elif pod is None and seen:
                     msg = f"kernel pod {self.namespace}/{name} was deleted while starting"
                     raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
-                await reflector.wait_for(lambda p=pod: reflector.get(name) is not p, timeout=2.0)
+                before = pod
+
+                def changed(before: dict[str, Any] | None = before) -> bool:
+                    return reflector.get(name) is not before
+
+                await reflector.wait_for(changed, timeout=2.0)
         except asyncio.CancelledError:
             self.log.warning(
                 "Kernel %s: pod %s not running in time (%s)", self.kernel_id, name, last or "?"
