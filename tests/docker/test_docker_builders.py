@@ -11,11 +11,11 @@ import pytest
 
 from provisioners.docker import (
     DockerClusterProvisioner,
-    _lookup_id,
     connection_archive,
     parse_gpus,
     parse_ports_label,
 )
+from provisioners.docker.engine import lookup_id
 from provisioners.owner import ServerIdentity
 
 PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "hb_port": 4, "control_port": 5}
@@ -102,8 +102,8 @@ def test_parse_gpus(text: str, expected: list[dict]) -> None:
 def test_small_parsers() -> None:
     assert parse_ports_label("20001,20002, x,") == {20001, 20002}
     passwd = b"root:x:0:0:root:/root:/bin/bash\njovyan:x:1000:100::/home/jovyan:/bin/bash\n"
-    assert _lookup_id(passwd, "jovyan") == (1000, 100)
-    assert _lookup_id(passwd, "nobody") is None
+    assert lookup_id(passwd, "jovyan") == (1000, 100)
+    assert lookup_id(passwd, "nobody") is None
 
 
 @pytest.mark.parametrize(

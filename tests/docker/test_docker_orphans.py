@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from provisioners import docker as docker_target
 from provisioners.docker import LABEL_MANAGED_BY, LABEL_OWNER, MANAGED_BY, sweep_orphans
+from provisioners.docker import engine as docker_engine
 from provisioners.owner import ServerIdentity
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, execute, write_kernelspec
 
@@ -57,10 +57,10 @@ async def test_sigkilled_server_leaves_containers_that_the_sweep_removes(
     labels = {
         LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_OWNER: _dead_owner(),
-        docker_target.LABEL_KERNEL_ID: stale_id,
+        docker_engine.LABEL_KERNEL_ID: stale_id,
     }
     stale = client.containers.create(KERNEL_TEST_IMAGE, ["true"], labels=labels)
-    monkeypatch.setattr(docker_target, "_SWEPT", set())
+    monkeypatch.setattr(docker_engine, "_SWEPT", set())
     live = make({"sweep_on_start": True})
     await live.start_kernel()
     for _ in range(50):

@@ -14,9 +14,9 @@ import pytest
 import zmq
 from jupyter_client.asynchronous import AsyncKernelClient
 
-from provisioners import tunnels
+from provisioners import sshlink
 from provisioners.ports import ClusterPortCache
-from provisioners.tunnels import ENV_KNOWN_HOSTS, THREAD_PREFIX, SSHLink
+from provisioners.sshlink import ENV_KNOWN_HOSTS, THREAD_PREFIX, SSHLink
 from tests.helpers import skip_or_fail
 
 try:
@@ -50,7 +50,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture
 def known_hosts(sshd: Any, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The sshd's known_hosts, also set as the module-level default of provisioners.tunnels."""
+    """The sshd's known_hosts, also set as the module-level default of provisioners.sshlink."""
     monkeypatch.setenv(ENV_KNOWN_HOSTS, str(sshd.known_hosts_path))
     return Path(sshd.known_hosts_path)
 
@@ -132,8 +132,8 @@ def nothing_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     yield
-    with tunnels._ACCEPTED_LOCK:
-        tunnels._ACCEPTED_KEYS.clear()
+    with sshlink._ACCEPTED_LOCK:
+        sshlink._ACCEPTED_KEYS.clear()
     assert wait_until(lambda: not tunnel_threads()), tunnel_threads()
     assert SSHLink.active() == []
     assert ClusterPortCache.instance().held() in ({}, {"localhost": {}})

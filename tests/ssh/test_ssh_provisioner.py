@@ -25,7 +25,8 @@ from provisioners.exceptions import (
 from provisioners.owner import ServerIdentity
 from provisioners.ports import ClusterPortCache, port_is_listening
 from provisioners.ssh import SSHClusterProvisioner, sweep_orphans
-from provisioners.tunnels import KERNEL_PORT_NAMES, SSHLink
+from provisioners.sshlink import SSHLink
+from provisioners.tunnels import KERNEL_PORT_NAMES
 from tests.helpers import execute
 from tests.ssh.conftest import SSH_PROVISIONER, async_wait_until, execute_info, pid_alive
 

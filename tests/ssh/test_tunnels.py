@@ -19,13 +19,8 @@ from jupyter_client.manager import AsyncKernelManager
 from provisioners import EngineUnavailableError, forward_tunnel, ssh_tunnel, tunnel_to_kernel
 from provisioners.exceptions import HostKeyError, SSHAuthenticationError, SSHUnreachableError
 from provisioners.ports import port_is_listening
-from provisioners.tunnels import (
-    ENV_ACCEPT_UNKNOWN,
-    KERNEL_PORT_NAMES,
-    KernelTunnels,
-    SSHLink,
-    SSHSettings,
-)
+from provisioners.sshlink import ENV_ACCEPT_UNKNOWN, SSHLink, SSHSettings
+from provisioners.tunnels import KERNEL_PORT_NAMES, KernelTunnels
 from tests.ssh.conftest import LOCAL_PROVISIONER, async_wait_until, execute_info, start_sshd
 
 pytestmark = pytest.mark.ssh

@@ -1,11 +1,12 @@
-"""The Docker target: each kernel runs in a container of any image with a stock kernel.
+"""The Docker target's provisioner: each kernel in a container of any image with a stock kernel.
 
 The kernelspec's argv (or ``command``) runs as the container's command; its connection
 file is copied into the created container with ``put_archive`` before it starts, so
 nothing on the server's filesystem is needed and a remote daemon works too. The five
 kernel ports are published on ``publish_ip`` (host ports from the cluster-aware cache,
 cross-checked against the ports our containers on that daemon hold), or, with
-``connect_via_container_ip``, reached on the container's own IP.
+``connect_via_container_ip``, reached on the container's own IP. Daemon access outside
+the lifecycle lives in :mod:`.engine`.
 """
 
 from __future__ import annotations
@@ -13,187 +14,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import ipaddress
-import logging
 import os
 import posixpath
 import re
 import secrets
 import signal
-import tarfile
-import threading
 import time
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import docker
-import requests
-from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
 from traitlets import Bool, CaselessStrEnum, Dict, Float, List, Unicode, default
 
-from .base import PORT_NAMES, ClusterProvisioner
-from .connect import connection_file_content
-from .exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
-from .owner import owner_is_gone
-from .ports import LOCAL_HOST, PortSource, zmq_listens
-
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGED_BY = "cluster-provisioners"
-LABEL_KERNEL_ID = "cluster-provisioners.kernel-id"
-LABEL_OWNER = "cluster-provisioners.owner"
-LABEL_PORTS = "cluster-provisioners.ports"
-LABEL_KERNELSPEC = "cluster-provisioners.kernelspec"
-_OUR_LABELS = (LABEL_MANAGED_BY, LABEL_KERNEL_ID, LABEL_OWNER, LABEL_PORTS, LABEL_KERNELSPEC)
-
-#: ``extra_create_args`` keys we set ourselves; the traits are the way to change them.
-_MANAGED_CREATE_KEYS = frozenset(
-    {"image", "command", "environment", "labels", "ports", "detach", "name", "version"}
+from ..base import PORT_NAMES, ClusterProvisioner
+from ..connect import connection_file_content
+from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
+from ..ports import LOCAL_HOST, PortSource, zmq_listens
+from .engine import (
+    CREATE_KEYS,
+    ENGINE_ERRORS,
+    GPUS_SPEC,
+    LABEL_KERNEL_ID,
+    LABEL_MANAGED_BY,
+    LABEL_OWNER,
+    MANAGED_BY,
+    MANAGED_CREATE_KEYS,
+    OUR_LABELS,
+    UNSAFE_NAME,
+    DockerPortSource,
+    connect_docker,
+    connection_archive,
+    create_args,
+    kernel_labels,
+    lookup_id,
+    ping,
+    read_file,
+    signal_number,
+    sweep_once,
+    sweep_orphans,
 )
-_CREATE_KEYS = (
-    frozenset(RUN_CREATE_KWARGS)
-    | frozenset(RUN_HOST_CONFIG_KWARGS)
-    | {"volumes", "network", "networking_config"}
-) - _MANAGED_CREATE_KEYS
-_GPUS = re.compile(r"^(all|\d+|device=[\w.,-]+)$")
-_UNSAFE_NAME = re.compile(r"[^a-zA-Z0-9_.-]")
-#: Daemons (by port host key) already swept for orphans by this process.
-_SWEPT: set[str] = set()
-_SWEPT_LOCK = threading.Lock()
+
 _PROBE_INTERVAL = 0.05
-
-_ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
-
-
-def connect_docker(
-    docker_host: str = "", *, timeout: float = 30.0, connect_timeout: float = 3.0
-) -> docker.DockerClient:
-    """A client of ``docker_host`` (default: DOCKER_HOST, else the local socket).
-
-    Reaching the daemon (the API version check) may take ``connect_timeout`` seconds,
-    every later call ``timeout``. Raises :class:`EngineUnavailableError`.
-    """
-    environment = dict(os.environ)
-    if docker_host:
-        environment["DOCKER_HOST"] = docker_host
-    try:
-        client = docker.from_env(environment=environment, timeout=connect_timeout, max_pool_size=32)
-    except _ENGINE_ERRORS as exc:
-        where = docker_host or environment.get("DOCKER_HOST") or "the local socket"
-        msg = f"Docker daemon at {where} is unreachable: {exc}"
-        raise EngineUnavailableError(msg, target="docker") from exc
-    client.api.timeout = timeout
-    return client
-
-
-def sweep_orphans(client: docker.DockerClient, log: logging.Logger | None = None) -> list[str]:
-    """Remove our kernel containers whose owning server process is gone.
-
-    Only owners on this machine can be checked; a live server's containers (and those
-    of servers on other machines) are never touched. Returns the removed container ids.
-    """
-    log = log or logging.getLogger(__name__)
-    removed: list[str] = []
-    found = client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"})
-    for item in found:
-        owner = (item.get("Labels") or {}).get(LABEL_OWNER, "")
-        if not owner or not owner_is_gone(owner):
-            continue
-        try:
-            client.api.remove_container(item["Id"], v=True, force=True)
-        except docker.errors.NotFound:
-            continue
-        except _ENGINE_ERRORS as exc:
-            log.warning("Could not remove orphaned kernel container %s: %s", item["Id"][:12], exc)
-            continue
-        log.info(
-            "Removed orphaned kernel container %s (kernel %s, owner %s gone)",
-            item["Id"][:12],
-            (item.get("Labels") or {}).get(LABEL_KERNEL_ID, "?"),
-            owner,
-        )
-        removed.append(item["Id"])
-    return removed
-
-
-def _sweep_quietly(docker_host: str, timeout: float, log: logging.Logger) -> None:
-    """Run :func:`sweep_orphans` on a client of its own; log instead of raising."""
-    try:
-        client = connect_docker(docker_host, timeout=timeout, connect_timeout=timeout)
-        try:
-            sweep_orphans(client, log)
-        finally:
-            client.close()
-    except (*_ENGINE_ERRORS, EngineUnavailableError) as exc:
-        log.warning("Sweeping orphaned kernel containers failed: %s", exc)
-
-
-def parse_ports_label(text: str) -> set[int]:
-    """The ports in a ``cluster-provisioners.ports`` label (``"p1,p2,..."``)."""
-    return {int(p) for p in text.split(",") if p.strip().isdigit()}
-
-
-class DockerPortSource(PortSource):
-    """Ports held on a daemon: those labelled on our containers and all published ones."""
-
-    def __init__(self, client: docker.DockerClient) -> None:
-        self.client = client
-
-    def ports_in_use(self, host: str) -> set[int]:
-        try:
-            items = self.client.api.containers(all=True)
-        except _ENGINE_ERRORS as exc:
-            msg = f"cannot list the containers of Docker host {host!r}: {exc}"
-            raise KernelStartError(msg, target="docker") from exc
-        held: set[int] = set()
-        for item in items:
-            labels = item.get("Labels") or {}
-            if labels.get(LABEL_MANAGED_BY) == MANAGED_BY:
-                held |= parse_ports_label(labels.get(LABEL_PORTS, ""))
-            held |= {int(p["PublicPort"]) for p in item.get("Ports") or [] if p.get("PublicPort")}
-        return held
-
-
-def parse_gpus(text: str) -> list[docker.types.DeviceRequest]:
-    """Device requests for ``gpus`` ('' | 'all' | 'N' | 'device=0,1'), as ``docker --gpus``."""
-    if not text:
-        return []
-    if text == "all":
-        return [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
-    if text.isdigit():
-        return [docker.types.DeviceRequest(count=int(text), capabilities=[["gpu"]])]
-    ids = text.removeprefix("device=").split(",")
-    return [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
-
-
-def connection_archive(dirname: str, content: bytes, uid: int, gid: int) -> bytes:
-    """A tar of ``dirname/`` (0700) holding ``connection.json`` (0600), owned by uid:gid.
-
-    The file is writable by its owner on purpose: ipykernel rewrites its connection file
-    at start and exits on a read-only one.
-    """
-    now = time.time()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        folder = tarfile.TarInfo(dirname)
-        folder.type, folder.mode = tarfile.DIRTYPE, 0o700
-        entry = tarfile.TarInfo(f"{dirname}/connection.json")
-        entry.size, entry.mode = len(content), 0o600
-        for info in (folder, entry):
-            info.uid, info.gid, info.mtime = uid, gid, now
-        tar.addfile(folder)
-        tar.addfile(entry, io.BytesIO(content))
-    return buf.getvalue()
-
-
-def _lookup_id(table: bytes, name: str) -> tuple[int, int] | None:
-    """(id, primary gid) of ``name`` in an /etc/passwd or /etc/group text."""
-    for line in table.decode(errors="replace").splitlines():
-        fields = line.split(":")
-        if len(fields) >= 3 and fields[0] == name and fields[2].isdigit():
-            gid = fields[3] if len(fields) > 3 and fields[3].isdigit() else fields[2]
-            return int(fields[2]), int(gid)
-    return None
 
 
 class DockerClusterProvisioner(ClusterProvisioner):
@@ -330,17 +192,17 @@ class DockerClusterProvisioner(ClusterProvisioner):
                 docker.utils.parse_bytes(self.memory_limit)
             except docker.errors.DockerException as exc:
                 raise self.config_error("memory_limit", str(exc)) from exc
-        if self.gpus and not _GPUS.match(self.gpus):
+        if self.gpus and not GPUS_SPEC.match(self.gpus):
             raise self.config_error("gpus", f"{self.gpus!r}: use 'all', N or 'device=ID,...'")
-        reserved = sorted(k for k in self.labels if k in _OUR_LABELS)
+        reserved = sorted(k for k in self.labels if k in OUR_LABELS)
         if reserved:
             raise self.config_error("labels", f"{reserved} are set by the provisioner")
         for key in sorted(self.extra_create_args):
-            if key in _MANAGED_CREATE_KEYS:
+            if key in MANAGED_CREATE_KEYS:
                 raise self.config_error(
                     "extra_create_args", f"{key!r} is set by the provisioner (see its options)"
                 )
-            if key not in _CREATE_KEYS:
+            if key not in CREATE_KEYS:
                 raise self.config_error(
                     "extra_create_args", f"{key!r} is not an argument of containers.create"
                 )
@@ -372,17 +234,12 @@ class DockerClusterProvisioner(ClusterProvisioner):
     async def check_engine(self) -> None:
         client = await self._docker()
         try:
-            await asyncio.to_thread(self._ping, client)
+            await asyncio.to_thread(ping, client, self.connect_timeout)
             self._daemon_key = await asyncio.to_thread(self._host_key, client)
-        except _ENGINE_ERRORS as exc:
+        except ENGINE_ERRORS as exc:
             self._close_client()
             msg = f"Docker daemon {self.docker_host or '(local)'} is unreachable: {exc}"
             raise EngineUnavailableError(msg, target=self.target) from exc
-
-    def _ping(self, client: docker.DockerClient) -> None:
-        api = client.api
-        response = api.get(f"{api.base_url}/_ping", timeout=self.connect_timeout)
-        response.raise_for_status()
 
     def _is_local_daemon(self) -> bool:
         url = urlparse(self.docker_host or "unix://")
@@ -410,7 +267,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
         return "0.0.0.0"
 
     def kernel_connection_file(self) -> str:
-        return f"/tmp/jupyter-kernel-{_UNSAFE_NAME.sub('-', self.kernel_id)}/connection.json"
+        return f"/tmp/jupyter-kernel-{UNSAFE_NAME.sub('-', self.kernel_id)}/connection.json"
 
     async def kernel_address(self) -> tuple[str, dict[str, int]]:
         ports = {name: self._kernel_info[name] for name in PORT_NAMES}
@@ -427,39 +284,24 @@ class DockerClusterProvisioner(ClusterProvisioner):
     def create_args(self, cmd: list[str], env: dict[str, str], name: str) -> dict[str, Any]:
         """Keyword arguments of ``containers.create`` for this kernel (no I/O)."""
         ports = [self._kernel_info[n] for n in PORT_NAMES]
-        labels = dict(self.labels)
-        labels.update(
-            {
-                LABEL_MANAGED_BY: MANAGED_BY,
-                LABEL_KERNEL_ID: self.kernel_id,
-                LABEL_OWNER: str(self.owner),
-                LABEL_PORTS: ",".join(map(str, ports)),
-                LABEL_KERNELSPEC: self.spec_name,
-            }
+        labels = kernel_labels(self.labels, self.kernel_id, str(self.owner), ports, self.spec_name)
+        return create_args(
+            self.image,
+            cmd,
+            name,
+            env,
+            labels,
+            publish=None if self.connect_via_container_ip else (self.publish_ip, ports),
+            network=self.network,
+            volumes=self.volumes,
+            mounts=self.mounts,
+            working_dir=self.working_dir,
+            user=self.user,
+            cpu_limit=self.cpu_limit,
+            memory_limit=self.memory_limit,
+            gpus=self.gpus,
+            extra=self.extra_create_args,
         )
-        args: dict[str, Any] = {
-            "image": self.image,
-            "command": list(cmd),
-            "name": name,
-            "environment": dict(env),
-            "labels": labels,
-            "detach": True,
-        }
-        if not self.connect_via_container_ip:
-            args["ports"] = {f"{p}/tcp": (self.publish_ip, p) for p in ports}
-        optional = {
-            "network": self.network,
-            "volumes": list(self.volumes),
-            "mounts": [dict(m) for m in self.mounts],
-            "working_dir": self.working_dir,
-            "user": self.user,
-            "nano_cpus": int(self.cpu_limit * 1e9),
-            "mem_limit": self.memory_limit,
-            "device_requests": parse_gpus(self.gpus),
-        }
-        args.update({k: v for k, v in optional.items() if v})
-        args.update(self.extra_create_args)
-        return args
 
     async def start_kernel(
         self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
@@ -471,13 +313,13 @@ class DockerClusterProvisioner(ClusterProvisioner):
         self._maybe_sweep()
         if self.pull_policy == "always":
             await self._pull(client)
-        name = f"{self.name_prefix}{_UNSAFE_NAME.sub('-', self.kernel_id)}-{secrets.token_hex(2)}"
+        name = f"{self.name_prefix}{UNSAFE_NAME.sub('-', self.kernel_id)}-{secrets.token_hex(2)}"
         args = self.create_args(cmd, env, name)
         container = await self._create(client, args)
         self.container_id, self.container_name = container.id, name
         self._pending_create = None
         self._started = True
-        self._stop_signal = _signal_number(container.attrs.get("Config", {}).get("StopSignal"))
+        self._stop_signal = signal_number(container.attrs.get("Config", {}).get("StopSignal"))
         uid, gid = await self._owner_ids(container)
         conn_file = self.kernel_connection_file()
         folder = posixpath.dirname(conn_file)
@@ -486,7 +328,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
         try:
             await asyncio.to_thread(container.put_archive, posixpath.dirname(folder), archive)
             await asyncio.to_thread(container.start)
-        except _ENGINE_ERRORS as exc:
+        except ENGINE_ERRORS as exc:
             msg = f"container {name} from image {self.image!r} failed to start: {exc}"
             raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
         self.log.info(
@@ -518,7 +360,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
                         msg, target=self.target, kernel_id=self.kernel_id
                     ) from exc
                 await self._pull(client)
-            except _ENGINE_ERRORS as exc:
+            except ENGINE_ERRORS as exc:
                 msg = f"cannot create a container from image {self.image!r}: {exc}"
                 raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
         raise AssertionError("unreachable")
@@ -528,7 +370,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
         self.log.info("Kernel %s: pulling image %s", self.kernel_id, self.image)
         try:
             await asyncio.to_thread(client.images.pull, repository, tag=tag or "latest")
-        except _ENGINE_ERRORS as exc:
+        except ENGINE_ERRORS as exc:
             msg = f"cannot pull image {self.image!r} (pull_policy={self.pull_policy!r}): {exc}"
             raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
 
@@ -542,13 +384,13 @@ class DockerClusterProvisioner(ClusterProvisioner):
         if name.isdigit():
             uid, gid = int(name), 0
         else:
-            found = _lookup_id(await self._read_file(container, "/etc/passwd"), name)
+            found = lookup_id(await asyncio.to_thread(read_file, container, "/etc/passwd"), name)
             if found is not None:
                 uid, gid = found
         if group.isdigit():
             gid = int(group)
         elif group:
-            found = _lookup_id(await self._read_file(container, "/etc/group"), group)
+            found = lookup_id(await asyncio.to_thread(read_file, container, "/etc/group"), group)
             gid = found[0] if found else gid
         if uid is None:
             self.log.warning(
@@ -558,18 +400,6 @@ class DockerClusterProvisioner(ClusterProvisioner):
             )
             uid = 1000
         return uid, 1000 if gid is None else gid
-
-    async def _read_file(self, container: Any, path: str) -> bytes:
-        def read() -> bytes:
-            stream, _ = container.get_archive(path)
-            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-                member = tar.extractfile(posixpath.basename(path))
-                return member.read() if member is not None else b""
-
-        try:
-            return await asyncio.to_thread(read)
-        except (*_ENGINE_ERRORS, tarfile.TarError, KeyError):
-            return b""
 
     async def _watch_start(self, client: docker.DockerClient) -> None:
         """Wait until the kernel's heartbeat port speaks ZMTP; fail if the container exits.
@@ -586,7 +416,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
                 if probe and self.connect_via_container_ip and not self.container_ip:
                     self.container_ip = await self._container_ip(client)
                 state = await self._state(client) if check_state else {}
-            except _ENGINE_ERRORS as exc:
+            except ENGINE_ERRORS as exc:
                 msg = f"container {self.container_name} vanished while starting: {exc}"
                 raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
             if check_state:
@@ -617,7 +447,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
         try:
             raw = await asyncio.to_thread(client.api.logs, self.container_id, tail=20)
             logs = raw.decode(errors="replace").strip()
-        except _ENGINE_ERRORS as exc:
+        except ENGINE_ERRORS as exc:
             logs = f"(logs unavailable: {exc})"
         msg = (
             f"container {self.container_name} from image {self.image!r} exited with code "
@@ -627,18 +457,8 @@ class DockerClusterProvisioner(ClusterProvisioner):
         raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
 
     def _maybe_sweep(self) -> None:
-        if not self.sweep_on_start:
-            return
-        with _SWEPT_LOCK:
-            if self.port_host() in _SWEPT:
-                return
-            _SWEPT.add(self.port_host())
-        threading.Thread(
-            target=_sweep_quietly,
-            args=(self.docker_host, self.api_timeout, self.log),
-            name="docker-orphan-sweep",
-            daemon=True,
-        ).start()
+        if self.sweep_on_start:
+            sweep_once(self.port_host(), self.docker_host, self.api_timeout, self.log)
 
     async def sweep_orphans(self) -> list[str]:
         """Remove our containers on this daemon whose server process is gone."""
@@ -674,7 +494,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
             state = await self._state(self._client)
         except docker.errors.NotFound:
             return -1
-        except _ENGINE_ERRORS as exc:
+        except ENGINE_ERRORS as exc:
             self.log.debug("Kernel %s: polling the container failed: %s", self.kernel_id, exc)
             return None
         if state.get("Status") in ("created", "running", "paused", "restarting"):
@@ -694,7 +514,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
                 return
             msg = f"cannot send {name} to container {self.container_name}: {exc}"
             raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
-        except _ENGINE_ERRORS as exc:
+        except ENGINE_ERRORS as exc:
             msg = f"cannot send {name} to container {self.container_name}: {exc}"
             raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
 
@@ -724,7 +544,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
                 )
             except docker.errors.NotFound:
                 return
-            except _ENGINE_ERRORS as exc:
+            except ENGINE_ERRORS as exc:
                 if attempt:
                     self.log.warning(
                         "Kernel %s: could not remove container %s: %s",
@@ -768,20 +588,9 @@ class DockerClusterProvisioner(ClusterProvisioner):
             self.log.warning("Kernel %s: container %s is gone", self.kernel_id, self.container_name)
             self.container_id = ""
             return
-        except _ENGINE_ERRORS as exc:
+        except ENGINE_ERRORS as exc:
             msg = f"cannot inspect container {self.container_name}: {exc}"
             raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
         self._started = True
         if self.connect_via_container_ip and current.get("Running"):
             self.container_ip = await self._container_ip(client)
-
-
-def _signal_number(name: str | None) -> signal.Signals:
-    """The signal named ``name`` ('SIGQUIT', 'QUIT' or '3'); SIGTERM when unknown."""
-    text = (name or "").upper()
-    try:
-        if text.isdigit():
-            return signal.Signals(int(text))
-        return signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
-    except (KeyError, ValueError):
-        return signal.SIGTERM

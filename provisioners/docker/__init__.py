@@ -1,0 +1,35 @@
+"""The Docker target: kernels in containers, reached on published ports or the container IP."""
+
+from __future__ import annotations
+
+from .engine import (
+    LABEL_KERNEL_ID,
+    LABEL_KERNELSPEC,
+    LABEL_MANAGED_BY,
+    LABEL_OWNER,
+    LABEL_PORTS,
+    MANAGED_BY,
+    DockerPortSource,
+    connect_docker,
+    connection_archive,
+    parse_gpus,
+    parse_ports_label,
+    sweep_orphans,
+)
+from .provisioner import DockerClusterProvisioner
+
+__all__ = [
+    "LABEL_KERNELSPEC",
+    "LABEL_KERNEL_ID",
+    "LABEL_MANAGED_BY",
+    "LABEL_OWNER",
+    "LABEL_PORTS",
+    "MANAGED_BY",
+    "DockerClusterProvisioner",
+    "DockerPortSource",
+    "connect_docker",
+    "connection_archive",
+    "parse_gpus",
+    "parse_ports_label",
+    "sweep_orphans",
+]
