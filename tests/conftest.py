@@ -11,6 +11,9 @@ from jupyter_client.manager import AsyncKernelManager
 
 from tests.helpers import write_kernelspec
 
+#: Engine fixtures (docker_client, ssh_engine, target) shared by every suite.
+pytest_plugins = ["tests.engine_fixtures"]
+
 
 @pytest.fixture(autouse=True)
 def jupyter_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -3,8 +3,13 @@ test once per engine."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import docker
 import pytest
 
+from provisioners.docker import connect_docker
+from provisioners.exceptions import EngineUnavailableError
 from tests.helpers import KERNEL_TEST_IMAGE, skip_or_fail
 from tests.targets import TargetCase, docker_case, kubernetes_case, local_case, ssh_case
 
@@ -12,19 +17,20 @@ TARGET_NAMES = ["local", "docker", "ssh", "kubernetes"]
 
 
 @pytest.fixture(scope="session")
-def docker_engine():
-    """A Docker client with the kernel test image, or a skip (a failure under CI)."""
-    import docker
-
+def docker_client() -> Iterator[docker.DockerClient]:
+    """A client of the local daemon; skips (fails under CI) without daemon or test image."""
     try:
-        client = docker.from_env(timeout=10)
+        client = connect_docker(timeout=30, connect_timeout=3)
         client.ping()
-    except Exception as exc:
-        skip_or_fail("docker", f"no Docker engine ({exc}); run: bash .ci/lib/docker.sh")
+    except EngineUnavailableError as exc:
+        skip_or_fail("docker", f"no Docker daemon answers ({exc}); run .ci/lib/docker.sh")
     try:
         client.images.get(KERNEL_TEST_IMAGE)
-    except Exception:
-        skip_or_fail("docker", f"image {KERNEL_TEST_IMAGE} missing; run images/build-test-image.sh")
+    except docker.errors.ImageNotFound:
+        client.close()
+        skip_or_fail(
+            "docker", f"image {KERNEL_TEST_IMAGE} is missing; run images/build-test-image.sh"
+        )
     yield client
     client.close()
 
@@ -45,7 +51,7 @@ def target(request: pytest.FixtureRequest) -> TargetCase:
     if request.param == "local":
         return local_case()
     if request.param == "docker":
-        return docker_case(request.getfixturevalue("docker_engine"))
+        return docker_case(request.getfixturevalue("docker_client"))
     if request.param == "ssh":
         return ssh_case(*request.getfixturevalue("ssh_engine"))
     if request.param == "kubernetes":

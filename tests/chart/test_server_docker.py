@@ -28,7 +28,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 from websockets.asyncio.client import connect
 
 from tests.chart import test_chart as chart
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, skip_or_fail
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE
 
 pytestmark = [pytest.mark.docker, pytest.mark.helm]
 
@@ -113,24 +112,6 @@ def _render(
     assert proc.returncode == 0, f"helm template failed:\n{proc.stderr}"
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     return _Rendered(chart.deep_merge(chart.default_values(), override), docs)
-
-
-@pytest.fixture(scope="module")
-def docker_client() -> Iterator[docker.DockerClient]:
-    try:
-        client = docker.from_env(timeout=30)
-        client.ping()
-    except docker.errors.DockerException as exc:
-        skip_or_fail("docker", f"no Docker daemon answers ({exc}); run .ci/lib/docker.sh")
-    try:
-        client.images.get(KERNEL_TEST_IMAGE)
-    except docker.errors.ImageNotFound:
-        client.close()
-        skip_or_fail(
-            "docker", f"image {KERNEL_TEST_IMAGE} is missing; run images/build-test-image.sh"
-        )
-    yield client
-    client.close()
 
 
 def _containers(client: docker.DockerClient, label: str, value: str) -> list[Any]:

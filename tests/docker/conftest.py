@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import docker
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from provisioners.docker import LABEL_KERNEL_ID, connect_docker
-from provisioners.exceptions import EngineUnavailableError
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, skip_or_fail
+from provisioners.docker import LABEL_KERNEL_ID
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE
 
 DOCKER = "cluster-docker-provisioner"
-
-
-@pytest.fixture(scope="session")
-def docker_client() -> Iterator[docker.DockerClient]:
-    """A client of the local daemon; skips (fails under CI) without daemon or test image."""
-    try:
-        client = connect_docker(timeout=30, connect_timeout=3)
-        client.ping()
-    except EngineUnavailableError as exc:
-        skip_or_fail("docker", f"no Docker daemon answers ({exc}); run .ci/lib/docker.sh")
-    try:
-        client.images.get(KERNEL_TEST_IMAGE)
-    except docker.errors.ImageNotFound:
-        client.close()
-        skip_or_fail(
-            "docker", f"image {KERNEL_TEST_IMAGE} is missing; run images/build-test-image.sh"
-        )
-    yield client
-    client.close()
 
 
 class KernelTracker:

@@ -29,7 +29,7 @@ def restart_dockerd() -> None:
 
 @pytest.mark.docker
 @pytest.mark.disruptive
-async def test_dockerd_restart_under_a_running_kernel(kernel_manager, docker_engine) -> None:
+async def test_dockerd_restart_under_a_running_kernel(kernel_manager, docker_client) -> None:
     km = kernel_manager(
         "cluster-docker-provisioner", {"image": KERNEL_TEST_IMAGE}, argv=CONTAINER_ARGV
     )
@@ -45,7 +45,7 @@ async def test_dockerd_restart_under_a_running_kernel(kernel_manager, docker_eng
         await asyncio.sleep(0.5)
     assert not await km.is_alive(), "the provisioner did not notice the kernel died"
     await km.shutdown_kernel(now=True)
-    left = docker_engine.containers.list(
+    left = docker_client.containers.list(
         all=True, filters={"label": f"cluster-provisioners.kernel-id={kernel_id}"}
     )
     count("orphans found after sweep", "docker", len(left))

@@ -1,4 +1,4 @@
-"""The cross-target fixtures (see tests/engine_fixtures.py)."""
+"""The cross-target fixtures: ``target`` comes from tests/engine_fixtures.py (a plugin
+of tests/conftest.py); the Kubernetes ones from the Kubernetes suite."""
 
-from tests.engine_fixtures import docker_engine, ssh_engine, target  # noqa: F401 - fixtures
 from tests.kubernetes.conftest import kube, kube_double  # noqa: F401 - fixtures
