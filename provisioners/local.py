@@ -14,6 +14,7 @@ from traitlets import Bool
 
 from .base import ClusterProvisioner
 from .connect import launch_kernel, write_connection_file
+from .ports import ClusterPortCache, process_start_time
 
 #: Keyword arguments of a start request that reach the process launcher.
 _LAUNCH_KWARGS = ("stdin", "stdout", "stderr", "cwd", "independent")
@@ -86,6 +87,13 @@ class LocalClusterProvisioner(ClusterProvisioner):
         except OSError:
             self.pgid = None
         self._started = True
+        if self.needs_ports():  # so a dead server's kernel can be reclaimed with its ports
+            await asyncio.to_thread(
+                ClusterPortCache.instance().annotate,
+                self.allocation_owner,
+                kernel_pid=self.pid,
+                kernel_start=process_start_time(self.pid),
+            )
         self.log.debug("Kernel %s: local process %s started", self.kernel_id, self.pid)
 
     async def poll_kernel(self) -> int | None:

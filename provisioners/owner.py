@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .ports import _process_alive, _process_start_time
+from .ports import process_alive, process_start_time
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class ServerIdentity:
     @classmethod
     @lru_cache(maxsize=1)
     def _for_pid(cls, pid: int) -> ServerIdentity:
-        return cls(socket.gethostname(), pid, _process_start_time(pid) or "0")
+        return cls(socket.gethostname(), pid, process_start_time(pid) or "0")
 
     @classmethod
     def current(cls) -> ServerIdentity:
@@ -50,7 +50,7 @@ class ServerIdentity:
         """
         if self.hostname != socket.gethostname():
             return False
-        return not _process_alive(self.pid, "" if self.start == "0" else self.start)
+        return not process_alive(self.pid, "" if self.start == "0" else self.start)
 
 
 def owner_is_gone(text: str) -> bool:

@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -94,7 +95,7 @@ class LocalBindProbe:
         return True
 
 
-def _process_start_time(pid: int) -> str:
+def process_start_time(pid: int) -> str:
     """The kernel's start tick of ``pid`` (guards against pid reuse), or '' if unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -103,14 +104,24 @@ def _process_start_time(pid: int) -> str:
     return stat.rsplit(")", 1)[-1].split()[19]
 
 
-def _process_alive(pid: int, start: str) -> bool:
+def process_alive(pid: int, start: str) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return not start or _process_start_time(pid) in ("", start)
+    return not start or process_start_time(pid) in ("", start)
+
+
+def _kill_process_group(pid: int, start: str) -> None:
+    """SIGKILL the process group led by ``pid`` if that very process still runs."""
+    if not process_alive(pid, start):
+        return
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
 
 
 class PortStore(ABC):
@@ -135,6 +146,10 @@ class PortStore(ABC):
     @abstractmethod
     def held(self, host: str | None = None) -> dict[str, dict[int, dict[str, Any]]]:
         """Return live records: ``{host: {port: record}}``."""
+
+    @abstractmethod
+    def annotate(self, owner: str, **fields: Any) -> None:
+        """Add JSON-safe ``fields`` to every record of ``owner`` (e.g. the kernel's pid)."""
 
 
 class FilePortStore(PortStore):
@@ -179,24 +194,32 @@ class FilePortStore(PortStore):
         os.replace(tmp, self.path)
 
     def _reclaim_dead(self, data: dict[str, dict[str, dict[str, Any]]]) -> None:
-        """Drop records of dead processes, and the connection files of their kernels.
+        """Drop records of dead processes, with what their local kernels left behind.
 
         A kernel's records are owned by ``kernel-<id>``; its connection file in the
-        runtime dir, ``kernel-<id>.json``, is removed with them once its server is gone.
+        runtime dir, ``kernel-<id>.json``, is removed with them once its server is gone,
+        and a local kernel process recorded with them (``kernel_pid``, ``kernel_start``)
+        that outlived its server is killed: ipykernel can hang while exiting after its
+        parent died.
         """
         alive: dict[tuple[int, str], bool] = {}
         dead_owners: set[str] = set()
+        orphaned_kernels: set[tuple[int, str]] = set()
         for ports in data.values():
             for port, record in list(ports.items()):
                 key = (int(record.get("pid", 0)), str(record.get("start", "")))
                 if key not in alive:
-                    alive[key] = key[0] > 0 and _process_alive(*key)
+                    alive[key] = key[0] > 0 and process_alive(*key)
                 if not alive[key]:
                     dead_owners.add(str(record.get("owner", "")))
+                    if record.get("kernel_pid"):
+                        orphaned_kernels.add((int(record["kernel_pid"]), record["kernel_start"]))
                     del ports[port]
         for owner in dead_owners:
             if owner.startswith("kernel-") and "/" not in owner:
                 (self.directory / f"{owner}.json").unlink(missing_ok=True)
+        for pid, start in orphaned_kernels:
+            _kill_process_group(pid, start)
 
     def allocate(
         self,
@@ -208,7 +231,7 @@ class FilePortStore(PortStore):
         is_free: Callable[[int], bool] | None = None,
     ) -> list[int]:
         pid = os.getpid()
-        record = {"owner": owner, "pid": pid, "start": _process_start_time(pid), "t": time.time()}
+        record = {"owner": owner, "pid": pid, "start": process_start_time(pid), "t": time.time()}
         with self._locked() as data:
             recorded = data.setdefault(host, {})
             candidates = [p for p in port_range if str(p) not in recorded and p not in taken]
@@ -239,6 +262,13 @@ class FilePortStore(PortStore):
                         del recorded[port]
                         freed.append(int(port))
         return freed
+
+    def annotate(self, owner: str, **fields: Any) -> None:
+        with self._locked() as data:
+            for ports in data.values():
+                for record in ports.values():
+                    if record.get("owner") == owner:
+                        record.update(fields)
 
     def held(self, host: str | None = None) -> dict[str, dict[int, dict[str, Any]]]:
         with self._locked() as data:
@@ -298,6 +328,11 @@ class ClusterPortCache:
         """Return ``owner``'s ports (or only ``ports``) to the pool."""
         with self._lock:
             return self.store.release(owner, ports)
+
+    def annotate(self, owner: str, **fields: Any) -> None:
+        """Record ``fields`` with ``owner``'s ports (a local kernel's pid, for reclaiming)."""
+        with self._lock:
+            self.store.annotate(owner, **fields)
 
     def held(self, host: str | None = None) -> dict[str, dict[int, dict[str, Any]]]:
         """Live records per host (dead holders already reclaimed)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +124,48 @@ def test_engine_sources_and_bound_ports_are_skipped(tmp_path: Path) -> None:
 def test_bad_port_ranges_are_named(text: str) -> None:
     with pytest.raises(ProvisionerConfigError, match="port_range"):
         PortRange.parse(text)
+
+
+def test_a_local_kernel_outliving_its_killed_server_is_reclaimed(tmp_path: Path) -> None:
+    """A server records its kernel's pid with the ports; once the server is SIGKILLed,
+    the next look at the store kills that kernel if it is still running (hung)."""
+    code = (
+        "import subprocess, sys, time\n"
+        "from provisioners.ports import ClusterPortCache, FilePortStore, process_start_time\n"
+        f"c = ClusterPortCache(FilePortStore({str(tmp_path)!r}))\n"
+        "c.allocate(5, 'kernel-hung', port_range='25200-25204')\n"
+        "kernel = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+        "c.annotate('kernel-hung', kernel_pid=kernel.pid,"
+        " kernel_start=process_start_time(kernel.pid))\n"
+        "print(kernel.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    kernel_pid = int(server.stdout.readline())
+    try:
+        cache = ClusterPortCache(FilePortStore(tmp_path))
+        assert cache.held()["localhost"]  # server alive: records and kernel kept
+        os.kill(kernel_pid, 0)
+        server.kill()
+        server.wait(10)
+        assert cache.held() == {}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if not os.path.exists(f"/proc/{kernel_pid}") or _zombie(kernel_pid):
+                break
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{kernel_pid}") or _zombie(kernel_pid)
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(kernel_pid, signal.SIGKILL)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -22,7 +22,7 @@ from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeClient
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner, sweep_orphans
 from provisioners.owner import ServerIdentity
-from provisioners.ports import _process_start_time
+from provisioners.ports import process_start_time
 from tests.helpers import execute, skip_or_fail
 from tests.kubernetes.conftest import PROVISIONER, Kube, leftovers
 
@@ -211,7 +211,7 @@ async def test_two_concurrent_kernels_share_one_api_client(
 
 def _dead_identity() -> ServerIdentity:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = _process_start_time(proc.pid)
+    start = process_start_time(proc.pid)
     proc.wait()
     return ServerIdentity(socket.gethostname(), proc.pid, start or "1")
 
