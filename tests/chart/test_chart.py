@@ -16,6 +16,7 @@ Nothing here imports the ``provisioners`` package.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import os
@@ -878,45 +879,72 @@ def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def test_jupyter_server_starts_with_rendered_config(render, tmp_path: Path) -> None:
-    """Run `jupyter server` (this Python's jupyter_server) with the chart's config file,
-    kernelspec files and token file, laid out as in the pod but under tmp_path."""
-    rendered = render("ingress")  # non-trivial base_url
-    mounts = {m["name"]: m["mountPath"] for m in rendered.server_container["volumeMounts"]}
-    env = {e["name"]: e["value"] for e in rendered.server_container["env"] if "value" in e}
-    secret = rendered.one("Secret")
-    token = base64.b64decode(secret["data"]["token"]).decode()
-    data = rendered.one("ConfigMap", FULLNAME)["data"]
+def lay_out_pod(rendered: Rendered, root: Path) -> dict[str, str]:
+    """Write the server container's ConfigMap and Secret volumes under ``root`` as they are
+    mounted in the pod; return its literal environment with absolute paths under ``root``."""
 
     def local(path: str) -> Path:
-        return tmp_path / "root" / path.lstrip("/")
+        return root / path.lstrip("/")
 
-    config = data["jupyter_server_config.py"].replace(
-        'root_dir = "/tmp"', f"root_dir = {str(tmp_path)!r}"
-    )
-    local(mounts["config"]).mkdir(parents=True)
-    (local(mounts["config"]) / "jupyter_server_config.py").write_text(config)
-    for key, text in data.items():
-        if key.startswith("kernelspec."):
-            spec_dir = local(mounts["kernelspecs"]) / key[len("kernelspec.") : -len(".json")]
-            spec_dir.mkdir(parents=True)
-            (spec_dir / "kernel.json").write_text(text)
-    token_file = local(env["JUPYTER_TOKEN_FILE"])
-    token_file.parent.mkdir(parents=True)
-    token_file.write_text(token)
+    container = rendered.server_container
+    volumes = {v["name"]: v for v in rendered.server_pod["spec"]["volumes"]}
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "configMap" in volume:
+            source = volume["configMap"]
+            data = rendered.one("ConfigMap", source["name"])["data"]
+            files = {i["path"]: data[i["key"]].encode() for i in source["items"]}
+        elif "secret" in volume:
+            source = volume["secret"]
+            data = rendered.one("Secret", source["secretName"])["data"]
+            files = {i["path"]: base64.b64decode(data[i["key"]]) for i in source["items"]}
+        else:  # emptyDir
+            files = {}
+        local(mount["mountPath"]).mkdir(parents=True, exist_ok=True)
+        for relative, content in files.items():
+            target = local(mount["mountPath"]) / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+    env = {}
+    for item in container["env"]:
+        if "value" in item:
+            value = item["value"]
+            env[item["name"]] = str(local(value)) if value.startswith("/") else value
+    return env
 
-    port = _free_port()
+
+class ChartServer:
+    """A real ``jupyter server`` run with the chart's config, as the pod runs it."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], base: str, env: dict[str, str], log_path: Path
+    ) -> None:
+        self.proc = proc
+        self.base = base
+        self.env = env
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def chart_server(rendered: Rendered, tmp_path: Path) -> Iterator[ChartServer]:
+    """Lay the pod's files out under ``tmp_path``, start the server on a loopback port,
+    wait until it answers, and terminate it on exit (if the test has not stopped it)."""
+    root = tmp_path / "root"
+    pod_env = lay_out_pod(rendered, root)
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
+    run_env.update(pod_env)
+    home = Path(pod_env.get("HOME", str(root / "tmp")))
     run_env.update(
-        JUPYTER_CONFIG_PATH=str(local(env["JUPYTER_CONFIG_PATH"])),
-        JUPYTER_PATH=str(local(env["JUPYTER_PATH"])),
-        JUPYTER_TOKEN_FILE=str(token_file),
-        JUPYTER_CONFIG_DIR=str(tmp_path / "home" / ".jupyter"),
-        JUPYTER_DATA_DIR=str(tmp_path / "home" / "data"),
-        JUPYTER_RUNTIME_DIR=str(tmp_path / "home" / "runtime"),
-        HOME=str(tmp_path / "home"),
+        JUPYTER_CONFIG_DIR=str(home / ".jupyter"),
+        JUPYTER_DATA_DIR=str(home / ".local/share/jupyter"),
+        JUPYTER_RUNTIME_DIR=pod_env.get("JUPYTER_RUNTIME_DIR", str(home / "runtime")),
     )
-    # Loopback only for the test: the command line overrides ip and port of the config.
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}{_load_config(rendered).ServerApp.base_url}"
+    # Loopback only, and a root dir under tmp_path: the command line overrides the config.
     argv = [
         sys.executable,
         "-m",
@@ -924,26 +952,45 @@ def test_jupyter_server_starts_with_rendered_config(render, tmp_path: Path) -> N
         "--ServerApp.ip=127.0.0.1",
         f"--ServerApp.port={port}",
         "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={root / 'tmp'}",
     ]
     if os.geteuid() == 0:  # the pod runs as uid 1000; this machine may not
         argv.append("--allow-root")
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(argv, env=run_env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/kernels/"
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, env=run_env, stdout=log, stderr=subprocess.STDOUT)
+    server = ChartServer(proc, base, pod_env, log_path)
     try:
         deadline = time.monotonic() + 60
         while True:
-            assert proc.poll() is None, "server exited:\n" + (tmp_path / "server.log").read_text()
+            assert proc.poll() is None, "server exited:\n" + server.log()
             try:
-                status, _ = _get(base + "api")
-                if status == 200:
+                if _get(base + "api")[0] == 200:
                     break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, (
-                "server did not answer:\n" + (tmp_path / "server.log").read_text()
-            )
+            assert time.monotonic() < deadline, "server did not answer:\n" + server.log()
             time.sleep(0.3)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_jupyter_server_starts_with_rendered_config(render, tmp_path: Path) -> None:
+    """Run `jupyter server` (this Python's jupyter_server) with the chart's config file,
+    kernelspec files and token file, laid out as in the pod but under tmp_path."""
+    rendered = render("ingress")  # non-trivial base_url
+    token = base64.b64decode(rendered.one("Secret")["data"]["token"]).decode()
+    with chart_server(rendered, tmp_path) as server:
+        base = server.base
+        assert base.endswith("/kernels/")
+        assert Path(server.env["JUPYTER_TOKEN_FILE"]).read_text() == token
         assert _get(base + "api/kernelspecs")[0] == 403, "kernelspecs served without the token"
         assert _get(base + "api/terminals", token)[0] == 404, "terminals must be disabled"
         assert _get(base + "api/kernelspecs", "wrong-token")[0] == 403
@@ -963,14 +1010,6 @@ def test_jupyter_server_starts_with_rendered_config(render, tmp_path: Path) -> N
         else:
             # jupyter_client hides kernelspecs whose provisioner is not installed.
             assert listing["kernelspecs"] == {} or sorted(listing["kernelspecs"]) == ["python3"]
-        server_log = (tmp_path / "server.log").read_text()
+        server_log = server.log()
         assert "not recognized" not in server_log, f"config the server ignores:\n{server_log}"
         assert token not in server_log, "the token was logged"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()

@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -118,40 +116,6 @@ def _containers(client: docker.DockerClient, label: str, value: str) -> list[Any
     return client.containers.list(all=True, filters={"label": f"{label}={value}"})
 
 
-def _lay_out_pod(rendered: chart.Rendered, root: Path) -> dict[str, str]:
-    """Write the server container's ConfigMap and Secret volumes under ``root`` as they are
-    mounted in the pod; return its literal environment with absolute paths under ``root``."""
-
-    def local(path: str) -> Path:
-        return root / path.lstrip("/")
-
-    container = rendered.server_container
-    volumes = {v["name"]: v for v in rendered.server_pod["spec"]["volumes"]}
-    for mount in container["volumeMounts"]:
-        volume = volumes[mount["name"]]
-        if "configMap" in volume:
-            source = volume["configMap"]
-            data = rendered.one("ConfigMap", source["name"])["data"]
-            files = {i["path"]: data[i["key"]].encode() for i in source["items"]}
-        elif "secret" in volume:
-            source = volume["secret"]
-            data = rendered.one("Secret", source["secretName"])["data"]
-            files = {i["path"]: base64.b64decode(data[i["key"]]) for i in source["items"]}
-        else:  # emptyDir
-            files = {}
-        local(mount["mountPath"]).mkdir(parents=True, exist_ok=True)
-        for relative, content in files.items():
-            target = local(mount["mountPath"]) / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
-    env = {}
-    for item in container["env"]:
-        if "value" in item:
-            value = item["value"]
-            env[item["name"]] = str(local(value)) if value.startswith("/") else value
-    return env
-
-
 def _send(method: str, url: str, token: str, body: Any = None) -> tuple[int, bytes]:
     request = urllib.request.Request(
         url,
@@ -239,132 +203,95 @@ def test_chart_server_serves_a_docker_kernel(
     run_id = uuid.uuid4().hex
     rendered = _render(helm, helm_env, _docker_values(run_id), tmp_path)
     token = base64.b64decode(rendered.one("Secret")["data"]["token"]).decode()
-    base_url = chart._load_config(rendered).ServerApp.base_url
-
-    root = tmp_path / "root"
-    pod_env = _lay_out_pod(rendered, root)
-    for name in ("JUPYTER_CONFIG_PATH", "JUPYTER_PATH", "JUPYTER_TOKEN_FILE"):
-        assert name in pod_env, f"the chart no longer sets {name}"
-    assert (Path(pod_env["JUPYTER_PATH"]) / "kernels" / SPEC_NAME / "kernel.json").is_file()
-    assert Path(pod_env["JUPYTER_TOKEN_FILE"]).read_text() == token
-
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
-    run_env.update(pod_env)
-    home = Path(pod_env.get("HOME", str(root / "tmp")))
-    run_env.update(
-        JUPYTER_CONFIG_DIR=str(home / ".jupyter"),
-        JUPYTER_DATA_DIR=str(home / ".local/share/jupyter"),
-        JUPYTER_RUNTIME_DIR=pod_env.get("JUPYTER_RUNTIME_DIR", str(home / "runtime")),
-    )
-    assert "JUPYTER_TOKEN" not in run_env
-
-    port = chart._free_port()
-    base = f"http://127.0.0.1:{port}{base_url}"
-    # Loopback only, and a root dir under tmp_path: the command line overrides the config.
-    argv = [
-        sys.executable,
-        "-m",
-        "jupyter_server",
-        "--ServerApp.ip=127.0.0.1",
-        f"--ServerApp.port={port}",
-        "--ServerApp.port_retries=0",
-        f"--ServerApp.root_dir={root / 'tmp'}",
-    ]
-    if os.geteuid() == 0:  # the pod runs as uid 1000; this machine may not
-        argv.append("--allow-root")
-    log_path = tmp_path / "server.log"
     kernel_ids: list[str] = []
 
     def ours() -> list[Any]:
         return _containers(docker_client, LABEL_RUN, run_id)
 
-    def server_log() -> str:
-        return log_path.read_text(errors="replace")
-
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, env=run_env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "server exited:\n" + server_log()
-            try:
-                if chart._get(base + "api")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server did not answer:\n" + server_log()
-            time.sleep(0.3)
-
-        # The Docker kernelspec is served, with its provisioner.
-        status, body = chart._get(base + "api/kernelspecs", token)
-        assert status == 200, body
-        listing = json.loads(body)
-        assert sorted(listing["kernelspecs"]) == [SPEC_NAME], listing
-        assert listing["default"] == SPEC_NAME
-        spec = listing["kernelspecs"][SPEC_NAME]["spec"]
-        assert spec["argv"] == CONTAINER_ARGV
-        assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == DOCKER
-        assert spec["metadata"]["kernel_provisioner"]["config"]["image"] == KERNEL_TEST_IMAGE
-
-        # A kernel starts, in a container labelled with its id.
-        status, body = _send("POST", base + "api/kernels", token, {"name": SPEC_NAME})
-        assert status == 201, f"{status} {body!r}\n{server_log()}"
-        kernel = json.loads(body)
-        kernel_id = kernel["id"]
-        kernel_ids.append(kernel_id)
-        assert kernel["name"] == SPEC_NAME
-        (container,) = _containers(docker_client, LABEL_KERNEL_ID, kernel_id)
-        container.reload()
-        assert container.status == "running", container.status
-        assert container.labels[LABEL_RUN] == run_id
-        assert container.image.id == docker_client.images.get(KERNEL_TEST_IMAGE).id
-        hostname = container.attrs["Config"]["Hostname"]
-
-        # A real websocket client runs code on it.
-        ws_url = base.replace("http://", "ws://", 1) + f"api/kernels/{kernel_id}/channels"
-        arithmetic, host = asyncio.run(_run_on_kernel(ws_url, token))
-        for result in (arithmetic, host):
-            assert result["reply"]["status"] == "ok", result
-            assert not result["errors"], result
-        assert arithmetic["stdout"] == "45\n", arithmetic
-        assert host["stdout"] == f"{hostname}\n", (host, hostname)
-
-        # Deleting the kernel removes its container.
-        status, body = _send("DELETE", base + f"api/kernels/{kernel_id}", token)
-        assert status == 204, f"{status} {body!r}\n{server_log()}"
-        left = _containers(docker_client, LABEL_KERNEL_ID, kernel_id)
-        assert not left, f"container of deleted kernel {kernel_id} remains: {left}"
-        assert chart._get(base + f"api/kernels/{kernel_id}", token)[0] == 404
-
-        # A kernel still running when the server gets SIGTERM is shut down with it.
-        status, body = _send("POST", base + "api/kernels", token, {"name": SPEC_NAME})
-        assert status == 201, f"{status} {body!r}\n{server_log()}"
-        kernel_ids.append(json.loads(body)["id"])
-        assert _containers(docker_client, LABEL_KERNEL_ID, kernel_ids[-1])
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pytest.fail("server did not exit within 60 s of SIGTERM:\n" + server_log())
-        assert code == 0, f"server exited with {code}:\n{server_log()}"
-        left = ours() + [
-            c for kid in kernel_ids for c in _containers(docker_client, LABEL_KERNEL_ID, kid)
-        ]
-        assert not left, f"the stopped server left containers {[c.name for c in left]}"
-
-        text = server_log()
-        assert token not in text, "the token appears in the server's output"
-        assert "not recognized" not in text, f"config the server ignores:\n{text}"
+        with chart.chart_server(rendered, tmp_path) as server:
+            _serve_a_docker_kernel(server, token, run_id, docker_client, kernel_ids, ours)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         for leftover in ours():  # never leak containers, even when an assertion failed
             leftover.remove(force=True, v=True)
+
+
+def _serve_a_docker_kernel(
+    server: chart.ChartServer,
+    token: str,
+    run_id: str,
+    docker_client: docker.DockerClient,
+    kernel_ids: list[str],
+    ours: Any,
+) -> None:
+    """The checks against the running server (see the test above)."""
+    base, proc, server_log = server.base, server.proc, server.log
+    pod_env = server.env
+    for name in ("JUPYTER_CONFIG_PATH", "JUPYTER_PATH", "JUPYTER_TOKEN_FILE"):
+        assert name in pod_env, f"the chart no longer sets {name}"
+    assert (Path(pod_env["JUPYTER_PATH"]) / "kernels" / SPEC_NAME / "kernel.json").is_file()
+    assert Path(pod_env["JUPYTER_TOKEN_FILE"]).read_text() == token
+    assert "JUPYTER_TOKEN" not in pod_env
+    # The Docker kernelspec is served, with its provisioner.
+    status, body = chart._get(base + "api/kernelspecs", token)
+    assert status == 200, body
+    listing = json.loads(body)
+    assert sorted(listing["kernelspecs"]) == [SPEC_NAME], listing
+    assert listing["default"] == SPEC_NAME
+    spec = listing["kernelspecs"][SPEC_NAME]["spec"]
+    assert spec["argv"] == CONTAINER_ARGV
+    assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == DOCKER
+    assert spec["metadata"]["kernel_provisioner"]["config"]["image"] == KERNEL_TEST_IMAGE
+
+    # A kernel starts, in a container labelled with its id.
+    status, body = _send("POST", base + "api/kernels", token, {"name": SPEC_NAME})
+    assert status == 201, f"{status} {body!r}\n{server_log()}"
+    kernel = json.loads(body)
+    kernel_id = kernel["id"]
+    kernel_ids.append(kernel_id)
+    assert kernel["name"] == SPEC_NAME
+    (container,) = _containers(docker_client, LABEL_KERNEL_ID, kernel_id)
+    container.reload()
+    assert container.status == "running", container.status
+    assert container.labels[LABEL_RUN] == run_id
+    assert container.image.id == docker_client.images.get(KERNEL_TEST_IMAGE).id
+    hostname = container.attrs["Config"]["Hostname"]
+
+    # A real websocket client runs code on it.
+    ws_url = base.replace("http://", "ws://", 1) + f"api/kernels/{kernel_id}/channels"
+    arithmetic, host = asyncio.run(_run_on_kernel(ws_url, token))
+    for result in (arithmetic, host):
+        assert result["reply"]["status"] == "ok", result
+        assert not result["errors"], result
+    assert arithmetic["stdout"] == "45\n", arithmetic
+    assert host["stdout"] == f"{hostname}\n", (host, hostname)
+
+    # Deleting the kernel removes its container.
+    status, body = _send("DELETE", base + f"api/kernels/{kernel_id}", token)
+    assert status == 204, f"{status} {body!r}\n{server_log()}"
+    left = _containers(docker_client, LABEL_KERNEL_ID, kernel_id)
+    assert not left, f"container of deleted kernel {kernel_id} remains: {left}"
+    assert chart._get(base + f"api/kernels/{kernel_id}", token)[0] == 404
+
+    # A kernel still running when the server gets SIGTERM is shut down with it.
+    status, body = _send("POST", base + "api/kernels", token, {"name": SPEC_NAME})
+    assert status == 201, f"{status} {body!r}\n{server_log()}"
+    kernel_ids.append(json.loads(body)["id"])
+    assert _containers(docker_client, LABEL_KERNEL_ID, kernel_ids[-1])
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("server did not exit within 60 s of SIGTERM:\n" + server_log())
+    assert code == 0, f"server exited with {code}:\n{server_log()}"
+    left = ours() + [
+        c for kid in kernel_ids for c in _containers(docker_client, LABEL_KERNEL_ID, kid)
+    ]
+    assert not left, f"the stopped server left containers {[c.name for c in left]}"
+
+    text = server_log()
+    assert token not in text, "the token appears in the server's output"
+    assert "not recognized" not in text, f"config the server ignores:\n{text}"
 
 
 def test_chart_kernelspec_selects_its_provisioner(
