@@ -13,11 +13,13 @@ our prefix are ever removed.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import posixpath
 import re
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +155,7 @@ class RemoteKernel:
         return posixpath.basename(self.kernel_dir).removeprefix(KERNEL_DIR_PREFIX)
 
 
+@contextlib.contextmanager
 def _host_link(
     host: str,
     port: int,
@@ -162,7 +165,8 @@ def _host_link(
     ssh_known_hosts: str,
     ssh_accept_unknown_host_keys: bool,
     ssh_connect_timeout: float,
-) -> SSHLink:
+) -> Iterator[SSHLink]:
+    """A shared link to ``host``, held for the ``with`` block."""
     settings = SSHSettings.from_server(
         format_server(user or getpass.getuser(), host, port),
         key_file=key_file,
@@ -171,7 +175,11 @@ def _host_link(
         accept_unknown_host_keys=ssh_accept_unknown_host_keys,
         connect_timeout=ssh_connect_timeout,
     )
-    return SSHLink.acquire(settings)
+    link = SSHLink.acquire(settings)
+    try:
+        yield link
+    finally:
+        link.release()
 
 
 def _remote_kernels(link: SSHLink, remote_runtime_dir: str, timeout: float) -> list[RemoteKernel]:
@@ -220,7 +228,7 @@ def list_remote_kernels(
     command_timeout: float = 30.0,
 ) -> list[RemoteKernel]:
     """Our kernels on ``host`` (every owner's). Blocking: call it in a thread."""
-    link = _host_link(
+    with _host_link(
         host,
         port,
         user,
@@ -229,11 +237,8 @@ def list_remote_kernels(
         ssh_known_hosts,
         ssh_accept_unknown_host_keys,
         ssh_connect_timeout,
-    )
-    try:
+    ) as link:
         return _remote_kernels(link, remote_runtime_dir, command_timeout)
-    finally:
-        link.release()
 
 
 def sweep_orphans(
@@ -257,7 +262,7 @@ def sweep_orphans(
     Blocking: call it in a thread from async code.
     """
     log = log or logger
-    link = _host_link(
+    with _host_link(
         host,
         port,
         user,
@@ -266,8 +271,7 @@ def sweep_orphans(
         ssh_known_hosts,
         ssh_accept_unknown_host_keys,
         ssh_connect_timeout,
-    )
-    try:
+    ) as link:
         removed: list[str] = []
         for kernel in _remote_kernels(link, remote_runtime_dir, command_timeout):
             if not kernel.owner or not owner_is_gone(kernel.owner):
@@ -283,5 +287,3 @@ def sweep_orphans(
             )
             removed.append(kernel.kernel_dir)
         return removed
-    finally:
-        link.release()
