@@ -25,6 +25,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import timed_start
 from provisioners.ports import ClusterPortCache, zmq_listens
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
 
@@ -42,11 +43,7 @@ async def _ready(client: AsyncKernelClient, timeout: float = 60) -> None:
 
 async def provisioner_start(ksm: KernelSpecManager) -> tuple[float, AsyncKernelManager]:
     """Seconds from start_kernel to the first kernel_info reply, and the manager."""
-    km = AsyncKernelManager(kernel_name="bench", kernel_spec_manager=ksm)
-    t0 = time.perf_counter()
-    await km.start_kernel()
-    await _ready(km.client())
-    return time.perf_counter() - t0, km
+    return await timed_start(ksm, "bench", timeout=60)
 
 
 def _run_bare(client: docker.DockerClient, folder: str, ports: list[int]) -> Any:

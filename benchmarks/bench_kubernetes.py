@@ -28,6 +28,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import timed_start
 from provisioners.base import PORT_NAMES
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
@@ -50,21 +51,12 @@ def kube_target() -> Iterator[tuple[str, str]]:
         yield double.kubeconfig, double.namespace
 
 
-async def timed_start(
+async def timed_pod_start(
     ksm: KernelSpecManager, name: str
 ) -> tuple[float, float, float, AsyncKernelManager]:
     """Seconds from start_kernel to the pod running, to the kernel listening (its shell
     port greets) and to the first kernel_info reply."""
-    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
-    t0 = time.perf_counter()
-    await km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=60)
-    finally:
-        kc.stop_channels()
-    ready = time.perf_counter() - t0
+    ready, km = await timed_start(ksm, name, timeout=60)
     prov = km.provisioner
     assert isinstance(prov, KubernetesClusterProvisioner)
     running = prov.timings["running"] - prov.timings["start"]
@@ -106,12 +98,12 @@ async def main_async(runs: int, trips: int) -> None:
             "termination_grace_period": 1,
         }
         ksm = write_kernelspec(Path(kernels), "bench", PROVISIONER, config, argv=CONTAINER_ARGV)
-        *_, km = await timed_start(ksm, "bench")  # warm-up
+        *_, km = await timed_pod_start(ksm, "bench")  # warm-up
         await km.shutdown_kernel(now=True)
 
         running, listening, ready = [], [], []
         for _ in range(runs):
-            r, li, k, km = await timed_start(ksm, "bench")
+            r, li, k, km = await timed_pod_start(ksm, "bench")
             running.append(r)
             listening.append(li)
             ready.append(k)
@@ -130,7 +122,7 @@ async def main_async(runs: int, trips: int) -> None:
         print(f"    connecting + kernel_info (listening -> reply) {connect:.3f} s")
         print(f"  ratio kernel_info/Running  {med_ready / med_run:.2f}")
 
-        *_, km = await timed_start(ksm, "bench")
+        *_, km = await timed_pod_start(ksm, "bench")
         forwarded = km.client()
         direct = direct_client(km)
         try:

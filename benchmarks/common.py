@@ -32,19 +32,28 @@ def kernelspecs(specs: dict[str, tuple[str, dict[str, Any], list[str]]]) -> Kern
     return KernelSpecManager(kernel_dirs=[str(root)])
 
 
-async def start_to_kernel_info(ksm: KernelSpecManager, name: str) -> float:
-    """Seconds from start_kernel() to the first kernel_info_reply; the kernel is then stopped."""
+async def timed_start(
+    ksm: KernelSpecManager, name: str, timeout: float = 120
+) -> tuple[float, AsyncKernelManager]:
+    """Seconds from start_kernel() to the first kernel_info_reply, and the running kernel's
+    manager (the caller shuts it down)."""
     km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
     start = time.perf_counter()
     await km.start_kernel()
     kc = km.client()
     kc.start_channels()
     try:
-        await kc.wait_for_ready(timeout=120)
-        return time.perf_counter() - start
+        await kc.wait_for_ready(timeout=timeout)
+        return time.perf_counter() - start, km
     finally:
         kc.stop_channels()
-        await km.shutdown_kernel(now=True)
+
+
+async def start_to_kernel_info(ksm: KernelSpecManager, name: str) -> float:
+    """Seconds from start_kernel() to the first kernel_info_reply; the kernel is then stopped."""
+    seconds, km = await timed_start(ksm, name)
+    await km.shutdown_kernel(now=True)
+    return seconds
 
 
 async def medians(
