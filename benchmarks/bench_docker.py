@@ -26,7 +26,7 @@ from jupyter_client.manager import AsyncKernelManager
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import timed_start
-from provisioners.ports import ClusterPortCache, zmq_listens
+from provisioners.connection.ports import ClusterPortCache, zmq_listens
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
 
 PROVISIONER = "cluster-docker-provisioner"

@@ -24,7 +24,7 @@ from jupyter_client.manager import AsyncKernelManager
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import LOCAL_ARGV, kernelspecs, report, start_to_kernel_info
-from provisioners.tunnels import KERNEL_PORT_NAMES, KernelTunnels
+from provisioners.connection.tunnels import KERNEL_PORT_NAMES, KernelTunnels
 from tests.engines.sshd import LoopbackSSHD
 
 GOAL = 1.5

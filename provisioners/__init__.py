@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import ClusterProvisioner
-from .connect import (
+from .connection.files import (
     ConnectionFileMixin,
     KernelConnectionInfo,
     LocalPortCache,
@@ -15,6 +15,7 @@ from .connect import (
     launch_kernel,
     write_connection_file,
 )
+from .connection.ports import ClusterPortCache, PortRange
 from .exceptions import (
     EngineUnavailableError,
     KernelStartError,
@@ -23,7 +24,6 @@ from .exceptions import (
 )
 from .local import LocalClusterProvisioner
 from .manager import AsyncKernelManager, KernelManager
-from .ports import ClusterPortCache, PortRange
 
 __version__ = "0.1.0"
 
@@ -33,7 +33,7 @@ _TUNNEL_NAMES = ("ssh_tunnel", "forward_tunnel", "tunnel_to_kernel")
 
 def __getattr__(name: str) -> Any:
     if name in _TUNNEL_NAMES:
-        from . import tunnels
+        from .connection import tunnels
 
         return getattr(tunnels, name)
     msg = f"module {__name__!r} has no attribute {name!r}"

@@ -23,13 +23,19 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode
 
-from .connect import KernelConnectionInfo
+from .connection.files import KernelConnectionInfo
+from .connection.ports import (
+    DEFAULT_PORT_RANGE,
+    LOCAL_HOST,
+    ClusterPortCache,
+    PortRange,
+    PortSource,
+)
 from .exceptions import EngineUnavailableError, ProvisionerConfigError, ProvisionerError
 from .owner import ServerIdentity
-from .ports import DEFAULT_PORT_RANGE, LOCAL_HOST, ClusterPortCache, PortRange, PortSource
 
 if TYPE_CHECKING:
-    from .tunnels import KernelTunnels
+    from .connection.tunnels import KernelTunnels
 
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
 PROVISIONER_INFO_VERSION = 1
@@ -490,7 +496,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Client-side connection info: direct, or through SSH tunnels."""
         ip, ports = await self._runner.kernel_address()
         if self.ssh_server and self._runner is self:  # never tunnel to the local fallback
-            from .tunnels import KernelTunnels
+            from .connection.tunnels import KernelTunnels
 
             if self._tunnels is None:
                 self._tunnels = KernelTunnels.from_provisioner(self)

@@ -12,9 +12,9 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
+from .connection.ports import ClusterPortCache
 from .exceptions import EngineUnavailableError, ProvisionerError
 from .manager import AsyncKernelManager
-from .ports import ClusterPortCache
 from .targets import TARGETS, load_target, our_kernelspecs, provisioner_for
 
 PYTHON_ARGV = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]

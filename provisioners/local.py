@@ -13,8 +13,8 @@ from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool
 
 from .base import ClusterProvisioner
-from .connect import launch_kernel, write_connection_file
-from .ports import ClusterPortCache, process_start_time
+from .connection.files import launch_kernel, write_connection_file
+from .connection.ports import ClusterPortCache, process_start_time
 
 #: Keyword arguments of a start request that reach the process launcher.
 _LAUNCH_KWARGS = ("stdin", "stdout", "stderr", "cwd", "independent")

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .ports import process_alive, process_start_time
+from .connection.ports import process_alive, process_start_time
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def jupyter_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     """A private Jupyter runtime dir per test, so stores and files are checked in isolation."""
     runtime = tmp_path_factory.mktemp("runtime")
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime))
-    from provisioners.ports import ClusterPortCache
+    from provisioners.connection.ports import ClusterPortCache
 
     monkeypatch.setattr(ClusterPortCache, "_instance", None)
     return runtime

@@ -24,15 +24,15 @@ import docker
 import requests
 from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
 
+from ..connection.ports import PortSource
 from ..exceptions import EngineUnavailableError, KernelStartError
 from ..owner import owner_is_gone
-from ..ports import PortSource
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "cluster-provisioners"
 LABEL_KERNEL_ID = "cluster-provisioners.kernel-id"
 LABEL_OWNER = "cluster-provisioners.owner"
-LABEL_PORTS = "cluster-provisioners.ports"
+LABEL_PORTS = "cluster-provisioners.connection.ports"
 LABEL_KERNELSPEC = "cluster-provisioners.kernelspec"
 OUR_LABELS = (LABEL_MANAGED_BY, LABEL_KERNEL_ID, LABEL_OWNER, LABEL_PORTS, LABEL_KERNELSPEC)
 
@@ -150,7 +150,7 @@ def sweep_once(key: str, docker_host: str, timeout: float, log: logging.Logger) 
 
 
 def parse_ports_label(text: str) -> set[int]:
-    """The ports in a ``cluster-provisioners.ports`` label (``"p1,p2,..."``)."""
+    """The ports in a ``cluster-provisioners.connection.ports`` label (``"p1,p2,..."``)."""
     return {int(p) for p in text.split(",") if p.strip().isdigit()}
 
 

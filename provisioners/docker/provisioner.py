@@ -28,9 +28,9 @@ import docker
 from traitlets import Bool, CaselessStrEnum, Dict, Float, List, Unicode, default
 
 from ..base import PORT_NAMES, ClusterProvisioner
-from ..connect import connection_file_content
+from ..connection.files import connection_file_content
+from ..connection.ports import LOCAL_HOST, PortSource, zmq_listens
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
-from ..ports import LOCAL_HOST, PortSource, zmq_listens
 from .engine import (
     CREATE_KEYS,
     ENGINE_ERRORS,

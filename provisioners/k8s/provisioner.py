@@ -23,9 +23,9 @@ from typing import Any, ClassVar, NoReturn
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default
 
 from ..base import PORT_NAMES, ClusterProvisioner
-from ..connect import connection_file_content
+from ..connection.files import connection_file_content
+from ..connection.ports import LOCAL_HOST, PortSource, zmq_listens
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
-from ..ports import LOCAL_HOST, PortSource, zmq_listens
 from . import manifests as m
 from .client import KubeApiError, KubeClient, acquire_client, default_namespace, release_client
 from .portforward import PortForwarder, pod_exec

@@ -14,13 +14,13 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 
 from provisioners import ClusterProvisioner, LocalClusterProvisioner
+from provisioners.connection.ports import ClusterPortCache
 from provisioners.exceptions import (
     EngineUnavailableError,
     KernelStartError,
     ProvisionerConfigError,
     ProvisionerError,
 )
-from provisioners.ports import ClusterPortCache
 from tests.helpers import execute, write_kernelspec
 
 BAD_CONFIGS = [

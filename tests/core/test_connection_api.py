@@ -106,7 +106,7 @@ def test_local_port_cache_is_shared_and_returns_ports() -> None:
     ports = {cache.find_available_port("127.0.0.1") for _ in range(20)}
     assert len(ports) == 20
     # held across caches of this machine, not only inside this object
-    from provisioners.ports import ClusterPortCache
+    from provisioners.connection.ports import ClusterPortCache
 
     held = ClusterPortCache.instance().held("localhost")["localhost"]
     assert ports <= set(held)

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from provisioners import LocalClusterProvisioner
-from provisioners.ports import ClusterPortCache
+from provisioners.connection.ports import ClusterPortCache
 from tests.helpers import execute, interrupt_busy_loop
 
 LOCAL = "cluster-local-provisioner"

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from provisioners.connection.ports import ClusterPortCache, FilePortStore, PortRange, PortSource
 from provisioners.exceptions import PortsExhaustedError, ProvisionerConfigError
-from provisioners.ports import ClusterPortCache, FilePortStore, PortRange, PortSource
 
 
 def _allocate_many(directory: str, worker: int, rounds: int, out: str, barrier: Any) -> None:
@@ -79,7 +79,7 @@ def test_release_returns_ports(tmp_path: Path) -> None:
 def test_ports_of_a_sigkilled_holder_come_back(tmp_path: Path) -> None:
     code = (
         "import sys,time\n"
-        "from provisioners.ports import ClusterPortCache, FilePortStore\n"
+        "from provisioners.connection.ports import ClusterPortCache, FilePortStore\n"
         f"c = ClusterPortCache(FilePortStore({str(tmp_path)!r}))\n"
         "print(c.allocate(5, 'victim', port_range='25010-25014'), flush=True)\n"
         "time.sleep(60)\n"
@@ -131,7 +131,8 @@ def test_a_local_kernel_outliving_its_killed_server_is_reclaimed(tmp_path: Path)
     the next look at the store kills that kernel if it is still running (hung)."""
     code = (
         "import subprocess, sys, time\n"
-        "from provisioners.ports import ClusterPortCache, FilePortStore, process_start_time\n"
+        "from provisioners.connection.ports import (\n"
+        "    ClusterPortCache, FilePortStore, process_start_time)\n"
         f"c = ClusterPortCache(FilePortStore({str(tmp_path)!r}))\n"
         "c.allocate(5, 'kernel-hung', port_range='25200-25204')\n"
         "kernel = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"

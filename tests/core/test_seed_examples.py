@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from provisioners import KernelManager, write_connection_file
-from provisioners.ports import FilePortStore
+from provisioners.connection.ports import FilePortStore
 
 EXAMPLES = Path(__file__).parent / "seed_examples"
 

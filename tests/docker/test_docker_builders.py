@@ -51,7 +51,7 @@ def test_create_args_as_data() -> None:
             "app.kubernetes.io/managed-by": "cluster-provisioners",
             "cluster-provisioners.kernel-id": "k-1",
             "cluster-provisioners.owner": str(ServerIdentity.current()),
-            "cluster-provisioners.ports": "1,2,3,4,5",
+            "cluster-provisioners.connection.ports": "1,2,3,4,5",
             "cluster-provisioners.kernelspec": "",
         },
         "detach": True,

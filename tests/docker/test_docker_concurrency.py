@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from provisioners.base import PORT_NAMES
+from provisioners.connection.ports import ClusterPortCache, FilePortStore
 from provisioners.docker import DockerPortSource
 from provisioners.exceptions import PortsExhaustedError
-from provisioners.ports import ClusterPortCache, FilePortStore
 from tests.helpers import execute
 
 pytestmark = pytest.mark.docker

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from provisioners import LocalClusterProvisioner
+from provisioners.connection.ports import ClusterPortCache
 from provisioners.docker import LABEL_OWNER
 from provisioners.exceptions import (
     EngineUnavailableError,
@@ -15,7 +16,6 @@ from provisioners.exceptions import (
     ProvisionerConfigError,
     ProvisionerError,
 )
-from provisioners.ports import ClusterPortCache
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, LOCAL_ARGV, execute
 
 DOCKER = "cluster-docker-provisioner"

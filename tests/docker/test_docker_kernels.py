@@ -13,9 +13,9 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 from provisioners.base import PORT_NAMES
+from provisioners.connection.ports import ClusterPortCache
 from provisioners.docker import LABEL_OWNER, LABEL_PORTS, DockerClusterProvisioner
 from provisioners.owner import ServerIdentity
-from provisioners.ports import ClusterPortCache
 from tests.helpers import KERNEL_TEST_IMAGE, execute, interrupt_busy_loop
 
 pytestmark = pytest.mark.docker

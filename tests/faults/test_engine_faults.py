@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from provisioners.ports import ClusterPortCache
+from provisioners.connection.ports import ClusterPortCache
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, count, execute
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from provisioners.ports import ClusterPortCache
+from provisioners.connection.ports import ClusterPortCache
 from tests.helpers import count, execute, write_kernelspec
 from tests.targets import TargetCase, resolve
 

@@ -17,12 +17,12 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
+from provisioners.connection.ports import process_start_time
 from provisioners.exceptions import KernelStartError
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeClient
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner, sweep_orphans
 from provisioners.owner import ServerIdentity
-from provisioners.ports import process_start_time
 from tests.helpers import execute, skip_or_fail
 from tests.kubernetes.conftest import PROVISIONER, Kube, leftovers
 

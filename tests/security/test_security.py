@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from provisioners.connection.ports import ClusterPortCache
 from provisioners.exceptions import ProvisionerConfigError
-from provisioners.ports import ClusterPortCache
 from tests.helpers import count, execute
 from tests.targets import TargetCase, resolve
 

@@ -14,9 +14,9 @@ import pytest
 import zmq
 from jupyter_client.asynchronous import AsyncKernelClient
 
-from provisioners import sshlink
-from provisioners.ports import ClusterPortCache
-from provisioners.sshlink import ENV_KNOWN_HOSTS, THREAD_PREFIX, SSHLink
+from provisioners.connection import sshlink
+from provisioners.connection.ports import ClusterPortCache
+from provisioners.connection.sshlink import ENV_KNOWN_HOSTS, THREAD_PREFIX, SSHLink
 from tests.helpers import skip_or_fail
 
 try:
@@ -50,7 +50,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture
 def known_hosts(sshd: Any, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The sshd's known_hosts, also set as the module-level default of provisioners.sshlink."""
+    """The sshd's known_hosts, also set as the default of provisioners.connection.sshlink."""
     monkeypatch.setenv(ENV_KNOWN_HOSTS, str(sshd.known_hosts_path))
     return Path(sshd.known_hosts_path)
 

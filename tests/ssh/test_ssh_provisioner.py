@@ -16,6 +16,9 @@ from typing import Any
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
+from provisioners.connection.ports import ClusterPortCache, port_is_listening
+from provisioners.connection.sshlink import SSHLink
+from provisioners.connection.tunnels import KERNEL_PORT_NAMES
 from provisioners.exceptions import (
     EngineUnavailableError,
     HostKeyError,
@@ -23,10 +26,7 @@ from provisioners.exceptions import (
     SSHAuthenticationError,
 )
 from provisioners.owner import ServerIdentity
-from provisioners.ports import ClusterPortCache, port_is_listening
 from provisioners.ssh import SSHClusterProvisioner, sweep_orphans
-from provisioners.sshlink import SSHLink
-from provisioners.tunnels import KERNEL_PORT_NAMES
 from tests.helpers import execute
 from tests.ssh.conftest import SSH_PROVISIONER, async_wait_until, execute_info, pid_alive
 

@@ -1,4 +1,4 @@
-"""provisioners.tunnels against a real sshd on 127.0.0.1: the seed's tunnel functions,
+"""provisioners.connection.tunnels against a real sshd on 127.0.0.1: the seed's tunnel functions,
 host-key checks, authentication errors, reconnects and ``ssh_server`` on a provisioner."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 from provisioners import EngineUnavailableError, forward_tunnel, ssh_tunnel, tunnel_to_kernel
+from provisioners.connection.ports import port_is_listening
+from provisioners.connection.sshlink import ENV_ACCEPT_UNKNOWN, SSHLink, SSHSettings
+from provisioners.connection.tunnels import KERNEL_PORT_NAMES, KernelTunnels
 from provisioners.exceptions import HostKeyError, SSHAuthenticationError, SSHUnreachableError
-from provisioners.ports import port_is_listening
-from provisioners.sshlink import ENV_ACCEPT_UNKNOWN, SSHLink, SSHSettings
-from provisioners.tunnels import KERNEL_PORT_NAMES, KernelTunnels
 from tests.ssh.conftest import LOCAL_PROVISIONER, async_wait_until, execute_info, start_sshd
 
 pytestmark = pytest.mark.ssh

@@ -1,7 +1,7 @@
-"""SSH port forwarding over the shared links of :mod:`provisioners.sshlink`.
+"""SSH port forwarding over the shared links of :mod:`provisioners.connection.sshlink`.
 
 A :class:`ForwardServer` holds local listeners; each accepted connection opens a
-``direct-tcpip`` channel on the server's :class:`~provisioners.sshlink.SSHLink` and is
+``direct-tcpip`` channel on the server's :class:`~provisioners.connection.sshlink.SSHLink` and is
 relayed both ways by a thread. When the transport drops, the next connection reconnects
 the link, and the kernels keep running.
 
@@ -10,7 +10,7 @@ jupyter_client's API is offered with the seed's signatures: :func:`ssh_tunnel`,
 order, not jupyter_client's) and :func:`tunnel_to_kernel`. Host keys are checked against
 known_hosts, never accepted silently; their knobs come from the environment
 (``CLUSTER_PROVISIONERS_SSH_KNOWN_HOSTS``, ``..._ACCEPT_UNKNOWN_HOST_KEYS``,
-``..._CONNECT_TIMEOUT``: see :mod:`provisioners.sshlink`).
+``..._CONNECT_TIMEOUT``: see :mod:`provisioners.connection.sshlink`).
 
 Provisioners use :class:`KernelTunnels`, configured from their ``ssh_*`` traits.
 """
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import paramiko
 
-from .exceptions import TunnelError
+from ..exceptions import TunnelError
 from .ports import DEFAULT_PORT_RANGE, LOCAL_HOST, ClusterPortCache
 from .sshlink import (
     _BUFSIZE,
@@ -48,7 +48,7 @@ from .sshlink import (
 )
 
 if TYPE_CHECKING:
-    from .base import ClusterProvisioner
+    from ..base import ClusterProvisioner
 
 __all__ = [
     "KERNEL_PORT_NAMES",

@@ -28,7 +28,7 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_runtime_dir
 
-from .exceptions import PortsExhaustedError, ProvisionerConfigError
+from ..exceptions import PortsExhaustedError, ProvisionerConfigError
 
 #: Below Linux's default ephemeral range (32768-60999), so outgoing connections
 #: never take a port we are about to publish.

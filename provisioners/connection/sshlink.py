@@ -3,7 +3,7 @@ transport per server.
 
 A :class:`SSHLink` is one authenticated SSH transport to a server, shared by everything
 in this process that uses the same server, user, port, key and host-key policy (the
-kernel tunnels of :mod:`provisioners.tunnels`, the SSH target's remote commands and
+kernel tunnels of :mod:`provisioners.connection.tunnels`, the SSH target's remote commands and
 SFTP). It reconnects on demand: when the transport drops, the next tunnelled connection
 or command opens a new one, and the kernels keep running. :meth:`SSHLink.sh` runs
 scripts through one long-lived remote shell per link and :meth:`SSHLink.sftp` reuses one
@@ -44,7 +44,7 @@ from typing import Any
 
 import paramiko
 
-from .exceptions import (
+from ..exceptions import (
     HostKeyError,
     ProvisionerConfigError,
     SSHAuthenticationError,
@@ -72,7 +72,7 @@ ENV_CONNECT_TIMEOUT = "CLUSTER_PROVISIONERS_SSH_CONNECT_TIMEOUT"
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Name prefix of every thread of the SSH layer: transports here, acceptors and relays
-#: in :mod:`provisioners.tunnels`.
+#: in :mod:`provisioners.connection.tunnels`.
 THREAD_PREFIX = "cluster-ssh"
 KEEPALIVE_INTERVAL = 30
 #: Read size of remote command output and of tunnel relays.

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .owner import owner_is_gone
-from .ports import PortSource
-from .sshlink import SSHLink, SSHSettings, format_server
+from ..connection.ports import PortSource
+from ..connection.sshlink import SSHLink, SSHSettings, format_server
+from ..owner import owner_is_gone
 
 __all__ = [
     "DEFAULT_REMOTE_RUNTIME_DIR",
@@ -44,21 +44,21 @@ KERNEL_DIR_PREFIX = "cluster-kernel-"
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def _q(value: object) -> str:
+def shell_quote(value: object) -> str:
     return shlex.quote(str(value))
 
 
-def _kernel_dir_name(kernel_id: str) -> str:
+def kernel_dir_name(kernel_id: str) -> str:
     return KERNEL_DIR_PREFIX + (_SAFE_ID.sub("_", kernel_id)[:80] or "unnamed")
 
 
-def _is_kernel_dir(path: str) -> bool:
+def is_kernel_dir(path: str) -> bool:
     """Only directories we create are ever removed."""
     name = posixpath.basename(path.rstrip("/"))
     return posixpath.isabs(path) and name.startswith(KERNEL_DIR_PREFIX) and "/" not in name
 
 
-def _expand_home(path: str, home: str) -> str:
+def expand_home(path: str, home: str) -> str:
     if path == "~":
         return home
     if path.startswith("~/"):
@@ -66,7 +66,7 @@ def _expand_home(path: str, home: str) -> str:
     return path
 
 
-def _alive_function(pid: int, start: str) -> str:
+def alive_function(pid: int, start: str) -> str:
     """A shell function ``alive`` true while process ``pid`` (started at ``start``) runs.
 
     With a known start time (Linux /proc) a reused pid or a zombie counts as gone.
@@ -76,29 +76,29 @@ def _alive_function(pid: int, start: str) -> str:
             "alive() { s=$(sed 's/.*) //' /proc/"
             f"{int(pid)}/stat 2>/dev/null) || return 1; "
             '[ -n "$s" ] || return 1; set -- $s; '
-            f'[ "$1" != Z ] && [ "${{20}}" = {_q(start)} ]; }}'
+            f'[ "$1" != Z ] && [ "${{20}}" = {shell_quote(start)} ]; }}'
         )
     return f"alive() {{ kill -0 {int(pid)} 2>/dev/null; }}"
 
 
-def _kill_script(pid: int, start: str, group: bool, signame: str) -> str:
+def kill_script(pid: int, start: str, group: bool, signame: str) -> str:
     target = f"-- -{int(pid)}" if group else str(int(pid))
-    return f"{_alive_function(pid, start)}\nalive && kill -s {signame} {target}\n"
+    return f"{alive_function(pid, start)}\nalive && kill -s {signame} {target}\n"
 
 
-def _remove_script(pid: int | None, start: str, group: bool, kernel_dir: str) -> str:
+def remove_script(pid: int | None, start: str, group: bool, kernel_dir: str) -> str:
     """Kill the kernel if it still runs and remove its directory."""
     lines = []
     if pid:
         lines += [
-            _alive_function(pid, start),
+            alive_function(pid, start),
             "if alive; then",
             f"  kill -s KILL {f'-- -{int(pid)}' if group else int(pid)} 2>/dev/null",
             "  i=0; while alive && [ $i -lt 60 ]; do sleep 0.05; i=$((i+1)); done",
             "fi",
         ]
-    if kernel_dir and _is_kernel_dir(kernel_dir):
-        lines.append(f"rm -rf -- {_q(kernel_dir)}")
+    if kernel_dir and is_kernel_dir(kernel_dir):
+        lines.append(f"rm -rf -- {shell_quote(kernel_dir)}")
     return "\n".join(lines) + "\n"
 
 
@@ -185,9 +185,9 @@ def _host_link(
 def _remote_kernels(link: SSHLink, remote_runtime_dir: str, timeout: float) -> list[RemoteKernel]:
     """Our kernel directories under ``remote_runtime_dir`` with owner, pid and liveness."""
     home = link.sh('printf "%s" "$HOME"', timeout=timeout).stdout.strip()
-    runtime = posixpath.normpath(_expand_home(remote_runtime_dir, home))
+    runtime = posixpath.normpath(expand_home(remote_runtime_dir, home))
     listing = (
-        f"for d in {_q(runtime)}/{KERNEL_DIR_PREFIX}*; do\n"
+        f"for d in {shell_quote(runtime)}/{KERNEL_DIR_PREFIX}*; do\n"
         '  [ -d "$d" ] || continue\n'
         '  o=$(head -n 1 "$d/owner" 2>/dev/null); p=$(head -n 1 "$d/pid" 2>/dev/null)\n'
         "  a=0; P=${p%% *}\n"
@@ -198,7 +198,7 @@ def _remote_kernels(link: SSHLink, remote_runtime_dir: str, timeout: float) -> l
     found = []
     for line in link.sh(listing, timeout=timeout).stdout.splitlines():
         kernel_dir, owner, pid_line, alive = ([*line.split("\t"), "", "", ""])[:4]
-        if not _is_kernel_dir(kernel_dir):
+        if not is_kernel_dir(kernel_dir):
             continue
         fields = pid_line.split()  # "PID START GROUP", as the launch wrote it
         found.append(
@@ -277,7 +277,7 @@ def sweep_orphans(
             if not kernel.owner or not owner_is_gone(kernel.owner):
                 continue
             if not dry_run:
-                script = _remove_script(kernel.pid, kernel.start, kernel.group, kernel.kernel_dir)
+                script = remove_script(kernel.pid, kernel.start, kernel.group, kernel.kernel_dir)
                 link.sh(script, timeout=command_timeout + 5)
             log.info(
                 "Swept orphaned SSH kernel %s on %s (owner %s)",

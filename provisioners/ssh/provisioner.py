@@ -16,7 +16,7 @@ sh script run by ``/bin/sh -c`` (see :meth:`SSHLink.sh`) in which every value is
 with :func:`shlex.quote`.
 
 The remote side (directory layout, scripts, sweeps and listings) is in
-:mod:`provisioners.ssh_remote`.
+:mod:`provisioners.ssh.remote`.
 """
 
 from __future__ import annotations
@@ -31,26 +31,26 @@ from typing import Any, ClassVar
 import paramiko
 from traitlets import Float, Int, Unicode, default
 
-from .base import ClusterProvisioner
-from .connect import connection_file_content
-from .exceptions import KernelStartError, ProvisionerError, TunnelError
-from .ports import PortSource
-from .ssh_remote import (
+from ..base import ClusterProvisioner
+from ..connection.files import connection_file_content
+from ..connection.ports import PortSource
+from ..connection.sshlink import CommandResult, SSHLink, SSHSettings, format_server
+from ..exceptions import KernelStartError, ProvisionerError, TunnelError
+from .remote import (
     DEFAULT_REMOTE_RUNTIME_DIR,
     KERNEL_DIR_PREFIX,
     RemoteKernel,
     RemoteListeningPorts,
-    _alive_function,
-    _expand_home,
-    _is_kernel_dir,
-    _kernel_dir_name,
-    _kill_script,
-    _q,
-    _remove_script,
+    alive_function,
+    expand_home,
+    is_kernel_dir,
+    kernel_dir_name,
+    kill_script,
     list_remote_kernels,
+    remove_script,
+    shell_quote,
     sweep_orphans,
 )
-from .sshlink import CommandResult, SSHLink, SSHSettings, format_server
 
 __all__ = [
     "DEFAULT_REMOTE_RUNTIME_DIR",
@@ -228,7 +228,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
             raise self.config_error("command", "the kernelspec has no argv and no command is set")
         script = (
             'printf "%s\\n" "$HOME"\n'
-            f"command -v -- {_q(argv[0])} >/dev/null 2>&1 || exit {_NO_INTERPRETER}\n"
+            f"command -v -- {shell_quote(argv[0])} >/dev/null 2>&1 || exit {_NO_INTERPRETER}\n"
         )
         link = await self._get_link()
         # the upload's SFTP session opens meanwhile (it may start a login shell too)
@@ -247,8 +247,8 @@ class SSHClusterProvisioner(ClusterProvisioner):
             msg = f"probing {where} failed (status {result.returncode}): {result.stderr.strip()}"
             raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
         self._home = home
-        runtime = posixpath.normpath(_expand_home(self.remote_runtime_dir, home))
-        self._kernel_dir = posixpath.join(runtime, _kernel_dir_name(self.kernel_id))
+        runtime = posixpath.normpath(expand_home(self.remote_runtime_dir, home))
+        self._kernel_dir = posixpath.join(runtime, kernel_dir_name(self.kernel_id))
         return self.format_command(argv, extra_arguments)
 
     async def start_kernel(
@@ -256,17 +256,17 @@ class SSHClusterProvisioner(ClusterProvisioner):
     ) -> None:
         kernel_dir = self._kernel_dir
         runtime = posixpath.dirname(kernel_dir)
-        cwd = posixpath.normpath(_expand_home(self.remote_cwd or "~", self._home))
+        cwd = posixpath.normpath(expand_home(self.remote_cwd or "~", self._home))
         if kwargs.get("cwd"):
             self.log.debug("Kernel %s: the server-side cwd is not used remotely", self.kernel_id)
         where = self.settings().address
         prepare = (
             "umask 077\n"
-            f"[ -d {_q(cwd)} ] || exit {_NO_CWD}\n"
-            f"mkdir -p -- {_q(runtime)} || exit {_NO_DIR}\n"
-            f"rm -rf -- {_q(kernel_dir)}\n"
-            f"mkdir -m 700 -- {_q(kernel_dir)} || exit {_NO_DIR}\n"
-            f"printf '%s\\n' {_q(self.owner)} > {_q(kernel_dir + '/owner')}\n"
+            f"[ -d {shell_quote(cwd)} ] || exit {_NO_CWD}\n"
+            f"mkdir -p -- {shell_quote(runtime)} || exit {_NO_DIR}\n"
+            f"rm -rf -- {shell_quote(kernel_dir)}\n"
+            f"mkdir -m 700 -- {shell_quote(kernel_dir)} || exit {_NO_DIR}\n"
+            f"printf '%s\\n' {shell_quote(self.owner)} > {shell_quote(kernel_dir + '/owner')}\n"
         )
         result = await self._run(prepare)
         if result.returncode == _NO_CWD:
@@ -289,9 +289,9 @@ class SSHClusterProvisioner(ClusterProvisioner):
             },
         )
         log_file = posixpath.join(kernel_dir, "kernel.log")
-        run = (
-            f"/bin/sh {_q(posixpath.join(kernel_dir, 'launch.sh'))} </dev/null >{_q(log_file)} 2>&1"
-        )
+        launch_script = shell_quote(posixpath.join(kernel_dir, "launch.sh"))
+        run = f"/bin/sh {launch_script} </dev/null >{shell_quote(log_file)} 2>&1"
+        pid_file = shell_quote(kernel_dir + "/pid")
         launch = (
             "cd /\n"
             "if command -v setsid >/dev/null 2>&1; then\n"
@@ -301,7 +301,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
             "fi\n"
             "P=$!\n"
             "S=$(sed 's/.*) //' /proc/$P/stat 2>/dev/null | cut -d' ' -f20)\n"
-            f'printf \'%s %s %s\\n\' "$P" "${{S:--}}" "$G" | tee {_q(kernel_dir + "/pid")}\n'
+            f'printf \'%s %s %s\\n\' "$P" "${{S:--}}" "$G" | tee {pid_file}\n'
         )
         result = await self._run(launch)
         try:
@@ -328,9 +328,9 @@ class SSHClusterProvisioner(ClusterProvisioner):
                     name,
                 )
                 continue
-            lines.append(f"export {name}={_q(value)}")
-        lines.append(f"cd -- {_q(cwd)} || exit 126")
-        lines.append("exec " + " ".join(_q(arg) for arg in cmd))
+            lines.append(f"export {name}={shell_quote(value)}")
+        lines.append(f"cd -- {shell_quote(cwd)} || exit 126")
+        lines.append("exec " + " ".join(shell_quote(arg) for arg in cmd))
         return "\n".join(lines) + "\n"
 
     def _upload(self, link: SSHLink, files: dict[str, bytes]) -> None:
@@ -349,10 +349,11 @@ class SSHClusterProvisioner(ClusterProvisioner):
     async def poll_kernel(self) -> int | None:
         if self._pid is None:
             return 0
-        report = not (self._stopping or self._exit_reported) and _is_kernel_dir(self._kernel_dir)
-        log_tail = f"; tail -n 20 -- {_q(self._kernel_dir + '/kernel.log')}" if report else ""
+        report = not (self._stopping or self._exit_reported) and is_kernel_dir(self._kernel_dir)
+        log_file = shell_quote(self._kernel_dir + "/kernel.log")
+        log_tail = f"; tail -n 20 -- {log_file}" if report else ""
         script = (
-            f"{_alive_function(self._pid, self._start_tick)}\n"
+            f"{alive_function(self._pid, self._start_tick)}\n"
             f"if alive; then echo running; else echo gone{log_tail}; fi\n"
         )
         try:
@@ -382,7 +383,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
             msg = f"unknown signal {signum}"
             raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
         group = self._group and signum in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
-        await self._run(_kill_script(self._pid, self._start_tick, group, name))
+        await self._run(kill_script(self._pid, self._start_tick, group, name))
 
     async def stop_kernel(self, force: bool) -> None:
         self._stopping = True
@@ -398,7 +399,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
     async def remove_kernel(self, restart: bool) -> None:
         """Kill the process group if it still runs and remove the kernel's directory."""
         if self._pid is not None or self._kernel_dir:
-            script = _remove_script(self._pid, self._start_tick, self._group, self._kernel_dir)
+            script = remove_script(self._pid, self._start_tick, self._group, self._kernel_dir)
             try:
                 await self._run(script, timeout=self.command_timeout + 5)
             except _REMOTE_ERRORS as exc:
