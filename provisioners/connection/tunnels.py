@@ -1,9 +1,8 @@
 """SSH port forwarding over the shared links of :mod:`provisioners.connection.sshlink`.
 
-A :class:`ForwardServer` holds local listeners; each accepted connection opens a
-``direct-tcpip`` channel on the server's :class:`~provisioners.connection.sshlink.SSHLink` and is
-relayed both ways by a thread. When the transport drops, the next connection reconnects
-the link, and the kernels keep running.
+The forwarding itself is :class:`~provisioners.connection.forwarding.ForwardServer`
+(importable from here too): local listeners relayed over ``direct-tcpip`` channels of the
+server's shared :class:`~provisioners.connection.sshlink.SSHLink`.
 
 jupyter_client's API is offered with the seed's signatures: :func:`ssh_tunnel`,
 :func:`forward_tunnel` (``local_port, remote_port, remote_host, ssh_server``: the seed's
@@ -18,34 +17,20 @@ Provisioners use :class:`KernelTunnels`, configured from their ``ssh_*`` traits.
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
 import json
 import logging
 import os
-import selectors
 import signal
-import socket
 import subprocess
 import threading
-import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import paramiko
-
-from ..exceptions import TunnelError
-from .ports import DEFAULT_PORT_RANGE, LOCAL_HOST, ClusterPortCache
-from .sshlink import (
-    _BUFSIZE,
-    THREAD_PREFIX,
-    SSHLink,
-    SSHSettings,
-    _close_quietly,
-    _env_connect_timeout,
-)
+from .forwarding import ForwardServer
+from .ports import DEFAULT_PORT_RANGE
+from .sshconnect import SSHSettings, env_connect_timeout
+from .sshlink import SSHLink
 
 if TYPE_CHECKING:
     from ..base import ClusterProvisioner
@@ -70,283 +55,6 @@ _WILDCARD_IPS = frozenset({"", "0.0.0.0", "*", "localhost", "::"})
 
 
 # ---------------------------------------------------------------------- forwarding
-
-
-@dataclass
-class _Forward:
-    listener: socket.socket
-    port: int
-    remote_host: str
-    remote_port: int
-
-
-class _Relay:
-    """One accepted local connection, relayed over a ``direct-tcpip`` channel."""
-
-    def __init__(
-        self, server: ForwardServer, conn: socket.socket, peer: Any, fwd: _Forward
-    ) -> None:
-        self.server = server
-        self.conn = conn
-        self.peer = peer
-        self.remote = (fwd.remote_host, fwd.remote_port)
-        self.chan: paramiko.Channel | None = None
-        self.thread = threading.Thread(
-            target=self._run,
-            name=f"{THREAD_PREFIX}-relay-{server.name}-{fwd.port}",
-            daemon=True,
-        )
-
-    def abort(self) -> None:
-        chan = self.chan
-        if chan is not None:
-            _close_quietly(chan)
-
-    def _run(self) -> None:
-        server, conn = self.server, self.conn
-        try:
-            try:
-                origin = (str(self.peer[0]), int(self.peer[1]))
-                self.chan = server.link.open_channel(*self.remote, origin)
-            except TunnelError as exc:
-                logger.debug("Tunnel %s: %s", server.name, exc)
-                return
-            if server.closed:
-                return
-            self._pump(conn, self.chan, server._stop_r)
-        except (OSError, EOFError, ValueError, paramiko.SSHException) as exc:
-            logger.debug("Tunnel %s: relay to %s:%s ended: %s", server.name, *self.remote, exc)
-        finally:
-            if self.chan is not None:
-                _close_quietly(self.chan)
-            conn.close()
-            server._relay_done(self)
-
-    @staticmethod
-    def _pump(conn: socket.socket, chan: paramiko.Channel, stop: socket.socket) -> None:
-        with selectors.DefaultSelector() as sel:
-            sel.register(conn, selectors.EVENT_READ, 0)
-            sel.register(chan, selectors.EVENT_READ, 1)
-            sel.register(stop, selectors.EVENT_READ, 2)
-            while True:
-                for key, _ in sel.select():
-                    if key.data == 2:
-                        return
-                    if key.data == 0:
-                        data = conn.recv(_BUFSIZE)
-                        if not data:
-                            return
-                        chan.sendall(data)
-                    elif chan.recv_ready() or chan.closed or chan.eof_received:
-                        data = chan.recv(_BUFSIZE)
-                        if not data:
-                            return
-                        conn.sendall(data)
-
-
-class ForwardServer:
-    """Local listeners whose connections are relayed through one :class:`SSHLink`.
-
-    Each :meth:`forward` binds a listener on ``bind_host``; port 0 takes a port of
-    ``port_range`` from the cluster-aware port cache, held by ``owner`` until
-    :meth:`close`. One acceptor thread serves every listener and each accepted connection
-    gets a relay thread. :meth:`close` (alias :meth:`shutdown`) stops everything, returns
-    the ports and releases the link reference handed in.
-    """
-
-    def __init__(
-        self,
-        link: SSHLink,
-        *,
-        bind_host: str = "127.0.0.1",
-        name: str = "tunnel",
-        port_range: str = DEFAULT_PORT_RANGE,
-        owner: str = "",
-    ) -> None:
-        self.link = link
-        self.bind_host = bind_host
-        self.name = name
-        self.port_range = port_range
-        self.owner = owner or f"tunnel-{name}-{os.getpid()}-{id(self):x}"
-        self._allocated = False
-        self._forwards: dict[int, _Forward] = {}
-        self._pending: list[_Forward] = []
-        self._relays: set[_Relay] = set()
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._ctl_r, self._ctl_w = socket.socketpair()
-        self._stop_r, self._stop_w = socket.socketpair()
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._ctl_r, selectors.EVENT_READ)
-        self._selector.register(self._stop_r, selectors.EVENT_READ)
-        self._acceptor = threading.Thread(
-            target=self._accept_loop, name=f"{THREAD_PREFIX}-accept-{name}", daemon=True
-        )
-        self._acceptor.start()
-        _LIVE_SERVERS.add(self)
-
-    # -- public
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    @property
-    def local_ports(self) -> list[int]:
-        with self._lock:
-            return list(self._forwards)
-
-    @property
-    def server_address(self) -> tuple[str, int]:
-        """``(bind_host, port)`` of the first listener, as socketserver names it."""
-        ports = self.local_ports
-        return self.bind_host, ports[0] if ports else 0
-
-    @property
-    def active_connections(self) -> int:
-        with self._lock:
-            return len(self._relays)
-
-    def forward(self, local_port: int, remote_host: str, remote_port: int) -> int:
-        """Listen on ``local_port`` (0: one from the port cache) and relay each connection
-        to ``remote_host:remote_port`` as seen from the SSH server; return the port."""
-        listener = self._listen_allocated() if not local_port else self._listen(local_port)
-        port = listener.getsockname()[1]
-        fwd = _Forward(listener, port, remote_host, int(remote_port))
-        with self._lock:
-            if self.closed:
-                listener.close()
-                raise TunnelError(f"tunnel {self.name} is closed")
-            self._forwards[port] = fwd
-            self._pending.append(fwd)
-        self._ctl_w.send(b"+")
-        return port
-
-    def _listen(self, port: int) -> socket.socket:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.bind_host, port))
-            listener.listen(64)
-            listener.setblocking(False)
-        except OSError as exc:
-            listener.close()
-            msg = f"cannot listen on {self.bind_host}:{port} for a tunnel: {exc}"
-            raise TunnelError(msg) from exc
-        return listener
-
-    def _listen_allocated(self) -> socket.socket:
-        """A listener on a port the cache hands out (retried if someone else binds it)."""
-        cache = ClusterPortCache.instance()
-        for _ in range(5):
-            (port,) = cache.allocate(1, self.owner, host=LOCAL_HOST, port_range=self.port_range)
-            self._allocated = True
-            try:
-                return self._listen(port)
-            except TunnelError:
-                cache.release(self.owner, [port])
-        msg = f"no local port of {self.port_range} could be bound for tunnel {self.name}"
-        raise TunnelError(msg)
-
-    def retarget(self, local_port: int, remote_host: str, remote_port: int) -> None:
-        """Send new connections on ``local_port`` to another remote address."""
-        with self._lock:
-            fwd = self._forwards[local_port]
-            fwd.remote_host, fwd.remote_port = remote_host, int(remote_port)
-
-    def close(self) -> None:
-        """Stop listening, end every relay and release the link."""
-        with self._lock:
-            if self.closed:
-                return
-            self._closed.set()
-            relays = list(self._relays)
-            forwards = list(self._forwards.values())
-        self._stop_w.send(b"!")
-        if threading.current_thread() is not self._acceptor:
-            self._acceptor.join(timeout=5)
-        for fwd in forwards:
-            fwd.listener.close()
-        for relay in relays:
-            relay.abort()
-        for relay in relays:
-            if relay.thread is not threading.current_thread():
-                relay.thread.join(timeout=2)
-        for sock in (self._ctl_r, self._ctl_w, self._stop_r, self._stop_w):
-            sock.close()
-        if self._allocated:
-            ClusterPortCache.instance().release(self.owner)
-        self.link.release()
-        _LIVE_SERVERS.discard(self)
-
-    shutdown = close
-
-    def wait_closed(self, timeout: float | None = None) -> bool:
-        """Block until closed; False on timeout."""
-        return self._closed.wait(timeout)
-
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """Block until :meth:`close` (the listeners are served from the start)."""
-        while not self._closed.wait(poll_interval):
-            pass
-
-    def __enter__(self) -> ForwardServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    # -- threads
-
-    def _accept_loop(self) -> None:
-        try:
-            while True:
-                for key, _ in self._selector.select():
-                    sock = key.fileobj
-                    if sock is self._stop_r:
-                        return
-                    if sock is self._ctl_r:
-                        self._ctl_r.recv(1024)
-                        with self._lock:
-                            pending, self._pending = self._pending, []
-                        for fwd in pending:
-                            self._selector.register(fwd.listener, selectors.EVENT_READ, fwd)
-                        continue
-                    self._accept(key.data)
-        except (OSError, ValueError) as exc:
-            if not self.closed:
-                logger.warning("Tunnel %s: acceptor stopped: %s", self.name, exc)
-        finally:
-            self._selector.close()
-
-    def _accept(self, fwd: _Forward) -> None:
-        try:
-            conn, peer = fwd.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        conn.setblocking(True)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self._lock:
-            if self.closed:
-                conn.close()
-                return
-            relay = _Relay(self, conn, peer, fwd)
-            self._relays.add(relay)
-        relay.thread.start()
-
-    def _relay_done(self, relay: _Relay) -> None:
-        with self._lock:
-            self._relays.discard(relay)
-
-
-_LIVE_SERVERS: weakref.WeakSet[ForwardServer] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_servers() -> None:
-    for server in list(_LIVE_SERVERS):
-        with contextlib.suppress(Exception):
-            server.close()
 
 
 # ---------------------------------------------------------------------- kernel tunnels
@@ -601,7 +309,7 @@ def ssh_tunnel(
         server,
         key_file=keyfile,
         password=password or None,
-        connect_timeout=max(float(timeout or 0), _env_connect_timeout()),
+        connect_timeout=max(float(timeout or 0), env_connect_timeout()),
     )
     forwarder = _forward_server(settings, f"tunnel-{lport}")
     try:

@@ -14,7 +14,7 @@ import pytest
 import zmq
 from jupyter_client.asynchronous import AsyncKernelClient
 
-from provisioners.connection import sshlink
+from provisioners.connection import sshconnect
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.connection.sshlink import ENV_KNOWN_HOSTS, THREAD_PREFIX, SSHLink
 from tests.helpers import skip_or_fail
@@ -132,8 +132,8 @@ def nothing_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     yield
-    with sshlink._ACCEPTED_LOCK:
-        sshlink._ACCEPTED_KEYS.clear()
+    with sshconnect._ACCEPTED_LOCK:
+        sshconnect._ACCEPTED_KEYS.clear()
     assert wait_until(lambda: not tunnel_threads()), tunnel_threads()
     assert SSHLink.active() == []
     assert ClusterPortCache.instance().held() in ({}, {"localhost": {}})
