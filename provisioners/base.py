@@ -258,6 +258,10 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """True once :meth:`start_kernel` has created the kernel's process or resource."""
         return self._started
 
+    def port_record_fields(self) -> dict[str, Any]:
+        """Fields kept with the kernel's port records (a local kernel's pid and start tick)."""
+        return {}
+
     def kernel_state(self) -> dict[str, Any]:
         """JSON-safe state that lets another server process reconnect to the kernel."""
         return {}
@@ -428,6 +432,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._runner._kernel_info = self._kernel_info
         await self._runner.load_kernel_state(provisioner_info.get("state", {}))
         if self._runner.has_kernel():
+            await self._adopt_ports()
             self.connection_info = await self._connect()
         else:
             self.connection_info = cast(KernelConnectionInfo, connection)
@@ -438,6 +443,30 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def allocation_owner(self) -> str:
         """The port cache owner of this kernel's ports."""
         return f"kernel-{self.kernel_id}"
+
+    async def _adopt_ports(self) -> None:
+        """Hold the reattached kernel's port records (and its pid) from this process on.
+
+        Its former server may be gone: records left in that server's name would be
+        reclaimed by the next allocation on this machine, killing a local kernel and
+        deleting its connection file.
+        """
+        if not self._ports:
+            return
+        conflicts = await asyncio.to_thread(
+            ClusterPortCache.instance().adopt,
+            self._port_host,
+            self.allocation_owner,
+            self._ports,
+            **self._runner.port_record_fields(),
+        )
+        if conflicts:
+            self.log.warning(
+                "Kernel %s: ports %s on %s are recorded for another kernel",
+                self.kernel_id,
+                conflicts,
+                self._port_host,
+            )
 
     async def _select_runner(self) -> ClusterProvisioner:
         try:

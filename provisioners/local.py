@@ -14,7 +14,7 @@ from traitlets import Bool
 
 from .base import ClusterProvisioner
 from .connection.files import launch_kernel, write_connection_file
-from .connection.ports import ClusterPortCache, process_start_time
+from .connection.ports import ClusterPortCache, process_alive, process_start_time
 
 #: Keyword arguments of a start request that reach the process launcher.
 _LAUNCH_KWARGS = ("stdin", "stdout", "stderr", "cwd", "independent")
@@ -38,6 +38,7 @@ class LocalClusterProvisioner(ClusterProvisioner):
         self.process: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.pgid: int | None = None
+        self._pid_start = ""
         self._connection_file = ""
 
     def needs_ports(self) -> bool:
@@ -82,6 +83,7 @@ class LocalClusterProvisioner(ClusterProvisioner):
         launch_args = {k: kwargs[k] for k in _LAUNCH_KWARGS if k in kwargs}
         self.process = launch_kernel(cmd, env=env, **launch_args)
         self.pid = self.process.pid
+        self._pid_start = process_start_time(self.pid)
         try:
             self.pgid = os.getpgid(self.pid)
         except OSError:
@@ -91,8 +93,7 @@ class LocalClusterProvisioner(ClusterProvisioner):
             await asyncio.to_thread(
                 ClusterPortCache.instance().annotate,
                 self.allocation_owner,
-                kernel_pid=self.pid,
-                kernel_start=process_start_time(self.pid),
+                **self.port_record_fields(),
             )
         self.log.debug("Kernel %s: local process %s started", self.kernel_id, self.pid)
 
@@ -101,13 +102,8 @@ class LocalClusterProvisioner(ClusterProvisioner):
             return self.process.poll()
         if self.pid is None:
             return 0
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return 0
-        except PermissionError:
-            return None
-        return None
+        # not our child (reattached): a zombie or a reused pid is an exited kernel
+        return None if process_alive(self.pid, self._pid_start) else 0
 
     async def signal_kernel(self, signum: int) -> None:
         if self.pid is None or await self.poll_kernel() is not None:
@@ -136,14 +132,23 @@ class LocalClusterProvisioner(ClusterProvisioner):
                     stream.close()
         self.process = None
         self.pid = self.pgid = None
+        self._pid_start = ""
         self._started = False
         if not restart and (self.parent is None or self.ssh_server) and self._connection_file:
             Path(self._connection_file).unlink(missing_ok=True)
 
+    def port_record_fields(self) -> dict[str, Any]:
+        if self.pid is None:
+            return {}
+        return {"kernel_pid": self.pid, "kernel_start": self._pid_start}
+
     def kernel_state(self) -> dict[str, Any]:
-        return {"pid": self.pid, "pgid": self.pgid}
+        return {"pid": self.pid, "pgid": self.pgid, "start": self._pid_start}
 
     async def load_kernel_state(self, state: dict[str, Any]) -> None:
         self.pid = state.get("pid")
         self.pgid = state.get("pgid")
+        self._pid_start = str(state.get("start") or "")
+        if self.pid is not None and not self._pid_start:
+            self._pid_start = process_start_time(self.pid)  # state of an older version
         self._started = self.pid is not None

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .connection.ports import process_alive, process_start_time
+from .connection.ports import process_alive, process_start_time, this_hostname
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,7 @@ class ServerIdentity:
     @classmethod
     @lru_cache(maxsize=1)
     def _for_pid(cls, pid: int) -> ServerIdentity:
-        return cls(socket.gethostname(), pid, process_start_time(pid) or "0")
+        return cls(this_hostname(), pid, process_start_time(pid) or "0")
 
     @classmethod
     def current(cls) -> ServerIdentity:
@@ -48,7 +47,7 @@ class ServerIdentity:
 
         Only a process of this machine can be checked; others are assumed alive.
         """
-        if self.hostname != socket.gethostname():
+        if self.hostname != this_hostname():
             return False
         return not process_alive(self.pid, "" if self.start == "0" else self.start)
 

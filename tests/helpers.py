@@ -78,6 +78,9 @@ async def execute(
             info["key"] = info["key"].encode()
         kc = AsyncKernelClient()
         kc.load_connection_info(info)
+        # its first heartbeat verdict comes after time_to_dead (1 s): leave a kernel
+        # still starting on a loaded machine time to bind
+        kc.hb_channel.time_to_dead = 10.0
     else:
         kc = kernel.client()
     kc.start_channels()

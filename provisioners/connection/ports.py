@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import random
@@ -95,23 +96,44 @@ class LocalBindProbe:
         return True
 
 
-def process_start_time(pid: int) -> str:
-    """The kernel's start tick of ``pid`` (guards against pid reuse), or '' if unknown."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` from the state on (field 3), or None if unreadable."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
-    return stat.rsplit(")", 1)[-1].split()[19]
+        return None
+    return stat.rsplit(")", 1)[-1].split()
+
+
+def process_start_time(pid: int) -> str:
+    """The kernel's start tick of ``pid`` (guards against pid reuse), or '' if unknown."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else ""
 
 
 def process_alive(pid: int, start: str) -> bool:
+    """True while ``pid`` runs and, with a known ``start`` tick, is still that process.
+
+    A zombie (ended, not yet reaped) is not alive.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return not start or process_start_time(pid) in ("", start)
+        pass
+    fields = _proc_stat(pid)
+    if not fields or len(fields) <= 19:
+        return True  # no /proc: kill(0) is all we know
+    if fields[0] in ("Z", "X"):
+        return False
+    return not start or fields[19] == start
+
+
+@functools.lru_cache(maxsize=1)
+def this_hostname() -> str:
+    """This machine's name, as port records and owner labels carry it."""
+    return socket.gethostname()
 
 
 def _kill_process_group(pid: int, start: str) -> None:
@@ -148,6 +170,11 @@ class PortStore(ABC):
         """Return live records: ``{host: {port: record}}``."""
 
     @abstractmethod
+    def adopt(self, host: str, owner: str, ports: Iterable[int], **fields: Any) -> list[int]:
+        """Record ``ports`` of ``owner`` on ``host`` as held by this process; return those
+        another owner holds."""
+
+    @abstractmethod
     def annotate(self, owner: str, **fields: Any) -> None:
         """Add JSON-safe ``fields`` to every record of ``owner`` (e.g. the kernel's pid)."""
 
@@ -161,14 +188,15 @@ class FilePortStore(PortStore):
         self.lock_path = self.directory / (STORE_FILENAME + ".lock")
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, dict[str, dict[str, Any]]]]:
+    def _locked(self, spare: str = "") -> Iterator[dict[str, dict[str, dict[str, Any]]]]:
+        """The store's data under the lock, dead holders' records reclaimed (but ``spare``'s)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             data = self._read()
             before = json.dumps(data, sort_keys=True)
-            self._reclaim_dead(data)
+            self._reclaim_dead(data, spare)
             yield data
             if json.dumps(data, sort_keys=True) != before:
                 self._write(data)
@@ -193,20 +221,26 @@ class FilePortStore(PortStore):
             json.dump(data, f)
         os.replace(tmp, self.path)
 
-    def _reclaim_dead(self, data: dict[str, dict[str, dict[str, Any]]]) -> None:
-        """Drop records of dead processes, with what their local kernels left behind.
+    def _reclaim_dead(self, data: dict[str, dict[str, dict[str, Any]]], spare: str = "") -> None:
+        """Drop records of dead processes of this machine, with what their kernels left.
 
+        Only records written on this machine (``hostname``) are judged: a runtime dir
+        shared by several machines (NFS homes) holds other machines' records, whose
+        processes cannot be checked here; they stay until their own machine reclaims them.
         A kernel's records are owned by ``kernel-<id>``; its connection file in the
         runtime dir, ``kernel-<id>.json``, is removed with them once its server is gone,
         and a local kernel process recorded with them (``kernel_pid``, ``kernel_start``)
         that outlived its server is killed: ipykernel can hang while exiting after its
         parent died.
         """
+        me = this_hostname()
         alive: dict[tuple[int, str], bool] = {}
         dead_owners: set[str] = set()
         orphaned_kernels: set[tuple[int, str]] = set()
         for ports in data.values():
             for port, record in list(ports.items()):
+                if record.get("hostname", me) != me or (spare and record.get("owner") == spare):
+                    continue
                 key = (int(record.get("pid", 0)), str(record.get("start", "")))
                 if key not in alive:
                     alive[key] = key[0] > 0 and process_alive(*key)
@@ -230,8 +264,7 @@ class FilePortStore(PortStore):
         taken: set[int],
         is_free: Callable[[int], bool] | None = None,
     ) -> list[int]:
-        pid = os.getpid()
-        record = {"owner": owner, "pid": pid, "start": process_start_time(pid), "t": time.time()}
+        record = {"owner": owner, **_holder(), "t": time.time()}
         with self._locked() as data:
             recorded = data.setdefault(host, {})
             candidates = [p for p in port_range if str(p) not in recorded and p not in taken]
@@ -263,6 +296,26 @@ class FilePortStore(PortStore):
                         freed.append(int(port))
         return freed
 
+    def adopt(self, host: str, owner: str, ports: Iterable[int], **fields: Any) -> list[int]:
+        """Make this process the holder of ``owner``'s ``ports`` on ``host``.
+
+        Existing records of ``owner`` (written by another, maybe dead, process) move to
+        this process; missing ones are recorded again. Ports recorded for another owner
+        are left alone and returned.
+        """
+        holder = {**_holder(), "t": time.time()}
+        conflicts: list[int] = []
+        with self._locked(spare=owner) as data:
+            recorded = data.setdefault(host, {})
+            for port in ports:
+                record = recorded.get(str(port))
+                if record is not None and record.get("owner") != owner:
+                    conflicts.append(int(port))
+                    continue
+                record = recorded[str(port)] = dict(record or {"owner": owner})
+                record.update(holder, **fields)
+        return conflicts
+
     def annotate(self, owner: str, **fields: Any) -> None:
         with self._locked() as data:
             for ports in data.values():
@@ -277,6 +330,12 @@ class FilePortStore(PortStore):
                 for h, ports in data.items()
                 if ports and (host is None or h == host)
             }
+
+
+def _holder() -> dict[str, Any]:
+    """The record fields naming this process: machine, pid and the pid's start tick."""
+    pid = os.getpid()
+    return {"hostname": this_hostname(), "pid": pid, "start": process_start_time(pid)}
 
 
 class ClusterPortCache:
@@ -328,6 +387,12 @@ class ClusterPortCache:
         """Return ``owner``'s ports (or only ``ports``) to the pool."""
         with self._lock:
             return self.store.release(owner, ports)
+
+    def adopt(self, host: str, owner: str, ports: Iterable[int], **fields: Any) -> list[int]:
+        """Take over ``owner``'s ``ports`` on ``host`` (a reattached kernel); return the
+        ports another owner holds."""
+        with self._lock:
+            return self.store.adopt(host, owner, ports, **fields)
 
     def annotate(self, owner: str, **fields: Any) -> None:
         """Record ``fields`` with ``owner``'s ports (a local kernel's pid, for reclaiming)."""

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +17,14 @@ from typing import Any
 
 import pytest
 
-from provisioners.connection.ports import ClusterPortCache, FilePortStore, PortRange, PortSource
+from provisioners.connection.ports import (
+    ClusterPortCache,
+    FilePortStore,
+    PortRange,
+    PortSource,
+    process_alive,
+    process_start_time,
+)
 from provisioners.exceptions import PortsExhaustedError, ProvisionerConfigError
 
 
@@ -111,8 +119,6 @@ def test_engine_sources_and_bound_ports_are_skipped(tmp_path: Path) -> None:
     got = cache.allocate(3, "k", host="node-a", port_range="25020-25024", sources=[Held()])
     assert set(got) == {25022, 25023, 25024}
     # on localhost a port some process is bound to is never handed out
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 25100))
         sock.listen()
@@ -170,3 +176,51 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_records_of_another_machine_are_never_reclaimed_here(tmp_path: Path) -> None:
+    """A runtime dir shared by several machines (NFS homes): another machine's records
+    name pids this machine cannot check. They are neither reclaimed nor handed out, and
+    that machine's connection file stays; this machine's dead records are reclaimed."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    store = {
+        "localhost": {
+            str(port): {"owner": owner, "hostname": host, "pid": dead.pid, "start": "1", "t": 0}
+            for port, owner, host in [
+                *((p, "kernel-elsewhere", "another-machine") for p in range(25300, 25305)),
+                *((p, "kernel-ours", socket.gethostname()) for p in range(25305, 25310)),
+            ]
+        }
+    }
+    (tmp_path / "cluster-provisioners-ports.json").write_text(json.dumps(store))
+    for owner in ("kernel-elsewhere", "kernel-ours"):
+        (tmp_path / f"{owner}.json").write_text("{}")
+    cache = ClusterPortCache(FilePortStore(tmp_path))
+    got = cache.allocate(5, "kernel-new", port_range="25300-25309", check_local_bind=False)
+    assert sorted(got) == list(range(25305, 25310))
+    held = cache.held("localhost")["localhost"]
+    assert {p for p, r in held.items() if r["owner"] == "kernel-elsewhere"} == set(
+        range(25300, 25305)
+    )
+    assert all(r["hostname"] == socket.gethostname() for p, r in held.items() if p in got)
+    assert (tmp_path / "kernel-elsewhere.json").exists()
+    assert not (tmp_path / "kernel-ours.json").exists()
+    with pytest.raises(PortsExhaustedError):
+        cache.allocate(1, "kernel-more", port_range="25300-25309", check_local_bind=False)
+
+
+def test_a_zombie_holder_is_not_alive(tmp_path: Path) -> None:
+    """A holder that ended but is not reaped yet (a zombie) holds nothing."""
+    holder = subprocess.Popen(["true"])
+    try:
+        start = process_start_time(holder.pid)
+        deadline = time.monotonic() + 10
+        while not _zombie(holder.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _zombie(holder.pid)
+        assert not process_alive(holder.pid, start)
+        assert not process_alive(holder.pid, "")
+        assert process_alive(os.getpid(), process_start_time(os.getpid()))
+    finally:
+        holder.wait()

@@ -22,9 +22,12 @@ REPO = Path(__file__).resolve().parents[2]
 class ServerProcess:
     """``tests/faults/server.py`` in a subprocess: a server holding ``count`` kernels."""
 
-    def __init__(self, kernel_dir: Path, name: str, count: int) -> None:
+    def __init__(
+        self, kernel_dir: Path, name: str, count: int, *, independent: bool = False
+    ) -> None:
+        args = [str(kernel_dir), name, str(count)] + (["independent"] if independent else [])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.server", str(kernel_dir), name, str(count)],
+            [sys.executable, "-m", "tests.faults.server", *args],
             cwd=REPO,
             stdout=subprocess.PIPE,
             text=True,
