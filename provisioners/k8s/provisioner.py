@@ -1,49 +1,33 @@
 """The Kubernetes target: one pod per kernel, reached on its pod IP or through a port-forward.
 
-A start creates the pod (built by :mod:`.manifests`), then the Secret holding the
-connection file, owned by the pod so the cluster deletes it with the pod; an init
-container copies the file into a memory volume the kernel may rewrite. The start waits
-on a watch (a reflector shared per namespace, plus the pod's events for progress) until
-the kernel container runs, and fails at once, in the cluster's own words, on image-pull
-errors, an unschedulable pod, a crash, or a 403. Inside the cluster the client connects
-to the pod IP; outside it, through the API server's port-forward websocket.
+This module holds the settings and the engine hooks. A start creates the pod (built by
+:mod:`.manifests`), then the Secret holding the connection file, owned by the pod so the
+cluster deletes it with the pod; an init container copies the file into a memory volume
+the kernel may rewrite. :mod:`.podstart` creates them and waits on a watch (a reflector
+shared per namespace, :mod:`.watch`) until the kernel answers, failing at once, in the
+cluster's own words, on image-pull errors, an unschedulable pod, a crash, or a 403.
+Inside the cluster the client connects to the pod IP; outside it, through the API
+server's port-forward websocket (:mod:`.portforward`). :mod:`.sweep` removes what dead
+servers left and lists our pods.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import signal
-import threading
-import time
-import uuid
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default
 
 from ..base import PORT_NAMES, ClusterProvisioner
 from ..connection.files import connection_file_content
-from ..connection.ports import LOCAL_HOST, PortSource, zmq_listens
+from ..connection.ports import LOCAL_HOST, PortSource
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from . import manifests as m
 from .client import KubeApiError, KubeClient, acquire_client, default_namespace, release_client
+from .podstart import open_forwarder, start_pod
 from .portforward import PortForwarder, pod_exec
-from .sweep import sweep_orphans
-from .watch import (
-    PodReflector,
-    StartProblem,
-    describe_progress,
-    kernel_exit_code,
-    kernel_running,
-    pod_events,
-    start_problem,
-)
-
-_PROGRESS_REASONS = frozenset({"Scheduled", "Pulling", "Pulled", "Created", "Started"})
-#: (kubeconfig, context, namespace) already swept for orphans by this process.
-_SWEPT: set[tuple[str, str, str]] = set()
-_SWEPT_LOCK = threading.Lock()
+from .sweep import list_kernel_pods, sweep_once, sweep_orphans
+from .watch import PodReflector, kernel_exit_code
 
 
 class _HeldPorts(PortSource):
@@ -276,16 +260,9 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
             await release_client(self, client)
 
     async def _sweep_once(self) -> None:
+        assert self._client is not None
         key = (self.kubeconfig, self.context, self.namespace)
-        with _SWEPT_LOCK:
-            if key in _SWEPT:
-                return
-            _SWEPT.add(key)
-        try:
-            assert self._client is not None
-            await sweep_orphans(self._client, self.namespace, self.log)
-        except (KubeApiError, ProvisionerError) as exc:
-            self.log.warning("Orphan sweep in namespace %s failed: %s", self.namespace, exc)
+        await sweep_once(key, self._client, self.namespace, self.log)
 
     async def sweep_orphans(self) -> list[str]:
         """Delete our pods and Secrets in the namespace whose server process is gone."""
@@ -302,24 +279,9 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         await self._attach()
         try:
             assert self._client is not None
-            pods = await self._client.request(
-                "GET",
-                f"/api/v1/namespaces/{self.namespace}/pods",
-                query=[("labelSelector", m.KERNEL_SELECTOR)],
-            )
+            return await list_kernel_pods(self._client, self.namespace)
         finally:
             await self._detach()
-        return [
-            {
-                "kernel_id": pod["metadata"]
-                .get("annotations", {})
-                .get(m.ANNOTATION_KERNEL_ID, "?"),
-                "target": self.target,
-                "pod": f"{self.namespace}/{pod['metadata']['name']}",
-                "phase": pod.get("status", {}).get("phase", ""),
-            }
-            for pod in pods.get("items", [])
-        ]
 
     def port_host(self) -> str:
         if self.host_network:
@@ -403,211 +365,12 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
     async def start_kernel(
         self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
     ) -> None:
-        if self._client is None or self._reflector is None:
-            await self._attach(self._mode)
-        self.timings = {"start": time.perf_counter()}
-        self.pod_name = m.pod_name(self.pod_name_prefix, uuid.uuid4().hex)
-        self.secret_name = m.secret_name_for(self.pod_name)
-        self.pod_uid = self.pod_ip = ""
-        pod = m.pod_manifest(self._pod_spec(cmd, env))
-        self.log.info(
-            "Kernel %s: creating pod %s/%s (image %s, %s)",
-            self.kernel_id,
-            self.namespace,
-            self.pod_name,
-            self.image,
-            self._mode,
-        )
-        created = await self._create("pods", pod)
-        self.timings["created"] = time.perf_counter()
-        self.pod_uid = created["metadata"]["uid"]
-        self._started = True
-        await self._create("secrets", self._secret(kernel_info, created))
-        events = asyncio.create_task(self._follow_events(self.pod_name))
-        try:
-            running = await self._wait_running()
-        finally:
-            events.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await events
-        self.timings["running"] = time.perf_counter()
-        self.pod_ip = (running.get("status") or {}).get("podIP", "")
-        if self._mode == "port-forward":
-            await self._open_forwarder()
-        if self.wait_for_port:
-            await self._wait_for_shell()
-            self.timings["listening"] = time.perf_counter()
-            if self._forwarder is not None:
-                self._forwarder.prime()
-        self.log.info("Kernel %s: pod %s is running", self.kernel_id, self.pod_name)
-
-    async def _create(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body``; retried on transient errors (409 on a retry means it was created)."""
-        assert self._client is not None
-        path = f"/api/v1/namespaces/{self.namespace}/{kind}"
-        name = body["metadata"]["name"]
-        delay = 0.2
-        for attempt in range(3):
-            try:
-                return await self._client.request("POST", path, body=body)
-            except KubeApiError as exc:
-                if exc.status == 409 and attempt:
-                    return await self._client.request("GET", f"{path}/{name}")
-                if exc.status in (0, 429, 500, 502, 503, 504) and attempt < 2:
-                    await asyncio.sleep(delay)
-                    delay *= 2
-                    continue
-                what = "Forbidden (check the RBAC rules)" if exc.status == 403 else exc.reason
-                msg = f"cannot create {kind[:-1]} {self.namespace}/{name}: {what}: {exc}"
-                raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _wait_running(self) -> dict[str, Any]:
-        """Wait on the reflector until the kernel container runs; fail fast on a lost cause."""
-        reflector = self._reflector
-        assert reflector is not None
-        name, last = self.pod_name, ""
-        seen = False
-        try:
-            while True:
-                pod = reflector.get(name)
-                if pod is not None and pod["metadata"].get("uid") == self.pod_uid:
-                    seen = True
-                    problem = start_problem(pod, unschedulable_fails=self.fail_on_unschedulable)
-                    if problem is not None:
-                        await self._fail(problem)
-                    if kernel_running(pod):
-                        return pod
-                    progress = describe_progress(pod)
-                    if progress != last:
-                        self.log.debug("Kernel %s: pod %s: %s", self.kernel_id, name, progress)
-                        last = progress
-                elif pod is None and seen:
-                    msg = f"kernel pod {self.namespace}/{name} was deleted while starting"
-                    raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
-                before = pod
-
-                def changed(before: dict[str, Any] | None = before) -> bool:
-                    return reflector.get(name) is not before
-
-                await reflector.wait_for(changed, timeout=2.0)
-        except asyncio.CancelledError:
-            self.log.warning(
-                "Kernel %s: pod %s not running in time (%s)", self.kernel_id, name, last or "?"
-            )
-            raise
-
-    async def _fail(self, problem: StartProblem) -> NoReturn:
-        """Raise the start failure for ``problem``, with the container's log tail."""
-        msg = f"kernel pod {self.namespace}/{self.pod_name} failed to start: {problem}"
-        if problem.wants_logs and problem.container:
-            tail = await self._log_tail(problem.container)
-            if tail:
-                msg += f"\n--- last lines of its log ---\n{tail}"
-        raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
-
-    async def _follow_events(self, name: str) -> None:
-        """Log the pod's events (scheduled, pulling, started, warnings) while it starts."""
-        assert self._client is not None
-        try:
-            await self._log_events(name)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # progress logs never fail a start
-            self.log.debug("Kernel %s: events of pod %s: %r", self.kernel_id, name, exc)
-
-    async def _log_events(self, name: str) -> None:
-        assert self._client is not None
-        async for event in pod_events(self._client, self.namespace, name):
-            reason, text = event.get("reason", ""), event.get("message", "")
-            if event.get("type") == "Warning":
-                # the kubelet may try the Secret volume before we created the Secret
-                ours = reason == "FailedMount" and self.secret_name in text
-                level = logging.DEBUG if ours else logging.INFO
-                self.log.log(level, "Kernel %s: pod %s: %s: %s", self.kernel_id, name, reason, text)
-            elif reason in _PROGRESS_REASONS:
-                self.log.info("Kernel %s: pod %s: %s", self.kernel_id, name, text or reason)
-
-    async def _log_tail(self, container: str, lines: int = 20) -> str:
-        """The last lines of ``container``'s log ('' when it cannot be read)."""
-        assert self._client is not None
-        path = f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}/log"
-        query = [("container", container), ("tailLines", str(lines))]
-        try:
-            return (await self._client.request_text(path, query)).strip()
-        except KubeApiError as exc:
-            self.log.debug("Kernel %s: no log of %s: %s", self.kernel_id, container, exc)
-            return ""
-
-    async def _open_forwarder(self) -> None:
-        assert self._client is not None
-        remote = [int(self._kernel_info[n]) for n in PORT_NAMES]
-        if self._forwarder is not None:
-            self._forwarder.retarget(self.pod_name)
-            if self._forwarder.remote_ports == remote and self._forwarder.local_ports:
-                return
-            await self._forwarder.stop()
-        local = remote if self._port_host == LOCAL_HOST else [0] * len(remote)
-        self._forwarder = PortForwarder(
-            self._client,
-            self.namespace,
-            self.pod_name,
-            remote,
-            local,
-            connect_timeout=self.api_timeout,
-            logger=self.log,
-        )
-        await self._forwarder.start()
-
-    async def _wait_for_shell(self) -> None:
-        """Wait until the shell port answers; fail (with the log) if the kernel ends first."""
-        reflector = self._reflector
-        assert reflector is not None
-        port = int(self._kernel_info["shell_port"])
-        try:
-            while True:
-                pod = reflector.get(self.pod_name)
-                if pod is None:
-                    msg = f"kernel pod {self.namespace}/{self.pod_name} was deleted while starting"
-                    raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
-                problem = start_problem(pod)
-                if problem is not None:
-                    await self._fail(problem)
-                if self._forwarder is not None:
-                    if await self._probe_forwarded():
-                        return
-                elif await zmq_listens(self.pod_ip, port, timeout=1.0):
-                    return
-                await asyncio.sleep(0.05)
-        except asyncio.CancelledError:
-            where = "through the port-forward" if self._forwarder else f"on {self.pod_ip}:{port}"
-            self.log.warning(
-                "Kernel %s: pod %s runs but its shell port never answered %s%s",
-                self.kernel_id,
-                self.pod_name,
-                where,
-                "" if self._forwarder else " (is the pod network reachable from this server?)",
-            )
-            raise
-
-    async def _probe_forwarded(self) -> bool:
-        """Probe the shell port through the forward; a refused port-forward fails the start."""
-        assert self._forwarder is not None
-        try:
-            return await self._forwarder.probe(0)
-        except KubeApiError as exc:
-            if exc.status in (401, 403):
-                msg = (
-                    f"port-forward to kernel pod {self.namespace}/{self.pod_name} refused "
-                    f"(grant pods/portforward, or use connection_mode='pod-ip'): {exc}"
-                )
-                raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
-            return False
+        await start_pod(self, cmd, env, kernel_info)
 
     async def kernel_address(self) -> tuple[str, dict[str, int]]:
         if self._mode == "port-forward":
             if self._forwarder is None or not self._forwarder.local_ports:
-                await self._open_forwarder()
+                await open_forwarder(self)
             assert self._forwarder is not None
             return "127.0.0.1", dict(zip(PORT_NAMES, self._forwarder.local_ports, strict=True))
         return self.pod_ip, {n: int(self._kernel_info[n]) for n in PORT_NAMES}

@@ -1,14 +1,20 @@
-"""Sweeping orphans: kernel pods and Secrets whose server process is gone."""
+"""Sweeping orphans (kernel pods and Secrets whose server process is gone), and listing."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Any
 
+from ..exceptions import ProvisionerError
 from ..owner import owner_is_gone
 from . import manifests as m
 from .client import KubeApiError, KubeClient
+
+#: (kubeconfig, context, namespace) already swept for orphans by this process.
+_SWEPT: set[tuple[str, str, str]] = set()
+_SWEPT_LOCK = threading.Lock()
 
 
 async def sweep_orphans(
@@ -55,3 +61,36 @@ async def sweep_orphans(
             deleted.append(name)
             log.info("Deleted orphaned kernel secret %s/%s", namespace, name)
     return deleted
+
+
+async def sweep_once(
+    key: tuple[str, str, str],
+    client: KubeClient,
+    namespace: str,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+) -> None:
+    """Sweep ``namespace`` the first time this process sees ``key``; log a failure."""
+    with _SWEPT_LOCK:
+        if key in _SWEPT:
+            return
+        _SWEPT.add(key)
+    try:
+        await sweep_orphans(client, namespace, log)
+    except (KubeApiError, ProvisionerError) as exc:
+        log.warning("Orphan sweep in namespace %s failed: %s", namespace, exc)
+
+
+async def list_kernel_pods(client: KubeClient, namespace: str) -> list[dict[str, Any]]:
+    """Our kernel pods in ``namespace``, as rows (kernel_id, target, pod, phase)."""
+    pods = await client.request(
+        "GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", m.KERNEL_SELECTOR)]
+    )
+    return [
+        {
+            "kernel_id": pod["metadata"].get("annotations", {}).get(m.ANNOTATION_KERNEL_ID, "?"),
+            "target": "kubernetes",
+            "pod": f"{namespace}/{pod['metadata']['name']}",
+            "phase": pod.get("status", {}).get("phase", ""),
+        }
+        for pod in pods.get("items", [])
+    ]
