@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import sys
@@ -32,6 +33,7 @@ from .connection.ports import (
     PortSource,
 )
 from .exceptions import EngineUnavailableError, ProvisionerConfigError, ProvisionerError
+from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
 from .owner import ServerIdentity
 
 if TYPE_CHECKING:
@@ -63,7 +65,15 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True,
         help="""What to do when the engine (Docker daemon, SSH host, Kubernetes API) cannot
         be reached: 'local' starts the kernel as a local process and logs a warning naming
-        the engine and the cause; 'none' raises. Other start failures never fall back.""",
+        the engine and the cause; 'none' raises. Other start failures never fall back.
+        The fallback kernel gets this target's environment policy, not the server's.""",
+    )
+    fallback_in_pod = Bool(
+        False,
+        config=True,
+        help="""Allow the local fallback when this server runs inside a Kubernetes pod.
+        Off: there a local kernel would run next to the pod's service-account token and
+        the server's secrets, so the start is refused instead.""",
     )
     launch_timeout = Float(
         60.0,
@@ -173,6 +183,9 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.spec_name = spec_name
         self.owner = ServerIdentity.current()
         self._runner: ClusterProvisioner = self
+        #: On a local fallback runner: the target it replaces, and why.
+        self.fallback_for = ""
+        self.fallback_cause = ""
         self._ports: list[int] = []
         self._port_host = LOCAL_HOST
         self._kernel_info: dict[str, Any] = {}
@@ -310,10 +323,15 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             )
         try:
             self._kernel_info = runner._kernel_info = self._build_kernel_info(runner)
-            extra_arguments = kwargs.pop("extra_arguments", [])
+            extra_arguments = list(kwargs.pop("extra_arguments", []))
+            if runner.fallback_for:
+                argv = list(self.command or self.kernel_spec.argv)
+                notice = notice_text(self.target, runner.fallback_cause)
+                extra_arguments += notice_arguments(argv, notice)
             kwargs["cmd"] = await runner.prepare_command(self._kernel_info, extra_arguments)
+            requested = _requested_env(kwargs.get("env"))
             kwargs = await super().pre_launch(**kwargs)
-            kwargs["env"] = self._kernel_env(kwargs.get("env", {}), runner)
+            kwargs["env"] = self._kernel_env(kwargs.get("env", {}), runner, requested)
         except BaseException:
             self._release_ports()
             raise
@@ -403,6 +421,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 "version": PROVISIONER_INFO_VERSION,
                 "target": self.target,
                 "runner": self._runner.target,
+                "fallback_cause": self._runner.fallback_cause,
                 "connection_info": connection,
                 "kernel_info": _json_safe(self._kernel_info),
                 "ports": list(self._ports),
@@ -428,7 +447,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._ports = list(provisioner_info.get("ports", []))
         self._port_host = provisioner_info.get("port_host", LOCAL_HOST)
         if provisioner_info.get("runner", self.target) != self.target:
-            self._runner = self._make_local_runner()
+            self._runner = self._make_local_runner(provisioner_info.get("fallback_cause", ""))
         self._runner._kernel_info = self._kernel_info
         await self._runner.load_kernel_state(provisioner_info.get("state", {}))
         if self._runner.has_kernel():
@@ -474,6 +493,11 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except EngineUnavailableError as exc:
             if self.fallback != "local":
                 raise
+            if in_kubernetes_pod() and not self.fallback_in_pod:
+                msg = refusal_in_pod(self.target, str(exc))
+                raise EngineUnavailableError(
+                    msg, target=self.target, kernel_id=self.kernel_id
+                ) from exc
             self.log.warning(
                 "Kernel %s: the %s engine is unreachable (%s); starting the kernel locally "
                 "(fallback = 'local')",
@@ -481,10 +505,11 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.target,
                 exc,
             )
-            return self._make_local_runner()
+            return self._make_local_runner(str(exc))
         return self
 
-    def _make_local_runner(self) -> ClusterProvisioner:
+    def _make_local_runner(self, cause: str) -> ClusterProvisioner:
+        """The local fallback, with this target's environment policy (not the server's)."""
         from .local import LocalClusterProvisioner
 
         runner = LocalClusterProvisioner(
@@ -492,7 +517,9 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         )
         runner.port_range = self.port_range
         runner.env = dict(self.env)
-        runner.inherit_server_env = True
+        runner.inherit_server_env = self.inherit_server_env
+        runner.fallback_for = self.target
+        runner.fallback_cause = cause
         return runner
 
     def _build_kernel_info(self, runner: ClusterProvisioner) -> dict[str, Any]:
@@ -509,15 +536,24 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info.update(dict(zip(PORT_NAMES, self._ports or [0] * 5, strict=True)))
         return info
 
-    def _kernel_env(self, env: dict[str, str], runner: ClusterProvisioner) -> dict[str, str]:
-        """Keep the server's environment out of a remote kernel's (unless configured)."""
+    def _kernel_env(
+        self, env: dict[str, str], runner: ClusterProvisioner, requested: set[str]
+    ) -> dict[str, str]:
+        """Keep the server's environment out of a remote kernel's (unless configured).
+
+        ``KERNEL_*`` and ``JPY_SESSION_NAME`` are taken from the start request only
+        (``requested``), never from the server's own environment.
+        """
         if not (self.inherit_server_env or runner.inherit_server_env):
             spec_env = set(getattr(self.kernel_spec, "env", {}) or {})
             env = {
                 k: v
                 for k, v in env.items()
-                if k in spec_env or k.startswith("KERNEL_") or k == "JPY_SESSION_NAME"
+                if k in spec_env
+                or (k in requested and (k.startswith("KERNEL_") or k == "JPY_SESSION_NAME"))
             }
+            if runner.fallback_for:
+                env = fallback_env(env)
         env.update(self.env)
         return env
 
@@ -554,6 +590,12 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self._ports:
             ClusterPortCache.instance().release(self.allocation_owner)
             self._ports = []
+
+
+def _requested_env(env: dict[str, str] | None) -> set[str]:
+    """Names the start request itself set: jupyter_server passes the server's environment
+    along with them, so a value equal to the server's own is the server's."""
+    return {k for k, v in (env or {}).items() if os.environ.get(k) != v}
 
 
 def _substitute(arg: str, values: dict[str, str]) -> str:

@@ -128,13 +128,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for host, ports in ClusterPortCache.instance().held().items():
         owners: dict[str, list[int]] = {}
+        fallbacks: dict[str, str] = {}
         for port, record in ports.items():
             owners.setdefault(record["owner"], []).append(port)
+            if record.get("fallback_for"):
+                fallbacks[record["owner"]] = record["fallback_for"]
         for owner, held in sorted(owners.items()):
             if owner.startswith("kernel-"):
-                rows.append(
-                    {"kernel_id": owner[7:], "target": "ports", "host": host, "ports": sorted(held)}
-                )
+                row = {"kernel_id": owner[7:], "target": "ports", "host": host}
+                if owner in fallbacks:  # a local kernel standing in for an unreachable engine
+                    row.update(target="local", fallback_for=fallbacks[owner])
+                rows.append({**row, "ports": sorted(held)})
     seen = set()
     for spec_name, row in asyncio.run(_over_kernelspecs(args.kernel_dir, "list_kernels")):
         key = (row.get("target"), row.get("kernel_id"))

@@ -140,7 +140,8 @@ class LocalClusterProvisioner(ClusterProvisioner):
     def port_record_fields(self) -> dict[str, Any]:
         if self.pid is None:
             return {}
-        return {"kernel_pid": self.pid, "kernel_start": self._pid_start}
+        fallback = {"fallback_for": self.fallback_for} if self.fallback_for else {}
+        return {"kernel_pid": self.pid, "kernel_start": self._pid_start, **fallback}
 
     def kernel_state(self) -> dict[str, Any]:
         return {"pid": self.pid, "pgid": self.pgid, "start": self._pid_start}

@@ -386,6 +386,13 @@ def test_rendered_kinds(render, scenario: str) -> None:
         (["--set", "kernels.extraNamespaces[0]=Not_A_Namespace"], "extraNamespaces"),
         (["--set", "server.extraArgs[0]=--IdentityProvider.token=abc"], "extraArgs"),
         (["--set", "noSuchValue=1"], "noSuchValue"),
+        (
+            [
+                "--set",
+                "kernels.kernelspecs.python3.metadata.kernel_provisioner.config.fallback=local",
+            ],
+            "fallback",
+        ),
         (["--set", "ingress.enabeld=true"], "enabeld"),
         (
             ["--set-json", 'kernels.kernelspecs={"bad/name":{"argv":["x"],"display_name":"x"}}'],
@@ -832,6 +839,9 @@ def test_kernelspecs(render, scenario: str) -> None:
     provisioner = default["metadata"]["kernel_provisioner"]
     assert provisioner["provisioner_name"] == "cluster-kubernetes-provisioner"
     assert provisioner["config"]["image"] == values["kernels"]["image"]
+    # A local fallback would run a kernel inside the server pod: never by default.
+    assert provisioner["config"]["fallback"] == "none"
+    assert _load_config(rendered).ClusterProvisioner.fallback == "none"
     # Each key is mounted as <name>/kernel.json.
     (volume,) = [v for v in rendered.server_pod["spec"]["volumes"] if v["name"] == "kernelspecs"]
     items = {i["key"]: i["path"] for i in volume["configMap"]["items"]}

@@ -24,6 +24,8 @@ from tests.targets import TargetCase, resolve
 SERVER_SECRETS = {
     "JUPYTER_TOKEN": "server-token-do-not-leak",
     "AWS_SECRET_ACCESS_KEY": "aws-secret-do-not-leak",
+    # KERNEL_* only from the start request, never from the server's own environment
+    "KERNEL_SERVER_SECRET": "server-kernel-var-do-not-leak",
 }
 
 _MARK = uuid.uuid4().hex[:8]
@@ -68,6 +70,7 @@ async def test_server_environment_never_reaches_the_kernel(
         kernel_env = json.loads(out["stdout"])
         for name in SERVER_SECRETS:
             assert name not in kernel_env, f"{name} leaked into the {target.name} kernel"
+        count("server env leaks checked", target.name, len(SERVER_SECRETS))
         assert kernel_env["KERNEL_USERNAME"] == "alice"
         assert kernel_env["FROM_SPEC"] == "spec-value"
     finally:

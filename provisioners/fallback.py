@@ -1,0 +1,74 @@
+"""The local fallback: when it may run, what it passes on, and how the user learns of it.
+
+A fallback kernel replaces a remote one: it gets the environment policy of the target it
+replaces (never the server's whole environment), it is refused inside a Kubernetes pod
+unless the kernelspec asks for it, its port records name the target it replaces (so
+``jupyter-provisioners list`` shows it), and an IPython kernel prints a notice in the
+output of its first execution.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Where Kubernetes mounts a pod's service-account token.
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+#: What a local process needs to run at all, and that carries no secret; a container's
+#: image or a remote login gives its kernel the same.
+PROCESS_BASICS = ("PATH", "LANG", "LC_ALL")
+#: The notice is cut to this many characters of the engine's error.
+_CAUSE_CHARS = 300
+
+# Run once by the kernel at start (IPython's exec_lines): prints the notice to stderr
+# during the first execution, so the notebook shows it in that cell's output.
+_NOTICE_CODE = """
+def _notice(*_args):
+    ip.events.unregister('pre_run_cell', _notice)
+    import sys
+    print(message, file=sys.stderr, flush=True)
+ip.events.register('pre_run_cell', _notice)
+"""
+
+
+def in_kubernetes_pod() -> bool:
+    """True when this server runs inside a Kubernetes pod (the API's service env or the
+    service-account token is there)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or SERVICE_ACCOUNT_TOKEN.exists()
+
+
+def refusal_in_pod(target: str, cause: str) -> str:
+    """The error text when a fallback would run inside this server's pod."""
+    return (
+        f"the {target} engine is unreachable ({cause}); the local fallback is refused "
+        "because this server runs in a Kubernetes pod, where a local kernel would run next "
+        "to the pod's service-account token and the server's secrets. Fix the engine, or "
+        "set 'fallback_in_pod = true' in the kernelspec to allow it anyway"
+    )
+
+
+def notice_text(target: str, cause: str) -> str:
+    """What the person at the notebook is told about a fallback kernel."""
+    cause = cause if len(cause) <= _CAUSE_CHARS else cause[:_CAUSE_CHARS] + "..."
+    return (
+        f"[cluster-provisioners] This kernel is NOT running on {target}: the {target} engine "
+        f"was unreachable ({cause}), so it runs as a local process on the Jupyter server "
+        "(fallback = 'local'). Its files, packages and resources are the server's."
+    )
+
+
+def notice_arguments(argv: list[str], message: str) -> list[str]:
+    """Extra kernel arguments that print ``message`` on the first execution.
+
+    Only an IPython kernel (ipykernel) understands them; other kernels get none and the
+    server log's warning is the only notice.
+    """
+    if not any("ipykernel" in arg for arg in argv):
+        return []
+    line = f"exec({_NOTICE_CODE!r}, {{'ip': get_ipython(), 'message': {message!r}}})"
+    return [f"--IPKernelApp.exec_lines={line}"]
+
+
+def fallback_env(env: dict[str, str]) -> dict[str, str]:
+    """The process basics of the server's environment a local fallback kernel needs."""
+    return {name: os.environ[name] for name in PROCESS_BASICS if name in os.environ} | env
