@@ -33,6 +33,7 @@ from .connection.ports import (
     PortSource,
 )
 from .exceptions import EngineUnavailableError, ProvisionerConfigError, ProvisionerError
+from .executor import EngineExecutor
 from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
 from .owner import ServerIdentity
 
@@ -52,6 +53,9 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     #: Short engine name used in logs, errors, labels and the CLI.
     target: ClassVar[str] = "base"
+    #: The engine's own bounded thread pool: every blocking call of this engine (and
+    #: the port allocation for its host) runs there, never in asyncio's default one.
+    executor: ClassVar[EngineExecutor] = EngineExecutor("base", max_workers=4)
 
     port_range = Unicode(
         DEFAULT_PORT_RANGE,
@@ -313,7 +317,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         runner = self._runner
         if not self._ports and runner.needs_ports():
             self._port_host = runner.port_host()
-            self._ports = await asyncio.to_thread(
+            self._ports = await runner.executor.run(
                 ClusterPortCache.instance().allocate,
                 runner.kernel_ports,
                 self.allocation_owner,
@@ -472,7 +476,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """
         if not self._ports:
             return
-        conflicts = await asyncio.to_thread(
+        conflicts = await self._runner.executor.run(
             ClusterPortCache.instance().adopt,
             self._port_host,
             self.allocation_owner,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -15,15 +14,20 @@ from traitlets import Bool
 from .base import ClusterProvisioner
 from .connection.files import launch_kernel, write_connection_file
 from .connection.ports import ClusterPortCache, process_alive, process_start_time
+from .executor import EngineExecutor
 
 #: Keyword arguments of a start request that reach the process launcher.
 _LAUNCH_KWARGS = ("stdin", "stdout", "stderr", "cwd", "independent")
+
+#: The local target's blocking calls (port store, process waits).
+LOCAL_EXECUTOR = EngineExecutor("local", max_workers=4)
 
 
 class LocalClusterProvisioner(ClusterProvisioner):
     """Starts the kernel as a local subprocess, with ports from the cluster-aware cache."""
 
     target: ClassVar[str] = "local"
+    executor: ClassVar[EngineExecutor] = LOCAL_EXECUTOR
 
     inherit_server_env = Bool(
         True,
@@ -90,7 +94,7 @@ class LocalClusterProvisioner(ClusterProvisioner):
             self.pgid = None
         self._started = True
         if self.needs_ports():  # so a dead server's kernel can be reclaimed with its ports
-            await asyncio.to_thread(
+            await self.executor.run(
                 ClusterPortCache.instance().annotate,
                 self.allocation_owner,
                 **self.port_record_fields(),
@@ -124,7 +128,7 @@ class LocalClusterProvisioner(ClusterProvisioner):
             if self.process.poll() is None:
                 await self.stop_kernel(force=True)
             try:
-                await asyncio.to_thread(self.process.wait, 5)
+                await self.executor.run(self.process.wait, 5)
             except subprocess.TimeoutExpired:
                 self.log.warning("Kernel %s: process %s did not exit", self.kernel_id, self.pid)
             for stream in (self.process.stdin, self.process.stdout, self.process.stderr):

@@ -26,6 +26,7 @@ from typing import Any
 import paramiko
 
 from ..exceptions import TunnelError
+from ..executor import EngineExecutor
 from .sshconnect import (
     BUFSIZE,
     DEFAULT_CONNECT_TIMEOUT,
@@ -50,6 +51,7 @@ __all__ = [
     "ENV_CONNECT_TIMEOUT",
     "ENV_KNOWN_HOSTS",
     "KEEPALIVE_INTERVAL",
+    "SSH_EXECUTOR",
     "THREAD_PREFIX",
     "CommandResult",
     "SSHLink",
@@ -61,6 +63,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 #: After a failed (re)connect, further attempts fail at once for this many seconds.
 _RECONNECT_BACKOFF = 1.0
+#: The SSH engine's threads: every blocking call on a link from async code (the SSH
+#: target's commands and SFTP, every kernel's tunnels) runs here, never in asyncio's
+#: default executor, so a frozen host holds SSH threads only.
+SSH_EXECUTOR = EngineExecutor("ssh", max_workers=16)
 
 
 class SSHLink:

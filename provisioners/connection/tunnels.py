@@ -16,7 +16,6 @@ Provisioners use :class:`KernelTunnels`, configured from their ``ssh_*`` traits.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from .forwarding import ForwardServer
 from .ports import DEFAULT_PORT_RANGE
 from .sshconnect import SSHSettings, env_connect_timeout
-from .sshlink import SSHLink
+from .sshlink import SSH_EXECUTOR, SSHLink
 
 if TYPE_CHECKING:
     from ..base import ClusterProvisioner
@@ -136,11 +135,11 @@ class KernelTunnels:
 
     async def open(self, remote_ip: str, ports: Mapping[str, int]) -> dict[str, int]:
         """Forward each named remote port of ``remote_ip``; return the local ports."""
-        return await asyncio.to_thread(self._open, remote_ip, dict(ports))
+        return await SSH_EXECUTOR.run(self._open, remote_ip, dict(ports))
 
     async def close(self) -> None:
         """Close the listeners and relays and release the SSH link."""
-        await asyncio.to_thread(self._close)
+        await SSH_EXECUTOR.run(self._close)
 
     start = open
     stop = close

@@ -26,6 +26,7 @@ from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
 
 from ..connection.ports import PortSource
 from ..exceptions import EngineUnavailableError, KernelStartError
+from ..executor import EngineExecutor
 from ..owner import owner_is_gone
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -50,6 +51,8 @@ UNSAFE_NAME = re.compile(r"[^a-zA-Z0-9_.-]")
 #: Daemons (by port host key) already swept for orphans by this process.
 _SWEPT: set[str] = set()
 _SWEPT_LOCK = threading.Lock()
+#: Every blocking docker-py call of the Docker target runs here (see provisioners.executor).
+DOCKER_EXECUTOR = EngineExecutor("docker", max_workers=8)
 
 ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import os
 import posixpath
@@ -31,8 +30,10 @@ from ..base import PORT_NAMES, ClusterProvisioner
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource, zmq_listens
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
+from ..executor import EngineExecutor
 from .engine import (
     CREATE_KEYS,
+    DOCKER_EXECUTOR,
     ENGINE_ERRORS,
     GPUS_SPEC,
     LABEL_KERNEL_ID,
@@ -62,6 +63,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
     """Starts each kernel in a Docker container and publishes its five ports."""
 
     target: ClassVar[str] = "docker"
+    executor: ClassVar[EngineExecutor] = DOCKER_EXECUTOR
 
     image = Unicode(
         "", config=True, help="Image the kernel runs in (required); it needs only a stock kernel."
@@ -223,7 +225,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
 
     async def _docker(self) -> docker.DockerClient:
         if self._client is None:
-            self._client = await asyncio.to_thread(
+            self._client = await self.executor.run(
                 connect_docker,
                 self.docker_host,
                 timeout=self.api_timeout,
@@ -234,8 +236,8 @@ class DockerClusterProvisioner(ClusterProvisioner):
     async def check_engine(self) -> None:
         client = await self._docker()
         try:
-            await asyncio.to_thread(ping, client, self.connect_timeout)
-            self._daemon_key = await asyncio.to_thread(self._host_key, client)
+            await self.executor.run(ping, client, self.connect_timeout)
+            self._daemon_key = await self.executor.run(self._host_key, client)
         except ENGINE_ERRORS as exc:
             self._close_client()
             msg = f"Docker daemon {self.docker_host or '(local)'} is unreachable: {exc}"
@@ -326,8 +328,8 @@ class DockerClusterProvisioner(ClusterProvisioner):
         content = connection_file_content(kernel_info)
         archive = connection_archive(posixpath.basename(folder), content, uid, gid)
         try:
-            await asyncio.to_thread(container.put_archive, posixpath.dirname(folder), archive)
-            await asyncio.to_thread(container.start)
+            await self.executor.run(container.put_archive, posixpath.dirname(folder), archive)
+            await self.executor.run(container.start)
         except ENGINE_ERRORS as exc:
             msg = f"container {name} from image {self.image!r} failed to start: {exc}"
             raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
@@ -341,13 +343,10 @@ class DockerClusterProvisioner(ClusterProvisioner):
         await self._watch_start(client)
 
     async def _create(self, client: docker.DockerClient, args: dict[str, Any]) -> Any:
-        loop = asyncio.get_running_loop()
         for attempt in range(2):
             # Shielded: if the start is cancelled (launch_timeout) while the daemon creates
             # the container, remove_kernel still learns its id from the pending call.
-            self._pending_create = loop.run_in_executor(
-                None, functools.partial(client.containers.create, **args)
-            )
+            self._pending_create = self.executor.submit(client.containers.create, **args)
             try:
                 return await asyncio.shield(self._pending_create)
             except docker.errors.ImageNotFound as exc:
@@ -369,7 +368,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
         repository, tag = docker.utils.parse_repository_tag(self.image)
         self.log.info("Kernel %s: pulling image %s", self.kernel_id, self.image)
         try:
-            await asyncio.to_thread(client.images.pull, repository, tag=tag or "latest")
+            await self.executor.run(client.images.pull, repository, tag=tag or "latest")
         except ENGINE_ERRORS as exc:
             msg = f"cannot pull image {self.image!r} (pull_policy={self.pull_policy!r}): {exc}"
             raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
@@ -384,13 +383,13 @@ class DockerClusterProvisioner(ClusterProvisioner):
         if name.isdigit():
             uid, gid = int(name), 0
         else:
-            found = lookup_id(await asyncio.to_thread(read_file, container, "/etc/passwd"), name)
+            found = lookup_id(await self.executor.run(read_file, container, "/etc/passwd"), name)
             if found is not None:
                 uid, gid = found
         if group.isdigit():
             gid = int(group)
         elif group:
-            found = lookup_id(await asyncio.to_thread(read_file, container, "/etc/group"), group)
+            found = lookup_id(await self.executor.run(read_file, container, "/etc/group"), group)
             gid = found[0] if found else gid
         if uid is None:
             self.log.warning(
@@ -433,19 +432,19 @@ class DockerClusterProvisioner(ClusterProvisioner):
             await asyncio.sleep(_PROBE_INTERVAL)
 
     async def _container_ip(self, client: docker.DockerClient) -> str:
-        attrs = await asyncio.to_thread(client.api.inspect_container, self.container_id)
+        attrs = await self.executor.run(client.api.inspect_container, self.container_id)
         networks = attrs.get("NetworkSettings", {}).get("Networks") or {}
         if self.network in networks:
             return networks[self.network].get("IPAddress") or ""
         return next((n["IPAddress"] for n in networks.values() if n.get("IPAddress")), "")
 
     async def _state(self, client: docker.DockerClient) -> dict[str, Any]:
-        attrs = await asyncio.to_thread(client.api.inspect_container, self.container_id)
+        attrs = await self.executor.run(client.api.inspect_container, self.container_id)
         return dict(attrs.get("State") or {})
 
     async def _raise_exited(self, client: docker.DockerClient, state: dict[str, Any]) -> None:
         try:
-            raw = await asyncio.to_thread(client.api.logs, self.container_id, tail=20)
+            raw = await self.executor.run(client.api.logs, self.container_id, tail=20)
             logs = raw.decode(errors="replace").strip()
         except ENGINE_ERRORS as exc:
             logs = f"(logs unavailable: {exc})"
@@ -463,13 +462,13 @@ class DockerClusterProvisioner(ClusterProvisioner):
     async def sweep_orphans(self) -> list[str]:
         """Remove our containers on this daemon whose server process is gone."""
         client = await self._docker()
-        removed = await asyncio.to_thread(sweep_orphans, client, self.log)
+        removed = await self.executor.run(sweep_orphans, client, self.log)
         return [f"container {container_id[:12]}" for container_id in removed]
 
     async def list_kernels(self) -> list[dict[str, Any]]:
         """Our kernel containers on this daemon."""
         client = await self._docker()
-        found = await asyncio.to_thread(
+        found = await self.executor.run(
             client.api.containers,
             all=True,
             filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"},
@@ -506,7 +505,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
             return
         name = signal.Signals(signum).name
         try:
-            await asyncio.to_thread(self._client.api.kill, self.container_id, signal=name)
+            await self.executor.run(self._client.api.kill, self.container_id, signal=name)
         except docker.errors.NotFound:
             return
         except docker.errors.APIError as exc:
@@ -539,7 +538,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
         """Remove the container (and its anonymous volumes); one retry, then a warning."""
         for attempt in range(2):
             try:
-                await asyncio.to_thread(
+                await self.executor.run(
                     client.api.remove_container, self.container_id, v=True, force=True
                 )
             except docker.errors.NotFound:

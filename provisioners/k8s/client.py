@@ -26,7 +26,11 @@ from kubernetes_asyncio.client import ApiClient, Configuration
 from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
 
 from ..exceptions import EngineUnavailableError, ProvisionerError
+from ..executor import EngineExecutor
 
+#: The Kubernetes target's threads, for the few blocking calls it makes (the port store):
+#: its API calls are asynchronous.
+KUBERNETES_EXECUTOR = EngineExecutor("kubernetes", max_workers=4)
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _RETRY_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)

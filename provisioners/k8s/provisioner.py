@@ -22,8 +22,16 @@ from ..base import PORT_NAMES, ClusterProvisioner
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
+from ..executor import EngineExecutor
 from . import manifests as m
-from .client import KubeApiError, KubeClient, acquire_client, default_namespace, release_client
+from .client import (
+    KUBERNETES_EXECUTOR,
+    KubeApiError,
+    KubeClient,
+    acquire_client,
+    default_namespace,
+    release_client,
+)
 from .podstart import open_forwarder, start_pod
 from .portforward import PortForwarder, pod_exec
 from .sweep import list_kernel_pods, sweep_once, sweep_orphans
@@ -44,6 +52,7 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
     """Starts each kernel in its own pod of a Kubernetes namespace."""
 
     target: ClassVar[str] = "kubernetes"
+    executor: ClassVar[EngineExecutor] = KUBERNETES_EXECUTOR
 
     image = Unicode("", config=True, help="Kernel image (any image with a stock Jupyter kernel).")
     image_pull_policy = CaselessStrEnum(

@@ -34,8 +34,15 @@ from traitlets import Float, Int, Unicode, default
 from ..base import ClusterProvisioner
 from ..connection.files import connection_file_content
 from ..connection.ports import PortSource
-from ..connection.sshlink import CommandResult, SSHLink, SSHSettings, format_server
+from ..connection.sshlink import (
+    SSH_EXECUTOR,
+    CommandResult,
+    SSHLink,
+    SSHSettings,
+    format_server,
+)
 from ..exceptions import KernelStartError, ProvisionerError, TunnelError
+from ..executor import EngineExecutor
 from .remote import (
     DEFAULT_REMOTE_RUNTIME_DIR,
     KERNEL_DIR_PREFIX,
@@ -75,6 +82,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
     """Starts the kernel on a remote host over SSH and reaches it through SSH tunnels."""
 
     target: ClassVar[str] = "ssh"
+    executor: ClassVar[EngineExecutor] = SSH_EXECUTOR
 
     host = Unicode(
         "", config=True, help="Host name or IP of the remote host the kernel runs on (required)."
@@ -167,18 +175,18 @@ class SSHClusterProvisioner(ClusterProvisioner):
     async def _get_link(self) -> SSHLink:
         async with self._link_lock:
             if self._link is None or self._link.closed:
-                self._link = await asyncio.to_thread(SSHLink.acquire, self.settings())
+                self._link = await self.executor.run(SSHLink.acquire, self.settings())
             return self._link
 
     async def _release_link(self) -> None:
         async with self._link_lock:
             link, self._link = self._link, None
         if link is not None:
-            await asyncio.to_thread(link.release)
+            await self.executor.run(link.release)
 
     async def _run(self, script: str, *, timeout: float | None = None) -> CommandResult:
         link = await self._get_link()
-        return await asyncio.to_thread(link.sh, script, timeout=timeout or self.command_timeout)
+        return await self.executor.run(link.sh, script, timeout=timeout or self.command_timeout)
 
     @property
     def kernel_dir(self) -> str:
@@ -195,7 +203,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
     async def check_engine(self) -> None:
         """Connect; unreachable host → :class:`SSHUnreachableError` (fallback allowed)."""
         link = await self._get_link()
-        await asyncio.to_thread(link.transport)
+        await self.executor.run(link.transport)
 
     def port_host(self) -> str:
         return f"ssh:{self.host.lower()}"
@@ -233,7 +241,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
         link = await self._get_link()
         # the upload's SFTP session opens meanwhile (it may start a login shell too)
         result, _ = await asyncio.gather(
-            self._run(script), asyncio.to_thread(link.warm_sftp, self.command_timeout)
+            self._run(script), self.executor.run(link.warm_sftp, self.command_timeout)
         )
         where = self.settings().address
         if result.returncode == _NO_INTERPRETER:
@@ -280,7 +288,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
             raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
         launcher = self._launcher(cmd, env, cwd)
         link = await self._get_link()
-        await asyncio.to_thread(
+        await self.executor.run(
             self._upload,
             link,
             {
@@ -436,14 +444,14 @@ class SSHClusterProvisioner(ClusterProvisioner):
 
     async def sweep_orphans(self) -> list[str]:
         """Kill the kernels of dead servers on this host and remove their directories."""
-        removed = await asyncio.to_thread(
+        removed = await self.executor.run(
             sweep_orphans, self.host, log=self.log, **self._host_config()
         )
         return [f"ssh kernel {self.host}:{kernel_dir}" for kernel_dir in removed]
 
     async def list_kernels(self) -> list[dict[str, Any]]:
         """Our kernels on this host, whichever server started them."""
-        found = await asyncio.to_thread(list_remote_kernels, self.host, **self._host_config())
+        found = await self.executor.run(list_remote_kernels, self.host, **self._host_config())
         return [
             {
                 "kernel_id": kernel.kernel_id,
