@@ -223,6 +223,10 @@ def create_args(
     cpu_limit: float = 0.0,
     memory_limit: str = "",
     gpus: str = "",
+    cap_drop: Sequence[str] = (),
+    cap_add: Sequence[str] = (),
+    no_new_privileges: bool = False,
+    pids_limit: int = 0,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``containers.create`` (no I/O).
@@ -250,6 +254,10 @@ def create_args(
         "nano_cpus": int(cpu_limit * 1e9),
         "mem_limit": memory_limit,
         "device_requests": parse_gpus(gpus),
+        "cap_drop": list(cap_drop),
+        "cap_add": list(cap_add),
+        "security_opt": ["no-new-privileges:true"] if no_new_privileges else [],
+        "pids_limit": pids_limit,
     }
     args.update({k: v for k, v in optional.items() if v})
     args.update(extra or {})

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import docker
-from traitlets import Bool, CaselessStrEnum, Dict, Float, List, Unicode, default
+from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, default
 
 from ..base import PORT_NAMES, ClusterProvisioner
 from ..connection.files import connection_file_content
@@ -130,6 +130,31 @@ class DockerClusterProvisioner(ClusterProvisioner):
     gpus = Unicode(
         "", config=True, help="GPUs as in 'docker run --gpus': '', 'all', a count, or 'device=0,1'."
     )
+    cap_drop = List(
+        Unicode(),
+        default_value=["ALL"],
+        config=True,
+        help="""Linux capabilities dropped from the kernel container (default: all of them; a
+        stock ipykernel needs none). [] keeps Docker's default set.""",
+    )
+    cap_add = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="Linux capabilities given back to the kernel container (e.g. ['NET_RAW']).",
+    )
+    no_new_privileges = Bool(
+        True,
+        config=True,
+        help="""Run the kernel with 'no-new-privileges': setuid/setgid binaries and file
+        capabilities cannot raise its privileges.""",
+    )
+    pids_limit = Int(
+        4096,
+        config=True,
+        help="""Most processes and threads the kernel container may run (a fork bomb stops
+        there); 0: no limit.""",
+    )
     labels = Dict(
         value_trait=Unicode(),
         default_value={},
@@ -189,6 +214,12 @@ class DockerClusterProvisioner(ClusterProvisioner):
             raise self.config_error("mounts", "every mount needs a 'Target'")
         if self.cpu_limit < 0:
             raise self.config_error("cpu_limit", "must be >= 0")
+        if self.pids_limit < 0:
+            raise self.config_error("pids_limit", "must be >= 0 (0: no limit)")
+        for key in ("cap_drop", "cap_add"):
+            bad = [c for c in getattr(self, key) if not re.fullmatch(r"[A-Za-z_]+", c)]
+            if bad:
+                raise self.config_error(key, f"{bad} are not capability names (e.g. 'NET_RAW')")
         if self.memory_limit:
             try:
                 docker.utils.parse_bytes(self.memory_limit)
@@ -302,6 +333,10 @@ class DockerClusterProvisioner(ClusterProvisioner):
             cpu_limit=self.cpu_limit,
             memory_limit=self.memory_limit,
             gpus=self.gpus,
+            cap_drop=self.cap_drop,
+            cap_add=self.cap_add,
+            no_new_privileges=self.no_new_privileges,
+            pids_limit=self.pids_limit,
             extra=self.extra_create_args,
         )
 

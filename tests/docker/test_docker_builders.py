@@ -64,6 +64,9 @@ def test_create_args_as_data() -> None:
         "nano_cpus": 1_500_000_000,
         "mem_limit": "2g",
         "device_requests": [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])],
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "pids_limit": 4096,
         "shm_size": "1g",
     }
     assert "secret-key" not in json.dumps(args, default=str)

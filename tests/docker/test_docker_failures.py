@@ -82,6 +82,8 @@ async def test_unreachable_daemon_without_fallback_raises(kernel_manager) -> Non
         ({"cpu_limit": -1}, "cpu_limit"),
         ({"gpus": "some"}, "gpus"),
         ({"pull_policy": "sometimes"}, "pull_policy"),
+        ({"pids_limit": -1}, "pids_limit"),
+        ({"cap_drop": ["ALL; rm -rf /"]}, "cap_drop"),
         ({"publish_ip": "localhost"}, "publish_ip"),
         ({"volumes": ["data"]}, "volumes"),
         ({"mounts": [{"Type": "tmpfs"}]}, "mounts"),

@@ -134,3 +134,38 @@ async def test_provisioner_info_reconnects(docker_kernels) -> None:
     assert tracker.containers(km.kernel_id) == []
     await km.shutdown_kernel(now=True)  # the original manager copes with a gone container
     assert ClusterPortCache.instance().held() == {}
+
+
+_PRIVILEGES = (
+    "import re; s = open('/proc/self/status').read(); "
+    "print(re.search(r'CapEff:\\s*(\\w+)', s)[1], re.search(r'NoNewPrivs:\\s*(\\d)', s)[1], "
+    "open('/sys/fs/cgroup/pids.max').read().strip() if __import__('os').path.exists("
+    "'/sys/fs/cgroup/pids.max') else open('/sys/fs/cgroup/pids/pids.max').read().strip())"
+)
+
+
+async def test_kernel_container_is_locked_down_by_default(docker_kernels, docker_client) -> None:
+    """A stock ipykernel runs with no capabilities, no-new-privileges and a pids limit;
+    each of the three can be turned off."""
+    make, _ = docker_kernels
+    km = make()
+    await km.start_kernel()
+    try:
+        container = docker_client.containers.get(km.provisioner.runner.container_id)
+        host = container.attrs["HostConfig"]
+        assert host["CapDrop"] == ["ALL"], host["CapDrop"]
+        assert "no-new-privileges:true" in (host["SecurityOpt"] or [])
+        assert host["PidsLimit"] == 4096
+        out = await execute(km, _PRIVILEGES)
+        assert out["stdout"].split() == ["0000000000000000", "1", "4096"], out
+        await interrupt_busy_loop(km)  # SIGINT still reaches a kernel without capabilities
+    finally:
+        await km.shutdown_kernel()
+
+    loose = make({"cap_drop": [], "no_new_privileges": False, "pids_limit": 0})
+    await loose.start_kernel()
+    try:
+        cap_eff, no_new_privs, pids_max = (await execute(loose, _PRIVILEGES))["stdout"].split()
+        assert cap_eff != "0000000000000000" and no_new_privs == "0" and pids_max == "max"
+    finally:
+        await loose.shutdown_kernel()
