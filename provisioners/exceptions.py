@@ -64,3 +64,8 @@ class SSHUnreachableError(TunnelError, EngineUnavailableError):
     Also an :class:`EngineUnavailableError`, so an SSH target may fall back to a local
     kernel; host-key and authentication errors never do.
     """
+
+
+class ForwardingRefusedError(TunnelError, KernelStartError):
+    """The SSH server refuses to forward TCP connections (``AllowTcpForwarding no``),
+    so the kernel's channels cannot be reached through it."""

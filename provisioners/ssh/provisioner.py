@@ -41,7 +41,7 @@ from ..connection.sshlink import (
     SSHSettings,
     format_server,
 )
-from ..exceptions import KernelStartError, ProvisionerError, TunnelError
+from ..exceptions import ForwardingRefusedError, KernelStartError, ProvisionerError, TunnelError
 from ..executor import EngineExecutor
 from .remote import (
     DEFAULT_REMOTE_RUNTIME_DIR,
@@ -58,6 +58,7 @@ from .remote import (
     shell_quote,
     sweep_orphans,
 )
+from .startup import exit_report_script, forwarded_zmq_listens
 
 __all__ = [
     "DEFAULT_REMOTE_RUNTIME_DIR",
@@ -324,6 +325,38 @@ class SSHClusterProvisioner(ClusterProvisioner):
         self.log.info(
             "Kernel %s: started on %s as pid %s in %s", self.kernel_id, where, self._pid, kernel_dir
         )
+        await self._await_ready(int(kernel_info["hb_port"]))
+
+    async def _await_ready(self, hb_port: int) -> None:
+        """Return once the kernel's heartbeat answers through the SSH server.
+
+        Fails at once, naming the cause, when the server refuses to forward TCP
+        connections, and with the end of the kernel's log when the kernel exits first
+        (a missing module, a wrong interpreter, bad arguments).
+        """
+        assert self._pid is not None
+        where = self.settings().address
+        log_file = posixpath.join(self._kernel_dir, "kernel.log")
+        link = await self._get_link()
+        while True:
+            try:
+                if await self.executor.run(
+                    forwarded_zmq_listens, link, self.kernel_bind_ip(), hb_port, 1.0
+                ):
+                    return
+            except ForwardingRefusedError as exc:
+                exc.target, exc.kernel_id = self.target, self.kernel_id
+                raise
+            result = await self._run(exit_report_script(self._pid, self._start_tick, log_file))
+            status, _, log = result.stdout.partition("\n")
+            if status.strip() == "gone":
+                self._exit_reported = True
+                msg = (
+                    f"the kernel exited on {where} while starting (pid {self._pid}); "
+                    f"the last lines of its log:\n{log.rstrip() or '(empty)'}"
+                )
+                raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+            await asyncio.sleep(0.2)
 
     def _launcher(self, cmd: list[str], env: dict[str, str], cwd: str) -> str:
         lines = ["# cluster-provisioners kernel launcher (generated)"]

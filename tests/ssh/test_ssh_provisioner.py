@@ -21,6 +21,7 @@ from provisioners.connection.sshlink import SSHLink
 from provisioners.connection.tunnels import KERNEL_PORT_NAMES
 from provisioners.exceptions import (
     EngineUnavailableError,
+    ForwardingRefusedError,
     HostKeyError,
     KernelStartError,
     SSHAuthenticationError,
@@ -28,7 +29,13 @@ from provisioners.exceptions import (
 from provisioners.owner import ServerIdentity
 from provisioners.ssh import SSHClusterProvisioner, sweep_orphans
 from tests.helpers import execute
-from tests.ssh.conftest import SSH_PROVISIONER, async_wait_until, execute_info, pid_alive
+from tests.ssh.conftest import (
+    SSH_PROVISIONER,
+    async_wait_until,
+    execute_info,
+    pid_alive,
+    start_sshd,
+)
 
 pytestmark = pytest.mark.ssh
 
@@ -249,20 +256,69 @@ async def test_missing_remote_interpreter_is_named(
     assert not km.has_kernel and list(remote_runtime.iterdir()) == []
 
 
-async def test_a_kernel_dying_at_start_is_reported_with_its_log(
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        ([sys.executable, "-m", "no_such_kernel_module", "-f", "{connection_file}"], "No module"),
+        (
+            [sys.executable, "-c", "raise SystemExit('no kernel here')", "{connection_file}"],
+            "no kernel here",
+        ),
+        (
+            [
+                sys.executable,
+                "-m",
+                "ipykernel_launcher",
+                "--no-such-flag",
+                "-f",
+                "{connection_file}",
+            ],
+            "no-such-flag",
+        ),
+    ],
+    ids=["missing-module", "wrong-program", "bad-argv"],
+)
+async def test_a_kernel_dying_at_start_fails_the_start_with_its_log(
     kernel_manager: Any,
     ssh_config: dict[str, Any],
     remote_runtime: Path,
-    caplog: pytest.LogCaptureFixture,
+    argv: list[str],
+    said: str,
 ) -> None:
-    argv = [sys.executable, "-c", "raise SystemExit('no kernel here')", "{connection_file}"]
+    """The start itself fails, within seconds, with the end of the remote kernel log; the
+    kernel's directory, its ports and the SSH link are gone (checked after each test)."""
     km = kernel_manager(SSH_PROVISIONER, ssh_config, argv=argv)
-    await km.start_kernel()
-    with pytest.raises(RuntimeError, match="died"):
-        await execute(km, "1", timeout=20)
-    assert "no kernel here" in caplog.text and "exited" in caplog.text
-    await km.shutdown_kernel()
+    started = time.monotonic()
+    with pytest.raises(KernelStartError, match="exited") as failure:
+        await km.start_kernel()
+    assert time.monotonic() - started < 15
+    assert said in str(failure.value) and "last lines of its log" in str(failure.value)
     assert list(remote_runtime.iterdir()) == []
+
+
+async def test_an_sshd_refusing_forwarding_fails_the_start_by_name(
+    kernel_manager: Any, ssh_config: dict[str, Any], remote_runtime: Path, tmp_path: Path
+) -> None:
+    """'AllowTcpForwarding no': the start probes the heartbeat through the SSH server and
+    fails naming the cause, instead of succeeding with tunnels that never connect."""
+    refusing = start_sshd(
+        tmp_path / "no-forwarding", extra_config=["Match all", "    AllowTcpForwarding no"]
+    )
+    try:
+        config = dict(
+            ssh_config,
+            port=refusing.port,
+            key_file=str(refusing.user_key_path),
+            ssh_known_hosts=str(refusing.known_hosts_path),
+        )
+        km = kernel_manager(SSH_PROVISIONER, config)
+        started = time.monotonic()
+        with pytest.raises(ForwardingRefusedError, match="AllowTcpForwarding"):
+            await km.start_kernel()
+        assert time.monotonic() - started < 15
+        assert not km.has_kernel and list(remote_runtime.iterdir()) == []
+    finally:
+        refusing.stop()
 
 
 async def test_unreachable_host_falls_back_to_a_local_kernel(
