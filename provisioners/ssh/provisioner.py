@@ -26,10 +26,11 @@ import getpass
 import posixpath
 import re
 import signal
+import threading
 from typing import Any, ClassVar
 
 import paramiko
-from traitlets import Float, Int, Unicode, default
+from traitlets import Bool, Float, Int, Unicode, default
 
 from ..base import ClusterProvisioner
 from ..connection.files import connection_file_content
@@ -77,6 +78,9 @@ _REMOTE_ERRORS = (TunnelError, paramiko.SSHException, EOFError, OSError)
 _NO_INTERPRETER = 127
 _NO_CWD = 3
 _NO_DIR = 4
+#: Hosts (host, port, user, runtime dir) this process has swept for orphans.
+_SWEPT: set[tuple[str, int, str, str]] = set()
+_SWEPT_LOCK = threading.Lock()
 
 
 class SSHClusterProvisioner(ClusterProvisioner):
@@ -110,6 +114,13 @@ class SSHClusterProvisioner(ClusterProvisioner):
     )
     command_timeout = Float(
         30.0, config=True, help="Seconds each remote command or SFTP operation may take."
+    )
+    sweep_on_start = Bool(
+        True,
+        config=True,
+        help="""Kill the kernels of dead servers of this machine on the host and remove their
+        directories (in remote_runtime_dir), once per process, when the first kernel starts
+        there.""",
     )
 
     def __init__(self, **kwargs: Any) -> None:
@@ -260,9 +271,22 @@ class SSHClusterProvisioner(ClusterProvisioner):
         self._kernel_dir = posixpath.join(runtime, kernel_dir_name(self.kernel_id))
         return self.format_command(argv, extra_arguments)
 
+    async def _sweep_once(self) -> None:
+        """Sweep this host's orphans the first time this process starts a kernel there."""
+        key = (self.host.lower(), self.port, self.user, self.remote_runtime_dir)
+        with _SWEPT_LOCK:
+            if not self.sweep_on_start or key in _SWEPT:
+                return
+            _SWEPT.add(key)
+        try:
+            await self.sweep_orphans()
+        except (*_REMOTE_ERRORS, ProvisionerError) as exc:
+            self.log.warning("Sweeping orphaned SSH kernels on %s failed: %s", self.host, exc)
+
     async def start_kernel(
         self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
     ) -> None:
+        await self._sweep_once()
         kernel_dir = self._kernel_dir
         runtime = posixpath.dirname(kernel_dir)
         cwd = posixpath.normpath(expand_home(self.remote_cwd or "~", self._home))
@@ -516,3 +540,23 @@ class SSHClusterProvisioner(ClusterProvisioner):
         self._started = self._pid is not None
         if self._started:
             await self._get_link()
+            await self._take_ownership()
+
+    async def _take_ownership(self) -> None:
+        """Name this server as the reattached kernel's owner, so sweeps keep it."""
+        if not is_kernel_dir(self._kernel_dir):
+            return
+        owner_file = shell_quote(self._kernel_dir + "/owner")
+        script = (
+            f"[ -d {shell_quote(self._kernel_dir)} ] || exit 0\n"
+            f"printf '%s\\n' {shell_quote(self.owner)} > {owner_file}.new && "
+            f"mv -f -- {owner_file}.new {owner_file}\n"
+        )
+        result = await self._run(script)
+        if result.returncode != 0:
+            self.log.warning(
+                "Kernel %s: cannot record this server as its owner on %s: %s",
+                self.kernel_id,
+                self.host,
+                result.stderr.strip(),
+            )

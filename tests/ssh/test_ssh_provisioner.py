@@ -28,7 +28,7 @@ from provisioners.exceptions import (
 )
 from provisioners.owner import ServerIdentity
 from provisioners.ssh import SSHClusterProvisioner, sweep_orphans
-from tests.helpers import execute
+from tests.helpers import execute, write_kernelspec
 from tests.ssh.conftest import (
     SSH_PROVISIONER,
     async_wait_until,
@@ -405,4 +405,41 @@ async def test_sweep_orphans_removes_only_dead_owners(
     finally:
         subprocess.run(["rm", "-rf", str(live)], check=True)
     await orphaned.shutdown_kernel(now=True)  # nothing left to remove: no error
+    assert list(remote_runtime.iterdir()) == []
+
+
+async def test_a_first_start_sweeps_dead_servers_kernels_but_keeps_reattached_ones(
+    kernel_manager: Any, ssh_config: dict[str, Any], remote_runtime: Path, tmp_path: Path
+) -> None:
+    """A server with two SSH kernels is SIGKILLed. This process reattaches one of them
+    (it becomes that kernel's owner), then starts a kernel of its own on the host: that
+    first start sweeps the other, orphaned kernel and keeps the reattached one."""
+    from tests.faults.test_faults import ServerProcess
+
+    kernel_dir = tmp_path / "kernels"
+    write_kernelspec(kernel_dir, "victim", SSH_PROVISIONER, ssh_config)
+    victim = ServerProcess(kernel_dir, "victim", 2).wait_ready()
+    victim.kill()
+    victim.stop()
+    kept, orphan = victim.kernels
+    orphan_pid, orphan_dir = orphan["info"]["state"]["pid"], orphan["info"]["state"]["kernel_dir"]
+    assert pid_alive(orphan_pid) and Path(orphan_dir).exists()
+
+    reattached = SSHClusterProvisioner(kernel_id=kept["kernel_id"], kernel_spec=None, **ssh_config)
+    await reattached.load_provisioner_info(kept["info"])
+    km = kernel_manager(SSH_PROVISIONER, ssh_config)
+    await km.start_kernel()
+    try:
+        assert await async_wait_until(lambda: not pid_alive(orphan_pid), timeout=10)
+        assert not Path(orphan_dir).exists()
+        assert sorted(p.name for p in remote_runtime.iterdir()) == sorted(
+            Path(d).name for d in (reattached.kernel_dir, km.provisioner.kernel_dir)
+        )
+        out = await execute_info(dict(reattached.connection_info), "print('kept')")
+        assert out["stdout"] == "kept\n"
+        assert (await execute(km, "print('new')"))["stdout"] == "new\n"
+    finally:
+        await km.shutdown_kernel()
+        await reattached.kill()
+        await reattached.cleanup()
     assert list(remote_runtime.iterdir()) == []
