@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -34,6 +35,7 @@ from .connection.ports import (
 )
 from .exceptions import EngineUnavailableError, ProvisionerConfigError, ProvisionerError
 from .executor import EngineExecutor
+from .failed_start import as_start_error, forget_failed_start
 from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
 from .owner import ServerIdentity
 
@@ -130,13 +132,25 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         10.0, config=True, help="Seconds to wait for the SSH server to connect and authenticate."
     )
     shutdown_wait_time = Float(
-        5.0,
+        None,
+        allow_none=True,
         config=True,
-        help="Seconds jupyter_client waits for a graceful shutdown before terminating.",
+        help="""Seconds jupyter_client waits for a graceful shutdown before terminating the
+        kernel (half of it), then killing it. Unset: the kernel manager's own
+        shutdown_wait_time (5 s by default). A value set here wins, lower or higher.""",
     )
     kernel_ports = Int(5, help="How many ports a kernel needs (shell, iopub, stdin, hb, control).")
 
     def __init__(self, **kwargs: Any) -> None:
+        try:
+            self._configure(dict(kwargs))
+        except ProvisionerConfigError:
+            # Raised inside the manager's start: the server must not keep the kernel.
+            kernel_id = str(kwargs.get("kernel_id") or "")
+            forget_failed_start(kwargs.get("parent"), kernel_id, logging.getLogger(__name__))
+            raise
+
+    def _configure(self, kwargs: dict[str, Any]) -> None:
         kernel_spec = kwargs.get("kernel_spec")
         spec_name = getattr(kernel_spec, "name", "") or getattr(kernel_spec, "display_name", "")
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k not in _FACTORY_KEYS}
@@ -191,6 +205,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.fallback_for = ""
         self.fallback_cause = ""
         self._ports: list[int] = []
+        self._next_ports: list[int] = []
         self._port_host = LOCAL_HOST
         self._kernel_info: dict[str, Any] = {}
         self._tunnels: KernelTunnels | None = None
@@ -224,6 +239,19 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def needs_ports(self) -> bool:
         """False where the kernel needs no allocated TCP ports (e.g. ipc transport)."""
         return True
+
+    def reached_on_own_ports(self) -> bool:
+        """True when a client reaches the kernel on its allocated ports, at an address
+        that a restart keeps (so the restarted kernel's address is known before it starts).
+        """
+        return False
+
+    def server_path(self, path: str) -> str | None:
+        """``path`` as the kernel sees it, as an existing file of this server, or None.
+
+        A remote kernel's files are not the server's: None unless a target can map them.
+        """
+        return None
 
     def kernel_bind_ip(self) -> str:
         """The IP the kernel binds, as written in its own connection file."""
@@ -311,7 +339,23 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Pick the runner, allocate ports, build connection info, command and env."""
-        if not self._restarting:
+        try:
+            return await self._pre_launch(**kwargs)
+        except Exception as exc:
+            error = self._start_failed(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    async def _pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        if self._restarting:
+            # Before any await: the kernel manager zeroed its ports for newports=True.
+            discarded = self._take_next_ports()
+            if discarded:
+                await asyncio.to_thread(
+                    ClusterPortCache.instance().release, self.allocation_owner, discarded
+                )
+        else:
             self._runner = await self._select_runner()
         self._restarting = False
         runner = self._runner
@@ -366,13 +410,19 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 _describe(exc),
             )
             await self._teardown(restart=False)
+            if not isinstance(exc, Exception):
+                raise
             if isinstance(exc, asyncio.TimeoutError):
                 msg = (
                     f"{runner.target} kernel {self.kernel_id} did not start within "
                     f"launch_timeout={self.launch_timeout:g} s"
                 )
-                raise ProvisionerError(msg, target=runner.target, kernel_id=self.kernel_id) from exc
-            raise
+                error = ProvisionerError(msg, target=runner.target, kernel_id=self.kernel_id)
+                raise self._start_failed(error) from exc
+            error = self._start_failed(exc)
+            if error is exc:
+                raise
+            raise error from exc
         return self.connection_info
 
     async def poll(self) -> int | None:
@@ -410,9 +460,25 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def cleanup(self, restart: bool = False) -> None:
         await self._teardown(restart=restart)
         self._restarting = restart
+        if restart:
+            await self._reserve_next_ports()
+
+    def resolve_path(self, path_str: str) -> str | None:
+        """``path_str`` as the kernel sees it, resolved to an existing file of this server.
+
+        A local kernel (or the local fallback) resolves it as jupyter_client's
+        LocalProvisioner does: ``~`` expanded, relative to the kernel's working directory,
+        None unless the file exists. A remote kernel's path names a file of its
+        container, pod or host, which the server cannot open: None, except where the
+        target maps it onto a server file (Docker bind mounts of a local daemon).
+        """
+        return self._runner.server_path(path_str)
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
-        return max(recommended, self.shutdown_wait_time)
+        """This provisioner's ``shutdown_wait_time`` if set, else jupyter_client's value."""
+        if self.shutdown_wait_time is None:
+            return recommended
+        return max(0.0, float(self.shutdown_wait_time))
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         """JSON-safe, versioned state (the HMAC key as text) for reconnecting later."""
@@ -490,6 +556,60 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 conflicts,
                 self._port_host,
             )
+
+    def _start_failed(self, exc: Exception) -> ProvisionerError:
+        """Our named error for a failed start; the failed kernel leaves the server's map."""
+        error = as_start_error(exc, target=self._runner.target, kernel_id=self.kernel_id)
+        forget_failed_start(self.parent, self.kernel_id, self.log)
+        return error
+
+    async def _reserve_next_ports(self) -> None:
+        """Hold a fresh set of ports for a restart that asks for new ones (newports).
+
+        jupyter_client zeroes the manager's ports after ``cleanup`` and only then starts
+        the kernel again; :meth:`_take_next_ports` hands these over without an await, so
+        no client (Jupyter Server reconnecting a notebook) ever reads port 0.
+        """
+        self._next_ports = []
+        if not self._ports or not self._runner.needs_ports():
+            return
+        try:
+            self._next_ports = await asyncio.to_thread(
+                ClusterPortCache.instance().allocate,
+                len(self._ports),
+                self.allocation_owner,
+                host=self._port_host,
+                port_range=self.port_range,
+                sources=self._runner.port_sources(),
+            )
+        except ProvisionerError as exc:
+            self.log.debug("Kernel %s: no spare ports for a restart: %s", self.kernel_id, exc)
+
+    def _take_next_ports(self) -> list[int]:
+        """Switch to the reserved ports if the manager asked for new ones; sync on purpose.
+
+        Sets the manager's ports to where the restarted kernel will be reached, so they
+        are never 0. Returns the ports to give back (the old set, or the unused spare).
+        """
+        spare, self._next_ports = self._next_ports, []
+        km = self.parent
+        if not spare or not hasattr(km, "cleanup_random_ports"):
+            return spare
+        if not any(getattr(km, name, None) == 0 for name in PORT_NAMES):
+            return spare  # newports=False: same ports, same connection file
+        old, self._ports = self._ports, spare
+        client: dict[str, Any] = dict(self.connection_info)
+        ports: list[int] = [int(client.get(name, 0)) for name in PORT_NAMES]
+        # Through tunnels the client ports stay; if the address is unknown until the
+        # kernel starts, the old ports stay too: stale for a moment, never 0.
+        tunneled = self._tunnels is not None and self._runner is self
+        if not tunneled and self._runner.reached_on_own_ports():
+            ports = spare
+        for name, port in zip(PORT_NAMES, ports, strict=True):
+            if port and getattr(km, name, None) == 0:
+                setattr(km, name, port)
+        self.log.debug("Kernel %s: restarting on new ports", self.kernel_id)
+        return old
 
     async def _select_runner(self) -> ClusterProvisioner:
         try:
@@ -591,9 +711,10 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self._release_ports()
 
     def _release_ports(self) -> None:
-        if self._ports:
+        if self._ports or self._next_ports:
             ClusterPortCache.instance().release(self.allocation_owner)
             self._ports = []
+            self._next_ports = []
 
 
 def _requested_env(env: dict[str, str] | None) -> set[str]:

@@ -59,7 +59,12 @@ def build_kernelspec(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_kernelspec_install(args: argparse.Namespace) -> int:
     spec = build_kernelspec(args)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "kernel.json").write_text(json.dumps(spec, indent=2))
+        # The temp dir is 0700 and install copies modes: a spec is public (0755/0644),
+        # like jupyter_client's, so other users of a shared prefix can read it.
+        kernel_json = Path(tmp) / "kernel.json"
+        kernel_json.write_text(json.dumps(spec, indent=2))
+        kernel_json.chmod(0o644)
+        Path(tmp).chmod(0o755)
         dest = KernelSpecManager().install_kernel_spec(
             tmp, kernel_name=args.name, user=args.user, prefix=args.prefix
         )

@@ -1,19 +1,46 @@
-"""Named errors raised by cluster-provisioners, all under one base class."""
+"""Named errors raised by cluster-provisioners, all under one base class.
+
+Every error is also a tornado ``HTTPError`` (tornado comes with jupyter_client), so
+Jupyter Server answers a failed ``POST /api/kernels`` with the error's own words and an
+HTTP status, instead of ``500 "Unhandled error"``. ``str(error)`` stays the plain message.
+"""
 
 from __future__ import annotations
 
+from typing import ClassVar
 
-class ProvisionerError(RuntimeError):
+from tornado.web import HTTPError
+
+
+class ProvisionerError(RuntimeError, HTTPError):
     """Base class of every error this package raises on purpose.
 
     ``target`` names the engine (``local``, ``docker``, ``ssh``, ``kubernetes``) and
-    ``kernel_id`` the kernel, where they are known.
+    ``kernel_id`` the kernel, where they are known. ``status_code`` is the HTTP status a
+    Jupyter Server answers with when the error ends a request.
     """
 
+    #: HTTP status of a request this error ends (see the module docstring).
+    http_status: ClassVar[int] = 500
+
     def __init__(self, message: str, *, target: str = "", kernel_id: str = "") -> None:
-        super().__init__(message)
+        RuntimeError.__init__(self, message)
+        self.status_code = self.http_status
+        self.reason: str | None = None
         self.target = target
         self.kernel_id = kernel_id
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    @property
+    def log_message(self) -> str:
+        """The message, as Jupyter Server puts it in its JSON error reply."""
+        return str(self)
+
+    def get_message(self) -> str:
+        """The message, as tornado logs it (never %-formatted)."""
+        return str(self)
 
 
 class ProvisionerConfigError(ProvisionerError, ValueError):
@@ -37,6 +64,8 @@ class EngineUnavailableError(ProvisionerError):
     This is the only error that allows the local fallback.
     """
 
+    http_status = 503
+
 
 class KernelStartError(ProvisionerError):
     """The engine was reached but the kernel could not be started (bad image, crash...)."""
@@ -44,6 +73,8 @@ class KernelStartError(ProvisionerError):
 
 class PortsExhaustedError(ProvisionerError):
     """No free ports are left in the configured range for a host."""
+
+    http_status = 503
 
 
 class TunnelError(ProvisionerError):

@@ -44,9 +44,20 @@ class LocalClusterProvisioner(ClusterProvisioner):
         self.pgid: int | None = None
         self._pid_start = ""
         self._connection_file = ""
+        self.cwd: str | None = None
 
     def needs_ports(self) -> bool:
         return getattr(self.parent, "transport", "tcp") == "tcp"
+
+    def reached_on_own_ports(self) -> bool:
+        return not self.ssh_server
+
+    def server_path(self, path: str) -> str | None:
+        """As jupyter_client's LocalProvisioner: relative to the kernel's cwd, if it exists."""
+        resolved = Path(path).expanduser()
+        if not resolved.is_absolute() and self.cwd:
+            resolved = (Path(self.cwd) / resolved).resolve()
+        return resolved.as_posix() if resolved.exists() else None
 
     def kernel_bind_ip(self) -> str:
         return getattr(self.parent, "ip", "") or "127.0.0.1"
@@ -85,6 +96,7 @@ class LocalClusterProvisioner(ClusterProvisioner):
         self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
     ) -> None:
         launch_args = {k: kwargs[k] for k in _LAUNCH_KWARGS if k in kwargs}
+        self.cwd = kwargs.get("cwd")
         self.process = launch_kernel(cmd, env=env, **launch_args)
         self.pid = self.process.pid
         self._pid_start = process_start_time(self.pid)

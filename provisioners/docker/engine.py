@@ -18,6 +18,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -303,3 +304,34 @@ def signal_number(name: str | None) -> signal.Signals:
         return signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
     except (KeyError, ValueError):
         return signal.SIGTERM
+
+
+def host_path_of(
+    path: str, volumes: Sequence[str], mounts: Sequence[dict[str, Any]], working_dir: str = ""
+) -> str | None:
+    """The existing host file a container sees at ``path`` through a bind mount, or None.
+
+    ``volumes`` are 'SOURCE:TARGET[:MODE]' strings and ``mounts`` Docker API mounts; only
+    binds of absolute host paths count. A relative ``path`` is taken from
+    ``working_dir`` (None without it); ``..`` never leaves a mount.
+    """
+    if path.startswith("~"):
+        return None
+    if not path.startswith("/"):
+        if not working_dir:
+            return None
+        path = posixpath.join(working_dir, path)
+    path = posixpath.normpath(path)
+    binds = [(v.split(":")[0], v.split(":")[1]) for v in volumes if v.startswith("/")]
+    binds += [
+        (str(m["Source"]), str(m["Target"]))
+        for m in mounts
+        if m.get("Type") == "bind" and str(m.get("Source", "")).startswith("/")
+    ]
+    for source, target in sorted(binds, key=lambda bind: len(bind[1]), reverse=True):
+        inside = posixpath.relpath(path, posixpath.normpath(target))
+        if inside == ".." or inside.startswith("../"):
+            continue
+        local = Path(source, inside).resolve()
+        return local.as_posix() if local.exists() else None
+    return None

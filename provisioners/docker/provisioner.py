@@ -47,6 +47,7 @@ from .engine import (
     connect_docker,
     connection_archive,
     create_args,
+    host_path_of,
     kernel_labels,
     lookup_id,
     ping,
@@ -298,6 +299,15 @@ class DockerClusterProvisioner(ClusterProvisioner):
 
     def kernel_bind_ip(self) -> str:
         return "0.0.0.0"
+
+    def reached_on_own_ports(self) -> bool:
+        return not self.connect_via_container_ip  # published ports: same address
+
+    def server_path(self, path: str) -> str | None:
+        """A container path under a bind mount of a local daemon, as the server's file."""
+        if not self._is_local_daemon():
+            return None
+        return host_path_of(path, self.volumes, self.mounts, self.working_dir)
 
     def kernel_connection_file(self) -> str:
         return f"/tmp/jupyter-kernel-{UNSAFE_NAME.sub('-', self.kernel_id)}/connection.json"

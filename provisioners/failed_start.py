@@ -1,0 +1,49 @@
+"""What a failed kernel start leaves to the person and to the server that asked for it.
+
+Two things jupyter_client and Jupyter Server do not do on their own:
+
+- the cause reaches the person: any error of a start becomes one of our named errors
+  (every one of them is a tornado ``HTTPError``, see :mod:`provisioners.exceptions`),
+  so ``POST /api/kernels`` answers with the engine's own words, not "Unhandled error";
+- the server can still shut down: ``MultiKernelManager`` keeps a kernel whose start
+  failed in its pending map forever, and Jupyter Server's ``shutdown_all`` then dies on
+  it with "Kernel does not exist". :func:`forget_failed_start` drops that entry.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .exceptions import KernelStartError, ProvisionerError
+
+
+def as_start_error(exc: Exception, *, target: str, kernel_id: str) -> ProvisionerError:
+    """``exc`` itself when it is one of ours, else a :class:`KernelStartError` naming it."""
+    if isinstance(exc, ProvisionerError):
+        if not exc.kernel_id:
+            exc.kernel_id = kernel_id
+        return exc
+    cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    msg = f"{target} kernel {kernel_id} did not start: {cause}"
+    return KernelStartError(msg, target=target, kernel_id=kernel_id)
+
+
+def forget_failed_start(kernel_manager: Any, kernel_id: str, log: logging.Logger) -> None:
+    """Drop ``kernel_id`` from its multi-kernel manager's pending map after a failed start.
+
+    Without pending kernels (Jupyter Server's default) a failed start is never added to
+    the manager's kernels, but stays in ``_pending_kernels``: ``shutdown_all`` then asks
+    Jupyter Server to stop a kernel it does not know, which raises "Kernel does not
+    exist" and ends the server's shutdown early. With ``use_pending_kernels`` the kernel
+    is listed and jupyter_client removes it itself, so it is left alone.
+    """
+    manager = getattr(kernel_manager, "parent", None)
+    pending = getattr(manager, "_pending_kernels", None)
+    kernels = getattr(manager, "_kernels", None)
+    if not isinstance(pending, dict) or not isinstance(kernels, dict):
+        return
+    if kernel_id in kernels or kernel_id not in pending:
+        return
+    pending.pop(kernel_id, None)
+    log.debug("Kernel %s: failed start removed from the pending kernels", kernel_id)
