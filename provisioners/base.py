@@ -37,6 +37,7 @@ from .exceptions import EngineUnavailableError, ProvisionerConfigError, Provisio
 from .executor import EngineExecutor
 from .failed_start import as_start_error, forget_failed_start
 from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
+from .newports import SparePorts
 from .owner import ServerIdentity
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.fallback_for = ""
         self.fallback_cause = ""
         self._ports: list[int] = []
-        self._next_ports: list[int] = []
+        self._spare_ports = SparePorts()
         self._port_host = LOCAL_HOST
         self._kernel_info: dict[str, Any] = {}
         self._tunnels: KernelTunnels | None = None
@@ -350,7 +351,8 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         if self._restarting:
             # Before any await: the kernel manager zeroed its ports for newports=True.
-            discarded = self._take_next_ports()
+            tunneled = self._tunnels is not None and self._runner is self
+            self._ports, discarded = self._spare_ports.take(self, tunneled)
             if discarded:
                 await asyncio.to_thread(
                     ClusterPortCache.instance().release, self.allocation_owner, discarded
@@ -461,7 +463,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         await self._teardown(restart=restart)
         self._restarting = restart
         if restart:
-            await self._reserve_next_ports()
+            await self._spare_ports.reserve(self)
 
     def resolve_path(self, path_str: str) -> str | None:
         """``path_str`` as the kernel sees it, resolved to an existing file of this server.
@@ -529,6 +531,16 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     # ------------------------------------------------------------------ internals
 
     @property
+    def kernel_port_list(self) -> list[int]:
+        """The ports allocated to the kernel (empty before a start)."""
+        return list(self._ports)
+
+    @property
+    def kernel_port_host(self) -> str:
+        """The host the kernel's ports are allocated on."""
+        return self._port_host
+
+    @property
     def allocation_owner(self) -> str:
         """The port cache owner of this kernel's ports."""
         return f"kernel-{self.kernel_id}"
@@ -562,54 +574,6 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         error = as_start_error(exc, target=self._runner.target, kernel_id=self.kernel_id)
         forget_failed_start(self.parent, self.kernel_id, self.log)
         return error
-
-    async def _reserve_next_ports(self) -> None:
-        """Hold a fresh set of ports for a restart that asks for new ones (newports).
-
-        jupyter_client zeroes the manager's ports after ``cleanup`` and only then starts
-        the kernel again; :meth:`_take_next_ports` hands these over without an await, so
-        no client (Jupyter Server reconnecting a notebook) ever reads port 0.
-        """
-        self._next_ports = []
-        if not self._ports or not self._runner.needs_ports():
-            return
-        try:
-            self._next_ports = await asyncio.to_thread(
-                ClusterPortCache.instance().allocate,
-                len(self._ports),
-                self.allocation_owner,
-                host=self._port_host,
-                port_range=self.port_range,
-                sources=self._runner.port_sources(),
-            )
-        except ProvisionerError as exc:
-            self.log.debug("Kernel %s: no spare ports for a restart: %s", self.kernel_id, exc)
-
-    def _take_next_ports(self) -> list[int]:
-        """Switch to the reserved ports if the manager asked for new ones; sync on purpose.
-
-        Sets the manager's ports to where the restarted kernel will be reached, so they
-        are never 0. Returns the ports to give back (the old set, or the unused spare).
-        """
-        spare, self._next_ports = self._next_ports, []
-        km = self.parent
-        if not spare or not hasattr(km, "cleanup_random_ports"):
-            return spare
-        if not any(getattr(km, name, None) == 0 for name in PORT_NAMES):
-            return spare  # newports=False: same ports, same connection file
-        old, self._ports = self._ports, spare
-        client: dict[str, Any] = dict(self.connection_info)
-        ports: list[int] = [int(client.get(name, 0)) for name in PORT_NAMES]
-        # Through tunnels the client ports stay; if the address is unknown until the
-        # kernel starts, the old ports stay too: stale for a moment, never 0.
-        tunneled = self._tunnels is not None and self._runner is self
-        if not tunneled and self._runner.reached_on_own_ports():
-            ports = spare
-        for name, port in zip(PORT_NAMES, ports, strict=True):
-            if port and getattr(km, name, None) == 0:
-                setattr(km, name, port)
-        self.log.debug("Kernel %s: restarting on new ports", self.kernel_id)
-        return old
 
     async def _select_runner(self) -> ClusterProvisioner:
         try:
@@ -711,10 +675,10 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self._release_ports()
 
     def _release_ports(self) -> None:
-        if self._ports or self._next_ports:
+        if self._ports or self._spare_ports.ports:
             ClusterPortCache.instance().release(self.allocation_owner)
             self._ports = []
-            self._next_ports = []
+            self._spare_ports.ports = []
 
 
 def _requested_env(env: dict[str, str] | None) -> set[str]:
