@@ -354,7 +354,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             tunneled = self._tunnels is not None and self._runner is self
             self._ports, discarded = self._spare_ports.take(self, tunneled)
             if discarded:
-                await asyncio.to_thread(
+                await self._runner.executor.run(
                     ClusterPortCache.instance().release, self.allocation_owner, discarded
                 )
         else:

@@ -13,7 +13,6 @@ kernel will be reached on into the manager at once.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from .connection.ports import ClusterPortCache
@@ -38,7 +37,7 @@ class SparePorts:
         if not provisioner.kernel_port_list or not runner.needs_ports():
             return
         try:
-            self.ports = await asyncio.to_thread(
+            self.ports = await runner.executor.run(
                 ClusterPortCache.instance().allocate,
                 len(provisioner.kernel_port_list),
                 provisioner.allocation_owner,
