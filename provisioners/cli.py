@@ -13,9 +13,9 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
 from .connection.ports import ClusterPortCache
-from .exceptions import EngineUnavailableError, ProvisionerError
+from .exceptions import ProvisionerError
 from .manager import AsyncKernelManager
-from .targets import TARGETS, load_target, our_kernelspecs, provisioner_for
+from .targets import ENTRY_POINTS, TARGETS, load_target, our_kernelspecs, provisioner_for
 
 PYTHON_ARGV = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
@@ -116,17 +116,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(args))
 
 
-async def _over_kernelspecs(kernel_dirs: list[str] | None, action: str) -> list[Any]:
-    """Run ``sweep_orphans`` or ``list_kernels`` on the engine of each of our kernelspecs."""
-    results: list[Any] = []
+async def _over_kernelspecs(
+    kernel_dirs: list[str] | None, action: str
+) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Run ``sweep_orphans`` or ``list_kernels`` on the engine of each of our kernelspecs.
+
+    A kernelspec whose engine fails (unreachable, refused credentials or host key, an API
+    error) is reported on stderr with its cause as it happens, and the others still run.
+    Returns the (kernelspec name, item) pairs and the names of the failed kernelspecs.
+    """
+    results: list[tuple[str, Any]] = []
+    failures: list[str] = []
     for name, spec in our_kernelspecs(kernel_dirs):
-        provisioner = provisioner_for(spec)
+        target = ENTRY_POINTS[spec.metadata["kernel_provisioner"]["provisioner_name"]]
         try:
-            for item in await getattr(provisioner, action)():
-                results.append((name, item))
-        except EngineUnavailableError as exc:
-            print(f"kernelspec {name}: engine unreachable, skipped: {exc}", file=sys.stderr)
-    return results
+            provisioner = provisioner_for(spec)
+            items = await getattr(provisioner, action)()
+        except Exception as exc:  # any engine's failure: report it, go on with the others
+            cause = f"{type(exc).__name__}: {exc}"
+            print(f"jupyter-provisioners: kernelspec {name!r} ({target}): {cause}", file=sys.stderr)
+            failures.append(name)
+            continue
+        results.extend((name, item) for item in items)
+    return results, failures
+
+
+def _report_failures(action: str, failures: list[str]) -> int:
+    """Name the failed kernelspecs on stderr (each cause was printed as it happened);
+    return the exit status: 1 if any failed."""
+    if not failures:
+        return 0
+    print(
+        f"jupyter-provisioners: {action} failed for {len(failures)} kernelspec(s): "
+        + ", ".join(failures),
+        file=sys.stderr,
+    )
+    return 1
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -145,7 +170,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                     row.update(target="local", fallback_for=fallbacks[owner])
                 rows.append({**row, "ports": sorted(held)})
     seen = set()
-    for spec_name, row in asyncio.run(_over_kernelspecs(args.kernel_dir, "list_kernels")):
+    found, failures = asyncio.run(_over_kernelspecs(args.kernel_dir, "list_kernels"))
+    for spec_name, row in found:
         key = (row.get("target"), row.get("kernel_id"))
         if key not in seen:
             seen.add(key)
@@ -158,16 +184,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         for row in rows:
             extra = " ".join(f"{k}={v}" for k, v in row.items() if k not in ("target", "kernel_id"))
             print(f"{row['target']:<10} {row['kernel_id']:<38} {extra}")
-    return 0
+    return _report_failures("list", failures)
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     ClusterPortCache.instance().held()  # reclaims the port records of dead processes
-    removed = asyncio.run(_over_kernelspecs(args.kernel_dir, "sweep_orphans"))
+    removed, failures = asyncio.run(_over_kernelspecs(args.kernel_dir, "sweep_orphans"))
     for spec_name, item in removed:
         print(f"removed {item} (kernelspec {spec_name})")
     print(f"Removed {len(removed)} orphaned resource(s).")
-    return 0
+    return _report_failures("cleanup", failures)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
