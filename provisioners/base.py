@@ -39,6 +39,7 @@ from .failed_start import as_start_error, forget_failed_start
 from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
 from .newports import SparePorts
 from .owner import ServerIdentity
+from .secrets import check_reference, kube_secret_ref, resolve_reference
 
 if TYPE_CHECKING:
     from .connection.tunnels import KernelTunnels
@@ -56,6 +57,10 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     #: Short engine name used in logs, errors, labels and the CLI.
     target: ClassVar[str] = "base"
+    #: Settings that hold a secret: references only (see :mod:`provisioners.secrets`).
+    secret_settings: ClassVar[tuple[str, ...]] = ("ssh_password",)
+    #: Whether 'secret:NAME/KEY' (a Kubernetes Secret) references can be resolved.
+    kube_secret_refs: ClassVar[bool] = False
     #: The engine's own bounded thread pool: every blocking call of this engine (and
     #: the port allocation for its host) runs there, never in asyncio's default one.
     executor: ClassVar[EngineExecutor] = EngineExecutor("base", max_workers=4)
@@ -116,7 +121,11 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     )
     ssh_key = Unicode("", config=True, help="Private key file for 'ssh_server' (optional).")
     ssh_password = Unicode(
-        "", config=True, help="Password for 'ssh_server', when keys are not used."
+        "",
+        config=True,
+        help="""Password for 'ssh_server', when keys are not used: a reference, never the
+        password itself: 'file:/path' (mode 0600), 'env:VARIABLE' or, for Kubernetes
+        kernels, 'secret:NAME/KEY'.""",
     )
     ssh_known_hosts = Unicode(
         "",
@@ -202,6 +211,8 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.spec_name = spec_name
         self.owner = ServerIdentity.current()
         self._runner: ClusterProvisioner = self
+        #: Secrets resolved through the engine (a Kubernetes Secret), by setting name.
+        self.resolved_secrets: dict[str, str] = {}
         #: On a local fallback runner: the target it replaces, and why.
         self.fallback_for = ""
         self.fallback_cause = ""
@@ -218,6 +229,18 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def validate_config(self) -> None:
         """Cross-field checks; raise :class:`ProvisionerConfigError` naming the key."""
         PortRange.parse(self.port_range)
+        for key in self.secret_settings:
+            value = getattr(self, key)
+            check_reference(key, value, target=self.target)
+            if kube_secret_ref(value) and not self.kube_secret_refs:
+                problem = "a Kubernetes Secret reference needs the kubernetes target"
+                raise self.config_error(key, f"{problem}; use 'file:' or 'env:'")
+
+    def secret(self, key: str) -> str:
+        """The secret that setting ``key`` references ('' when unset)."""
+        if key in self.resolved_secrets:
+            return self.resolved_secrets[key]
+        return resolve_reference(key, getattr(self, key), target=self.target)
 
     def config_error(self, key: str, problem: str) -> ProvisionerConfigError:
         """Build a config error for ``key`` of this provisioner."""

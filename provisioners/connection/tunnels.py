@@ -111,7 +111,7 @@ class KernelTunnels:
         return cls(
             provisioner.ssh_server,
             key_file=provisioner.ssh_key,
-            password=provisioner.ssh_password,
+            password=provisioner.secret("ssh_password"),
             known_hosts=provisioner.ssh_known_hosts,
             accept_unknown_host_keys=provisioner.ssh_accept_unknown_host_keys,
             connect_timeout=provisioner.ssh_connect_timeout,

@@ -13,6 +13,7 @@ servers left and lists our pods.
 
 from __future__ import annotations
 
+import base64
 import signal
 from typing import Any, ClassVar
 
@@ -23,6 +24,7 @@ from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from ..executor import EngineExecutor
+from ..secrets import kube_secret_ref
 from . import manifests as m
 from .client import (
     KUBERNETES_EXECUTOR,
@@ -52,6 +54,7 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
     """Starts each kernel in its own pod of a Kubernetes namespace."""
 
     target: ClassVar[str] = "kubernetes"
+    kube_secret_refs: ClassVar[bool] = True
     executor: ClassVar[EngineExecutor] = KUBERNETES_EXECUTOR
 
     image = Unicode("", config=True, help="Kernel image (any image with a stock Jupyter kernel).")
@@ -232,8 +235,26 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
 
     async def check_engine(self) -> None:
         await self._attach()
+        await self._resolve_secret_refs()
         if self.sweep_on_start:
             await self._sweep_once()
+
+    async def _resolve_secret_refs(self) -> None:
+        """Read the Secrets that 'secret:NAME/KEY' settings reference, in our namespace."""
+        assert self._client is not None
+        for key in self.secret_settings:
+            ref = kube_secret_ref(getattr(self, key))
+            if ref is None:
+                continue
+            name, item = ref
+            path = f"/api/v1/namespaces/{self.namespace}/secrets/{name}"
+            try:
+                secret = await self._client.request("GET", path)
+                data = (secret.get("data") or {})[item]
+            except (KubeApiError, KeyError) as exc:
+                problem = f"cannot read key {item!r} of Secret {self.namespace}/{name}: {exc}"
+                raise self.config_error(key, problem) from exc
+            self.resolved_secrets[key] = base64.b64decode(data).decode()
 
     async def _attach(self, mode: str = "") -> None:
         """Hold the shared client and the namespace's reflector; resolve the connection mode."""

@@ -88,6 +88,8 @@ class SSHClusterProvisioner(ClusterProvisioner):
 
     target: ClassVar[str] = "ssh"
     executor: ClassVar[EngineExecutor] = SSH_EXECUTOR
+    #: 'ssh_password' follows 'password' here (and may not be set itself).
+    secret_settings: ClassVar[tuple[str, ...]] = ("password",)
 
     host = Unicode(
         "", config=True, help="Host name or IP of the remote host the kernel runs on (required)."
@@ -99,7 +101,12 @@ class SSHClusterProvisioner(ClusterProvisioner):
         config=True,
         help="Private key file to log in with (default: the SSH agent or ~/.ssh/id_*).",
     )
-    password = Unicode("", config=True, help="Password to log in with, when keys are not used.")
+    password = Unicode(
+        "",
+        config=True,
+        help="""Password to log in with, when keys are not used: a reference, never the
+        password itself: 'file:/path' (mode 0600) or 'env:VARIABLE'.""",
+    )
     remote_cwd = Unicode(
         "",
         config=True,
@@ -176,7 +183,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
         return SSHSettings.from_server(
             self.ssh_server,
             key_file=self.ssh_key,
-            password=self.ssh_password,
+            password=self.secret("ssh_password"),
             known_hosts=self.ssh_known_hosts,
             accept_unknown_host_keys=self.ssh_accept_unknown_host_keys,
             connect_timeout=self.ssh_connect_timeout,
@@ -491,7 +498,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
             "port": self.port,
             "user": self.user,
             "key_file": self.key_file,
-            "password": self.password,
+            "password": self.secret("password"),
             "ssh_known_hosts": self.ssh_known_hosts,
             "ssh_accept_unknown_host_keys": self.ssh_accept_unknown_host_keys,
             "ssh_connect_timeout": self.ssh_connect_timeout,

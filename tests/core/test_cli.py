@@ -96,3 +96,23 @@ def test_config_lists_every_key_with_help(target: str) -> None:
     for name, trait in traits.items():
         assert f"{name} (default" in result.stdout
         assert len((trait.help or "").split()) >= 3, f"{target}: '{name}' has no help text"
+
+
+def test_a_literal_secret_is_refused_by_install(tmp_path: Path) -> None:
+    """``--set ssh_password=...`` names what to use instead and writes nothing; a
+    reference is installed as written."""
+    args = ["kernelspec", "install", "pw", "--prefix", str(tmp_path)]
+    result = cli(*args, "--set", "ssh_server=me@bastion", "--set", "ssh_password=hunter2")
+    assert result.returncode == 2
+    assert "ssh_password" in result.stderr and "literal secret" in result.stderr
+    assert "file:" in result.stderr and "env:" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert not (tmp_path / "share" / "jupyter" / "kernels" / "pw").exists()
+    result = cli(*args, "--set", "ssh_server=me@bastion", "--set", "ssh_password=env:BASTION_PW")
+    assert result.returncode == 0, result.stderr
+    spec = json.loads(
+        (tmp_path / "share" / "jupyter" / "kernels" / "pw" / "kernel.json").read_text()
+    )
+    assert spec["metadata"]["kernel_provisioner"]["config"]["ssh_password"] == "env:BASTION_PW"
+    result = cli(*args, "--target", "ssh", "--set", "host=h", "--set", "password=hunter2")
+    assert result.returncode == 2 and "'password'" in result.stderr, result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -12,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from provisioners.exceptions import SSHAuthenticationError
-from tests.helpers import execute, skip_or_fail
+from provisioners.connection.ports import ClusterPortCache
+from provisioners.exceptions import ProvisionerConfigError, SSHAuthenticationError
+from tests.helpers import count, execute, skip_or_fail
 from tests.ssh.conftest import start_sshd
 
 pytestmark = pytest.mark.ssh
@@ -35,28 +37,110 @@ def password_user() -> Iterator[tuple[str, str]]:
         subprocess.run(["userdel", USER], capture_output=True, check=False)
 
 
-async def test_tunnels_authenticate_with_a_password(
-    kernel_manager: Any, password_user: tuple[str, str], tmp_path: Path
+def _secret_file(path: Path, secret: str, mode: int) -> Path:
+    path.write_text(secret + "\n")
+    path.chmod(mode)
+    return path
+
+
+async def test_tunnels_authenticate_with_a_referenced_password(
+    kernel_manager: Any,
+    password_user: tuple[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The password comes from a 0600 file or an environment variable, never kernel.json."""
     user, password = password_user
     sshd = start_sshd(tmp_path / "sshd", user=user, password_auth=True)
+    monkeypatch.setenv("CP_TEST_SSH_PASSWORD", password)
+    secret_file = _secret_file(tmp_path / "ssh-password", password, 0o600)
     try:
         config = {
             "ssh_server": f"{user}@127.0.0.1:{sshd.port}",
-            "ssh_password": password,
             "ssh_known_hosts": str(sshd.known_hosts_path),
             "fallback": "none",
         }
-        km = kernel_manager("cluster-local-provisioner", config)
-        await km.start_kernel()
-        try:
-            out = await execute(km, "print('through a password tunnel')")
-            assert out["stdout"] == "through a password tunnel\n"
-        finally:
-            await km.shutdown_kernel()
+        for reference in (f"file:{secret_file}", "env:CP_TEST_SSH_PASSWORD"):
+            km = kernel_manager("cluster-local-provisioner", {**config, "ssh_password": reference})
+            await km.start_kernel()
+            try:
+                out = await execute(km, "print('through a password tunnel')")
+                assert out["stdout"] == "through a password tunnel\n"
+            finally:
+                await km.shutdown_kernel()
+            spec = json.loads((Path(km.kernel_spec.resource_dir) / "kernel.json").read_text())
+            assert password not in json.dumps(spec)
+            count("secret references used", "ssh")
 
-        wrong = kernel_manager("cluster-local-provisioner", {**config, "ssh_password": "nope"})
+        wrong_file = _secret_file(tmp_path / "wrong", "nope", 0o600)
+        wrong = kernel_manager(
+            "cluster-local-provisioner", {**config, "ssh_password": f"file:{wrong_file}"}
+        )
         with pytest.raises(SSHAuthenticationError):
             await wrong.start_kernel()
+    finally:
+        sshd.stop()
+
+
+@pytest.mark.parametrize("provisioner", ["cluster-local-provisioner", "cluster-ssh-provisioner"])
+async def test_a_literal_secret_is_refused_at_start(
+    kernel_manager: Any, password_user: tuple[str, str], tmp_path: Path, provisioner: str
+) -> None:
+    """An existing kernel.json holding a password is refused, naming what to use instead;
+    so is a secret file others can read. Nothing connects, nothing is left."""
+    user, password = password_user
+    sshd = start_sshd(tmp_path / "sshd", user=user, password_auth=True)
+    try:
+        if provisioner == "cluster-ssh-provisioner":
+            key = "password"
+            config = {"host": "127.0.0.1", "port": sshd.port, "user": user}
+        else:
+            key = "ssh_password"
+            config = {"ssh_server": f"{user}@127.0.0.1:{sshd.port}"}
+        config.update(ssh_known_hosts=str(sshd.known_hosts_path), fallback="none")
+        km = kernel_manager(provisioner, {**config, key: password}, name="literal")
+        with pytest.raises(ProvisionerConfigError) as info:
+            await km.start_kernel()
+        assert info.value.key == key
+        message = str(info.value)
+        assert "'literal'" in message and "file:" in message and "env:" in message
+        assert password not in message
+        assert not km.has_kernel and ClusterPortCache.instance().held() == {}
+        count("literal secrets refused", "ssh")
+
+        loose = _secret_file(tmp_path / "readable", password, 0o644)
+        km = kernel_manager(provisioner, {**config, key: f"file:{loose}"}, name="loose")
+        with pytest.raises(ProvisionerConfigError, match="0600"):
+            await km.start_kernel()
+        assert not km.has_kernel and ClusterPortCache.instance().held() == {}
+        count("literal secrets refused", "ssh")
+    finally:
+        sshd.stop()
+
+
+async def test_ssh_target_logs_in_with_a_referenced_password(
+    password_user: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SSH target's own 'password' is a reference too, and really logs in (the
+    throwaway user cannot run this Python's ipykernel, so a remote listing proves it)."""
+    from provisioners.ssh import SSHClusterProvisioner
+
+    user, password = password_user
+    sshd = start_sshd(tmp_path / "sshd", user=user, password_auth=True)
+    monkeypatch.setenv("CP_TEST_SSH_PASSWORD", password)
+    try:
+        config = {
+            "host": "127.0.0.1",
+            "port": sshd.port,
+            "user": user,
+            "ssh_known_hosts": str(sshd.known_hosts_path),
+            "remote_runtime_dir": "/tmp",
+        }
+        good = SSHClusterProvisioner(kernel_id="k", password="env:CP_TEST_SSH_PASSWORD", **config)
+        assert await good.list_kernels() == []
+        count("secret references used", "ssh")
+        wrong = SSHClusterProvisioner(kernel_id="k", password="env:CP_TEST_NOT_SET", **config)
+        with pytest.raises(ProvisionerConfigError, match="CP_TEST_NOT_SET"):
+            await wrong.list_kernels()
     finally:
         sshd.stop()
