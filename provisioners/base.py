@@ -8,6 +8,13 @@ cluster-aware cache, builds the connection info and the kernel's command, keeps 
 kernel's environment to what it should see, applies the local fallback when the
 engine cannot be reached, opens and closes SSH tunnels, and cleans up after partial
 starts, shutdowns and restarts.
+
+The hooks' error contract: ``check_engine`` and ``start_kernel`` raise named errors
+that fail the start; ``poll_kernel`` never raises for an engine error (None: unknown).
+``signal_kernel``, ``stop_kernel`` and ``remove_kernel`` may raise when the engine
+refuses or cannot be reached: interrupt, terminate and kill are best-effort (the base
+logs the cause and the shutdown goes on), and a failed removal keeps the kernel, its
+resources and its port records recorded (:mod:`.leftovers`) until a retry succeeds.
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ import re
 import signal
 import sys
 import uuid
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode
 
+from . import leftovers
 from .connection.files import KernelConnectionInfo
 from .connection.ports import (
     DEFAULT_PORT_RANGE,
@@ -33,7 +42,12 @@ from .connection.ports import (
     PortRange,
     PortSource,
 )
-from .exceptions import EngineUnavailableError, ProvisionerConfigError, ProvisionerError
+from .exceptions import (
+    EngineUnavailableError,
+    KernelStartError,
+    ProvisionerConfigError,
+    ProvisionerError,
+)
 from .executor import EngineExecutor
 from .failed_start import as_start_error, forget_failed_start
 from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
@@ -149,6 +163,13 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         kernel (half of it), then killing it. Unset: the kernel manager's own
         shutdown_wait_time (5 s by default). A value set here wins, lower or higher.""",
     )
+    cleanup_retry_interval = Float(
+        10.0,
+        config=True,
+        help="""Seconds between retries of a kernel's removal that the engine refused or could
+        not serve (daemon gone, API 403/5xx, SSH drop). What is left stays recorded, with its
+        ports, and is retried until removed (or swept once this server is gone).""",
+    )
     kernel_ports = Int(5, help="How many ports a kernel needs (shell, iopub, stdin, hb, control).")
 
     def __init__(self, **kwargs: Any) -> None:
@@ -223,6 +244,11 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._tunnels: KernelTunnels | None = None
         self._restarting = False
         self._started = False
+        #: None, or the ``restart`` flag of a removal that failed and is to be retried.
+        self._pending_removal: bool | None = None
+        self._removal_error = ""
+        self._stopped = False
+        self._teardown_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ config
 
@@ -250,7 +276,11 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     # ------------------------------------------------------------------ engine hooks
 
     async def check_engine(self) -> None:
-        """Raise :class:`EngineUnavailableError` when the engine cannot be reached."""
+        """Raise :class:`EngineUnavailableError` when the engine cannot be reached.
+
+        That error (and only that one) allows the local fallback; any other
+        :class:`ProvisionerError` fails the start.
+        """
 
     def port_host(self) -> str:
         """The host whose ports the kernel's ports are allocated on."""
@@ -300,7 +330,9 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Start the kernel with ``cmd``/``env``, its connection file holding ``kernel_info``.
 
         Record every created resource on ``self`` as soon as it exists, so that
-        :meth:`remove_kernel` can undo a partial start.
+        :meth:`remove_kernel` can undo a partial start. Raises :class:`KernelStartError`
+        (or :class:`EngineUnavailableError`) naming the cause; the base then removes what
+        was created.
         """
         raise NotImplementedError
 
@@ -309,19 +341,41 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return self.kernel_bind_ip(), {n: self._kernel_info[n] for n in PORT_NAMES}
 
     async def poll_kernel(self) -> int | None:
-        """None while the kernel runs, else its exit code."""
+        """None while the kernel runs, else its exit code.
+
+        Never raises for an engine error: while the engine cannot be asked, return None
+        (unknown counts as running); a kernel whose resource is gone returns a code.
+        """
         raise NotImplementedError
 
     async def signal_kernel(self, signum: int) -> None:
-        """Deliver ``signum`` to the kernel process."""
+        """Deliver ``signum`` to the kernel process.
+
+        A kernel already gone is not an error. May raise (:class:`ProvisionerError` or the
+        engine's own error) when the engine refuses or cannot be reached: an interrupt,
+        terminate or kill is best-effort, so the base logs the cause and goes on.
+        """
         raise NotImplementedError
 
     async def stop_kernel(self, force: bool) -> None:
-        """Ask the kernel to stop (SIGTERM, grace) or, with ``force``, kill it now."""
+        """Ask the kernel to stop (SIGTERM, grace) or, with ``force``, kill it now.
+
+        Best-effort and idempotent, as :meth:`signal_kernel`: it may raise on an engine
+        error, which the base logs; the shutdown goes on to :meth:`remove_kernel`.
+        """
         raise NotImplementedError
 
     async def remove_kernel(self, restart: bool) -> None:
-        """Remove what the start created (container, pod, secret, remote files)."""
+        """Remove what the start created (container, pod, secret, remote files).
+
+        Idempotent: a resource already gone counts as removed, and a second call after a
+        success does nothing. Raise when something could not be removed (the engine
+        refused or was unreachable, after the hook's own short retries), keeping on
+        ``self`` what is left, so that a later call retries it: the base records the
+        kernel (:mod:`.leftovers`), keeps its port records and retries until it is gone.
+        Clear the state (``has_kernel()`` False) only once everything is removed. With
+        ``restart`` the engine session (client, SSH link) may be kept for the next start.
+        """
 
     def has_kernel(self) -> bool:
         """True once :meth:`start_kernel` has created the kernel's process or resource."""
@@ -359,7 +413,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @property
     def has_process(self) -> bool:
-        return self._runner.has_kernel()
+        return not self._stopped and self._runner.has_kernel()
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Pick the runner, allocate ports, build connection info, command and env."""
@@ -382,7 +436,9 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 )
         else:
             self._runner = await self._select_runner()
+        leftovers.hurry()  # what earlier cleanups left is retried now
         self._restarting = False
+        self._stopped = False
         runner = self._runner
         if not self._ports and runner.needs_ports():
             self._port_host = runner.port_host()
@@ -421,6 +477,13 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Start the kernel through the runner and return how the client reaches it."""
         runner = self._runner
         env = kwargs.pop("env", {})
+        # a restart after a failed removal: the previous kernel must go first
+        if self._pending_removal is not None and not await self.retry_removal():
+            msg = (
+                f"cannot start {runner.target} kernel {self.kernel_id}: what its previous "
+                f"start left could not be removed yet: {self._removal_error}"
+            )
+            raise KernelStartError(msg, target=runner.target, kernel_id=self.kernel_id)
         try:
             await asyncio.wait_for(
                 runner.start_kernel(cmd, env, dict(self._kernel_info), **kwargs),
@@ -451,7 +514,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return self.connection_info
 
     async def poll(self) -> int | None:
-        if not self._runner.has_kernel():
+        if not self.has_process:
             return 0
         return await self._runner.poll_kernel()
 
@@ -463,26 +526,34 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await asyncio.sleep(0.1)
 
     async def send_signal(self, signum: int) -> None:
-        if not self._runner.has_kernel():
+        """Signal the kernel; best-effort: an engine error is logged, never raised."""
+        if not self.has_process:
             return
         if signum == signal.SIGKILL:
             await self.kill(restart=self._restarting)
             return
-        await self._runner.signal_kernel(signum)
+        await self._best_effort(f"signal {signum}", self._runner.signal_kernel(signum))
 
     async def kill(self, restart: bool = False) -> None:
-        if self._runner.has_kernel():
-            await self._runner.stop_kernel(force=True)
+        """Kill the kernel; best-effort: an engine error is logged, the shutdown goes on."""
+        if self.has_process:
+            await self._best_effort("kill", self._runner.stop_kernel(force=True))
 
     async def terminate(self, restart: bool = False) -> None:
-        if self._runner.has_kernel():
-            await self._runner.stop_kernel(force=False)
+        """Terminate the kernel; best-effort, as :meth:`kill`."""
+        if self.has_process:
+            await self._best_effort("terminate", self._runner.stop_kernel(force=False))
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         # jupyter_client does not pass restart=True on to terminate()/kill(): remember it.
         self._restarting = restart
 
     async def cleanup(self, restart: bool = False) -> None:
+        """Remove the kernel's resources; never raises for an engine error.
+
+        Idempotent. What could not be removed stays recorded, with its port records,
+        and is retried (see :mod:`.leftovers`) until it is gone.
+        """
         await self._teardown(restart=restart)
         self._restarting = restart
         if restart:
@@ -498,6 +569,12 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         target maps it onto a server file (Docker bind mounts of a local daemon).
         """
         return self._runner.server_path(path_str)
+
+    async def retry_removal(self) -> bool:
+        """Retry a removal that failed; True once nothing of the kernel is left."""
+        if self._pending_removal is not None:
+            await self._teardown(self._pending_removal, retry=True)
+        return self._pending_removal is None
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         """This provisioner's ``shutdown_wait_time`` if set, else jupyter_client's value."""
@@ -682,18 +759,55 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info["ip"] = ip
         return cast(KernelConnectionInfo, info)
 
-    async def _teardown(self, restart: bool) -> None:
+    async def _best_effort(self, action: str, call: Awaitable[None]) -> None:
+        """Await an engine hook of a shutdown; log its failure with the cause and go on."""
+        try:
+            await call
+        except Exception as exc:
+            self.log.warning(
+                "Kernel %s: %s failed on the %s engine; going on: %s",
+                self.kernel_id,
+                action,
+                self._runner.target,
+                _describe(exc),
+            )
+
+    async def _teardown(self, restart: bool, retry: bool = False) -> None:
         """Remove engine resources; on a full stop, close tunnels and return ports too.
 
         A restart keeps the tunnels: reopening them retargets the same local ports, so
-        clients connected before the restart keep working.
+        clients connected before the restart keep working. A removal that fails keeps
+        the ports and records the kernel for a retry (:mod:`.leftovers`).
         """
-        if self._tunnels is not None and not restart:
-            await self._tunnels.close()
-            self._tunnels = None
-        try:
-            await self._runner.remove_kernel(restart)
-        finally:
+        async with self._teardown_lock:
+            if self._pending_removal is False:
+                restart = False  # a full stop pending stays a full stop
+            if not restart:
+                self._stopped = True
+                if self._tunnels is not None:
+                    tunnels, self._tunnels = self._tunnels, None
+                    await self._best_effort("closing the SSH tunnels", tunnels.close())
+            try:
+                await self._runner.remove_kernel(restart)
+            except BaseException as exc:
+                if self._pending_removal is None or not retry:
+                    self.log.warning(
+                        "Kernel %s: removing it from the %s engine failed; kept, with its "
+                        "ports, for a retry every %g s: %s",
+                        self.kernel_id,
+                        self._runner.target,
+                        self.cleanup_retry_interval,
+                        _describe(exc),
+                    )
+                self._pending_removal, self._removal_error = restart, _describe(exc)
+                leftovers.record(self)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            if self._pending_removal is not None:
+                self.log.info("Kernel %s: what was left is now removed", self.kernel_id)
+            self._pending_removal, self._removal_error = None, ""
+            leftovers.discard(self)
             if not restart:
                 self._release_ports()
 

@@ -572,15 +572,17 @@ class DockerClusterProvisioner(ClusterProvisioner):
         if pending is not None and not self.container_id:
             with contextlib.suppress(Exception):
                 self.container_id = (await asyncio.wait_for(pending, self.api_timeout)).id
-        if self.container_id and self._client is not None:
-            await self._remove_container(self._client)
+        try:
+            if self.container_id:  # raises, keeping the id, when the daemon cannot remove it
+                await self._remove_container(await self._docker())
+        finally:
+            if not restart:
+                self._close_client()
         self.container_id = self.container_name = self.container_ip = ""
         self._started = False
-        if not restart:
-            self._close_client()
 
     async def _remove_container(self, client: docker.DockerClient) -> None:
-        """Remove the container (and its anonymous volumes); one retry, then a warning."""
+        """Remove the container (and its anonymous volumes); one retry, then raise."""
         for attempt in range(2):
             try:
                 await self.executor.run(
@@ -590,13 +592,10 @@ class DockerClusterProvisioner(ClusterProvisioner):
                 return
             except ENGINE_ERRORS as exc:
                 if attempt:
-                    self.log.warning(
-                        "Kernel %s: could not remove container %s: %s",
-                        self.kernel_id,
-                        self.container_name,
-                        exc,
-                    )
-                    return
+                    msg = f"cannot remove container {self.container_name}: {exc}"
+                    raise ProvisionerError(
+                        msg, target=self.target, kernel_id=self.kernel_id
+                    ) from exc
                 await asyncio.sleep(0.5)
             else:
                 self.log.debug("Kernel %s: container %s removed", self.kernel_id, self.container_id)

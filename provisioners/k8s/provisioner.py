@@ -445,13 +445,16 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from error
 
     async def stop_kernel(self, force: bool) -> None:
-        await self._delete_pod(0 if force else self.termination_grace_period)
+        await self._delete_pod(1 if force else self.termination_grace_period)
 
     async def _delete_pod(self, grace: int) -> None:
+        """Delete the pod with ``grace`` seconds, at least 1 (as kubectl does): a forced
+        delete (0) drops the object while the kubelet may still run the kernel."""
         if not self.pod_name or self._client is None:
             return
         path = f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}"
-        query = [("gracePeriodSeconds", str(int(grace))), ("propagationPolicy", "Background")]
+        grace = max(1, int(grace))
+        query = [("gracePeriodSeconds", str(grace)), ("propagationPolicy", "Background")]
         try:
             await self._client.request("DELETE", path, query=query)
         except KubeApiError as exc:
@@ -465,12 +468,15 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
     async def remove_kernel(self, restart: bool) -> None:
         name = self.pod_name
         try:
-            if name and self._client is not None:
-                await self._delete_pod(0)
+            if name:  # raises, keeping the pod's name, when the API refuses the delete
+                if self._client is None or self._reflector is None:
+                    await self._attach(self._mode)
+                await self._delete_pod(1)
+                assert self._client is not None
                 secret = f"/api/v1/namespaces/{self.namespace}/secrets/{self.secret_name}"
                 try:
                     await self._client.request("DELETE", secret)
-                except KubeApiError as exc:
+                except KubeApiError as exc:  # owned by the pod: the cluster deletes it too
                     if exc.status != 404:
                         self.log.warning("Kernel %s: secret not deleted: %s", self.kernel_id, exc)
                 if (not restart or self.host_network) and self._reflector is not None:
@@ -482,9 +488,9 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
                         self.log.warning(
                             "Kernel %s: pod %s still terminating", self.kernel_id, name
                         )
-        finally:
             self.pod_name = self.pod_uid = self.pod_ip = self.secret_name = ""
             self._started = False
+        finally:
             if not restart:
                 if self._forwarder is not None:
                     await self._forwarder.stop()

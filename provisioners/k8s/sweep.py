@@ -42,7 +42,7 @@ async def sweep_orphans(
         name = meta["name"]
         with contextlib.suppress(KubeApiError):
             await client.request(
-                "DELETE", f"{base}/pods/{name}", query=[("gracePeriodSeconds", "0")]
+                "DELETE", f"{base}/pods/{name}", query=[("gracePeriodSeconds", "1")]
             )
             deleted.append(name)
             log.warning(

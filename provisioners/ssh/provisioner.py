@@ -469,27 +469,31 @@ class SSHClusterProvisioner(ClusterProvisioner):
         await super().shutdown_requested(restart)
 
     async def remove_kernel(self, restart: bool) -> None:
-        """Kill the process group if it still runs and remove the kernel's directory."""
-        if self._pid is not None or self._kernel_dir:
-            script = remove_script(self._pid, self._start_tick, self._group, self._kernel_dir)
-            try:
-                await self._run(script, timeout=self.command_timeout + 5)
-            except _REMOTE_ERRORS as exc:
-                self.log.warning(
-                    "Kernel %s: cleaning up on %s failed (pid %s, %s left for sweep_orphans): %s",
-                    self.kernel_id,
-                    self.host,
-                    self._pid,
-                    self._kernel_dir,
-                    exc,
-                )
-        self._pid = None
-        self._start_tick = ""
-        self._kernel_dir = ""
-        self._started = False
-        self._stopping = self._exit_reported = False
-        if not restart:
-            await self._release_link()
+        """Kill the process group if it still runs and remove the kernel's directory.
+
+        Raises, keeping the pid and directory for a retry, when the host cannot be reached.
+        """
+        try:
+            if self._pid is not None or self._kernel_dir:
+                script = remove_script(self._pid, self._start_tick, self._group, self._kernel_dir)
+                try:
+                    await self._run(script, timeout=self.command_timeout + 5)
+                except _REMOTE_ERRORS as exc:
+                    msg = (
+                        f"cannot clean up on {self.host} (pid {self._pid}, "
+                        f"{self._kernel_dir}): {exc}"
+                    )
+                    raise ProvisionerError(
+                        msg, target=self.target, kernel_id=self.kernel_id
+                    ) from exc
+            self._pid = None
+            self._start_tick = ""
+            self._kernel_dir = ""
+            self._started = False
+            self._stopping = self._exit_reported = False
+        finally:
+            if not restart:
+                await self._release_link()
 
     # ------------------------------------------------------------------ maintenance
 

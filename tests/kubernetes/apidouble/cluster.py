@@ -23,13 +23,19 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class DenyRule:
-    """An RBAC denial: ``verb`` on ``resource`` (``*`` matches any), in one namespace or all."""
+    """An RBAC denial: ``verb`` on ``resource`` (``*`` matches any), in one namespace or all.
+
+    ``times`` limits it to that many refusals (then it lifts itself); ``code`` other than
+    403 answers as a failing API server (e.g. 500 InternalError, 503 ServiceUnavailable).
+    """
 
     verb: str
     resource: str
     namespace: str | None = None
+    times: int | None = None
+    code: int = 403
 
     def matches(self, verb: str, resource: str, namespace: str | None) -> bool:
         return (
@@ -374,9 +380,19 @@ class Cluster(Deletion):
 
     # -- RBAC -----------------------------------------------------------------------------------
     def authorize(self, verb: str, resource: str, namespace: str | None, name: str | None) -> None:
-        """Raise 403 Forbidden like the RBAC authorizer when a deny rule matches."""
-        for rule in self.deny:
+        """Raise 403 Forbidden like the RBAC authorizer when a deny rule matches (or the
+        rule's own failure code)."""
+        for rule in list(self.deny):
             if rule.matches(verb, resource, namespace):
+                if rule.times is not None:
+                    rule.times -= 1
+                    if rule.times <= 0:
+                        self.deny.remove(rule)
+                if rule.code != 403:
+                    reason = {503: "ServiceUnavailable"}.get(rule.code, "InternalError")
+                    raise ApiError(
+                        rule.code, reason, f"the server cannot {verb} {resource} right now"
+                    )
                 base = resource.split("/", 1)[0]
                 who = f'{base} "{name}"' if name else base
                 where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"

@@ -186,6 +186,21 @@ class K8sDouble:
             self.cluster.deny.append(rule)
         return Denial(self, rule)
 
+    def refuse(
+        self,
+        verb: str,
+        resource: str,
+        times: int = 1,
+        code: int = 403,
+        namespace: str | None = None,
+    ) -> Denial:
+        """Refuse the next ``times`` matching requests with ``code`` (403 Forbidden, or a
+        5xx as a failing API server answers), then serve them again: a transient fault."""
+        rule = DenyRule(verb, resource, namespace, times=times, code=code)
+        with self._lock:
+            self.cluster.deny.append(rule)
+        return Denial(self, rule)
+
     def allow_all(self) -> None:
         """Lift every deny rule."""
         with self._lock:

@@ -1,0 +1,110 @@
+"""What a cleanup could not remove, kept and retried until the engine lets it go.
+
+When an engine refuses or cannot be reached while a kernel is cleaned up (Docker daemon
+restarting, Kubernetes API answering 403 or 5xx, SSH host dropping), the provisioner
+keeps what it knows of the kernel's resources (container id, pod name, remote pid and
+directory) and its port records, and is recorded here. Every recorded kernel is retried
+on its event loop every ``cleanup_retry_interval`` seconds, and at once when another
+kernel starts or :func:`reconcile` is called, until its removal succeeds; only then are
+its ports returned. If the server dies first, its records are reclaimed as any dead
+server's are (the port store and each engine's orphan sweep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .base import ClusterProvisioner
+
+
+@dataclass
+class _Entry:
+    provisioner: ClusterProvisioner
+    loop: asyncio.AbstractEventLoop
+    next_try: float
+
+
+_ENTRIES: dict[int, _Entry] = {}
+_TASKS: dict[asyncio.AbstractEventLoop, tuple[asyncio.Task[None], asyncio.Event]] = {}
+_LOCK = threading.Lock()
+
+
+def record(provisioner: ClusterProvisioner) -> None:
+    """Keep ``provisioner`` (whose removal failed) and retry it on the running loop."""
+    loop = asyncio.get_running_loop()
+    due = time.monotonic() + provisioner.cleanup_retry_interval
+    with _LOCK:
+        _ENTRIES[id(provisioner)] = _Entry(provisioner, loop, due)
+    _ensure_task(loop)
+
+
+def discard(provisioner: ClusterProvisioner) -> None:
+    """Forget ``provisioner``: its resources are gone."""
+    with _LOCK:
+        _ENTRIES.pop(id(provisioner), None)
+
+
+def pending() -> list[ClusterProvisioner]:
+    """The provisioners whose resources are still left, in this process."""
+    with _LOCK:
+        return [entry.provisioner for entry in _ENTRIES.values()]
+
+
+def hurry() -> None:
+    """Retry every leftover of the running loop now (another kernel is starting)."""
+    loop = asyncio.get_running_loop()
+    with _LOCK:
+        ours = [e for e in _ENTRIES.values() if e.loop is loop]
+        for entry in ours:
+            entry.next_try = 0.0
+    if ours:
+        _ensure_task(loop).set()
+
+
+async def reconcile() -> list[str]:
+    """Retry every leftover of the running loop now; return the kernel ids still left."""
+    loop = asyncio.get_running_loop()
+    with _LOCK:
+        ours = [e.provisioner for e in _ENTRIES.values() if e.loop is loop]
+    for provisioner in ours:
+        await provisioner.retry_removal()
+    with _LOCK:
+        return [e.provisioner.kernel_id for e in _ENTRIES.values() if e.loop is loop]
+
+
+def _ensure_task(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+    """The retry task of ``loop`` (started if needed); setting its event wakes it."""
+    with _LOCK:
+        running = _TASKS.get(loop)
+        if running is not None and not running[0].done():
+            return running[1]
+        wake = asyncio.Event()
+        task = loop.create_task(_retry_loop(loop, wake), name="cluster-provisioners-leftovers")
+        _TASKS[loop] = (task, wake)
+        return wake
+
+
+async def _retry_loop(loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
+    """Retry each due leftover of ``loop`` until none is left."""
+    while True:
+        with _LOCK:
+            ours = [e for e in _ENTRIES.values() if e.loop is loop]
+            if not ours:
+                del _TASKS[loop]
+                return
+        now = time.monotonic()
+        for entry in ours:
+            if entry.next_try <= now:
+                with contextlib.suppress(Exception):
+                    await entry.provisioner.retry_removal()
+                entry.next_try = time.monotonic() + entry.provisioner.cleanup_retry_interval
+        delay = min(e.next_try for e in ours) - time.monotonic()
+        wake.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), max(0.05, min(delay, 60.0)))
