@@ -216,6 +216,9 @@ async def test_sshd_restart_mid_session_reconnects(
     ports = await asyncio.to_thread(tunnel_to_kernel, info, server, str(first.user_key_path))
     kc = AsyncKernelClient()  # fresh: load_connection_info only fills unset ports
     kc.load_connection_info(through(info, ports))
+    # No kernel manager: liveness is the heartbeat, dead after 1 s by default, which a
+    # loaded machine misses through a tunnel (execute_info in conftest does the same).
+    kc.hb_channel.time_to_dead = 10.0
     kc.start_channels()
     try:
         await kc.wait_for_ready(timeout=30)
