@@ -29,7 +29,15 @@ from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, de
 from ..base import PORT_NAMES, ClusterProvisioner
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource, zmq_listens
-from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
+from ..connection.sshlink import SSH_EXECUTOR, SSHLink
+from ..connection.sshprobe import forwarded_zmq_listens
+from ..connection.tunnels import KernelTunnels
+from ..exceptions import (
+    EngineUnavailableError,
+    ForwardingRefusedError,
+    KernelStartError,
+    ProvisionerError,
+)
 from ..executor import EngineExecutor
 from .engine import (
     CREATE_KEYS,
@@ -448,33 +456,56 @@ class DockerClusterProvisioner(ClusterProvisioner):
     async def _watch_start(self, client: docker.DockerClient) -> None:
         """Wait until the kernel's heartbeat port speaks ZMTP; fail if the container exits.
 
-        Without a probe (ports behind an SSH tunnel) the container is watched for 1 s.
+        With ``ssh_server`` the heartbeat is probed through the SSH server, as the tunnels
+        will reach it (an sshd refusing to forward fails the start by name). With
+        ``connect_via_container_ip`` the container's IP is resolved first, also behind SSH.
         """
         started = time.monotonic()
         next_state = started + 0.3  # the container's state, every 0.5 s
-        probe = not self.ssh_server
-        address: tuple[str, int] | None = None
-        while True:
-            check_state = time.monotonic() >= next_state
-            try:
-                if probe and self.connect_via_container_ip and not self.container_ip:
-                    self.container_ip = await self._container_ip(client)
-                state = await self._state(client) if check_state else {}
-            except ENGINE_ERRORS as exc:
-                msg = f"container {self.container_name} vanished while starting: {exc}"
-                raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
-            if check_state:
-                if state.get("Status") not in ("created", "running", "restarting"):
-                    await self._raise_exited(client, state)
-                if not probe and time.monotonic() - started > 1.0:
-                    return
-                next_state = time.monotonic() + 0.5
-            if probe and address is None:
+        link: SSHLink | None = None
+        try:
+            while True:
+                check_state = time.monotonic() >= next_state
+                try:
+                    if self.connect_via_container_ip and not self.container_ip:
+                        self.container_ip = await self._container_ip(client)
+                    state = await self._state(client) if check_state else {}
+                except ENGINE_ERRORS as exc:
+                    msg = f"container {self.container_name} vanished while starting: {exc}"
+                    raise KernelStartError(
+                        msg, target=self.target, kernel_id=self.kernel_id
+                    ) from exc
+                if check_state:
+                    if state.get("Status") not in ("created", "running", "restarting"):
+                        await self._raise_exited(client, state)
+                    next_state = time.monotonic() + 0.5
                 ip, ports = await self.kernel_address()
-                address = (ip, ports["hb_port"]) if ip else None
-            if address is not None and await zmq_listens(*address):
-                return
-            await asyncio.sleep(_PROBE_INTERVAL)
+                if not ip:
+                    if time.monotonic() - started > 10 and state.get("Running"):
+                        msg = (
+                            f"container {self.container_name} has no IP address on network "
+                            f"{self.network or '(default)'}; connect_via_container_ip needs one"
+                        )
+                        raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+                elif not self.ssh_server:
+                    if await zmq_listens(ip, ports["hb_port"]):
+                        return
+                else:
+                    if link is None:
+                        settings = KernelTunnels.from_provisioner(self).settings
+                        link = await SSH_EXECUTOR.run(SSHLink.acquire, settings)
+                    try:
+                        if await SSH_EXECUTOR.run(
+                            forwarded_zmq_listens, link, ip, ports["hb_port"], 1.0
+                        ):
+                            return
+                    except ForwardingRefusedError as exc:
+                        exc.target, exc.kernel_id = self.target, self.kernel_id
+                        raise
+                await asyncio.sleep(_PROBE_INTERVAL)
+        finally:
+            if link is not None:
+                await SSH_EXECUTOR.run(link.release)
 
     async def _container_ip(self, client: docker.DockerClient) -> str:
         attrs = await self.executor.run(client.api.inspect_container, self.container_id)

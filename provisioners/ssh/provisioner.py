@@ -42,6 +42,7 @@ from ..connection.sshlink import (
     SSHSettings,
     format_server,
 )
+from ..connection.sshprobe import forwarded_zmq_listens
 from ..exceptions import ForwardingRefusedError, KernelStartError, ProvisionerError, TunnelError
 from ..executor import EngineExecutor
 from .remote import (
@@ -50,6 +51,7 @@ from .remote import (
     RemoteKernel,
     RemoteListeningPorts,
     alive_function,
+    exit_report_script,
     expand_home,
     is_kernel_dir,
     kernel_dir_name,
@@ -59,7 +61,6 @@ from .remote import (
     shell_quote,
     sweep_orphans,
 )
-from .startup import exit_report_script, forwarded_zmq_listens
 
 __all__ = [
     "DEFAULT_REMOTE_RUNTIME_DIR",

@@ -102,6 +102,15 @@ def remove_script(pid: int | None, start: str, group: bool, kernel_dir: str) -> 
     return "\n".join(lines) + "\n"
 
 
+def exit_report_script(pid: int, start: str, log_file: str, lines: int = 20) -> str:
+    """Prints ``running``, or ``gone`` then the last ``lines`` of ``log_file``."""
+    return (
+        f"{alive_function(pid, start)}\n"
+        "if alive; then echo running; else echo gone; "
+        f"tail -n {int(lines)} -- {shell_quote(log_file)} 2>/dev/null; fi\n"
+    )
+
+
 class RemoteListeningPorts(PortSource):
     """Ports in use on the remote host, read from /proc/net/tcp* (or ``ss``) over SSH."""
 

@@ -63,3 +63,42 @@ async def test_docker_daemon_over_ssh_with_tunnelled_channels(
         all=True, filters={"label": f"cluster-provisioners.kernel-id={km.kernel_id}"}
     )
     assert left == []
+
+
+async def test_container_ip_through_ssh_tunnels(kernel_manager: Any, sshd: Any) -> None:
+    """connect_via_container_ip with ssh_server: nothing is published, the tunnels reach
+    the container's IP as the SSH server sees it, and the kernel answers through them."""
+    docker = pytest.importorskip("docker")
+    try:
+        docker.from_env(timeout=5).images.get(KERNEL_TEST_IMAGE)
+    except Exception as exc:
+        from tests.helpers import skip_or_fail
+
+        skip_or_fail("docker", f"no local Docker engine with {KERNEL_TEST_IMAGE}: {exc}")
+    km = kernel_manager(
+        "cluster-docker-provisioner",
+        {
+            "image": KERNEL_TEST_IMAGE,
+            "connect_via_container_ip": True,
+            "ssh_server": f"{sshd.user}@127.0.0.1:{sshd.port}",
+            "ssh_key": str(sshd.user_key_path),
+            "ssh_known_hosts": str(sshd.known_hosts_path),
+            "fallback": "none",
+        },
+        argv=CONTAINER_ARGV,
+    )
+    await km.start_kernel()
+    try:
+        state = km.provisioner.runner.kernel_state()
+        assert state["container_ip"], "the start ended without the container's IP"
+        container = docker.from_env().containers.get(state["container_id"])
+        assert not any(container.attrs["NetworkSettings"]["Ports"].values())  # nothing published
+        assert km.get_connection_info()["ip"] == "127.0.0.1"
+        out = await execute(km, "import socket; print(socket.gethostname())", timeout=30)
+        assert out["stdout"].strip() == state["container_id"][:12]
+    finally:
+        await km.shutdown_kernel()
+    left = docker.from_env().containers.list(
+        all=True, filters={"label": f"cluster-provisioners.kernel-id={km.kernel_id}"}
+    )
+    assert left == []

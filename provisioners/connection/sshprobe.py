@@ -1,15 +1,17 @@
-"""Waiting for a kernel started over SSH: ready once its heartbeat answers through the
-SSH server, failed at once when it exits first (with the end of its log) or when the
-server refuses to forward TCP connections."""
+"""Is a kernel reachable through an SSH server? Its heartbeat probed as the tunnels reach it.
+
+A start through SSH ends once the kernel's heartbeat answers over a ``direct-tcpip``
+channel of the SSH link (the way :mod:`provisioners.connection.tunnels` relays every
+channel), and fails by name when the server refuses to forward TCP connections.
+"""
 
 from __future__ import annotations
 
 import paramiko
 from paramiko.common import OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
-from ..connection.sshlink import SSHLink
 from ..exceptions import ForwardingRefusedError, TunnelError
-from .remote import alive_function, shell_quote
+from .sshlink import SSHLink
 
 #: A ZMTP peer's greeting starts with this byte.
 _ZMTP_SIGNATURE = b"\xff"
@@ -45,12 +47,3 @@ def forwarded_zmq_listens(link: SSHLink, host: str, port: int, timeout: float) -
     finally:
         chan.close()
     return first == _ZMTP_SIGNATURE
-
-
-def exit_report_script(pid: int, start: str, log_file: str, lines: int = 20) -> str:
-    """Prints ``running``, or ``gone`` then the last ``lines`` of ``log_file``."""
-    return (
-        f"{alive_function(pid, start)}\n"
-        "if alive; then echo running; else echo gone; "
-        f"tail -n {int(lines)} -- {shell_quote(log_file)} 2>/dev/null; fi\n"
-    )
