@@ -7,7 +7,7 @@ unrelated kernels. Each engine names its own :class:`EngineExecutor` instead, in
 place: ``LOCAL_EXECUTOR`` in :mod:`provisioners.local`, ``DOCKER_EXECUTOR`` in
 :mod:`provisioners.docker.engine`, ``SSH_EXECUTOR`` in
 :mod:`provisioners.connection.sshlink` (the SSH target and every SSH tunnel),
-``KUBERNETES_EXECUTOR`` in :mod:`provisioners.k8s.client`, and each
+``KUBERNETES_EXECUTOR`` in the :mod:`provisioners.k8s` package, and each
 provisioner class exposes its engine's as ``executor``. Calls beyond an engine's bound
 wait for that engine only.
 """
