@@ -158,9 +158,17 @@ def kube_open_sessions() -> list[str]:
 
 
 @pytest.mark.k8s
-async def test_kubernetes_api_refuses_the_delete(kernel_manager: Any, kube: Any) -> None:
-    """The API refuses the kill's and the cleanup's delete (403): the shutdown completes,
-    the pod stays recorded and is deleted by the retry; the pod is never force-deleted."""
+@pytest.mark.parametrize(
+    ("code", "times"),
+    [(403, 2), (503, 8)],  # a DELETE is retried 3 times on a 5xx: 4 refusals per delete
+    ids=["forbidden", "unavailable"],
+)
+async def test_kubernetes_api_refuses_the_delete(
+    kernel_manager: Any, kube: Any, code: int, times: int
+) -> None:
+    """The API refuses the kill's and the cleanup's delete (403, or 503 past the client's
+    retries): the shutdown completes, the pod stays recorded with its ports and is deleted
+    by the retry once the API serves again; the pod is never force-deleted."""
     if kube.forbid is None:
         pytest.skip("needs the Kubernetes API double, which injects the refusal")
     double = kube.forbid.__self__
@@ -176,7 +184,7 @@ async def test_kubernetes_api_refuses_the_delete(kernel_manager: Any, kube: Any)
     graces = asyncio.create_task(deletion_graces(kube, pod))
     await asyncio.sleep(0.5)  # the watch is established
 
-    refusal = double.refuse("delete", "pods", times=2)
+    refusal = double.refuse("delete", "pods", times=times, code=code)
     count("faults injected", "kubernetes")
     try:
         await km.shutdown_kernel(now=True)  # the kill's delete and the cleanup's are refused
