@@ -33,7 +33,16 @@ def bind_ports(ports: list[int]) -> list[socket.socket]:
     held = []
     for port in ports:
         sock = socket.socket()
-        sock.bind(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+        deadline = time.monotonic() + 10  # docker-proxy lets go shortly after removal
+        while True:
+            try:
+                sock.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         sock.listen()
         held.append(sock)
     return held
