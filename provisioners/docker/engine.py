@@ -26,7 +26,8 @@ import requests
 from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
 
 from ..connection.ports import PortSource
-from ..exceptions import EngineUnavailableError, KernelStartError
+from ..connection.sshconnect import SSHSettings
+from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from ..executor import EngineExecutor
 from ..owner import owner_is_gone
 
@@ -59,18 +60,30 @@ ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestExcep
 
 
 def connect_docker(
-    docker_host: str = "", *, timeout: float = 30.0, connect_timeout: float = 3.0
+    docker_host: str = "",
+    *,
+    timeout: float = 30.0,
+    connect_timeout: float = 3.0,
+    ssh: SSHSettings | None = None,
 ) -> docker.DockerClient:
     """A client of ``docker_host`` (default: DOCKER_HOST, else the local socket).
 
     Reaching the daemon (the API version check) may take ``connect_timeout`` seconds,
-    every later call ``timeout``. Raises :class:`EngineUnavailableError`.
+    every later call ``timeout``. Raises :class:`EngineUnavailableError`. An ``ssh://``
+    daemon is reached with ``ssh`` (our settings and host-key policy) when given.
     """
     environment = dict(os.environ)
     if docker_host:
         environment["DOCKER_HOST"] = docker_host
     try:
-        client = docker.from_env(environment=environment, timeout=connect_timeout, max_pool_size=32)
+        if ssh is not None and environment.get("DOCKER_HOST", "").startswith("ssh://"):
+            from .sshdaemon import docker_over_ssh
+
+            client = docker_over_ssh(environment["DOCKER_HOST"], ssh, timeout=connect_timeout)
+        else:
+            client = docker.from_env(
+                environment=environment, timeout=connect_timeout, max_pool_size=32
+            )
     except ENGINE_ERRORS as exc:
         where = docker_host or environment.get("DOCKER_HOST") or "the local socket"
         msg = f"Docker daemon at {where} is unreachable: {exc}"
@@ -127,19 +140,27 @@ def sweep_orphans(client: docker.DockerClient, log: logging.Logger | None = None
     return removed
 
 
-def _sweep_quietly(docker_host: str, timeout: float, log: logging.Logger) -> None:
+def _sweep_quietly(
+    docker_host: str, timeout: float, log: logging.Logger, ssh: SSHSettings | None = None
+) -> None:
     """Run :func:`sweep_orphans` on a client of its own; log instead of raising."""
     try:
-        client = connect_docker(docker_host, timeout=timeout, connect_timeout=timeout)
+        client = connect_docker(docker_host, timeout=timeout, connect_timeout=timeout, ssh=ssh)
         try:
             sweep_orphans(client, log)
         finally:
             client.close()
-    except (*ENGINE_ERRORS, EngineUnavailableError) as exc:
+    except (*ENGINE_ERRORS, ProvisionerError) as exc:
         log.warning("Sweeping orphaned kernel containers failed: %s", exc)
 
 
-def sweep_once(key: str, docker_host: str, timeout: float, log: logging.Logger) -> None:
+def sweep_once(
+    key: str,
+    docker_host: str,
+    timeout: float,
+    log: logging.Logger,
+    ssh: SSHSettings | None = None,
+) -> None:
     """Sweep the daemon ``key`` (its port host) in a thread, the first time per process."""
     with _SWEPT_LOCK:
         if key in _SWEPT:
@@ -147,7 +168,7 @@ def sweep_once(key: str, docker_host: str, timeout: float, log: logging.Logger) 
         _SWEPT.add(key)
     threading.Thread(
         target=_sweep_quietly,
-        args=(docker_host, timeout, log),
+        args=(docker_host, timeout, log, ssh),
         name="docker-orphan-sweep",
         daemon=True,
     ).start()

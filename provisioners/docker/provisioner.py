@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import ipaddress
 import os
 import posixpath
@@ -29,6 +30,7 @@ from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, de
 from ..base import PORT_NAMES, ClusterProvisioner
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource, zmq_listens
+from ..connection.sshconnect import SSHSettings, format_server
 from ..connection.sshlink import SSH_EXECUTOR, SSHLink
 from ..connection.sshprobe import forwarded_zmq_listens
 from ..connection.tunnels import KernelTunnels
@@ -270,8 +272,25 @@ class DockerClusterProvisioner(ClusterProvisioner):
                 self.docker_host,
                 timeout=self.api_timeout,
                 connect_timeout=self.connect_timeout,
+                ssh=self.daemon_ssh_settings(),
             )
         return self._client
+
+    def daemon_ssh_settings(self) -> SSHSettings | None:
+        """For an ``ssh://`` daemon: our SSH settings for its host (key, password reference,
+        ssh_known_hosts, host-key policy), never docker-py's ~/.ssh defaults."""
+        url = urlparse(self.docker_host)
+        if url.scheme != "ssh" or not url.hostname:
+            return None
+        server = format_server(url.username or getpass.getuser(), url.hostname, url.port or 22)
+        return SSHSettings.from_server(
+            server,
+            key_file=self.ssh_key,
+            password=self.secret("ssh_password"),
+            known_hosts=self.ssh_known_hosts,
+            accept_unknown_host_keys=self.ssh_accept_unknown_host_keys,
+            connect_timeout=self.ssh_connect_timeout,
+        )
 
     async def check_engine(self) -> None:
         client = await self._docker()
@@ -533,7 +552,13 @@ class DockerClusterProvisioner(ClusterProvisioner):
 
     def _maybe_sweep(self) -> None:
         if self.sweep_on_start:
-            sweep_once(self.port_host(), self.docker_host, self.api_timeout, self.log)
+            sweep_once(
+                self.port_host(),
+                self.docker_host,
+                self.api_timeout,
+                self.log,
+                self.daemon_ssh_settings(),
+            )
 
     async def sweep_orphans(self) -> list[str]:
         """Remove our containers on this daemon whose server process is gone."""

@@ -1,6 +1,7 @@
 """Docker on "another host": the daemon reached as DOCKER_HOST=ssh://…, the kernel's
 channels tunnelled through the same SSH server. The other host is this machine behind a
-loopback sshd; docker-py checks its host key against ~/.ssh/known_hosts."""
+loopback sshd. The daemon's SSH connection uses the kernelspec's SSH settings (key,
+ssh_known_hosts, host-key policy), never docker-py's ~/.ssh defaults."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, execute
+from provisioners.docker import DockerClusterProvisioner
+from provisioners.exceptions import HostKeyError
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, count, execute
 
 pytestmark = [pytest.mark.ssh, pytest.mark.docker]
 
@@ -27,12 +30,10 @@ async def test_docker_daemon_over_ssh_with_tunnelled_channels(
         from tests.helpers import skip_or_fail
 
         skip_or_fail("docker", f"no local Docker engine with {KERNEL_TEST_IMAGE}: {exc}")
+    # docker-py's defaults would find nothing here: no key, no known_hosts, no config
     home = tmp_path / "home"
-    (home / ".ssh").mkdir(parents=True)
-    shutil.copy(sshd.known_hosts_path, home / ".ssh" / "known_hosts")
-    (home / ".ssh" / "config").write_text(f"Host 127.0.0.1\n  IdentityFile {sshd.user_key_path}\n")
+    home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-
     server = f"{sshd.user}@127.0.0.1:{sshd.port}"
     km = kernel_manager(
         "cluster-docker-provisioner",
@@ -63,6 +64,7 @@ async def test_docker_daemon_over_ssh_with_tunnelled_channels(
         all=True, filters={"label": f"cluster-provisioners.kernel-id={km.kernel_id}"}
     )
     assert left == []
+    count("docker daemons reached with our SSH settings", "docker")
 
 
 async def test_container_ip_through_ssh_tunnels(kernel_manager: Any, sshd: Any) -> None:
@@ -102,3 +104,48 @@ async def test_container_ip_through_ssh_tunnels(kernel_manager: Any, sshd: Any) 
         all=True, filters={"label": f"cluster-provisioners.kernel-id={km.kernel_id}"}
     )
     assert left == []
+
+
+async def test_docker_daemon_over_ssh_checks_our_known_hosts(
+    kernel_manager: Any, sshd: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """~/.ssh/known_hosts lists the host (docker-py would trust it), ssh_known_hosts does
+    not: the start is refused with a host-key error, without falling back; with
+    ssh_accept_unknown_host_keys the same daemon is used."""
+    pytest.importorskip("docker")
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    shutil.copy(sshd.known_hosts_path, home / ".ssh" / "known_hosts")
+    (home / ".ssh" / "config").write_text(f"Host 127.0.0.1\n  IdentityFile {sshd.user_key_path}\n")
+    monkeypatch.setenv("HOME", str(home))
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    server = f"{sshd.user}@127.0.0.1:{sshd.port}"
+    config = {
+        "image": KERNEL_TEST_IMAGE,
+        "docker_host": f"ssh://{server}",
+        "ssh_server": server,
+        "ssh_key": str(sshd.user_key_path),
+        "ssh_known_hosts": str(empty),
+    }
+    km = kernel_manager("cluster-docker-provisioner", config, argv=CONTAINER_ARGV)
+    with pytest.raises(HostKeyError):
+        await km.start_kernel()
+    assert not km.has_kernel
+    # The daemon's own connection (no tunnel involved) checks ssh_known_hosts too.
+    daemon_only = DockerClusterProvisioner(kernel_id="known-hosts-check", **config)
+    with pytest.raises(HostKeyError, match="not in " + str(empty)):
+        await daemon_only.check_engine()
+    count("docker daemons reached with our SSH settings", "docker")
+
+    accepting = kernel_manager(
+        "cluster-docker-provisioner",
+        {**config, "ssh_accept_unknown_host_keys": True, "fallback": "none"},
+        argv=CONTAINER_ARGV,
+    )
+    await accepting.start_kernel()
+    try:
+        assert accepting.provisioner.runner is accepting.provisioner  # not a fallback
+        assert (await execute(accepting, "print(1 + 1)"))["stdout"] == "2\n"
+    finally:
+        await accepting.shutdown_kernel()
