@@ -51,8 +51,14 @@ def discard(provisioner: ClusterProvisioner) -> None:
 
 
 def pending() -> list[ClusterProvisioner]:
-    """The provisioners whose resources are still left, in this process."""
+    """The provisioners whose resources are still left, in this process.
+
+    Those of an event loop that was closed are dropped: nothing can retry them there
+    (their port records go with this process, their resources with the orphan sweep).
+    """
     with _LOCK:
+        for key in [k for k, e in _ENTRIES.items() if e.loop.is_closed()]:
+            del _ENTRIES[key]
         return [entry.provisioner for entry in _ENTRIES.values()]
 
 
