@@ -648,7 +648,8 @@ class DockerClusterProvisioner(ClusterProvisioner):
                 return
             except ENGINE_ERRORS as exc:
                 if attempt:
-                    msg = f"cannot remove container {self.container_name}: {exc}"
+                    daemon = self.docker_host or "(local)"
+                    msg = f"cannot remove container {self.container_name} (daemon {daemon}): {exc}"
                     raise ProvisionerError(
                         msg, target=self.target, kernel_id=self.kernel_id
                     ) from exc

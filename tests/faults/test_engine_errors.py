@@ -261,9 +261,9 @@ def ssh_proxy(ssh_engine: Any, tmp_path: Path) -> Iterator[tuple[SocketProxy, Pa
 async def test_ssh_connection_dropped_during_shutdown(
     kernel_manager: Any, ssh_engine: Any, ssh_proxy: tuple[SocketProxy, Path]
 ) -> None:
-    """The SSH connection drops and the host stays unreachable through the shutdown: the
-    shutdown completes; the remote kernel and its directory are removed once the host
-    answers again, and no SSH session stays open."""
+    """The SSH connection drops in the middle of a shutdown (after the interrupt) and the
+    host stays unreachable: the shutdown completes; the remote kernel and its directory
+    are removed once the host answers again, and no SSH session stays open."""
     from provisioners.connection.sshlink import SSHLink
     from tests.targets import ssh_case
 
@@ -280,9 +280,17 @@ async def test_ssh_connection_dropped_during_shutdown(
     kernel_id = km.kernel_id
     assert (await execute(km, "print('up')"))["stdout"] == "up\n"
 
-    proxy.cut()
-    count("faults injected", "ssh")
+    provisioner = km.provisioner
+    requested = provisioner.shutdown_requested
+
+    async def drop_then_request(restart: bool = False) -> None:
+        proxy.cut()  # the interrupt went through; the rest of the shutdown finds no host
+        count("faults injected", "ssh")
+        await requested(restart)
+
+    provisioner.shutdown_requested = drop_then_request
     await km.shutdown_kernel()
+    assert proxy.cuts == 1, "the shutdown never asked the kernel to stop"
     assert case.leftovers(kernel_id), "the kernel ended although the host was unreachable"
     assert pending_removals(), "the remote cleanup failed but nothing was recorded"
 
