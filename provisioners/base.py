@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -53,6 +54,7 @@ from .failed_start import as_start_error, forget_failed_start
 from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
 from .newports import SparePorts
 from .owner import ServerIdentity
+from .progress import ProgressStep, log_step
 from .secrets import check_reference, kube_secret_ref, resolve_reference
 
 if TYPE_CHECKING:
@@ -183,7 +185,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     def _configure(self, kwargs: dict[str, Any]) -> None:
         kernel_spec = kwargs.get("kernel_spec")
-        spec_name = getattr(kernel_spec, "name", "") or getattr(kernel_spec, "display_name", "")
+        spec_name = kernelspec_name(kernel_spec, kwargs.get("parent"))
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k not in _FACTORY_KEYS}
         allowed = set(self.class_trait_names(config=True))
         for key in settings:
@@ -249,6 +251,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._removal_error = ""
         self._stopped = False
         self._teardown_lock = asyncio.Lock()
+        self._start_clock = time.monotonic()
 
     # ------------------------------------------------------------------ config
 
@@ -268,6 +271,15 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return self.resolved_secrets[key]
         return resolve_reference(key, getattr(self, key), target=self.target)
 
+    def progress(self, step: str, detail: str = "") -> None:
+        """Report a step of the start: INFO in the server's log, live in ``run``.
+
+        ``detail`` is the engine's own words (an event message, pull progress); it must
+        never hold connection info.
+        """
+        elapsed = time.monotonic() - self._start_clock
+        log_step(self.log, ProgressStep(self.kernel_id, self.target, step, detail, elapsed))
+
     def config_error(self, key: str, problem: str) -> ProvisionerConfigError:
         """Build a config error for ``key`` of this provisioner."""
         msg = f"{self.target} provisioner config key {key!r}: {problem}"
@@ -281,6 +293,12 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         That error (and only that one) allows the local fallback; any other
         :class:`ProvisionerError` fails the start.
         """
+
+    async def preflight(self) -> list[str]:
+        """Check what can be checked without starting anything (used by ``kernelspec
+        install``); return warnings that name the fix. Never raises for an engine
+        problem: an unreachable engine is a warning too."""
+        return []
 
     def port_host(self) -> str:
         """The host whose ports the kernel's ports are allocated on."""
@@ -426,6 +444,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             raise error from exc
 
     async def _pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        self._start_clock = time.monotonic()
         if self._restarting:
             # Before any await: the kernel manager zeroed its ports for newports=True.
             tunneled = self._tunnels is not None and self._runner is self
@@ -440,6 +459,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._restarting = False
         self._stopped = False
         runner = self._runner
+        runner._start_clock = self._start_clock
         if not self._ports and runner.needs_ports():
             self._port_host = runner.port_host()
             self._ports = await runner.executor.run(
@@ -449,6 +469,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 host=self._port_host,
                 port_range=self.port_range,
                 sources=runner.port_sources(),
+                fields={"kernelspec": self.spec_name, "target": runner.target},
             )
         try:
             self._kernel_info = runner._kernel_info = self._build_kernel_info(runner)
@@ -485,11 +506,13 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             )
             raise KernelStartError(msg, target=runner.target, kernel_id=self.kernel_id)
         try:
+            runner.progress("starting", f"on the {runner.target} engine")
             await asyncio.wait_for(
                 runner.start_kernel(cmd, env, dict(self._kernel_info), **kwargs),
                 timeout=self.launch_timeout,
             )
             self.connection_info = await self._connect()
+            runner.progress("ready", "the kernel's channels are reachable")
         except BaseException as exc:
             self.log.warning(
                 "Kernel %s (%s): start failed, removing what was created: %s",
@@ -754,6 +777,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             if self._tunnels is None:
                 self._tunnels = KernelTunnels.from_provisioner(self)
             ip, ports = "127.0.0.1", await self._tunnels.open(ip, ports)
+            self.progress("tunnels open", f"through {self.ssh_server}")
         info = dict(self._kernel_info)
         info.update(ports)
         info["ip"] = ip
@@ -822,6 +846,49 @@ def _requested_env(env: dict[str, str] | None) -> set[str]:
     """Names the start request itself set: jupyter_server passes the server's environment
     along with them, so a value equal to the server's own is the server's."""
     return {k for k, v in (env or {}).items() if os.environ.get(k) != v}
+
+
+def kernel_row(
+    kernel_id: str,
+    *,
+    target: str,
+    kernelspec: str,
+    where: str,
+    state: str,
+    owner: str,
+    created: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One kernel as an engine's :meth:`ClusterProvisioner.list_kernels` reports it.
+
+    ``where`` names what runs it (a container, a pod, a host and pid); ``created`` is
+    when it started (epoch seconds, 0 when unknown); ``owner`` is the server identity.
+    """
+    return {
+        "kernel_id": kernel_id,
+        "kernelspec": kernelspec,
+        "target": target,
+        "where": where,
+        "state": state,
+        "owner": owner,
+        "created": created,
+        **extra,
+    }
+
+
+def kernelspec_name(kernel_spec: Any, parent: Any = None) -> str:
+    """The kernelspec's name (its directory's name), not its display name.
+
+    jupyter_client's KernelSpecManager leaves ``KernelSpec.name`` empty; the name is the
+    basename of its resource dir, which is also the manager's ``kernel_name``.
+    """
+    resource_dir = str(getattr(kernel_spec, "resource_dir", "") or "").rstrip("/")
+    return (
+        getattr(kernel_spec, "name", "")
+        or os.path.basename(resource_dir)
+        or getattr(parent, "kernel_name", "")
+        or getattr(kernel_spec, "display_name", "")
+    )
 
 
 def _substitute(arg: str, values: dict[str, str]) -> str:

@@ -5,16 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
+from .base import kernel_row
 from .connection.ports import ClusterPortCache
 from .exceptions import ProvisionerError
 from .manager import AsyncKernelManager
+from .owner import ServerIdentity, owner_alive
+from .progress import ProgressRenderer
 from .targets import ENTRY_POINTS, TARGETS, load_target, our_kernelspecs, provisioner_for
 
 PYTHON_ARGV = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -32,6 +37,29 @@ def _parse_setting(text: str) -> tuple[str, Any]:
         return key, raw
 
 
+def _kernel_argv(
+    parser: argparse.ArgumentParser, after_dashes: list[str], argv_json: str | None
+) -> list[str]:
+    """The kernel command from ``-- CMD ...`` or ``--argv JSON_LIST`` (not both)."""
+    if after_dashes and argv_json:
+        parser.error("give the kernel command after '--' or as --argv JSON_LIST, not both")
+    if after_dashes:
+        return after_dashes
+    if not argv_json:
+        return []
+    try:
+        value = json.loads(argv_json)
+    except ValueError:
+        value = None
+    if not (isinstance(value, list) and value and all(isinstance(a, str) for a in value)):
+        parser.error(
+            "--argv takes a JSON list of strings, e.g. "
+            '\'["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]\'; '
+            "or put the command after '--'"
+        )
+    return value
+
+
 def build_kernelspec(args: argparse.Namespace) -> dict[str, Any]:
     """The kernel.json for ``kernelspec install``, its config validated by the provisioner."""
     config: dict[str, Any] = json.loads(args.config_json) if args.config_json else {}
@@ -41,7 +69,7 @@ def build_kernelspec(args: argparse.Namespace) -> dict[str, Any]:
     entry_point = TARGETS[args.target][0]
     remote = args.target != "local"
     python = "python3" if remote else sys.executable
-    argv = args.argv or [python if a == "{python}" else a for a in PYTHON_ARGV]
+    argv = args.kernel_argv or [python if a == "{python}" else a for a in PYTHON_ARGV]
     spec = {
         "argv": argv,
         "display_name": args.display_name or f"Python ({args.target})",
@@ -52,7 +80,9 @@ def build_kernelspec(args: argparse.Namespace) -> dict[str, Any]:
     kernel_spec = KernelSpec(**{k: v for k, v in spec.items() if k != "metadata"})
     kernel_spec.metadata = spec["metadata"]
     kernel_spec.name = args.name
-    load_target(args.target)(kernel_id="validate", kernel_spec=kernel_spec, **config)
+    provisioner = load_target(args.target)(kernel_id="validate", kernel_spec=kernel_spec, **config)
+    for warning in asyncio.run(provisioner.preflight()):
+        print(f"jupyter-provisioners: warning: kernelspec {args.name}: {warning}", file=sys.stderr)
     return spec
 
 
@@ -82,7 +112,11 @@ async def _run(args: argparse.Namespace) -> int:
     except NoSuchKernel as exc:
         msg = f"no kernelspec named {args.kernel!r}; see 'jupyter kernelspec list'"
         raise ProvisionerError(msg) from exc
-    await km.start_kernel()
+    renderer = _attach_progress(km, quiet=args.quiet)
+    try:
+        await km.start_kernel()
+    finally:
+        renderer.finish()
     status = 1
     try:
         kc = km.client()
@@ -98,6 +132,19 @@ async def _run(args: argparse.Namespace) -> int:
     finally:
         await km.shutdown_kernel()
     return status
+
+
+def _attach_progress(km: AsyncKernelManager, *, quiet: bool) -> ProgressRenderer:
+    """Show the start's steps on stderr (live on a terminal); with ``quiet``, warnings only."""
+    log = logging.getLogger("jupyter-provisioners.run")
+    log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    renderer = ProgressRenderer(sys.stderr)
+    log.addHandler(renderer)
+    km.log = log
+    return renderer
 
 
 def _print_output(msg: dict[str, Any]) -> None:
@@ -155,36 +202,107 @@ def _report_failures(action: str, failures: list[str]) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    rows: list[dict[str, Any]] = []
-    for host, ports in ClusterPortCache.instance().held().items():
-        owners: dict[str, list[int]] = {}
-        fallbacks: dict[str, str] = {}
-        for port, record in ports.items():
-            owners.setdefault(record["owner"], []).append(port)
-            if record.get("fallback_for"):
-                fallbacks[record["owner"]] = record["fallback_for"]
-        for owner, held in sorted(owners.items()):
-            if owner.startswith("kernel-"):
-                row = {"kernel_id": owner[7:], "target": "ports", "host": host}
-                if owner in fallbacks:  # a local kernel standing in for an unreachable engine
-                    row.update(target="local", fallback_for=fallbacks[owner])
-                rows.append({**row, "ports": sorted(held)})
-    seen = set()
     found, failures = asyncio.run(_over_kernelspecs(args.kernel_dir, "list_kernels"))
-    for spec_name, row in found:
-        key = (row.get("target"), row.get("kernel_id"))
-        if key not in seen:
-            seen.add(key)
-            rows.append({**row, "kernelspec": spec_name})
+    rows = kernel_rows(found)
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
         print("No running kernels of ours.")
     else:
-        for row in rows:
-            extra = " ".join(f"{k}={v}" for k, v in row.items() if k not in ("target", "kernel_id"))
-            print(f"{row['target']:<10} {row['kernel_id']:<38} {extra}")
+        print(_table(rows))
     return _report_failures("list", failures)
+
+
+def kernel_rows(engine_rows: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per kernel: what the engines report, joined with the port store's records
+    (which alone know local kernels and which kernels run on the local fallback)."""
+    by_kernel: dict[str, dict[str, Any]] = {}
+    for spec_name, row in engine_rows:
+        row = {**row, "kernelspec": row.get("kernelspec") or spec_name}
+        row.update(fallback=False, fallback_for="")
+        by_kernel.setdefault(row["kernel_id"], row)
+    for kernel_id, record in _port_records().items():
+        listed = by_kernel.get(kernel_id)
+        if listed is not None:
+            listed["ports"] = record["ports"]
+            continue
+        runner = record.get("target") or ("local" if record.get("kernel_pid") else "?")
+        fallback_for = record.get("fallback_for", "")
+        server = ServerIdentity(
+            record.get("hostname", ""), int(record.get("pid", 0)), record.get("start") or "0"
+        )
+        by_kernel[kernel_id] = {
+            **kernel_row(
+                kernel_id,
+                target=runner,
+                kernelspec=record.get("kernelspec", ""),
+                where=(
+                    f"{record.get('hostname', '?')} pid {record['kernel_pid']}"
+                    if record.get("kernel_pid")
+                    else f"{runner} engine (kernelspec not installed here)"
+                ),
+                state="running" if record.get("kernel_pid") else "?",
+                owner=str(server) if server.hostname else "",
+                created=float(record.get("t") or 0),
+            ),
+            # a local kernel standing in for an unreachable engine
+            "fallback": bool(fallback_for),
+            "fallback_for": fallback_for,
+            "ports": record["ports"],
+        }
+    now = time.time()
+    for row in by_kernel.values():
+        created = row.get("created") or 0
+        row["age"] = round(now - created) if created else None
+        row["owner_alive"] = owner_alive(row.get("owner", ""))
+    return sorted(by_kernel.values(), key=lambda r: (r.get("created") or 0, r["kernel_id"]))
+
+
+def _port_records() -> dict[str, dict[str, Any]]:
+    """Per kernel id: its port records' fields and the ports it holds (live holders only)."""
+    found: dict[str, dict[str, Any]] = {}
+    for host, ports in ClusterPortCache.instance().held().items():
+        for port, record in ports.items():
+            owner = str(record.get("owner", ""))
+            if owner.startswith("kernel-"):
+                entry = found.setdefault(owner[7:], {**record, "port_host": host, "ports": []})
+                entry["ports"].append(port)
+    for entry in found.values():
+        entry["ports"].sort()
+    return found
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    header = ("KERNEL ID", "KERNELSPEC", "TARGET", "WHERE", "FALLBACK", "AGE", "SERVER")
+    lines = [header]
+    for row in rows:
+        alive = {True: "alive", False: "gone", None: "?"}[row["owner_alive"]]
+        lines.append(
+            (
+                row["kernel_id"],
+                row.get("kernelspec") or "?",
+                row["target"],
+                row.get("where") or "?",
+                f"for {row['fallback_for']}" if row.get("fallback") else "no",
+                _age(row.get("age")),
+                alive,
+            )
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _age(seconds: int | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -217,7 +335,16 @@ def make_parser() -> argparse.ArgumentParser:
 
     ks = sub.add_parser("kernelspec", help="manage kernelspecs that select our provisioners")
     ks_sub = ks.add_subparsers(dest="kernelspec_command", required=True)
-    install = ks_sub.add_parser("install", help="write a kernel.json selecting a provisioner")
+    install = ks_sub.add_parser(
+        "install",
+        help="write a kernel.json selecting a provisioner",
+        usage="%(prog)s NAME [options] [-- KERNEL COMMAND ...]",
+        description="""Write a kernel.json that selects one of our provisioners. The kernel
+        command goes last, after '--', the way you would type it; '{connection_file}' is
+        filled in at start. Example: jupyter-provisioners kernelspec install py-docker
+        --target docker --image my/kernel:1 -- python3 -m ipykernel_launcher -f
+        {connection_file}""",
+    )
     install.add_argument("name", help="kernelspec name, e.g. python-docker")
     install.add_argument("--target", choices=sorted(TARGETS), default="local")
     install.add_argument("--display-name", help="name shown in JupyterLab")
@@ -236,7 +363,13 @@ def make_parser() -> argparse.ArgumentParser:
         default="message",
         help="how interrupts reach the kernel",
     )
-    install.add_argument("--argv", nargs="+", help="kernel command ('{connection_file}' filled)")
+    install.add_argument(
+        "--argv",
+        dest="argv_json",
+        metavar="JSON_LIST",
+        help="""the kernel command as a JSON list, e.g. '["python3", "-m", "ipykernel_launcher",
+        "-f", "{connection_file}"]'; or give it after '--' (see above)""",
+    )
     install.add_argument("--user", action="store_true", help="install for this user only")
     install.add_argument("--prefix", help="install under this prefix")
     install.set_defaults(func=cmd_kernelspec_install)
@@ -248,6 +381,9 @@ def make_parser() -> argparse.ArgumentParser:
     source.add_argument("-c", "--code", help="code to run")
     source.add_argument("file", nargs="?", help="file of code to run")
     run.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    run.add_argument(
+        "-q", "--quiet", action="store_true", help="no start progress on stderr, warnings only"
+    )
     run.set_defaults(func=cmd_run)
 
     ls = sub.add_parser("list", help="list the running kernels of ours")
@@ -269,9 +405,20 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_kernel_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``kernelspec install ... -- CMD ...`` into our options and the kernel command."""
+    if argv[:2] == ["kernelspec", "install"] and "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1 :]
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    args = parser.parse_args(argv)
+    ours, kernel_argv = split_kernel_argv(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(ours)
+    if getattr(args, "kernelspec_command", None) == "install":
+        args.kernel_argv = _kernel_argv(parser, kernel_argv, args.argv_json)
     try:
         return int(args.func(args))
     except (ProvisionerError, OSError, ValueError) as exc:

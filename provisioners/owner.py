@@ -56,3 +56,12 @@ def owner_is_gone(text: str) -> bool:
     """True when the owner label ``text`` names a server process of this machine that ended."""
     identity = ServerIdentity.parse(text)
     return identity is not None and identity.is_gone()
+
+
+def owner_alive(text: str) -> bool | None:
+    """Whether the server named by the owner label ``text`` still runs: None when that
+    cannot be told from here (another machine, or not one of our labels)."""
+    identity = ServerIdentity.parse(text)
+    if identity is None or identity.hostname != this_hostname():
+        return None
+    return not identity.is_gone()

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,8 +158,10 @@ class PortStore(ABC):
         port_range: PortRange,
         taken: set[int],
         is_free: Callable[[int], bool] | None = None,
+        fields: Mapping[str, Any] | None = None,
     ) -> list[int]:
-        """Atomically pick and record ``count`` ports for ``owner`` on ``host``."""
+        """Atomically pick and record ``count`` ports for ``owner`` on ``host``, each record
+        holding the JSON-safe ``fields`` too (kernelspec, target: what ``list`` shows)."""
 
     @abstractmethod
     def release(self, owner: str, ports: Iterable[int] | None = None) -> list[int]:
@@ -263,8 +265,9 @@ class FilePortStore(PortStore):
         port_range: PortRange,
         taken: set[int],
         is_free: Callable[[int], bool] | None = None,
+        fields: Mapping[str, Any] | None = None,
     ) -> list[int]:
-        record = {"owner": owner, **_holder(), "t": time.time()}
+        record = {**(fields or {}), "owner": owner, **_holder(), "t": time.time()}
         with self._locked() as data:
             recorded = data.setdefault(host, {})
             candidates = [p for p in port_range if str(p) not in recorded and p not in taken]
@@ -366,11 +369,12 @@ class ClusterPortCache:
         port_range: PortRange | str = DEFAULT_PORT_RANGE,
         sources: Iterable[PortSource] = (),
         check_local_bind: bool | None = None,
+        fields: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Hand out ``count`` ports on ``host`` to ``owner``; blocking (use a thread).
 
         ``check_local_bind`` (default: ``host == 'localhost'``) also skips ports that
-        some process of this machine is bound to.
+        some process of this machine is bound to. ``fields`` are recorded with the ports.
         """
         if isinstance(port_range, str):
             port_range = PortRange.parse(port_range)
@@ -381,7 +385,7 @@ class ClusterPortCache:
             check_local_bind = host == LOCAL_HOST
         is_free = self._local.is_free if check_local_bind else None
         with self._lock:
-            return self.store.allocate(host, count, owner, port_range, taken, is_free)
+            return self.store.allocate(host, count, owner, port_range, taken, is_free, fields)
 
     def release(self, owner: str, ports: Iterable[int] | None = None) -> list[int]:
         """Return ``owner``'s ports (or only ``ports``) to the pool."""

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import docker
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, default
 
-from ..base import PORT_NAMES, ClusterProvisioner
+from ..base import PORT_NAMES, ClusterProvisioner, kernel_row
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource, zmq_listens
 from ..connection.sshconnect import SSHSettings, format_server
@@ -47,6 +47,7 @@ from .engine import (
     ENGINE_ERRORS,
     GPUS_SPEC,
     LABEL_KERNEL_ID,
+    LABEL_KERNELSPEC,
     LABEL_MANAGED_BY,
     LABEL_OWNER,
     MANAGED_BY,
@@ -66,6 +67,7 @@ from .engine import (
     sweep_once,
     sweep_orphans,
 )
+from .pull import PullProgress, stream_pull
 
 _PROBE_INTERVAL = 0.05
 
@@ -302,6 +304,31 @@ class DockerClusterProvisioner(ClusterProvisioner):
             msg = f"Docker daemon {self.docker_host or '(local)'} is unreachable: {exc}"
             raise EngineUnavailableError(msg, target=self.target) from exc
 
+    async def preflight(self) -> list[str]:
+        where = self.docker_host or "the local Docker daemon"
+        try:
+            await self.check_engine()
+            client = await self._docker()
+            await self.executor.run(client.images.get, self.image)
+        except EngineUnavailableError as exc:
+            return [f"{exc}; kernels of this kernelspec start only once it answers"]
+        except docker.errors.ImageNotFound:
+            if self.pull_policy != "never":
+                return [
+                    f"image {self.image!r} is not on {where} yet; it is pulled at the first "
+                    f"start (pull_policy={self.pull_policy!r}), which makes that start slow"
+                ]
+            return [
+                f"image {self.image!r} is not present on {where} and pull_policy='never': "
+                f"kernels will not start until you 'docker pull {self.image}' (or build it) "
+                "there, or set pull_policy to 'if-missing'"
+            ]
+        except ENGINE_ERRORS as exc:
+            return [f"cannot check image {self.image!r} on {where}: {exc}"]
+        finally:
+            self._close_client()
+        return []
+
     def _is_local_daemon(self) -> bool:
         url = urlparse(self.docker_host or "unix://")
         if url.scheme in ("unix", "npipe", "http+unix"):
@@ -391,6 +418,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
         args = self.create_args(cmd, env, name)
         container = await self._create(client, args)
         self.container_id, self.container_name = container.id, name
+        self.progress("container created", f"{name} from image {self.image}")
         self._pending_create = None
         self._started = True
         self._stop_signal = signal_number(container.attrs.get("Config", {}).get("StopSignal"))
@@ -405,13 +433,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
         except ENGINE_ERRORS as exc:
             msg = f"container {name} from image {self.image!r} failed to start: {exc}"
             raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
-        self.log.info(
-            "Kernel %s: container %s (%s) started from image %s",
-            self.kernel_id,
-            name,
-            container.short_id,
-            self.image,
-        )
+        self.progress("container started", f"{name} ({container.short_id})")
         await self._watch_start(client)
 
     async def _create(self, client: docker.DockerClient, args: dict[str, Any]) -> Any:
@@ -438,9 +460,17 @@ class DockerClusterProvisioner(ClusterProvisioner):
 
     async def _pull(self, client: docker.DockerClient) -> None:
         repository, tag = docker.utils.parse_repository_tag(self.image)
-        self.log.info("Kernel %s: pulling image %s", self.kernel_id, self.image)
+        self.progress("pulling image", self.image)
+        loop = asyncio.get_running_loop()
+        tracker = PullProgress(self.image)
+
+        def on_event(event: dict[str, Any]) -> None:
+            line = tracker.update(event)
+            if line:
+                loop.call_soon_threadsafe(self.progress, "pulling image", line)
+
         try:
-            await self.executor.run(client.images.pull, repository, tag=tag or "latest")
+            await self.executor.run(stream_pull, client, repository, tag or "latest", on_event)
         except ENGINE_ERRORS as exc:
             msg = f"cannot pull image {self.image!r} (pull_policy={self.pull_policy!r}): {exc}"
             raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
@@ -575,13 +605,16 @@ class DockerClusterProvisioner(ClusterProvisioner):
             filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"},
         )
         return [
-            {
-                "kernel_id": (item.get("Labels") or {}).get(LABEL_KERNEL_ID, "?"),
-                "target": self.target,
-                "container": item["Id"][:12],
-                "state": item.get("State", ""),
-                "owner": (item.get("Labels") or {}).get(LABEL_OWNER, ""),
-            }
+            kernel_row(
+                (item.get("Labels") or {}).get(LABEL_KERNEL_ID, "?"),
+                target=self.target,
+                kernelspec=(item.get("Labels") or {}).get(LABEL_KERNELSPEC, ""),
+                where=f"container {(item.get('Names') or ['/?'])[0].lstrip('/')}",
+                state=item.get("State", ""),
+                owner=(item.get("Labels") or {}).get(LABEL_OWNER, ""),
+                created=float(item.get("Created") or 0),
+                container=item["Id"][:12],
+            )
             for item in found
         ]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -46,15 +45,8 @@ async def start_pod(
     p.secret_name = m.secret_name_for(p.pod_name)
     p.pod_uid = p.pod_ip = ""
     pod = m.pod_manifest(p._pod_spec(cmd, env))
-    p.log.info(
-        "Kernel %s: creating pod %s/%s (image %s, %s)",
-        p.kernel_id,
-        p.namespace,
-        p.pod_name,
-        p.image,
-        p._mode,
-    )
     created = await create(p, "pods", pod)
+    p.progress("pod created", f"{p.namespace}/{p.pod_name} (image {p.image}, {p._mode})")
     p.timings["created"] = time.perf_counter()
     p.pod_uid = created["metadata"]["uid"]
     p._started = True
@@ -67,6 +59,10 @@ async def start_pod(
         with contextlib.suppress(asyncio.CancelledError):
             await events
     p.timings["running"] = time.perf_counter()
+    p.progress(
+        "pod running",
+        f"{p.namespace}/{p.pod_name} on {running.get('spec', {}).get('nodeName') or '?'}",
+    )
     p.pod_ip = (running.get("status") or {}).get("podIP", "")
     if p._mode == "port-forward":
         await open_forwarder(p)
@@ -75,7 +71,6 @@ async def start_pod(
         p.timings["listening"] = time.perf_counter()
         if p._forwarder is not None:
             p._forwarder.prime()
-    p.log.info("Kernel %s: pod %s is running", p.kernel_id, p.pod_name)
 
 
 async def create(
@@ -120,7 +115,7 @@ async def wait_running(p: KubernetesClusterProvisioner) -> dict[str, Any]:
                     return pod
                 progress = describe_progress(pod)
                 if progress != last:
-                    p.log.debug("Kernel %s: pod %s: %s", p.kernel_id, name, progress)
+                    p.progress("pod status", progress)
                     last = progress
             elif pod is None and seen:
                 msg = f"kernel pod {p.namespace}/{name} was deleted while starting"
@@ -163,11 +158,12 @@ async def _log_events(p: KubernetesClusterProvisioner, name: str) -> None:
         reason, text = event.get("reason", ""), event.get("message", "")
         if event.get("type") == "Warning":
             # the kubelet may try the Secret volume before we created the Secret
-            ours = reason == "FailedMount" and p.secret_name in text
-            level = logging.DEBUG if ours else logging.INFO
-            p.log.log(level, "Kernel %s: pod %s: %s: %s", p.kernel_id, name, reason, text)
+            if reason == "FailedMount" and p.secret_name in text:
+                p.log.debug("Kernel %s: pod %s: %s: %s", p.kernel_id, name, reason, text)
+            else:
+                p.progress(f"warning {reason}", text)
         elif reason in _PROGRESS_REASONS:
-            p.log.info("Kernel %s: pod %s: %s", p.kernel_id, name, text or reason)
+            p.progress(reason, text)
 
 
 async def log_tail(p: KubernetesClusterProvisioner, container: str, lines: int = 20) -> str:

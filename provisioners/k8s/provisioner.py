@@ -304,6 +304,30 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
             await self._detach()
         return [f"{self.namespace}/{name}" for name in removed]
 
+    async def preflight(self) -> list[str]:
+        where = f"namespace {self.namespace!r}"
+        try:
+            client = await KubeClient.connect(self.kubeconfig, self.context)
+        except Exception as exc:  # a missing or broken kubeconfig: only a warning here
+            return [f"the Kubernetes API cannot be reached ({exc}); check kubeconfig/context"]
+        try:
+            await client.request(
+                "GET", f"/api/v1/namespaces/{self.namespace}/pods", query=[("limit", "1")]
+            )
+        except KubeApiError as exc:
+            if exc.status == 403:
+                return [
+                    f"pods in {where} cannot be listed (Forbidden): grant this server's "
+                    "account the Role of the chart (pods, pods/exec, secrets) there, or "
+                    "choose another namespace"
+                ]
+            if exc.status == 404:
+                return [f"{where} does not exist: create it ('kubectl create namespace')"]
+            return [f"cannot list pods in {where}: {exc}"]
+        finally:
+            await client.close()
+        return []
+
     async def list_kernels(self) -> list[dict[str, Any]]:
         """Our kernel pods in the namespace."""
         await self._attach()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from datetime import datetime
 from typing import Any
 
+from ..base import kernel_row
 from ..exceptions import ProvisionerError
 from ..owner import owner_is_gone
 from . import manifests as m
@@ -81,16 +83,32 @@ async def sweep_once(
 
 
 async def list_kernel_pods(client: KubeClient, namespace: str) -> list[dict[str, Any]]:
-    """Our kernel pods in ``namespace``, as rows (kernel_id, target, pod, phase)."""
+    """Our kernel pods in ``namespace``, as :func:`~provisioners.base.kernel_row` rows."""
     pods = await client.request(
         "GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", m.KERNEL_SELECTOR)]
     )
-    return [
-        {
-            "kernel_id": pod["metadata"].get("annotations", {}).get(m.ANNOTATION_KERNEL_ID, "?"),
-            "target": "kubernetes",
-            "pod": f"{namespace}/{pod['metadata']['name']}",
-            "phase": pod.get("status", {}).get("phase", ""),
-        }
-        for pod in pods.get("items", [])
-    ]
+    rows = []
+    for pod in pods.get("items", []):
+        meta = pod["metadata"]
+        annotations = meta.get("annotations") or {}
+        rows.append(
+            kernel_row(
+                annotations.get(m.ANNOTATION_KERNEL_ID, "?"),
+                target="kubernetes",
+                kernelspec=annotations.get(m.ANNOTATION_KERNELSPEC, ""),
+                where=f"pod {namespace}/{meta['name']}",
+                state=pod.get("status", {}).get("phase", ""),
+                owner=annotations.get(m.ANNOTATION_OWNER, ""),
+                created=_epoch(meta.get("creationTimestamp", "")),
+                pod=f"{namespace}/{meta['name']}",
+            )
+        )
+    return rows
+
+
+def _epoch(timestamp: str) -> float:
+    """RFC 3339 ``2026-12-01T02:00:00Z`` as epoch seconds (0 when absent or unparsable)."""
+    try:
+        return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import paramiko
 from traitlets import Bool, Float, Int, Unicode, default
 
-from ..base import ClusterProvisioner
+from ..base import ClusterProvisioner, kernel_row
 from ..connection.files import connection_file_content
 from ..connection.ports import PortSource
 from ..connection.sshlink import (
@@ -301,6 +301,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
         if kwargs.get("cwd"):
             self.log.debug("Kernel %s: the server-side cwd is not used remotely", self.kernel_id)
         where = self.settings().address
+        spec_file = shell_quote(kernel_dir + "/kernelspec")
         prepare = (
             "umask 077\n"
             f"[ -d {shell_quote(cwd)} ] || exit {_NO_CWD}\n"
@@ -308,6 +309,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
             f"rm -rf -- {shell_quote(kernel_dir)}\n"
             f"mkdir -m 700 -- {shell_quote(kernel_dir)} || exit {_NO_DIR}\n"
             f"printf '%s\\n' {shell_quote(self.owner)} > {shell_quote(kernel_dir + '/owner')}\n"
+            f"printf '%s\\n' {shell_quote(self.spec_name)} > {spec_file}\n"
         )
         result = await self._run(prepare)
         if result.returncode == _NO_CWD:
@@ -319,6 +321,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
                 f"{result.stderr.strip() or result.returncode}"
             )
             raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+        self.progress("kernel directory created", f"{kernel_dir} on {where}")
         launcher = self._launcher(cmd, env, cwd)
         link = await self._get_link()
         await self.executor.run(
@@ -329,6 +332,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
                 "launch.sh": launcher.encode(),
             },
         )
+        self.progress("uploaded", "connection file and launcher (SFTP)")
         log_file = posixpath.join(kernel_dir, "kernel.log")
         launch_script = shell_quote(posixpath.join(kernel_dir, "launch.sh"))
         run = f"/bin/sh {launch_script} </dev/null >{shell_quote(log_file)} 2>&1"
@@ -354,9 +358,7 @@ class SSHClusterProvisioner(ClusterProvisioner):
         self._start_tick = "" if start == "-" else start
         self._group = group == "1"
         self._started = True
-        self.log.info(
-            "Kernel %s: started on %s as pid %s in %s", self.kernel_id, where, self._pid, kernel_dir
-        )
+        self.progress("kernel process started", f"pid {self._pid} on {where}")
         await self._await_ready(int(kernel_info["hb_port"]))
 
     async def _await_ready(self, hb_port: int) -> None:
@@ -522,14 +524,15 @@ class SSHClusterProvisioner(ClusterProvisioner):
         """Our kernels on this host, whichever server started them."""
         found = await self.executor.run(list_remote_kernels, self.host, **self._host_config())
         return [
-            {
-                "kernel_id": kernel.kernel_id,
-                "target": self.target,
-                "host": self.host,
-                "pid": kernel.pid,
-                "state": "running" if kernel.alive else "exited",
-                "owner": kernel.owner,
-            }
+            kernel_row(
+                kernel.kernel_id,
+                target=self.target,
+                kernelspec=kernel.kernelspec,
+                where=f"{self.host} pid {kernel.pid}",
+                state="running" if kernel.alive else "exited",
+                owner=kernel.owner,
+                created=kernel.created,
+            )
             for kernel in found
         ]
 

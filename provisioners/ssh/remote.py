@@ -158,6 +158,9 @@ class RemoteKernel:
     start: str
     group: bool
     alive: bool
+    kernelspec: str = ""
+    #: When the kernel directory was made (epoch seconds; 0 when unknown).
+    created: float = 0.0
 
     @property
     def kernel_id(self) -> str:
@@ -199,14 +202,17 @@ def _remote_kernels(link: SSHLink, remote_runtime_dir: str, timeout: float) -> l
         f"for d in {shell_quote(runtime)}/{KERNEL_DIR_PREFIX}*; do\n"
         '  [ -d "$d" ] || continue\n'
         '  o=$(head -n 1 "$d/owner" 2>/dev/null); p=$(head -n 1 "$d/pid" 2>/dev/null)\n'
+        '  k=$(head -n 1 "$d/kernelspec" 2>/dev/null); t=$(stat -c %Y "$d" 2>/dev/null)\n'
         "  a=0; P=${p%% *}\n"
         '  case "$P" in ""|*[!0-9]*) ;; *) kill -0 "$P" 2>/dev/null && a=1;; esac\n'
-        '  printf \'%s\\t%s\\t%s\\t%s\\n\' "$d" "$o" "$p" "$a"\n'
+        '  printf \'%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n\' "$d" "$o" "$p" "$a" "$k" "$t"\n'
         "done\n"
     )
     found = []
     for line in link.sh(listing, timeout=timeout).stdout.splitlines():
-        kernel_dir, owner, pid_line, alive = ([*line.split("\t"), "", "", ""])[:4]
+        kernel_dir, owner, pid_line, alive, kernelspec, created = ([*line.split("\t")] + [""] * 6)[
+            :6
+        ]
         if not is_kernel_dir(kernel_dir):
             continue
         fields = pid_line.split()  # "PID START GROUP", as the launch wrote it
@@ -218,6 +224,8 @@ def _remote_kernels(link: SSHLink, remote_runtime_dir: str, timeout: float) -> l
                 start=fields[1] if len(fields) > 1 else "-",
                 group=len(fields) < 3 or fields[2] == "1",
                 alive=alive == "1",
+                kernelspec=kernelspec,
+                created=float(created) if created.isdigit() else 0.0,
             )
         )
     return found

@@ -1,0 +1,91 @@
+"""``jupyter-provisioners list``: one row per kernel with its kernelspec, target, where it
+runs, whether it is on the local fallback, its age and whether its server is alive."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from tests.helpers import CONTAINER_ARGV, write_kernelspec
+from tests.targets import TargetCase
+from tests.ux.test_progress import _cli_env
+
+#: What the WHERE column names for each target.
+WHERE = {"local": " pid ", "docker": "container ", "ssh": " pid ", "kubernetes": "pod "}
+
+
+def list_kernels(kernels: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "provisioners", "list", "--kernel-dir", str(kernels), *extra],
+        capture_output=True, text=True, timeout=120, env=_cli_env(), check=False,
+    )  # fmt: skip
+
+
+def install(kernels: Path, name: str, provisioner: str, config: dict, argv: list[str]) -> Any:
+    """A kernelspec whose display name differs from its name, as most do."""
+    write_kernelspec(kernels, name, provisioner, config, argv=argv)
+    path = kernels / name / "kernel.json"
+    spec = json.loads(path.read_text())
+    path.write_text(json.dumps({**spec, "display_name": f"Python ({name}, shown)"}))
+    return KernelSpecManager(kernel_dirs=[str(kernels)])
+
+
+def row_of(result: subprocess.CompletedProcess[str], kernel_id: str) -> dict[str, Any]:
+    assert result.returncode == 0, result.stderr
+    rows = [row for row in json.loads(result.stdout) if row["kernel_id"] == kernel_id]
+    assert len(rows) == 1, result.stdout
+    return rows[0]
+
+
+async def test_list_shows_each_kernel(target: TargetCase, tmp_path: Path) -> None:
+    kernels = tmp_path / "kernels"
+    ksm = install(kernels, "listed", target.provisioner, target.config, target.argv)
+    km = AsyncKernelManager(kernel_name="listed", kernel_spec_manager=ksm)
+    await km.start_kernel()
+    try:
+        row = row_of(list_kernels(kernels, "--json"), km.kernel_id)
+        assert row["kernelspec"] == "listed"
+        assert row["target"] == target.name
+        assert WHERE[target.name] in row["where"], row
+        assert row["fallback"] is False and row["fallback_for"] == ""
+        assert 0 <= row["age"] < 600
+        assert row["owner_alive"] is True
+        table = list_kernels(kernels)
+        assert table.returncode == 0, table.stderr
+        header, *lines = table.stdout.splitlines()
+        columns = ["KERNEL", "ID", "KERNELSPEC", "TARGET", "WHERE", "FALLBACK", "AGE", "SERVER"]
+        assert header.split() == columns
+        line = next(line for line in lines if line.startswith(km.kernel_id))
+        assert " listed " in line and f" {target.name} " in line and line.endswith("alive")
+    finally:
+        await km.shutdown_kernel()
+    gone = list_kernels(kernels, "--json")
+    assert km.kernel_id not in [row["kernel_id"] for row in json.loads(gone.stdout)]
+
+
+async def test_list_marks_a_kernel_on_the_local_fallback(tmp_path: Path) -> None:
+    kernels = tmp_path / "kernels"
+    config = {"docker_host": f"unix://{tmp_path}/no-daemon.sock", "image": "any/image:1"}
+    ksm = install(kernels, "fell-back", "cluster-docker-provisioner", config, CONTAINER_ARGV)
+    spec = json.loads((kernels / "fell-back" / "kernel.json").read_text())
+    spec["argv"] = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (kernels / "fell-back" / "kernel.json").write_text(json.dumps(spec))
+    km = AsyncKernelManager(kernel_name="fell-back", kernel_spec_manager=ksm)
+    await km.start_kernel()
+    try:
+        result = list_kernels(kernels, "--json")
+        row = row_of(result, km.kernel_id)
+        assert row["fallback"] is True and row["target"] == "local", row
+        assert row["fallback_for"] == "docker"
+        assert row["kernelspec"] == "fell-back" and " pid " in row["where"]
+        assert "unreachable" in result.stderr  # the docker engine of that kernelspec
+        line = next(ln for ln in list_kernels(kernels).stdout.splitlines() if km.kernel_id in ln)
+        assert " for docker " in line
+    finally:
+        await km.shutdown_kernel()
