@@ -110,19 +110,57 @@ def read_file(container: Any, path: str) -> bytes:
         return b""
 
 
+def container_kernel_dir(kernel_id: str) -> str:
+    """The kernel's private directory in its container (connection file, owner)."""
+    return f"/tmp/jupyter-kernel-{UNSAFE_NAME.sub('-', kernel_id)}"
+
+
+def owner_archive(owner: str) -> bytes:
+    """A tar of the file ``owner`` (0600): the server that reattached the kernel.
+
+    Labels cannot change once a container exists; a server that reattaches a kernel
+    writes itself here, into :func:`container_kernel_dir`, and sweeps read it.
+    """
+    content = f"{owner}\n".encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        entry = tarfile.TarInfo("owner")
+        entry.size, entry.mode, entry.mtime = len(content), 0o600, time.time()
+        tar.addfile(entry, io.BytesIO(content))
+    return buf.getvalue()
+
+
+def _moved_owner(client: docker.DockerClient, container_id: str, kernel_id: str) -> str:
+    """The owner a reattaching server wrote into the container ('' when none)."""
+    path = posixpath.join(container_kernel_dir(kernel_id), "owner")
+    try:
+        stream, _ = client.api.get_archive(container_id, path)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            member = tar.extractfile("owner")
+            return member.read().decode().strip() if member is not None else ""
+    except (*ENGINE_ERRORS, tarfile.TarError, KeyError, UnicodeDecodeError):
+        return ""
+
+
 def sweep_orphans(client: docker.DockerClient, log: logging.Logger | None = None) -> list[str]:
     """Remove our kernel containers whose owning server process is gone.
 
     Only owners on this machine can be checked; a live server's containers (and those
-    of servers on other machines) are never touched. Returns the removed container ids.
+    of servers on other machines) are never touched, nor those a live server reattached
+    (the owner it wrote into the container, see :func:`owner_archive`). Returns the
+    removed container ids.
     """
     log = log or logging.getLogger(__name__)
     removed: list[str] = []
     found = client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"})
     for item in found:
-        owner = (item.get("Labels") or {}).get(LABEL_OWNER, "")
+        labels = item.get("Labels") or {}
+        owner = labels.get(LABEL_OWNER, "")
         if not owner or not owner_is_gone(owner):
             continue
+        moved = _moved_owner(client, item["Id"], labels.get(LABEL_KERNEL_ID, ""))
+        if moved and not owner_is_gone(moved):
+            continue  # reattached by a server that is not known to be gone
         try:
             client.api.remove_container(item["Id"], v=True, force=True)
         except docker.errors.NotFound:

@@ -57,10 +57,12 @@ from .engine import (
     DockerPortSource,
     connect_docker,
     connection_archive,
+    container_kernel_dir,
     create_args,
     host_path_of,
     kernel_labels,
     lookup_id,
+    owner_archive,
     ping,
     read_file,
     signal_number,
@@ -364,7 +366,7 @@ class DockerClusterProvisioner(ClusterProvisioner):
         return host_path_of(path, self.volumes, self.mounts, self.working_dir)
 
     def kernel_connection_file(self) -> str:
-        return f"/tmp/jupyter-kernel-{UNSAFE_NAME.sub('-', self.kernel_id)}/connection.json"
+        return posixpath.join(container_kernel_dir(self.kernel_id), "connection.json")
 
     async def kernel_address(self) -> tuple[str, dict[str, int]]:
         ports = {name: self._kernel_info[name] for name in PORT_NAMES}
@@ -725,5 +727,19 @@ class DockerClusterProvisioner(ClusterProvisioner):
             msg = f"cannot inspect container {self.container_name}: {exc}"
             raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
         self._started = True
+        try:  # labels cannot change: sweeps read the new owner from the container
+            await self.executor.run(
+                client.api.put_archive,
+                self.container_id,
+                container_kernel_dir(self.kernel_id),
+                owner_archive(str(self.owner)),
+            )
+        except ENGINE_ERRORS as exc:
+            self.log.warning(
+                "Kernel %s: cannot record this server as its owner in container %s: %s",
+                self.kernel_id,
+                self.container_name,
+                exc,
+            )
         if self.connect_via_container_ip and current.get("Running"):
             self.container_ip = await self._container_ip(client)
