@@ -1,4 +1,5 @@
-"""One Kubernetes API client per event loop, speaking plain JSON.
+"""One Kubernetes API client per event loop (in practice the engine loop, see
+:mod:`.loop`), speaking plain JSON.
 
 kubernetes_asyncio loads the kubeconfig (or the in-cluster service account), holds the
 aiohttp session with the cluster's TLS settings and refreshes tokens; on top of it
@@ -26,11 +27,16 @@ from kubernetes_asyncio.client import ApiClient, Configuration
 from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
 
 from ..exceptions import EngineUnavailableError, ProvisionerError
-from ..executor import EngineExecutor
+from .loop import KUBERNETES_EXECUTOR
 
-#: The Kubernetes target's threads, for the few blocking calls it makes (the port store):
-#: its API calls are asynchronous.
-KUBERNETES_EXECUTOR = EngineExecutor("kubernetes", max_workers=4)
+__all__ = [
+    "KUBERNETES_EXECUTOR",
+    "KubeApiError",
+    "KubeClient",
+    "acquire_client",
+    "close_clients",
+    "release_client",
+]
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _RETRY_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
@@ -359,3 +365,11 @@ async def release_client(user: object, client: KubeClient) -> None:
                     del clients[key]
                     await client.close()
                 return
+
+
+async def close_clients() -> None:
+    """Close every client this event loop still shares (when the loop stops)."""
+    loop = asyncio.get_running_loop()
+    clients = _SHARED.pop(loop, {})
+    for shared in clients.values():
+        await shared.client.close()

@@ -14,8 +14,10 @@ servers left and lists our pods.
 from __future__ import annotations
 
 import base64
+import functools
 import signal
-from typing import Any, ClassVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default
 
@@ -26,28 +28,43 @@ from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerEr
 from ..executor import EngineExecutor
 from ..secrets import kube_secret_ref
 from . import manifests as m
-from .client import (
-    KUBERNETES_EXECUTOR,
-    KubeApiError,
-    KubeClient,
-    acquire_client,
-    default_namespace,
-    release_client,
-)
+from .client import KubeApiError, KubeClient, acquire_client, default_namespace, release_client
+from .loop import KUBERNETES_EXECUTOR, EngineLoop
 from .podstart import open_forwarder, start_pod
 from .portforward import PortForwarder, pod_exec
 from .sweep import list_kernel_pods, sweep_once, sweep_orphans
 from .watch import PodReflector, kernel_exit_code
 
+P = ParamSpec("P")
+R = TypeVar("R")
+K = TypeVar("K", bound="KubernetesClusterProvisioner")
+
+
+def on_engine_loop(
+    method: Callable[Concatenate[K, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[K, P], Coroutine[Any, Any, R]]:
+    """Run the decorated engine hook on the engine's own loop (:mod:`.loop`), whatever
+    loop the caller (jupyter_client, sync or async) awaits it from."""
+
+    @functools.wraps(method)
+    async def on_engine(self: K, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._on_engine(method(self, *args, **kwargs))
+
+    return on_engine
+
 
 class _HeldPorts(PortSource):
-    """A snapshot of the ports our hostNetwork pods hold (from the reflector's cache)."""
+    """The ports our hostNetwork pods hold, read from the reflector's cache."""
 
-    def __init__(self, ports: set[int]) -> None:
-        self.ports = set(ports)
+    def __init__(self, engine: EngineLoop, reflector: PodReflector, node: str | None) -> None:
+        self.engine = engine
+        self.reflector = reflector
+        self.node = node
 
     def ports_in_use(self, host: str) -> set[int]:
-        return set(self.ports)
+        # the cache changes on the engine loop: read it there
+        pods = self.engine.call(lambda: list(self.reflector.pods.values()))
+        return m.ports_held_on_node(pods, self.node)
 
 
 class KubernetesClusterProvisioner(ClusterProvisioner):
@@ -193,6 +210,7 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         self._client: KubeClient | None = None
         self._reflector: PodReflector | None = None
         self._forwarder: PortForwarder | None = None
+        self._engine: EngineLoop | None = None
         self._mode = ""
         self.pod_name = ""
         self.pod_uid = ""
@@ -233,6 +251,20 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
 
     # ------------------------------------------------------------------ engine hooks
 
+    async def _on_engine(self, coro: Coroutine[Any, Any, R]) -> R:
+        """Await ``coro`` on the engine loop, held from this provisioner's first call
+        until it no longer holds an API client (a full stop or a failed attach)."""
+        if self._engine is None:
+            self._engine = EngineLoop.hold(self)
+        engine = self._engine
+        try:
+            return await engine.run(coro)
+        finally:
+            if self._client is None and self._engine is engine:
+                self._engine = None
+                engine.release(self)
+
+    @on_engine_loop
     async def check_engine(self) -> None:
         await self._attach()
         await self._resolve_secret_refs()
@@ -294,6 +326,7 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         key = (self.kubeconfig, self.context, self.namespace)
         await sweep_once(key, self._client, self.namespace, self.log)
 
+    @on_engine_loop
     async def sweep_orphans(self) -> list[str]:
         """Delete our pods and Secrets in the namespace whose server process is gone."""
         await self._attach()
@@ -328,6 +361,7 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
             await client.close()
         return []
 
+    @on_engine_loop
     async def list_kernels(self) -> list[dict[str, Any]]:
         """Our kernel pods in the namespace."""
         await self._attach()
@@ -345,10 +379,9 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         return "kubernetes-pod"
 
     def port_sources(self) -> list[PortSource]:
-        if not self.host_network or self._reflector is None:
+        if not self.host_network or self._reflector is None or self._engine is None:
             return []
-        pods = list(self._reflector.pods.values())
-        return [_HeldPorts(m.ports_held_on_node(pods, self.node_name or None))]
+        return [_HeldPorts(self._engine, self._reflector, self.node_name or None)]
 
     def kernel_bind_ip(self) -> str:
         return "0.0.0.0"
@@ -416,11 +449,13 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         secret["metadata"]["annotations"] = m.kernel_annotations(self.kernel_id, str(self.owner))
         return secret
 
+    @on_engine_loop
     async def start_kernel(
         self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
     ) -> None:
         await start_pod(self, cmd, env, kernel_info)
 
+    @on_engine_loop
     async def kernel_address(self) -> tuple[str, dict[str, int]]:
         if self._mode == "port-forward":
             if self._forwarder is None or not self._forwarder.local_ports:
@@ -430,10 +465,12 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         return self.pod_ip, {n: int(self._kernel_info[n]) for n in PORT_NAMES}
 
     async def poll_kernel(self) -> int | None:
+        # a read of the reflector's cache (replaced, never changed in place, by the loop)
         if self._reflector is None or not self.pod_name:
             return 0
         return kernel_exit_code(self._reflector.get(self.pod_name))
 
+    @on_engine_loop
     async def signal_kernel(self, signum: int) -> None:
         if not self.pod_name or await self.poll_kernel() is not None:
             return
@@ -468,6 +505,7 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         msg = f"cannot send SIG{name} to kernel pod {self.pod_name}: {error}"
         raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from error
 
+    @on_engine_loop
     async def stop_kernel(self, force: bool) -> None:
         await self._delete_pod(1 if force else self.termination_grace_period)
 
@@ -489,6 +527,7 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
                     kernel_id=self.kernel_id,
                 ) from exc
 
+    @on_engine_loop
     async def remove_kernel(self, restart: bool) -> None:
         name = self.pod_name
         try:
@@ -531,6 +570,7 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
             "mode": self._mode,
         }
 
+    @on_engine_loop
     async def load_kernel_state(self, state: dict[str, Any]) -> None:
         if not state.get("pod"):
             return
