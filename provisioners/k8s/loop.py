@@ -73,6 +73,13 @@ class EngineLoop:
             engine.users.add(id(user))
             return engine
 
+    @classmethod
+    def holders(cls) -> set[int]:
+        """Ids of the users holding the current loop (for checks and tests)."""
+        with cls._lock:
+            engine = cls._current
+            return set(engine.users) if engine is not None else set()
+
     def release(self, user: object) -> None:
         """Drop ``user``'s hold; the last one stops the loop (without waiting for it)."""
         with self._lock:

@@ -267,7 +267,11 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
     @on_engine_loop
     async def check_engine(self) -> None:
         await self._attach()
-        await self._resolve_secret_refs()
+        try:
+            await self._resolve_secret_refs()
+        except BaseException:
+            await self._detach()  # no start follows: let go of the client (and the loop)
+            raise
         if self.sweep_on_start:
             await self._sweep_once()
 

@@ -18,6 +18,7 @@ import pytest
 
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeApiError, KubeClient
+from provisioners.k8s.loop import EngineLoop
 from provisioners.owner import ServerIdentity
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, skip_or_fail
 
@@ -74,6 +75,16 @@ async def _reachable(kubeconfig: str, namespace: str) -> str:
     finally:
         await client.close()
     return ""
+
+
+@pytest.fixture(autouse=True)
+def _engine_loop_released() -> Iterator[None]:
+    """After each test (and its managers' teardown), no provisioner it made still holds
+    the Kubernetes engine loop: every start, failed or not, lets go of it."""
+    before = EngineLoop.holders()
+    yield
+    leaked = EngineLoop.holders() - before
+    assert not leaked, f"{len(leaked)} provisioner(s) still hold the Kubernetes engine loop"
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from provisioners import KernelManager
 from provisioners.base import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache, port_is_listening
 from provisioners.k8s.client import KubeClient
-from provisioners.k8s.loop import THREAD_NAME
+from provisioners.k8s.loop import THREAD_NAME, EngineLoop
 from tests.helpers import write_kernelspec
 from tests.kubernetes.conftest import PROVISIONER, Kube, leftovers
 
@@ -80,7 +80,7 @@ def assert_nothing_left(kube: Kube, kernel_id: str, local_ports: list[int]) -> N
     deadline = time.monotonic() + 5
     while engine_threads() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine_threads() == []
+    assert engine_threads() == [], f"engine loop still held by {len(EngineLoop.holders())}"
     assert kernel_records(kernel_id) == []
 
 
