@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from provisioners.docker import DockerClusterProvisioner
-from provisioners.exceptions import HostKeyError
+from provisioners.exceptions import ForwardingRefusedError, HostKeyError
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, count, execute
+from tests.ssh.conftest import start_sshd
 
 pytestmark = [pytest.mark.ssh, pytest.mark.docker]
 
@@ -149,3 +150,40 @@ async def test_docker_daemon_over_ssh_checks_our_known_hosts(
         assert (await execute(accepting, "print(1 + 1)"))["stdout"] == "2\n"
     finally:
         await accepting.shutdown_kernel()
+
+
+async def test_an_sshd_refusing_forwarding_fails_a_docker_start_by_name(
+    kernel_manager: Any, tmp_path: Path
+) -> None:
+    """Behind an sshd with 'AllowTcpForwarding no' the start fails naming the cause, and
+    the container is removed."""
+    docker = pytest.importorskip("docker")
+    try:
+        docker.from_env(timeout=5).images.get(KERNEL_TEST_IMAGE)
+    except Exception as exc:
+        from tests.helpers import skip_or_fail
+
+        skip_or_fail("docker", f"no local Docker engine with {KERNEL_TEST_IMAGE}: {exc}")
+    refusing = start_sshd(
+        tmp_path / "no-forwarding", extra_config=["Match all", "    AllowTcpForwarding no"]
+    )
+    try:
+        km = kernel_manager(
+            "cluster-docker-provisioner",
+            {
+                "image": KERNEL_TEST_IMAGE,
+                "ssh_server": f"{refusing.user}@127.0.0.1:{refusing.port}",
+                "ssh_key": str(refusing.user_key_path),
+                "ssh_known_hosts": str(refusing.known_hosts_path),
+                "fallback": "none",
+            },
+            argv=CONTAINER_ARGV,
+        )
+        with pytest.raises(ForwardingRefusedError, match="AllowTcpForwarding"):
+            await km.start_kernel()
+    finally:
+        refusing.stop()
+    left = docker.from_env().containers.list(
+        all=True, filters={"label": f"cluster-provisioners.kernel-id={km.kernel_id}"}
+    )
+    assert left == []
