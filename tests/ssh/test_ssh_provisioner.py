@@ -377,7 +377,7 @@ async def test_sweep_orphans_removes_only_dead_owners(
         kernel_id="maintenance", kernel_spec=orphaned.kernel_spec, **ssh_config
     )
     (row,) = await maintenance.list_kernels()
-    assert row["kernel_id"] == orphaned.kernel_id and row["pid"] == pid
+    assert row["kernel_id"] == orphaned.kernel_id and row["where"] == f"127.0.0.1 pid {pid}"
     assert row["state"] == "running" and row["owner"] == str(ServerIdentity.current())
 
     dead = subprocess.Popen(["true"])
