@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Build the offline kernel test image (default tag
-# cluster-provisioners/kernel-test:latest) without pulling anything from a
+# cluster-provisioners/kernel-test:ipykernel-7.4) without pulling anything from a
 # container registry. A Debian bookworm rootfs with python3-ipykernel is made
 # by mmdebstrap from the apt mirror this machine already uses, cached as a
-# tarball so reruns skip that step, imported as a base image, and finished by
-# a tiny Dockerfile that adds the non-root user jovyan (uid 1000). The image
+# tarball so reruns skip that step, and imported as a base image. Debian's
+# ipykernel 6.17 cannot encrypt its channels, so ipykernel 7.4 (CurveZMQ) and
+# its dependencies are downloaded once from the package index as wheels for
+# the rootfs's Python 3.11 (cached), installed into a staging site-packages on
+# the host, and copied into /usr/local/lib/python3.11/dist-packages, which
+# comes first on the rootfs's sys.path. A tiny Dockerfile also adds the
+# non-root user jovyan (uid 1000). The image
 # runs as root by default (tests can pass --user jovyan or --user 1000), its
 # WORKDIR is /home/jovyan and its CMD is `python3 -m ipykernel_launcher`.
 # Idempotent: if the tag already exists in the daemon it exits at once.
@@ -13,13 +18,17 @@
 # Env:   CLUSTER_PROVISIONERS_TEST_IMAGE   tag (the TAG argument wins)
 #        CLUSTER_PROVISIONERS_CACHE        cache dir (~/.cache/cluster-provisioners)
 #        CLUSTER_PROVISIONERS_DEBIAN_MIRROR  mirror URI (default: from apt sources)
+#        CLUSTER_PROVISIONERS_IPYKERNEL  ipykernel requirement (default ipykernel==7.4.0)
 # To rebuild: docker rmi the tag (and delete the cached tarball for a new rootfs).
 set -euo pipefail
 
-tag=${1:-${CLUSTER_PROVISIONERS_TEST_IMAGE:-cluster-provisioners/kernel-test:latest}}
+tag=${1:-${CLUSTER_PROVISIONERS_TEST_IMAGE:-cluster-provisioners/kernel-test:ipykernel-7.4}}
 base_tag=${CLUSTER_PROVISIONERS_TEST_BASE_IMAGE:-cluster-provisioners/kernel-test-base:bookworm}
 cache=${CLUSTER_PROVISIONERS_CACHE:-$HOME/.cache/cluster-provisioners}
 rootfs=$cache/kernel-rootfs-bookworm.tar
+ipykernel_req=${CLUSTER_PROVISIONERS_IPYKERNEL:-ipykernel==7.4.0}
+# Wheels and staged site-packages are keyed by the requirement.
+wheels=$cache/kernel-wheels-py311-${ipykernel_req//[^A-Za-z0-9.]/_}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 say() { echo "build-test-image: $*" >&2; }
@@ -125,16 +134,47 @@ else
 fi
 
 # 2. Base image straight from the tarball (no registry involved).
-say "importing $rootfs as $base_tag"
-docker import --change 'CMD ["python3"]' "$rootfs" "$base_tag" >/dev/null
+if image_exists "$base_tag"; then
+    say "using base image $base_tag"
+else
+    say "importing $rootfs as $base_tag"
+    docker import --change 'CMD ["python3"]' "$rootfs" "$base_tag" >/dev/null
+fi
 
-# 3. Final image: user jovyan and defaults. The classic builder uses the
-#    local base image as is and never contacts a registry. Its output (and
-#    its deprecation notice) is shown only on failure.
+# 3. A Curve-capable ipykernel for the rootfs's CPython 3.11 (x86_64, glibc
+#    2.36): wheels only, downloaded once into the cache (a stamp marks a
+#    complete download), then installed offline into a staging directory.
+pip_target=(--only-binary=:all: --implementation cp --python-version 3.11 --abi cp311
+    --abi abi3 --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+    --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64
+    --platform any)
+pip=(python3 -m pip --disable-pip-version-check --no-input)
+if [[ -f $wheels/.complete ]]; then
+    say "using cached wheels $wheels"
+else
+    say "downloading $ipykernel_req wheels for python 3.11"
+    rm -rf "$wheels.tmp"
+    "${pip[@]}" download -q "${pip_target[@]}" -d "$wheels.tmp" "$ipykernel_req"
+    touch "$wheels.tmp/.complete"
+    rm -rf "$wheels"
+    mv "$wheels.tmp" "$wheels"
+fi
+stage=$(mktemp -d "$cache/.kernel-site.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+"${pip[@]}" install -q --no-warn-conflicts --root-user-action=ignore --no-index --find-links "$wheels" "${pip_target[@]}" \
+    --target "$stage/site" "$ipykernel_req"
+# Byte code compiled by the host's CPython 3.11 is valid for the rootfs's 3.11.
+# Console scripts would carry the host's interpreter path: the kernel needs none.
+rm -rf "$stage/site/bin"
+
+# 4. Final image: ipykernel, user jovyan and defaults. The classic builder
+#    uses the local base image as is and never contacts a registry. Its
+#    output (and its deprecation notice) is shown only on failure.
 say "building $tag"
 build_log=$(mktemp)
-if ! DOCKER_BUILDKIT=0 docker build --quiet --tag "$tag" - >"$build_log" 2>&1 <<EOF
+if ! DOCKER_BUILDKIT=0 docker build --quiet --tag "$tag" -f - "$stage" >"$build_log" 2>&1 <<EOF
 FROM $base_tag
+COPY site /usr/local/lib/python3.11/dist-packages/
 RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash jovyan
 # PYDEVD_DISABLE_FILE_VALIDATION silences debugpy's frozen-modules warning.
 ENV LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYDEVD_DISABLE_FILE_VALIDATION=1
@@ -149,8 +189,9 @@ then
 fi
 rm -f "$build_log"
 
-# 4. Check that the kernel package imports, as root and as jovyan.
+# 5. Check that the kernel package imports, as root and as jovyan, and that
+#    its pyzmq has CurveZMQ.
 version=$(docker run --rm "$tag" python3 -c "import ipykernel; print(ipykernel.__version__)")
-docker run --rm --user jovyan "$tag" python3 -c "import ipykernel" ||
-    die "$tag: ipykernel does not import as jovyan"
+docker run --rm --user jovyan "$tag" python3 -c "import ipykernel, zmq; assert zmq.has('curve')" ||
+    die "$tag: ipykernel does not import as jovyan, or its pyzmq lacks CurveZMQ"
 say "built $tag (ipykernel $version) in $((SECONDS - start))s"

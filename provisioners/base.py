@@ -35,6 +35,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode
 
 from . import leftovers
+from .connection import curve
 from .connection.files import KernelConnectionInfo
 from .connection.ports import (
     DEFAULT_PORT_RANGE,
@@ -48,6 +49,7 @@ from .exceptions import (
     KernelStartError,
     ProvisionerConfigError,
     ProvisionerError,
+    TransportEncryptionError,
 )
 from .executor import EngineExecutor
 from .failed_start import as_start_error, forget_failed_start
@@ -157,6 +159,16 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     ssh_connect_timeout = Float(
         10.0, config=True, help="Seconds to wait for the SSH server to connect and authenticate."
     )
+    transport_encryption = CaselessStrEnum(
+        ["", "auto", "required"],
+        default_value="",
+        config=True,
+        help="""CurveZMQ encryption of the kernel's channels, on top of the kernel
+        manager's own transport_encryption (the stricter of the two applies). '' follows
+        the manager; 'auto' encrypts when the kernelspec's metadata.supported_encryption
+        lists 'curve'; 'required' encrypts or fails the start with TransportEncryptionError,
+        never falling back to plain text. The keypair travels in the connection file only.""",
+    )
     shutdown_wait_time = Float(
         None,
         allow_none=True,
@@ -244,6 +256,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._port_host = LOCAL_HOST
         self._kernel_info: dict[str, Any] = {}
         self._tunnels: KernelTunnels | None = None
+        self._curve_keys: tuple[bytes, bytes] | None = None
         self._restarting = False
         self._started = False
         #: None, or the ``restart`` flag of a removal that failed and is to be retried.
@@ -472,6 +485,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 fields={"kernelspec": self.spec_name, "target": runner.target},
             )
         try:
+            self._curve_keys = self._select_curve_keys()
             self._kernel_info = runner._kernel_info = self._build_kernel_info(runner)
             extra_arguments = list(kwargs.pop("extra_arguments", []))
             if runner.fallback_for:
@@ -512,6 +526,8 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 timeout=self.launch_timeout,
             )
             self.connection_info = await self._connect()
+            if self._curve_keys is not None:
+                await self._confirm_encryption()
             runner.progress("ready", "the kernel's channels are reachable")
         except BaseException as exc:
             self.log.warning(
@@ -608,9 +624,7 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def get_provisioner_info(self) -> dict[str, Any]:
         """JSON-safe, versioned state (the HMAC key as text) for reconnecting later."""
         info = await super().get_provisioner_info()
-        connection: dict[str, Any] = dict(self.connection_info)
-        if isinstance(connection.get("key"), bytes):
-            connection["key"] = connection["key"].decode()
+        connection = _json_safe(dict(self.connection_info))
         info.update(
             {
                 "version": PROVISIONER_INFO_VERSION,
@@ -633,12 +647,11 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             msg = f"unsupported provisioner info version {version!r}"
             raise ProvisionerError(msg, target=self.target)
         await super().load_provisioner_info(provisioner_info)
-        connection = dict(provisioner_info["connection_info"])
-        if isinstance(connection.get("key"), str):
-            connection["key"] = connection["key"].encode()
-        self._kernel_info = dict(provisioner_info.get("kernel_info", {}))
-        if isinstance(self._kernel_info.get("key"), str):
-            self._kernel_info["key"] = self._kernel_info["key"].encode()
+        connection = _with_bytes(provisioner_info["connection_info"])
+        self._kernel_info = _with_bytes(provisioner_info.get("kernel_info", {}))
+        public, secret = (self._kernel_info.get(k) for k in curve.CURVE_KEYS)
+        if isinstance(public, bytes) and isinstance(secret, bytes):
+            self._curve_keys = public, secret
         self._ports = list(provisioner_info.get("ports", []))
         self._port_host = provisioner_info.get("port_host", LOCAL_HOST)
         if provisioner_info.get("runner", self.target) != self.target:
@@ -745,7 +758,31 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "kernel_name": getattr(self.kernel_spec, "name", "") or "",
         }
         info.update(dict(zip(PORT_NAMES, self._ports or [0] * 5, strict=True)))
+        if self._curve_keys is not None:
+            info.update(zip(curve.CURVE_KEYS, self._curve_keys, strict=True))
         return info
+
+    def _select_curve_keys(self) -> tuple[bytes, bytes] | None:
+        """The CurveZMQ keypair for the kernel (set on the manager too), or None."""
+        try:
+            return curve.select_keys(self.parent, self.kernel_spec, self.transport_encryption)
+        except TransportEncryptionError as exc:
+            msg = f"kernelspec {self.spec_name!r}: {exc}"
+            raise TransportEncryptionError(
+                msg, target=self.target, kernel_id=self.kernel_id
+            ) from None
+
+    async def _confirm_encryption(self) -> None:
+        """Fail the start unless the kernel completes a Curve handshake (ipykernel >= 7.4)."""
+        assert self._curve_keys is not None
+        runner = self._runner.target
+        problem = await curve.confirm_curve(
+            self.connection_info, self._curve_keys[0], self.launch_timeout
+        )
+        if problem:
+            msg = f"{runner} kernel {self.kernel_id} {problem}"
+            raise TransportEncryptionError(msg, target=runner, kernel_id=self.kernel_id)
+        self.log.debug("Kernel %s: channels encrypted with CurveZMQ", self.kernel_id)
 
     def _kernel_env(
         self, env: dict[str, str], runner: ClusterProvisioner, requested: set[str]
@@ -781,6 +818,9 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info = dict(self._kernel_info)
         info.update(ports)
         info["ip"] = ip
+        for name in curve.CURVE_KEYS:  # text, as KernelManager.get_connection_info has them
+            if isinstance(info.get(name), bytes):
+                info[name] = info[name].decode()
         return cast(KernelConnectionInfo, info)
 
     async def _best_effort(self, action: str, call: Awaitable[None]) -> None:
@@ -901,9 +941,22 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+#: Connection fields held as bytes in memory and as text in JSON.
+_BYTES_FIELDS = ("key", *curve.CURVE_KEYS)
+
+
 def _json_safe(info: dict[str, Any]) -> dict[str, Any]:
     out = dict(info)
-    if isinstance(out.get("key"), bytes):
-        out["key"] = out["key"].decode()
+    for name in _BYTES_FIELDS:
+        if isinstance(out.get(name), bytes):
+            out[name] = out[name].decode()
     json.dumps(out)
+    return out
+
+
+def _with_bytes(info: dict[str, Any]) -> dict[str, Any]:
+    out = dict(info)
+    for name in _BYTES_FIELDS:
+        if isinstance(out.get(name), str):
+            out[name] = out[name].encode()
     return out

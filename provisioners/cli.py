@@ -66,6 +66,8 @@ def build_kernelspec(args: argparse.Namespace) -> dict[str, Any]:
     config.update(dict(args.set or []))
     if args.image:
         config["image"] = args.image
+    if args.encrypt:
+        config["transport_encryption"] = "required"
     entry_point = TARGETS[args.target][0]
     remote = args.target != "local"
     python = "python3" if remote else sys.executable
@@ -77,6 +79,8 @@ def build_kernelspec(args: argparse.Namespace) -> dict[str, Any]:
         "interrupt_mode": args.interrupt_mode,
         "metadata": {"kernel_provisioner": {"provisioner_name": entry_point, "config": config}},
     }
+    if args.encrypt:  # the kernel (ipykernel >= 7.4) takes Curve keys from its connection file
+        spec["metadata"]["supported_encryption"] = ["curve"]
     kernel_spec = KernelSpec(**{k: v for k, v in spec.items() if k != "metadata"})
     kernel_spec.metadata = spec["metadata"]
     kernel_spec.name = args.name
@@ -369,6 +373,12 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="JSON_LIST",
         help="""the kernel command as a JSON list, e.g. '["python3", "-m", "ipykernel_launcher",
         "-f", "{connection_file}"]'; or give it after '--' (see above)""",
+    )
+    install.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt the kernel's channels with CurveZMQ (needs ipykernel >= 7.4); "
+        "a kernel that cannot is an error, never plain text",
     )
     install.add_argument("--user", action="store_true", help="install for this user only")
     install.add_argument("--prefix", help="install under this prefix")

@@ -71,6 +71,15 @@ class KernelStartError(ProvisionerError):
     """The engine was reached but the kernel could not be started (bad image, crash...)."""
 
 
+class TransportEncryptionError(ProvisionerError):
+    """CurveZMQ encryption was asked for but cannot be applied.
+
+    The kernelspec does not declare ``curve``, this pyzmq lacks CurveZMQ, the transport
+    cannot carry it, or the kernel answered in plain text. A start never falls back to
+    plain text silently: it fails with this error.
+    """
+
+
 class PortsExhaustedError(ProvisionerError):
     """No free ports are left in the configured range for a host."""
 

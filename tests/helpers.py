@@ -15,7 +15,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 KERNEL_TEST_IMAGE = os.environ.get(
-    "CLUSTER_PROVISIONERS_TEST_IMAGE", "cluster-provisioners/kernel-test:latest"
+    "CLUSTER_PROVISIONERS_TEST_IMAGE", "cluster-provisioners/kernel-test:ipykernel-7.4"
 )
 LOCAL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 CONTAINER_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -45,14 +45,17 @@ def write_kernelspec(
     argv: list[str] | None = None,
     env: dict[str, str] | None = None,
     interrupt_mode: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> KernelSpecManager:
-    """Write ``directory/name/kernel.json`` selecting ``provisioner`` with ``config``."""
+    """Write ``directory/name/kernel.json`` selecting ``provisioner`` with ``config``
+    (``metadata``: more kernelspec metadata, e.g. ``supported_encryption``)."""
     spec: dict[str, Any] = {
         "argv": argv or LOCAL_ARGV,
         "display_name": name,
         "language": "python",
         "metadata": {
-            "kernel_provisioner": {"provisioner_name": provisioner, "config": config or {}}
+            **(metadata or {}),
+            "kernel_provisioner": {"provisioner_name": provisioner, "config": config or {}},
         },
     }
     if env:
@@ -65,14 +68,19 @@ def write_kernelspec(
 
 
 async def execute(
-    kernel: AsyncKernelManager | dict[str, Any], code: str, timeout: float = 60
+    kernel: AsyncKernelManager | AsyncKernelClient | dict[str, Any],
+    code: str,
+    timeout: float = 60,
 ) -> dict[str, Any]:
     """Run ``code`` on a kernel; return stdout, stderr, the reply status and error.
 
-    ``kernel`` is a kernel manager, or connection info (key as bytes or text) of a
-    kernel this process did not start: its client then judges liveness by heartbeat.
+    ``kernel`` is a kernel manager, a client not started yet (``km.client(...)``), or
+    connection info (key as bytes or text) of a kernel this process did not start: its
+    client then judges liveness by heartbeat.
     """
-    if isinstance(kernel, dict):
+    if isinstance(kernel, AsyncKernelClient):
+        kc = kernel
+    elif isinstance(kernel, dict):
         info = dict(kernel)
         if isinstance(info.get("key"), str):
             info["key"] = info["key"].encode()
