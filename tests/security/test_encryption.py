@@ -15,13 +15,14 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
+import docker
 import pytest
 
 from provisioners.base import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.exceptions import TransportEncryptionError
 from tests.core.test_cli import cli
-from tests.helpers import count, execute
+from tests.helpers import CONTAINER_ARGV, count, execute, skip_or_fail
 from tests.security.wire import WireRecorder
 from tests.targets import TargetCase, resolve
 
@@ -125,8 +126,10 @@ async def test_required_encryption_never_degrades(
 
 async def test_docker_kernel_without_curve_support_fails(kernel_manager, docker_client) -> None:
     """A real ipykernel 6.17 (the rootfs's own, in the base image) cannot encrypt."""
-    from tests.helpers import CONTAINER_ARGV
-
+    try:
+        docker_client.images.get(BASE_IMAGE)
+    except docker.errors.ImageNotFound:
+        skip_or_fail("docker", f"image {BASE_IMAGE} is missing; run images/build-test-image.sh")
     config = {"image": BASE_IMAGE, "transport_encryption": "required", "sweep_on_start": False}
     km = kernel_manager("cluster-docker-provisioner", config, argv=CONTAINER_ARGV, metadata=CURVE)
     with pytest.raises(TransportEncryptionError, match="plain text"):
