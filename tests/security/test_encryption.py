@@ -140,6 +140,29 @@ async def test_docker_kernel_without_curve_support_fails(kernel_manager, docker_
     assert found == []
 
 
+async def test_local_fallback_stays_encrypted(kernel_manager) -> None:
+    """A kernel that falls back to a local process keeps the kernelspec's encryption."""
+    from provisioners.local import LocalClusterProvisioner
+    from tests.helpers import LOCAL_ARGV
+
+    config = {
+        "image": "unused",
+        "docker_host": "unix:///nonexistent/cluster-provisioners/docker.sock",
+        "fallback": "local",
+        "transport_encryption": "required",
+    }
+    km = kernel_manager("cluster-docker-provisioner", config, argv=LOCAL_ARGV, metadata=CURVE)
+    await km.start_kernel()
+    try:
+        assert isinstance(km.provisioner.runner, LocalClusterProvisioner)
+        assert km.curve_publickey is not None
+        out, wire = await _execute_recorded(km, "print('fallback' + '-canary')")
+        assert out["stdout"] == "fallback-canary\n"
+        assert b"fallback-canary" not in wire
+    finally:
+        await km.shutdown_kernel()
+
+
 def test_kernelspec_install_encrypt(tmp_path: Path) -> None:
     result = cli("kernelspec", "install", "py-curve", "--prefix", str(tmp_path), "--encrypt")
     assert result.returncode == 0, result.stderr
