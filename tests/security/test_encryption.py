@@ -180,7 +180,7 @@ def test_kernelspec_install_encrypt(tmp_path: Path) -> None:
     script.write_text(PLAINTEXT_KERNEL)
     argv = [sys.executable, str(script), "{connection_file}"]
     result = cli(
-        "kernelspec", "install", "py-plain", "--prefix", str(tmp_path), "--encrypt", "--argv", *argv
+        "kernelspec", "install", "py-plain", "--prefix", str(tmp_path), "--encrypt", "--", *argv
     )
     assert result.returncode == 0, result.stderr
     run = cli("run", "--kernel-dir", str(kernel_dir), "--kernel", "py-plain", "-c", "1")
