@@ -12,21 +12,39 @@ Two things jupyter_client and Jupyter Server do not do on their own:
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from typing import Any, cast
 
 from .exceptions import KernelStartError, ProvisionerError
 
 
 def as_start_error(exc: Exception, *, target: str, kernel_id: str) -> ProvisionerError:
-    """``exc`` itself when it is one of ours, else a :class:`KernelStartError` naming it."""
+    """``exc`` itself when it is one of ours, else a :class:`KernelStartError` naming it.
+
+    An ``OSError`` (a kernel command that cannot run) stays one: the error is also an
+    instance of its class (``FileNotFoundError``...), as jupyter_client's
+    LocalProvisioner raises it.
+    """
     if isinstance(exc, ProvisionerError):
         if not exc.kernel_id:
             exc.kernel_id = kernel_id
         return exc
     cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     msg = f"{target} kernel {kernel_id} did not start: {cause}"
+    if isinstance(exc, OSError):
+        error = _start_error_like(type(exc))(msg, target=target, kernel_id=kernel_id)
+        like = cast(OSError, error)
+        like.errno, like.strerror, like.filename = exc.errno, exc.strerror, exc.filename
+        return error
     return KernelStartError(msg, target=target, kernel_id=kernel_id)
+
+
+@functools.cache
+def _start_error_like(kind: type[OSError]) -> type[KernelStartError]:
+    """A :class:`KernelStartError` that is also a ``kind`` (made once per class)."""
+    name = f"KernelStart{kind.__name__}"
+    return cast(type[KernelStartError], type(name, (KernelStartError, kind), {}))
 
 
 def forget_failed_start(kernel_manager: Any, kernel_id: str, log: logging.Logger) -> None:
