@@ -12,7 +12,6 @@ Two things jupyter_client and Jupyter Server do not do on their own:
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, cast
 
@@ -40,11 +39,16 @@ def as_start_error(exc: Exception, *, target: str, kernel_id: str) -> Provisione
     return KernelStartError(msg, target=target, kernel_id=kernel_id)
 
 
-@functools.cache
+#: KernelStartError classes that are also an OSError class, made once per class.
+_LIKE: dict[str, type[KernelStartError]] = {}
+
+
 def _start_error_like(kind: type[OSError]) -> type[KernelStartError]:
-    """A :class:`KernelStartError` that is also a ``kind`` (made once per class)."""
+    """A :class:`KernelStartError` that is also a ``kind``."""
     name = f"KernelStart{kind.__name__}"
-    return cast(type[KernelStartError], type(name, (KernelStartError, kind), {}))
+    if name not in _LIKE:
+        _LIKE[name] = cast(type[KernelStartError], type(name, (KernelStartError, kind), {}))
+    return _LIKE[name]
 
 
 def forget_failed_start(kernel_manager: Any, kernel_id: str, log: logging.Logger) -> None:
