@@ -580,6 +580,7 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
             return
         self.namespace = state.get("namespace") or self.namespace
         await self._attach(state.get("mode", ""))
+        await self._resolve_secret_refs()  # the tunnels may need a password from a Secret
         assert self._client is not None and self._reflector is not None
         self.pod_name, self.pod_uid = state["pod"], state.get("uid", "")
         self.secret_name = state.get("secret") or m.secret_name_for(self.pod_name)

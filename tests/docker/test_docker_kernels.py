@@ -16,7 +16,7 @@ from provisioners.base import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.docker import LABEL_OWNER, LABEL_PORTS, DockerClusterProvisioner
 from provisioners.owner import ServerIdentity
-from tests.helpers import KERNEL_TEST_IMAGE, execute, interrupt_busy_loop
+from tests.helpers import KERNEL_TEST_IMAGE, count, execute, interrupt_busy_loop
 
 pytestmark = pytest.mark.docker
 
@@ -159,6 +159,7 @@ async def test_kernel_container_is_locked_down_by_default(docker_kernels, docker
         out = await execute(km, _PRIVILEGES)
         assert out["stdout"].split() == ["0000000000000000", "1", "4096"], out
         await interrupt_busy_loop(km)  # SIGINT still reaches a kernel without capabilities
+        count("container lockdowns checked", "docker")
     finally:
         await km.shutdown_kernel()
 
