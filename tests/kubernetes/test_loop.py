@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -99,3 +102,29 @@ def test_cancelling_the_caller_cancels_the_work_and_waits_for_its_end() -> None:
         engine.release(user)
         engine.thread.join(5)
     assert events == [f"cleaned up on {engine.thread.name}", "caller resumed"]
+
+
+def test_a_process_exiting_with_the_loop_held_stops_it_cleanly() -> None:
+    """At interpreter exit the loop's tasks are cancelled and awaited, then it closes."""
+    script = """
+import asyncio, time
+from provisioners.k8s.loop import EngineLoop
+
+async def relay():
+    try:
+        await asyncio.sleep(3600)
+    finally:
+        print("relay closed", flush=True)
+
+engine = EngineLoop.hold(object())
+engine.call(lambda: engine.loop.create_task(relay()))
+time.sleep(0.2)
+print("exiting", flush=True)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["exiting", "relay closed"]
+    assert done.stderr == ""
