@@ -71,6 +71,25 @@ class PortRange:
         return f"{self.low}-{self.high}"
 
 
+def _random_order(port_range: PortRange, excluded: Callable[[int], bool]) -> Iterator[int]:
+    """The range's ports not ``excluded``, each once, in random order.
+
+    Random probes come first, so a mostly free range costs a few draws instead of a
+    shuffle of every port (a start's largest cost on a loaded machine); the rest follow
+    shuffled, so a nearly full range is still searched to the end.
+    """
+    tried: set[int] = set()
+    for _ in range(min(len(port_range), 64)):
+        port = random.randint(port_range.low, port_range.high)
+        if port not in tried:
+            tried.add(port)
+            if not excluded(port):
+                yield port
+    rest = [p for p in port_range if p not in tried and not excluded(p)]
+    random.shuffle(rest)
+    yield from rest
+
+
 class PortSource(ABC):
     """An engine's own record of ports in use on a host (labels, annotations, sockets)."""
 
@@ -270,10 +289,8 @@ class FilePortStore(PortStore):
         record = {**(fields or {}), "owner": owner, **_holder(), "t": time.time()}
         with self._locked() as data:
             recorded = data.setdefault(host, {})
-            candidates = [p for p in port_range if str(p) not in recorded and p not in taken]
-            random.shuffle(candidates)
             chosen: list[int] = []
-            for port in candidates:
+            for port in _random_order(port_range, lambda p: str(p) in recorded or p in taken):
                 if is_free is None or is_free(port):
                     chosen.append(port)
                     if len(chosen) == count:
