@@ -22,11 +22,7 @@ import base64
 import json
 import signal
 import subprocess
-import time
-import urllib.error
-import urllib.request
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +35,7 @@ from websockets.asyncio.client import connect
 
 from tests.chart import test_chart as chart
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE
+from tests.kernel_server import Output, execute_request, http, ws_request
 
 pytestmark = [pytest.mark.docker, pytest.mark.helm]
 
@@ -52,7 +49,6 @@ LABEL_KERNEL_ID = "cluster-provisioners.kernel-id"
 # An extra container label (the provisioner's ``labels`` option) unique to one test run:
 # it finds every container the server started, whatever its kernel id.
 LABEL_RUN = "test.cluster-provisioners/run"
-PROTOCOL_VERSION = "5.3"
 
 
 def _docker_values(run_id: str) -> dict[str, Any]:
@@ -116,74 +112,7 @@ def _containers(client: docker.DockerClient, label: str, value: str) -> list[Any
     return client.containers.list(all=True, filters={"label": f"{label}={value}"})
 
 
-def _send(method: str, url: str, token: str, body: Any = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(
-        url,
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def _execute_request(session: str, code: str) -> dict[str, Any]:
-    msg_id = uuid.uuid4().hex
-    return {
-        "msg_id": msg_id,
-        "msg_type": "execute_request",
-        "header": {
-            "msg_id": msg_id,
-            "username": "test",
-            "session": session,
-            "date": datetime.now(timezone.utc).isoformat(),
-            "msg_type": "execute_request",
-            "version": PROTOCOL_VERSION,
-        },
-        "parent_header": {},
-        "metadata": {},
-        "content": {
-            "code": code,
-            "silent": False,
-            "store_history": True,
-            "user_expressions": {},
-            "allow_stdin": False,
-        },
-        "channel": "shell",
-        "buffers": [],
-    }
-
-
-async def _execute(ws: Any, session: str, code: str, timeout: float = 60) -> dict[str, Any]:
-    """Send an execute_request; read until its execute_reply and its iopub idle status (the
-    streams of a request all precede that status). Returns the reply content and streams."""
-    request = _execute_request(session, code)
-    await ws.send(json.dumps(request))
-    out: dict[str, Any] = {"stdout": "", "stderr": "", "errors": [], "reply": None}
-    idle = False
-    deadline = time.monotonic() + timeout
-    while out["reply"] is None or not idle:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no execute_reply / idle status for {code!r}: {out}"
-        msg = json.loads(await asyncio.wait_for(ws.recv(), remaining))
-        if msg.get("parent_header", {}).get("msg_id") != request["msg_id"]:
-            continue
-        channel, msg_type, content = msg["channel"], msg["msg_type"], msg["content"]
-        if channel == "shell" and msg_type == "execute_reply":
-            out["reply"] = content
-        elif channel == "iopub" and msg_type == "stream":
-            out[content["name"]] += content["text"]
-        elif channel == "iopub" and msg_type == "error":
-            out["errors"].append(f"{content['ename']}: {content['evalue']}")
-        elif channel == "iopub" and msg_type == "status":
-            idle = content["execution_state"] == "idle"
-    return out
-
-
-async def _run_on_kernel(ws_url: str, token: str) -> list[dict[str, Any]]:
+async def _run_on_kernel(ws_url: str, token: str) -> list[Output]:
     session = uuid.uuid4().hex
     async with connect(
         f"{ws_url}?session_id={session}",
@@ -192,8 +121,10 @@ async def _run_on_kernel(ws_url: str, token: str) -> list[dict[str, Any]]:
         open_timeout=30,
     ) as ws:
         return [
-            await _execute(ws, session, "print(sum(range(10)))"),
-            await _execute(ws, session, "import socket; print(socket.gethostname())"),
+            await ws_request(ws, execute_request(session, "print(sum(range(10)))")),
+            await ws_request(
+                ws, execute_request(session, "import socket; print(socket.gethostname())")
+            ),
         ]
 
 
@@ -244,7 +175,7 @@ def _serve_a_docker_kernel(
     assert spec["metadata"]["kernel_provisioner"]["config"]["image"] == KERNEL_TEST_IMAGE
 
     # A kernel starts, in a container labelled with its id.
-    status, body = _send("POST", base + "api/kernels", token, {"name": SPEC_NAME})
+    status, body = http("POST", base + "api/kernels", token, {"name": SPEC_NAME})
     assert status == 201, f"{status} {body!r}\n{server_log()}"
     kernel = json.loads(body)
     kernel_id = kernel["id"]
@@ -261,20 +192,20 @@ def _serve_a_docker_kernel(
     ws_url = base.replace("http://", "ws://", 1) + f"api/kernels/{kernel_id}/channels"
     arithmetic, host = asyncio.run(_run_on_kernel(ws_url, token))
     for result in (arithmetic, host):
-        assert result["reply"]["status"] == "ok", result
-        assert not result["errors"], result
-    assert arithmetic["stdout"] == "45\n", arithmetic
-    assert host["stdout"] == f"{hostname}\n", (host, hostname)
+        assert result.status == "ok", result
+        assert not result.errors, result
+    assert arithmetic.stdout == "45\n", arithmetic
+    assert host.stdout == f"{hostname}\n", (host, hostname)
 
     # Deleting the kernel removes its container.
-    status, body = _send("DELETE", base + f"api/kernels/{kernel_id}", token)
+    status, body = http("DELETE", base + f"api/kernels/{kernel_id}", token)
     assert status == 204, f"{status} {body!r}\n{server_log()}"
     left = _containers(docker_client, LABEL_KERNEL_ID, kernel_id)
     assert not left, f"container of deleted kernel {kernel_id} remains: {left}"
     assert chart._get(base + f"api/kernels/{kernel_id}", token)[0] == 404
 
     # A kernel still running when the server gets SIGTERM is shut down with it.
-    status, body = _send("POST", base + "api/kernels", token, {"name": SPEC_NAME})
+    status, body = http("POST", base + "api/kernels", token, {"name": SPEC_NAME})
     assert status == 201, f"{status} {body!r}\n{server_log()}"
     kernel_ids.append(json.loads(body)["id"])
     assert _containers(docker_client, LABEL_KERNEL_ID, kernel_ids[-1])

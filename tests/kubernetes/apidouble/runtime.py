@@ -380,7 +380,12 @@ def connect_in_netns(pid: int, port: int, timeout: float = 5.0) -> socket.socket
     def work() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-        target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        try:
+            target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        except OSError as exc:  # the pod's process is gone (deleted, restarting)
+            os.close(own)
+            result["error"] = exc
+            return
         try:
             if libc.setns(target, _CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns into the pod network namespace failed")
