@@ -1,5 +1,7 @@
 """A real Jupyter Server subprocess for tests: REST requests and a notebook's websocket.
 
+Nothing here imports ``provisioners`` (the chart tests use the protocol helpers too).
+
 ``JupyterServer(tmp_path)`` serves the kernelspecs under ``tmp_path/data/kernels``
 (write them with :func:`tests.helpers.write_kernelspec`) with this checkout's
 ``provisioners`` on ``PYTHONPATH``.
@@ -18,17 +20,40 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+PROTOCOL_VERSION = "5.3"
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def http(
+    method: str, url: str, token: str | None = None, body: Any = None, timeout: float = 120
+) -> tuple[int, bytes]:
+    """One HTTP request with the server's token; returns status and body (errors too)."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"token {token}"
+    request = urllib.request.Request(
+        url,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers=headers,
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 class JupyterServer:
@@ -131,17 +156,29 @@ class JupyterServer:
         return {"Authorization": f"token {self.token}"}
 
 
-async def ws_execute(ws: Any, session: str, code: str, timeout: float = 60) -> dict[str, str]:
-    """Run ``code`` through a notebook's websocket; stdout, stderr and the reply status."""
+def message(session: str, msg_type: str, content: dict[str, Any], channel: str = "shell") -> dict:
+    """A Jupyter protocol message as the server's websocket takes it (JSON)."""
     msg_id = uuid.uuid4().hex
-    header = {
+    return {
         "msg_id": msg_id,
-        "msg_type": "execute_request",
-        "username": "test",
-        "session": session,
-        "date": datetime.now(timezone.utc).isoformat(),
-        "version": "5.3",
+        "msg_type": msg_type,
+        "header": {
+            "msg_id": msg_id,
+            "username": "test",
+            "session": session,
+            "date": datetime.now(timezone.utc).isoformat(),
+            "msg_type": msg_type,
+            "version": PROTOCOL_VERSION,
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": content,
+        "channel": channel,
+        "buffers": [],
     }
+
+
+def execute_request(session: str, code: str) -> dict[str, Any]:
     content = {
         "code": code,
         "silent": False,
@@ -149,29 +186,72 @@ async def ws_execute(ws: Any, session: str, code: str, timeout: float = 60) -> d
         "user_expressions": {},
         "allow_stdin": False,
     }
-    message = {
-        "header": header,
-        "msg_id": msg_id,
-        "msg_type": "execute_request",
-        "parent_header": {},
-        "metadata": {},
-        "content": content,
-        "channel": "shell",
-        "buffers": [],
-    }
-    await ws.send(json.dumps(message))
-    out = {"stdout": "", "stderr": "", "status": ""}
+    return message(session, "execute_request", content)
+
+
+@dataclass
+class Output:
+    """What one request produced: its reply and the iopub output of that request."""
+
+    stdout: str = ""
+    stderr: str = ""
+    #: ``data`` of each display_data / execute_result, in order.
+    display: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    reply: dict[str, Any] | None = None
+
+    def add(self, msg: Mapping[str, Any]) -> None:
+        """Take one iopub message (a client's dict, or the websocket's JSON)."""
+        msg_type, content = msg["msg_type"], msg["content"]
+        if msg_type == "stream":
+            if content["name"] == "stdout":
+                self.stdout += content["text"]
+            else:
+                self.stderr += content["text"]
+        elif msg_type in ("display_data", "execute_result"):
+            self.display.append(content["data"])
+        elif msg_type == "error":
+            self.errors.append(f"{content['ename']}: {content['evalue']}")
+
+    @property
+    def status(self) -> str:
+        return (self.reply or {}).get("status", "")
+
+    @property
+    def ename(self) -> str:
+        return (self.reply or {}).get("ename", "")
+
+
+async def ws_request(
+    ws: Any, msg: dict[str, Any], timeout: float = 60, *, on_sent: Any = None
+) -> Output:
+    """Send ``msg`` over a kernel's websocket; read until its reply and its iopub idle
+    status (every output of a request precedes that status). ``on_sent`` (a coroutine
+    function) runs once the kernel reports busy for it (e.g. to interrupt it)."""
+    await ws.send(json.dumps(msg))
+    out = Output()
     idle = False
     deadline = time.monotonic() + timeout
-    while not (out["status"] and idle):
-        left = deadline - time.monotonic()
-        msg = json.loads(await asyncio.wait_for(ws.recv(), max(left, 0.01)))
-        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+    while out.reply is None or not idle:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no reply / idle status for {msg['msg_type']}: {out}"
+        reply = json.loads(await asyncio.wait_for(ws.recv(), remaining))
+        if reply.get("parent_header", {}).get("msg_id") != msg["msg_id"]:
             continue
-        if msg["msg_type"] == "execute_reply":
-            out["status"] = msg["content"]["status"]
-        elif msg["msg_type"] == "stream":
-            out[msg["content"]["name"]] += msg["content"]["text"]
-        elif msg["msg_type"] == "status":
-            idle = msg["content"]["execution_state"] == "idle"
+        if reply["channel"] == "shell" and reply["msg_type"].endswith("_reply"):
+            out.reply = reply["content"]
+        elif reply["channel"] == "iopub" and reply["msg_type"] == "status":
+            state = reply["content"]["execution_state"]
+            idle = state == "idle"
+            if state == "busy" and on_sent is not None:
+                await on_sent()
+                on_sent = None
+        elif reply["channel"] == "iopub":
+            out.add(reply)
     return out
+
+
+async def ws_execute(ws: Any, session: str, code: str, timeout: float = 60) -> dict[str, str]:
+    """Run ``code`` through a notebook's websocket; stdout, stderr and the reply status."""
+    out = await ws_request(ws, execute_request(session, code), timeout)
+    return {"stdout": out.stdout, "stderr": out.stderr, "status": out.status}

@@ -22,8 +22,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -37,8 +39,6 @@ import kubernetes_validate
 import pytest
 import yaml
 from traitlets.config import Config
-
-from tests.kernel_server import jupyter_server
 
 pytestmark = pytest.mark.helm
 
@@ -872,6 +872,12 @@ def test_config_change_rolls_the_server(helm: str, helm_env: dict[str, str]) -> 
 # --------------------------------------------------------------------------- the real server
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
     request = urllib.request.Request(
         url, headers={"Authorization": f"token {token}"} if token else {}
@@ -946,14 +952,44 @@ def chart_server(rendered: Rendered, tmp_path: Path) -> Iterator[ChartServer]:
         JUPYTER_DATA_DIR=str(home / ".local/share/jupyter"),
         JUPYTER_RUNTIME_DIR=pod_env.get("JUPYTER_RUNTIME_DIR", str(home / "runtime")),
     )
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}{_load_config(rendered).ServerApp.base_url}"
     # Loopback only, and a root dir under tmp_path: the command line overrides the config.
-    with jupyter_server(
-        run_env,
-        root / "tmp",
-        tmp_path / "server.log",
-        base_url=_load_config(rendered).ServerApp.base_url,
-    ) as server:
-        yield ChartServer(server.proc, server.base, pod_env, server.log_path)
+    argv = [
+        sys.executable,
+        "-m",
+        "jupyter_server",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={root / 'tmp'}",
+    ]
+    if os.geteuid() == 0:  # the pod runs as uid 1000; this machine may not
+        argv.append("--allow-root")
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, env=run_env, stdout=log, stderr=subprocess.STDOUT)
+    server = ChartServer(proc, base, pod_env, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "server exited:\n" + server.log()
+            try:
+                if _get(base + "api")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not answer:\n" + server.log()
+            time.sleep(0.3)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def test_jupyter_server_starts_with_rendered_config(render, tmp_path: Path) -> None:

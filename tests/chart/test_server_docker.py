@@ -35,7 +35,7 @@ from websockets.asyncio.client import connect
 
 from tests.chart import test_chart as chart
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE
-from tests.kernel_server import Output, execute_request, http, ws_request
+from tests.jupyter_server import Output, execute_request, http, ws_request
 
 pytestmark = [pytest.mark.docker, pytest.mark.helm]
 

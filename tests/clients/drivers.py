@@ -31,7 +31,7 @@ from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 from nbclient import NotebookClient
 
-from tests.kernel_server import KernelServer, Output, execute_request, message, ws_request
+from tests.jupyter_server import JupyterServer, Output, execute_request, message, ws_request
 
 #: Seconds any one request may take (a restart or a start on a busy machine included).
 TIMEOUT = 60
@@ -271,30 +271,27 @@ class NbclientDriver(ClientDriver):
 class ServerDriver(Driver):
     """A Jupyter Server process: REST for the kernel's life, its websocket for messages."""
 
-    def __init__(self, spec_name: str, ksm: KernelSpecManager, server: KernelServer) -> None:
+    def __init__(self, spec_name: str, ksm: KernelSpecManager, server: JupyterServer) -> None:
         super().__init__(spec_name, ksm)
         self.server = server
         self.session = uuid.uuid4().hex
         self.ws: Any = None
         self._info: dict[str, Any] = {}
 
-    async def rest(self, method: str, path: str, expect: int) -> Any:
-        status, body = await asyncio.to_thread(self.server.request, method, path)
-        assert status == expect, f"{method} {path}: {status} {body!r}\n{self.server.log()}"
-        return json.loads(body) if body else None
+    async def rest(self, method: str, path: str, expect: int, body: Any = None) -> Any:
+        status, reply = await asyncio.to_thread(self.server.request, method, path, body)
+        assert status == expect, f"{method} {path}: {status} {reply!r}\n{self.server.log()}"
+        return reply
 
     async def start(self) -> None:
-        status, body = await asyncio.to_thread(
-            self.server.request, "POST", "api/kernels", {"name": self.spec_name}
-        )
-        assert status == 201, f"POST api/kernels: {status} {body!r}\n{self.server.log()}"
-        self.kernel_id = json.loads(body)["id"]
+        kernel = await self.rest("POST", "api/kernels", 201, {"name": self.spec_name})
+        self.kernel_id = kernel["id"]
         # The server's connection file holds what its clients connect to.
         path = Path(jupyter_runtime_dir()) / f"kernel-{self.kernel_id}.json"
         self._info = json.loads(path.read_text())
         self.ws = await websockets.connect(
-            f"{self.server.channels_url(self.kernel_id)}?session_id={self.session}",
-            additional_headers={"Authorization": f"token {self.server.token}"},
+            self.server.ws_url(self.kernel_id, self.session),
+            additional_headers=self.server.ws_headers(),
             max_size=None,
             open_timeout=TIMEOUT,
         )

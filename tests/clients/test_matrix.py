@@ -18,18 +18,16 @@ import os
 import socket
 import sys
 import threading
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import provisioners
 from provisioners.connection.ports import FilePortStore
 from tests.clients.drivers import DRIVERS, Driver, ServerDriver
 from tests.helpers import write_kernelspec
-from tests.kernel_server import KernelServer, Output, jupyter_server
+from tests.jupyter_server import JupyterServer, Output
 from tests.targets import TargetCase, resolve
 
 #: How long the engine may take to let go of a kernel's objects (a pod terminating).
@@ -53,7 +51,7 @@ async def test_client_on_target(
 ) -> None:
     cell = f"{client} x {target.name}"
     spec_name = f"matrix-{target.name}"
-    jupyter_path = tmp_path / "jupyter"
+    jupyter_path = tmp_path / "data"  # where JupyterServer(tmp_path) looks
     ksm = write_kernelspec(
         jupyter_path / "kernels", spec_name, target.provisioner, target.config, argv=target.argv
     )
@@ -118,7 +116,9 @@ async def _driver(client: str, spec_name: str, ksm: Any, tmp_path: Path) -> Asyn
     test left running is stopped on the way out (after the leftover checks)."""
     with contextlib.ExitStack() as stack:
         if DRIVERS[client] is ServerDriver:
-            server = stack.enter_context(_server(tmp_path))
+            # This checkout's provisioners, and this test's Jupyter paths (kernelspecs,
+            # runtime dir, and so the port cache's store).
+            server = stack.enter_context(JupyterServer(tmp_path))
             driver: Driver = ServerDriver(spec_name, ksm, server)
         else:
             driver = DRIVERS[client](spec_name, ksm)
@@ -126,23 +126,6 @@ async def _driver(client: str, spec_name: str, ksm: Any, tmp_path: Path) -> Asyn
             yield driver
         finally:
             await driver.close()
-
-
-def _server(tmp_path: Path) -> contextlib.AbstractContextManager[KernelServer]:
-    """A Jupyter Server that imports this checkout's ``provisioners`` and shares this
-    test's Jupyter paths (kernelspecs, runtime dir and so the port cache's store)."""
-    token = uuid.uuid4().hex
-    checkout = str(Path(provisioners.__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (checkout, env.get("PYTHONPATH")) if p)
-    env["JUPYTER_CONFIG_DIR"] = str(tmp_path / "server-config")
-    return jupyter_server(
-        env,
-        tmp_path / "server-root",
-        tmp_path / "server.log",
-        args=[f"--IdentityProvider.token={token}"],
-        token=token,
-    )
 
 
 async def _leftovers(
