@@ -12,8 +12,9 @@ client waits for the kernel's answer.
 The loop starts lazily with its first user (:meth:`EngineLoop.hold`) and stops when the
 last one lets go (:meth:`EngineLoop.release`), or at interpreter exit. A caller on any
 event loop hands a coroutine over with :meth:`EngineLoop.run` (cancelling the caller
-cancels it there, and waits until it has ended); a plain thread uses
-:meth:`EngineLoop.call`. Nothing blocks the caller's loop.
+cancels it there, and waits until it has ended); the provisioner's hooks do so through
+:func:`on_engine_loop`; a plain thread uses :meth:`EngineLoop.call`. Nothing blocks the
+caller's loop.
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar
 
 from ..executor import EngineExecutor
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 #: The Kubernetes target's threads, for the few blocking calls it makes (the port store):
 #: its API calls are asynchronous and run on the engine loop.
@@ -195,3 +198,25 @@ def _report(task: asyncio.Task[Any], finished: concurrent.futures.Future[tuple[b
         outcome = (True, task.result())
     with contextlib.suppress(concurrent.futures.InvalidStateError):  # the caller gave up
         finished.set_result(outcome)
+
+
+class EngineUser(Protocol):
+    """What :func:`on_engine_loop` needs: a way to await a coroutine on the engine loop."""
+
+    async def _on_engine(self, coro: Coroutine[Any, Any, T]) -> T: ...
+
+
+U = TypeVar("U", bound=EngineUser)
+
+
+def on_engine_loop(
+    method: Callable[Concatenate[U, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[U, P], Coroutine[Any, Any, T]]:
+    """Run the decorated (provisioner hook) coroutine on the engine loop, whatever loop
+    the caller (jupyter_client, sync or async) awaits it from."""
+
+    @functools.wraps(method)
+    async def on_engine(self: U, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._on_engine(method(self, *args, **kwargs))
+
+    return on_engine

@@ -14,10 +14,9 @@ servers left and lists our pods.
 from __future__ import annotations
 
 import base64
-import functools
 import signal
-from collections.abc import Callable, Coroutine
-from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
+from collections.abc import Coroutine
+from typing import Any, ClassVar, TypeVar
 
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default
 
@@ -29,28 +28,13 @@ from ..executor import EngineExecutor
 from ..secrets import kube_secret_ref
 from . import manifests as m
 from .client import KubeApiError, KubeClient, acquire_client, default_namespace, release_client
-from .loop import KUBERNETES_EXECUTOR, EngineLoop
+from .loop import KUBERNETES_EXECUTOR, EngineLoop, on_engine_loop
 from .podstart import open_forwarder, start_pod
 from .portforward import PortForwarder, pod_exec
 from .sweep import list_kernel_pods, sweep_once, sweep_orphans
 from .watch import PodReflector, kernel_exit_code
 
-P = ParamSpec("P")
 R = TypeVar("R")
-K = TypeVar("K", bound="KubernetesClusterProvisioner")
-
-
-def on_engine_loop(
-    method: Callable[Concatenate[K, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[K, P], Coroutine[Any, Any, R]]:
-    """Run the decorated engine hook on the engine's own loop (:mod:`.loop`), whatever
-    loop the caller (jupyter_client, sync or async) awaits it from."""
-
-    @functools.wraps(method)
-    async def on_engine(self: K, *args: P.args, **kwargs: P.kwargs) -> R:
-        return await self._on_engine(method(self, *args, **kwargs))
-
-    return on_engine
 
 
 class _HeldPorts(PortSource):
@@ -580,7 +564,11 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
             return
         self.namespace = state.get("namespace") or self.namespace
         await self._attach(state.get("mode", ""))
-        await self._resolve_secret_refs()  # the tunnels may need a password from a Secret
+        try:
+            await self._resolve_secret_refs()  # the tunnels may need a password from a Secret
+        except BaseException:
+            await self._detach()  # not reattached: let go of the client (and the loop)
+            raise
         assert self._client is not None and self._reflector is not None
         self.pod_name, self.pod_uid = state["pod"], state.get("uid", "")
         self.secret_name = state.get("secret") or m.secret_name_for(self.pod_name)
