@@ -207,12 +207,13 @@ async def test_start_costs_no_more_than_local_provisioners(kernel_manager) -> No
     ours = kernel_manager(LOCAL)
     stock = kernel_manager("local-provisioner")
     times: dict[str, list[float]] = {"ours": [], "stock": []}
-    for _ in range(7):
+    for _ in range(9):
         for name, km in (("ours", ours), ("stock", stock)):
             started = time.perf_counter()
             await km.start_kernel()
             times[name].append(time.perf_counter() - started)
             await km.shutdown_kernel(now=True)
             km.context = km._context_default()  # a manager is single-use after shutdown
-    median = {name: sorted(values)[3] for name, values in times.items()}
-    assert median["ours"] <= median["stock"] + 0.016, median
+    # the fastest of each: what the work costs, with the least of the machine's load in it
+    fastest = {name: min(values) for name, values in times.items()}
+    assert fastest["ours"] <= fastest["stock"] + 0.016, times
