@@ -9,12 +9,8 @@ kernel's environment to what it should see, applies the local fallback when the
 engine cannot be reached, opens and closes SSH tunnels, and cleans up after partial
 starts, shutdowns and restarts.
 
-The hooks' error contract: ``check_engine`` and ``start_kernel`` raise named errors
-that fail the start; ``poll_kernel`` never raises for an engine error (None: unknown).
-``signal_kernel``, ``stop_kernel`` and ``remove_kernel`` may raise when the engine
-refuses or cannot be reached: interrupt, terminate and kill are best-effort (the base
-logs the cause and the shutdown goes on), and a failed removal keeps the kernel, its
-resources and its port records recorded (:mod:`.leftovers`) until a retry succeeds.
+The engine hooks and their error contract are in :mod:`provisioners.hooks`; the shared
+settings in :mod:`provisioners.settings`.
 """
 
 from __future__ import annotations
@@ -23,26 +19,20 @@ import asyncio
 import json
 import logging
 import os
-import re
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode
 
 from . import leftovers
 from .connection import curve
 from .connection.files import KernelConnectionInfo
 from .connection.ports import (
-    DEFAULT_PORT_RANGE,
     LOCAL_HOST,
     ClusterPortCache,
-    PortRange,
-    PortSource,
 )
 from .exceptions import (
     EngineUnavailableError,
@@ -54,200 +44,37 @@ from .exceptions import (
 from .executor import EngineExecutor
 from .failed_start import as_start_error, forget_failed_start
 from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
+from .hooks import PORT_NAMES, EngineHooks
 from .newports import SparePorts
 from .owner import ServerIdentity
 from .progress import ProgressStep, log_step
-from .secrets import check_reference, kube_secret_ref, resolve_reference
+from .settings import SharedSettings
 
 if TYPE_CHECKING:
     from .connection.tunnels import KernelTunnels
 
-PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
 PROVISIONER_INFO_VERSION = 1
-#: Keys the jupyter_client factory passes besides the kernelspec's config.
-#: Kernel ids end up in file, container and pod names: a fixed, safe alphabet only.
-_SAFE_KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_FACTORY_KEYS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
 
 
-class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
-    """Base class of our provisioners: the lifecycle, with engine hooks for targets."""
+class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  # type: ignore[misc,metaclass]
+    """Base class of our provisioners: the lifecycle, calling the engine hooks of targets."""
 
-    #: Short engine name used in logs, errors, labels and the CLI.
-    target: ClassVar[str] = "base"
-    #: Settings that hold a secret: references only (see :mod:`provisioners.secrets`).
-    secret_settings: ClassVar[tuple[str, ...]] = ("ssh_password",)
-    #: Whether 'secret:NAME/KEY' (a Kubernetes Secret) references can be resolved.
-    kube_secret_refs: ClassVar[bool] = False
     #: The engine's own bounded thread pool: every blocking call of this engine (and
     #: the port allocation for its host) runs there, never in asyncio's default one.
     executor: ClassVar[EngineExecutor] = EngineExecutor("base", max_workers=4)
 
-    port_range = Unicode(
-        DEFAULT_PORT_RANGE,
-        config=True,
-        help="""Range 'LOW-HIGH' from which the kernel's five ports are allocated, per host,
-        through the cluster-aware port cache. The default lies below Linux's ephemeral range.""",
-    )
-    fallback = CaselessStrEnum(
-        ["local", "none"],
-        default_value="local",
-        config=True,
-        help="""What to do when the engine (Docker daemon, SSH host, Kubernetes API) cannot
-        be reached: 'local' starts the kernel as a local process and logs a warning naming
-        the engine and the cause; 'none' raises. Other start failures never fall back.
-        The fallback kernel gets this target's environment policy, not the server's.""",
-    )
-    fallback_in_pod = Bool(
-        False,
-        config=True,
-        help="""Allow the local fallback when this server runs inside a Kubernetes pod.
-        Off: there a local kernel would run next to the pod's service-account token and
-        the server's secrets, so the start is refused instead.""",
-    )
-    launch_timeout = Float(
-        60.0,
-        config=True,
-        help="Seconds the engine may take to start the kernel before the start fails.",
-    )
-    command = List(
-        Unicode(),
-        default_value=[],
-        config=True,
-        help="""Command run for the kernel instead of the kernelspec's argv. '{connection_file}'
-        is replaced by the path of the connection file as the kernel sees it.""",
-    )
-    env = Dict(
-        value_trait=Unicode(),
-        default_value={},
-        config=True,
-        help="""Extra environment variables for the kernel, added after the kernelspec's env
-        and the KERNEL_* values of the start request.""",
-    )
-    inherit_server_env = Bool(
-        False,
-        config=True,
-        help="""Pass the server's whole environment to the kernel. Off for remote targets: a
-        remote kernel sees only the kernelspec's env, this provisioner's 'env' and the
-        KERNEL_* values of the start request, never the server's tokens or credentials.""",
-    )
-    ssh_server = Unicode(
-        "",
-        config=True,
-        help="""'[user@]host[:port]' of an SSH server to tunnel the kernel's ZMQ channels
-        through (a bastion, or a remote Docker host). Empty: connect directly.""",
-    )
-    ssh_key = Unicode("", config=True, help="Private key file for 'ssh_server' (optional).")
-    ssh_password = Unicode(
-        "",
-        config=True,
-        help="""Password for 'ssh_server', when keys are not used: a reference, never the
-        password itself: 'file:/path' (mode 0600), 'env:VARIABLE' or, for Kubernetes
-        kernels, 'secret:NAME/KEY'.""",
-    )
-    ssh_known_hosts = Unicode(
-        "",
-        config=True,
-        help="known_hosts file checked for 'ssh_server' (default: ~/.ssh/known_hosts).",
-    )
-    ssh_accept_unknown_host_keys = Bool(
-        False,
-        config=True,
-        help="""Accept an SSH host key not listed in known_hosts (a changed key is always
-        refused). Off by default: an unknown host is an error.""",
-    )
-    ssh_connect_timeout = Float(
-        10.0, config=True, help="Seconds to wait for the SSH server to connect and authenticate."
-    )
-    transport_encryption = CaselessStrEnum(
-        ["", "auto", "required"],
-        default_value="",
-        config=True,
-        help="""CurveZMQ encryption of the kernel's channels, on top of the kernel
-        manager's own transport_encryption (the stricter of the two applies). '' follows
-        the manager; 'auto' encrypts when the kernelspec's metadata.supported_encryption
-        lists 'curve'; 'required' encrypts or fails the start with TransportEncryptionError,
-        never falling back to plain text. The keypair travels in the connection file only.""",
-    )
-    shutdown_wait_time = Float(
-        None,
-        allow_none=True,
-        config=True,
-        help="""Seconds jupyter_client waits for a graceful shutdown before terminating the
-        kernel (half of it), then killing it. Unset: the kernel manager's own
-        shutdown_wait_time (5 s by default). A value set here wins, lower or higher.""",
-    )
-    cleanup_retry_interval = Float(
-        10.0,
-        config=True,
-        help="""Seconds between retries of a kernel's removal that the engine refused or could
-        not serve (daemon gone, API 403/5xx, SSH drop). What is left stays recorded, with its
-        ports, and is retried until removed (or swept once this server is gone).""",
-    )
-    kernel_ports = Int(5, help="How many ports a kernel needs (shell, iopub, stdin, hb, control).")
-
     def __init__(self, **kwargs: Any) -> None:
         try:
-            self._configure(dict(kwargs))
+            spec_name = self._configure(dict(kwargs))
         except ProvisionerConfigError:
             # Raised inside the manager's start: the server must not keep the kernel.
             kernel_id = str(kwargs.get("kernel_id") or "")
             forget_failed_start(kwargs.get("parent"), kernel_id, logging.getLogger(__name__))
             raise
-
-    def _configure(self, kwargs: dict[str, Any]) -> None:
-        kernel_spec = kwargs.get("kernel_spec")
-        spec_name = kernelspec_name(kernel_spec, kwargs.get("parent"))
-        settings = {k: kwargs.pop(k) for k in list(kwargs) if k not in _FACTORY_KEYS}
-        allowed = set(self.class_trait_names(config=True))
-        for key in settings:
-            if key not in allowed:
-                msg = (
-                    f"kernelspec {spec_name!r}: unknown {self.target} provisioner config key "
-                    f"{key!r}; known keys: {', '.join(sorted(allowed))}"
-                )
-                raise ProvisionerConfigError(
-                    msg, key=key, kernel_spec=spec_name, target=self.target
-                )
-        try:
-            super().__init__(**kwargs)
-        except TraitError as exc:
-            msg = f"kernelspec {spec_name!r}: invalid {self.target} provisioner config: {exc}"
-            raise ProvisionerConfigError(msg, kernel_spec=spec_name, target=self.target) from exc
-        for key, value in settings.items():
-            try:
-                if isinstance(self.traits()[key], List) and not isinstance(value, list | tuple):
-                    problem = f"expected a list, not {type(value).__name__}"
-                    raise TraitError(problem)
-                setattr(self, key, value)
-            except TraitError as exc:
-                msg = (
-                    f"kernelspec {spec_name!r}: config key {key!r} of the {self.target} "
-                    f"provisioner has a wrong value {value!r}: {exc}"
-                )
-                raise ProvisionerConfigError(
-                    msg, key=key, kernel_spec=spec_name, target=self.target
-                ) from exc
-        kernel_id = kwargs.get("kernel_id") or ""
-        if not _SAFE_KERNEL_ID.fullmatch(str(kernel_id)):
-            msg = (
-                f"kernelspec {spec_name!r}: kernel id {str(kernel_id)[:80]!r} is not allowed: "
-                "use 1-128 letters, digits, '.', '_' or '-' (a UUID, as jupyter_client makes)"
-            )
-            raise ProvisionerConfigError(
-                msg, key="kernel_id", kernel_spec=spec_name, target=self.target
-            )
-        try:
-            self.validate_config()
-        except ProvisionerConfigError as exc:
-            exc.kernel_spec = spec_name
-            exc.args = (f"kernelspec {spec_name!r}: {exc.args[0]}",)
-            raise
         self.spec_name = spec_name
         self.owner = ServerIdentity.current()
         self._runner: ClusterProvisioner = self
-        #: Secrets resolved through the engine (a Kubernetes Secret), by setting name.
-        self.resolved_secrets: dict[str, str] = {}
+        self.resolved_secrets = {}
         #: On a local fallback runner: the target it replaces, and why.
         self.fallback_for = ""
         self.fallback_cause = ""
@@ -266,24 +93,6 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._teardown_lock = asyncio.Lock()
         self._start_clock = time.monotonic()
 
-    # ------------------------------------------------------------------ config
-
-    def validate_config(self) -> None:
-        """Cross-field checks; raise :class:`ProvisionerConfigError` naming the key."""
-        PortRange.parse(self.port_range)
-        for key in self.secret_settings:
-            value = getattr(self, key)
-            check_reference(key, value, target=self.target)
-            if kube_secret_ref(value) and not self.kube_secret_refs:
-                problem = "a Kubernetes Secret reference needs the kubernetes target"
-                raise self.config_error(key, f"{problem}; use 'file:' or 'env:'")
-
-    def secret(self, key: str) -> str:
-        """The secret that setting ``key`` references ('' when unset)."""
-        if key in self.resolved_secrets:
-            return self.resolved_secrets[key]
-        return resolve_reference(key, getattr(self, key), target=self.target)
-
     def progress(self, step: str, detail: str = "") -> None:
         """Report a step of the start: INFO in the server's log, live in ``run``.
 
@@ -292,148 +101,6 @@ class ClusterProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """
         elapsed = time.monotonic() - self._start_clock
         log_step(self.log, ProgressStep(self.kernel_id, self.target, step, detail, elapsed))
-
-    def config_error(self, key: str, problem: str) -> ProvisionerConfigError:
-        """Build a config error for ``key`` of this provisioner."""
-        msg = f"{self.target} provisioner config key {key!r}: {problem}"
-        return ProvisionerConfigError(msg, key=key, target=self.target)
-
-    # ------------------------------------------------------------------ engine hooks
-
-    async def check_engine(self) -> None:
-        """Raise :class:`EngineUnavailableError` when the engine cannot be reached.
-
-        That error (and only that one) allows the local fallback; any other
-        :class:`ProvisionerError` fails the start.
-        """
-
-    async def preflight(self) -> list[str]:
-        """Check what can be checked without starting anything (used by ``kernelspec
-        install``); return warnings that name the fix. Never raises for an engine
-        problem: an unreachable engine is a warning too."""
-        return []
-
-    def port_host(self) -> str:
-        """The host whose ports the kernel's ports are allocated on."""
-        return LOCAL_HOST
-
-    def port_sources(self) -> list[PortSource]:
-        """Engine records of ports in use on :meth:`port_host` (labels, annotations...)."""
-        return []
-
-    def needs_ports(self) -> bool:
-        """False where the kernel needs no allocated TCP ports (e.g. ipc transport)."""
-        return True
-
-    def reached_on_own_ports(self) -> bool:
-        """True when a client reaches the kernel on its allocated ports, at an address
-        that a restart keeps (so the restarted kernel's address is known before it starts).
-        """
-        return False
-
-    def server_path(self, path: str) -> str | None:
-        """``path`` as the kernel sees it, as an existing file of this server, or None.
-
-        A remote kernel's files are not the server's: None unless a target can map them.
-        """
-        return None
-
-    def kernel_bind_ip(self) -> str:
-        """The IP the kernel binds, as written in its own connection file."""
-        return "127.0.0.1"
-
-    def kernel_connection_file(self) -> str:
-        """Path of the connection file as the kernel sees it."""
-        return f"/tmp/jupyter-kernel-{self.kernel_id}/connection.json"
-
-    def format_command(self, argv: list[str], extra_arguments: list[str]) -> list[str]:
-        """Fill ``{connection_file}`` (and friends) into the kernel's argv."""
-        values = {
-            "connection_file": self.kernel_connection_file(),
-            "resource_dir": getattr(self.kernel_spec, "resource_dir", ""),
-            "prefix": sys.prefix,
-        }
-        return [_substitute(arg, values) for arg in argv] + list(extra_arguments)
-
-    async def start_kernel(
-        self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
-    ) -> None:
-        """Start the kernel with ``cmd``/``env``, its connection file holding ``kernel_info``.
-
-        Record every created resource on ``self`` as soon as it exists, so that
-        :meth:`remove_kernel` can undo a partial start. Raises :class:`KernelStartError`
-        (or :class:`EngineUnavailableError`) naming the cause; the base then removes what
-        was created.
-        """
-        raise NotImplementedError
-
-    async def kernel_address(self) -> tuple[str, dict[str, int]]:
-        """Where this server reaches the kernel: an IP and the five named ports."""
-        return self.kernel_bind_ip(), {n: self._kernel_info[n] for n in PORT_NAMES}
-
-    async def poll_kernel(self) -> int | None:
-        """None while the kernel runs, else its exit code.
-
-        Never raises for an engine error: while the engine cannot be asked, return None
-        (unknown counts as running); a kernel whose resource is gone returns a code.
-        """
-        raise NotImplementedError
-
-    async def signal_kernel(self, signum: int) -> None:
-        """Deliver ``signum`` to the kernel process.
-
-        A kernel already gone is not an error. May raise (:class:`ProvisionerError` or the
-        engine's own error) when the engine refuses or cannot be reached: an interrupt,
-        terminate or kill is best-effort, so the base logs the cause and goes on.
-        """
-        raise NotImplementedError
-
-    async def stop_kernel(self, force: bool) -> None:
-        """Ask the kernel to stop (SIGTERM, grace) or, with ``force``, kill it now.
-
-        Best-effort and idempotent, as :meth:`signal_kernel`: it may raise on an engine
-        error, which the base logs; the shutdown goes on to :meth:`remove_kernel`.
-        """
-        raise NotImplementedError
-
-    async def remove_kernel(self, restart: bool) -> None:
-        """Remove what the start created (container, pod, secret, remote files).
-
-        Idempotent: a resource already gone counts as removed, and a second call after a
-        success does nothing. Raise when something could not be removed (the engine
-        refused or was unreachable, after the hook's own short retries), keeping on
-        ``self`` what is left, so that a later call retries it: the base records the
-        kernel (:mod:`.leftovers`), keeps its port records and retries until it is gone.
-        Clear the state (``has_kernel()`` False) only once everything is removed. With
-        ``restart`` the engine session (client, SSH link) may be kept for the next start.
-        """
-
-    def has_kernel(self) -> bool:
-        """True once :meth:`start_kernel` has created the kernel's process or resource."""
-        return self._started
-
-    def port_record_fields(self) -> dict[str, Any]:
-        """Fields kept with the kernel's port records (a local kernel's pid and start tick)."""
-        return {}
-
-    def kernel_state(self) -> dict[str, Any]:
-        """JSON-safe state that lets another server process reconnect to the kernel."""
-        return {}
-
-    async def load_kernel_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`kernel_state` (and reattach to the engine)."""
-
-    async def sweep_orphans(self) -> list[str]:
-        """Remove what kernels of dead servers left on this engine; return what was removed.
-
-        Only resources whose owner is known to be gone are touched (see
-        :func:`provisioners.owner.owner_is_gone`); a live server's kernels never are.
-        """
-        return []
-
-    async def list_kernels(self) -> list[dict[str, Any]]:
-        """Our kernels this engine knows of, as JSON-safe rows (kernel_id, owner, ...)."""
-        return []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -886,55 +553,6 @@ def _requested_env(env: dict[str, str] | None) -> set[str]:
     """Names the start request itself set: jupyter_server passes the server's environment
     along with them, so a value equal to the server's own is the server's."""
     return {k for k, v in (env or {}).items() if os.environ.get(k) != v}
-
-
-def kernel_row(
-    kernel_id: str,
-    *,
-    target: str,
-    kernelspec: str,
-    where: str,
-    state: str,
-    owner: str,
-    created: float,
-    **extra: Any,
-) -> dict[str, Any]:
-    """One kernel as an engine's :meth:`ClusterProvisioner.list_kernels` reports it.
-
-    ``where`` names what runs it (a container, a pod, a host and pid); ``created`` is
-    when it started (epoch seconds, 0 when unknown); ``owner`` is the server identity.
-    """
-    return {
-        "kernel_id": kernel_id,
-        "kernelspec": kernelspec,
-        "target": target,
-        "where": where,
-        "state": state,
-        "owner": owner,
-        "created": created,
-        **extra,
-    }
-
-
-def kernelspec_name(kernel_spec: Any, parent: Any = None) -> str:
-    """The kernelspec's name (its directory's name), not its display name.
-
-    jupyter_client's KernelSpecManager leaves ``KernelSpec.name`` empty; the name is the
-    basename of its resource dir, which is also the manager's ``kernel_name``.
-    """
-    resource_dir = str(getattr(kernel_spec, "resource_dir", "") or "").rstrip("/")
-    return (
-        getattr(kernel_spec, "name", "")
-        or os.path.basename(resource_dir)
-        or getattr(parent, "kernel_name", "")
-        or getattr(kernel_spec, "display_name", "")
-    )
-
-
-def _substitute(arg: str, values: dict[str, str]) -> str:
-    for name, value in values.items():
-        arg = arg.replace("{" + name + "}", value)
-    return arg
 
 
 def _describe(exc: BaseException) -> str:

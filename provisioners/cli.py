@@ -14,9 +14,9 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 
-from .base import kernel_row
 from .connection.ports import ClusterPortCache
 from .exceptions import ProvisionerError
+from .hooks import kernel_row
 from .manager import AsyncKernelManager
 from .owner import ServerIdentity, owner_alive
 from .progress import ProgressRenderer

@@ -16,9 +16,9 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ..base import PORT_NAMES
 from ..connection.ports import LOCAL_HOST, zmq_listens
 from ..exceptions import KernelStartError
+from ..hooks import PORT_NAMES
 from . import manifests as m
 from .client import KubeApiError
 from .portforward import PortForwarder

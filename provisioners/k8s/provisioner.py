@@ -20,11 +20,12 @@ from typing import Any, ClassVar, TypeVar
 
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default
 
-from ..base import PORT_NAMES, ClusterProvisioner
+from ..base import ClusterProvisioner
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from ..executor import EngineExecutor
+from ..hooks import PORT_NAMES
 from ..secrets import kube_secret_ref
 from . import manifests as m
 from .client import KubeApiError, KubeClient, acquire_client, default_namespace, release_client

@@ -8,8 +8,8 @@ import threading
 from datetime import datetime
 from typing import Any
 
-from ..base import kernel_row
 from ..exceptions import ProvisionerError
+from ..hooks import kernel_row
 from ..owner import owner_is_gone
 from . import manifests as m
 from .client import KubeApiError, KubeClient

@@ -1,0 +1,197 @@
+"""The engine hooks a target fills in, each with its error contract.
+
+``check_engine`` and ``start_kernel`` raise named errors that fail the start;
+``poll_kernel`` never raises for an engine error (None: unknown). ``signal_kernel``,
+``stop_kernel`` and ``remove_kernel`` may raise when the engine refuses or cannot be
+reached: interrupt, terminate and kill are best-effort (the base logs the cause and the
+shutdown goes on), and a failed removal keeps the kernel, its resources and its port
+records recorded (:mod:`.leftovers`) until a retry succeeds. The lifecycle that calls
+them lives once, in :class:`provisioners.base.ClusterProvisioner`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .connection.ports import LOCAL_HOST, PortSource
+
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+
+
+class EngineHooks:
+    """What a target knows of its engine; the defaults suit a kernel on this machine."""
+
+    kernel_id: str
+    kernel_spec: Any
+    _kernel_info: dict[str, Any]
+    _started: bool
+
+    async def check_engine(self) -> None:
+        """Raise :class:`EngineUnavailableError` when the engine cannot be reached.
+
+        That error (and only that one) allows the local fallback; any other
+        :class:`ProvisionerError` fails the start.
+        """
+
+    async def preflight(self) -> list[str]:
+        """Check what can be checked without starting anything (used by ``kernelspec
+        install``); return warnings that name the fix. Never raises for an engine
+        problem: an unreachable engine is a warning too."""
+        return []
+
+    def port_host(self) -> str:
+        """The host whose ports the kernel's ports are allocated on."""
+        return LOCAL_HOST
+
+    def port_sources(self) -> list[PortSource]:
+        """Engine records of ports in use on :meth:`port_host` (labels, annotations...)."""
+        return []
+
+    def needs_ports(self) -> bool:
+        """False where the kernel needs no allocated TCP ports (e.g. ipc transport)."""
+        return True
+
+    def reached_on_own_ports(self) -> bool:
+        """True when a client reaches the kernel on its allocated ports, at an address
+        that a restart keeps (so the restarted kernel's address is known before it starts).
+        """
+        return False
+
+    def server_path(self, path: str) -> str | None:
+        """``path`` as the kernel sees it, as an existing file of this server, or None.
+
+        A remote kernel's files are not the server's: None unless a target can map them.
+        """
+        return None
+
+    def kernel_bind_ip(self) -> str:
+        """The IP the kernel binds, as written in its own connection file."""
+        return "127.0.0.1"
+
+    def kernel_connection_file(self) -> str:
+        """Path of the connection file as the kernel sees it."""
+        return f"/tmp/jupyter-kernel-{self.kernel_id}/connection.json"
+
+    def format_command(self, argv: list[str], extra_arguments: list[str]) -> list[str]:
+        """Fill ``{connection_file}`` (and friends) into the kernel's argv."""
+        values = {
+            "connection_file": self.kernel_connection_file(),
+            "resource_dir": getattr(self.kernel_spec, "resource_dir", ""),
+            "prefix": sys.prefix,
+        }
+        return [_substitute(arg, values) for arg in argv] + list(extra_arguments)
+
+    async def start_kernel(
+        self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
+    ) -> None:
+        """Start the kernel with ``cmd``/``env``, its connection file holding ``kernel_info``.
+
+        Record every created resource on ``self`` as soon as it exists, so that
+        :meth:`remove_kernel` can undo a partial start. Raises :class:`KernelStartError`
+        (or :class:`EngineUnavailableError`) naming the cause; the base then removes what
+        was created.
+        """
+        raise NotImplementedError
+
+    async def kernel_address(self) -> tuple[str, dict[str, int]]:
+        """Where this server reaches the kernel: an IP and the five named ports."""
+        return self.kernel_bind_ip(), {n: self._kernel_info[n] for n in PORT_NAMES}
+
+    async def poll_kernel(self) -> int | None:
+        """None while the kernel runs, else its exit code.
+
+        Never raises for an engine error: while the engine cannot be asked, return None
+        (unknown counts as running); a kernel whose resource is gone returns a code.
+        """
+        raise NotImplementedError
+
+    async def signal_kernel(self, signum: int) -> None:
+        """Deliver ``signum`` to the kernel process.
+
+        A kernel already gone is not an error. May raise (:class:`ProvisionerError` or the
+        engine's own error) when the engine refuses or cannot be reached: an interrupt,
+        terminate or kill is best-effort, so the base logs the cause and goes on.
+        """
+        raise NotImplementedError
+
+    async def stop_kernel(self, force: bool) -> None:
+        """Ask the kernel to stop (SIGTERM, grace) or, with ``force``, kill it now.
+
+        Best-effort and idempotent, as :meth:`signal_kernel`: it may raise on an engine
+        error, which the base logs; the shutdown goes on to :meth:`remove_kernel`.
+        """
+        raise NotImplementedError
+
+    async def remove_kernel(self, restart: bool) -> None:
+        """Remove what the start created (container, pod, secret, remote files).
+
+        Idempotent: a resource already gone counts as removed, and a second call after a
+        success does nothing. Raise when something could not be removed (the engine
+        refused or was unreachable, after the hook's own short retries), keeping on
+        ``self`` what is left, so that a later call retries it: the base records the
+        kernel (:mod:`.leftovers`), keeps its port records and retries until it is gone.
+        Clear the state (``has_kernel()`` False) only once everything is removed. With
+        ``restart`` the engine session (client, SSH link) may be kept for the next start.
+        """
+
+    def has_kernel(self) -> bool:
+        """True once :meth:`start_kernel` has created the kernel's process or resource."""
+        return self._started
+
+    def port_record_fields(self) -> dict[str, Any]:
+        """Fields kept with the kernel's port records (a local kernel's pid and start tick)."""
+        return {}
+
+    def kernel_state(self) -> dict[str, Any]:
+        """JSON-safe state that lets another server process reconnect to the kernel."""
+        return {}
+
+    async def load_kernel_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`kernel_state` (and reattach to the engine)."""
+
+    async def sweep_orphans(self) -> list[str]:
+        """Remove what kernels of dead servers left on this engine; return what was removed.
+
+        Only resources whose owner is known to be gone are touched (see
+        :func:`provisioners.owner.owner_is_gone`); a live server's kernels never are.
+        """
+        return []
+
+    async def list_kernels(self) -> list[dict[str, Any]]:
+        """Our kernels this engine knows of, as JSON-safe rows (kernel_id, owner, ...)."""
+        return []
+
+
+def kernel_row(
+    kernel_id: str,
+    *,
+    target: str,
+    kernelspec: str,
+    where: str,
+    state: str,
+    owner: str,
+    created: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One kernel as an engine's :meth:`EngineHooks.list_kernels` reports it.
+
+    ``where`` names what runs it (a container, a pod, a host and pid); ``created`` is
+    when it started (epoch seconds, 0 when unknown); ``owner`` is the server identity.
+    """
+    return {
+        "kernel_id": kernel_id,
+        "kernelspec": kernelspec,
+        "target": target,
+        "where": where,
+        "state": state,
+        "owner": owner,
+        "created": created,
+        **extra,
+    }
+
+
+def _substitute(arg: str, values: dict[str, str]) -> str:
+    for name, value in values.items():
+        arg = arg.replace("{" + name + "}", value)
+    return arg

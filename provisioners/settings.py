@@ -1,0 +1,230 @@
+"""The settings every cluster provisioner shares, checked against the kernelspec's config.
+
+Every setting is a traitlets trait with help text, set per kernel in the kernelspec's
+``metadata.kernel_provisioner.config`` or in a Jupyter config file. An unknown key or a
+wrong value is a :class:`ProvisionerConfigError` naming the key and the kernelspec.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, ClassVar
+
+from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode
+from traitlets.config import LoggingConfigurable
+
+from .connection.ports import DEFAULT_PORT_RANGE, PortRange
+from .exceptions import ProvisionerConfigError
+from .secrets import check_reference, kube_secret_ref, resolve_reference
+
+#: Kernel ids end up in file, container and pod names: a fixed, safe alphabet only.
+_SAFE_KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: Keys the jupyter_client factory passes besides the kernelspec's config.
+_FACTORY_KEYS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
+
+
+class SharedSettings(LoggingConfigurable):
+    """The settings of every target, and the checks of a kernelspec's config."""
+
+    #: Short engine name used in logs, errors, labels and the CLI.
+    target: ClassVar[str] = "base"
+    #: Settings that hold a secret: references only (see :mod:`provisioners.secrets`).
+    secret_settings: ClassVar[tuple[str, ...]] = ("ssh_password",)
+    #: Whether 'secret:NAME/KEY' (a Kubernetes Secret) references can be resolved.
+    kube_secret_refs: ClassVar[bool] = False
+    #: Secrets resolved through the engine (a Kubernetes Secret), by setting name.
+    resolved_secrets: dict[str, str]
+
+    port_range = Unicode(
+        DEFAULT_PORT_RANGE,
+        config=True,
+        help="""Range 'LOW-HIGH' from which the kernel's five ports are allocated, per host,
+        through the cluster-aware port cache. The default lies below Linux's ephemeral range.""",
+    )
+    fallback = CaselessStrEnum(
+        ["local", "none"],
+        default_value="local",
+        config=True,
+        help="""What to do when the engine (Docker daemon, SSH host, Kubernetes API) cannot
+        be reached: 'local' starts the kernel as a local process and logs a warning naming
+        the engine and the cause; 'none' raises. Other start failures never fall back.
+        The fallback kernel gets this target's environment policy, not the server's.""",
+    )
+    fallback_in_pod = Bool(
+        False,
+        config=True,
+        help="""Allow the local fallback when this server runs inside a Kubernetes pod.
+        Off: there a local kernel would run next to the pod's service-account token and
+        the server's secrets, so the start is refused instead.""",
+    )
+    launch_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds the engine may take to start the kernel before the start fails.",
+    )
+    command = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="""Command run for the kernel instead of the kernelspec's argv. '{connection_file}'
+        is replaced by the path of the connection file as the kernel sees it.""",
+    )
+    env = Dict(
+        value_trait=Unicode(),
+        default_value={},
+        config=True,
+        help="""Extra environment variables for the kernel, added after the kernelspec's env
+        and the KERNEL_* values of the start request.""",
+    )
+    inherit_server_env = Bool(
+        False,
+        config=True,
+        help="""Pass the server's whole environment to the kernel. Off for remote targets: a
+        remote kernel sees only the kernelspec's env, this provisioner's 'env' and the
+        KERNEL_* values of the start request, never the server's tokens or credentials.""",
+    )
+    ssh_server = Unicode(
+        "",
+        config=True,
+        help="""'[user@]host[:port]' of an SSH server to tunnel the kernel's ZMQ channels
+        through (a bastion, or a remote Docker host). Empty: connect directly.""",
+    )
+    ssh_key = Unicode("", config=True, help="Private key file for 'ssh_server' (optional).")
+    ssh_password = Unicode(
+        "",
+        config=True,
+        help="""Password for 'ssh_server', when keys are not used: a reference, never the
+        password itself: 'file:/path' (mode 0600), 'env:VARIABLE' or, for Kubernetes
+        kernels, 'secret:NAME/KEY'.""",
+    )
+    ssh_known_hosts = Unicode(
+        "",
+        config=True,
+        help="known_hosts file checked for 'ssh_server' (default: ~/.ssh/known_hosts).",
+    )
+    ssh_accept_unknown_host_keys = Bool(
+        False,
+        config=True,
+        help="""Accept an SSH host key not listed in known_hosts (a changed key is always
+        refused). Off by default: an unknown host is an error.""",
+    )
+    ssh_connect_timeout = Float(
+        10.0, config=True, help="Seconds to wait for the SSH server to connect and authenticate."
+    )
+    transport_encryption = CaselessStrEnum(
+        ["", "auto", "required"],
+        default_value="",
+        config=True,
+        help="""CurveZMQ encryption of the kernel's channels, on top of the kernel
+        manager's own transport_encryption (the stricter of the two applies). '' follows
+        the manager; 'auto' encrypts when the kernelspec's metadata.supported_encryption
+        lists 'curve'; 'required' encrypts or fails the start with TransportEncryptionError,
+        never falling back to plain text. The keypair travels in the connection file only.""",
+    )
+    shutdown_wait_time = Float(
+        None,
+        allow_none=True,
+        config=True,
+        help="""Seconds jupyter_client waits for a graceful shutdown before terminating the
+        kernel (half of it), then killing it. Unset: the kernel manager's own
+        shutdown_wait_time (5 s by default). A value set here wins, lower or higher.""",
+    )
+    cleanup_retry_interval = Float(
+        10.0,
+        config=True,
+        help="""Seconds between retries of a kernel's removal that the engine refused or could
+        not serve (daemon gone, API 403/5xx, SSH drop). What is left stays recorded, with its
+        ports, and is retried until removed (or swept once this server is gone).""",
+    )
+    kernel_ports = Int(5, help="How many ports a kernel needs (shell, iopub, stdin, hb, control).")
+
+    def _configure(self, kwargs: dict[str, Any]) -> str:
+        """Apply the kernelspec's config (``kwargs``); return the kernelspec's name.
+
+        Raises :class:`ProvisionerConfigError` naming the key and the kernelspec.
+        """
+        kernel_spec = kwargs.get("kernel_spec")
+        spec_name = kernelspec_name(kernel_spec, kwargs.get("parent"))
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k not in _FACTORY_KEYS}
+        allowed = set(self.class_trait_names(config=True))
+        for key in settings:
+            if key not in allowed:
+                msg = (
+                    f"kernelspec {spec_name!r}: unknown {self.target} provisioner config key "
+                    f"{key!r}; known keys: {', '.join(sorted(allowed))}"
+                )
+                raise ProvisionerConfigError(
+                    msg, key=key, kernel_spec=spec_name, target=self.target
+                )
+        try:
+            super().__init__(**kwargs)
+        except TraitError as exc:
+            msg = f"kernelspec {spec_name!r}: invalid {self.target} provisioner config: {exc}"
+            raise ProvisionerConfigError(msg, kernel_spec=spec_name, target=self.target) from exc
+        for key, value in settings.items():
+            try:
+                if isinstance(self.traits()[key], List) and not isinstance(value, list | tuple):
+                    problem = f"expected a list, not {type(value).__name__}"
+                    raise TraitError(problem)
+                setattr(self, key, value)
+            except TraitError as exc:
+                msg = (
+                    f"kernelspec {spec_name!r}: config key {key!r} of the {self.target} "
+                    f"provisioner has a wrong value {value!r}: {exc}"
+                )
+                raise ProvisionerConfigError(
+                    msg, key=key, kernel_spec=spec_name, target=self.target
+                ) from exc
+        kernel_id = kwargs.get("kernel_id") or ""
+        if not _SAFE_KERNEL_ID.fullmatch(str(kernel_id)):
+            msg = (
+                f"kernelspec {spec_name!r}: kernel id {str(kernel_id)[:80]!r} is not allowed: "
+                "use 1-128 letters, digits, '.', '_' or '-' (a UUID, as jupyter_client makes)"
+            )
+            raise ProvisionerConfigError(
+                msg, key="kernel_id", kernel_spec=spec_name, target=self.target
+            )
+        try:
+            self.validate_config()
+        except ProvisionerConfigError as exc:
+            exc.kernel_spec = spec_name
+            exc.args = (f"kernelspec {spec_name!r}: {exc.args[0]}",)
+            raise
+        return spec_name
+
+    def validate_config(self) -> None:
+        """Cross-field checks; raise :class:`ProvisionerConfigError` naming the key."""
+        PortRange.parse(self.port_range)
+        for key in self.secret_settings:
+            value = getattr(self, key)
+            check_reference(key, value, target=self.target)
+            if kube_secret_ref(value) and not self.kube_secret_refs:
+                problem = "a Kubernetes Secret reference needs the kubernetes target"
+                raise self.config_error(key, f"{problem}; use 'file:' or 'env:'")
+
+    def secret(self, key: str) -> str:
+        """The secret that setting ``key`` references ('' when unset)."""
+        if key in self.resolved_secrets:
+            return self.resolved_secrets[key]
+        return resolve_reference(key, getattr(self, key), target=self.target)
+
+    def config_error(self, key: str, problem: str) -> ProvisionerConfigError:
+        """Build a config error for ``key`` of this provisioner."""
+        msg = f"{self.target} provisioner config key {key!r}: {problem}"
+        return ProvisionerConfigError(msg, key=key, target=self.target)
+
+
+def kernelspec_name(kernel_spec: Any, parent: Any = None) -> str:
+    """The kernelspec's name (its directory's name), not its display name.
+
+    jupyter_client's KernelSpecManager leaves ``KernelSpec.name`` empty; the name is the
+    basename of its resource dir, which is also the manager's ``kernel_name``.
+    """
+    resource_dir = str(getattr(kernel_spec, "resource_dir", "") or "").rstrip("/")
+    return (
+        getattr(kernel_spec, "name", "")
+        or os.path.basename(resource_dir)
+        or getattr(parent, "kernel_name", "")
+        or getattr(kernel_spec, "display_name", "")
+    )
