@@ -123,14 +123,7 @@ def ssh_case(sshd: Any, remote_runtime: Path) -> TargetCase:
         found += [str(p) for p in remote_runtime.glob(f"*{kernel_id}*")]
         return found
 
-    config = {
-        "host": sshd.host,
-        "port": sshd.port,
-        "user": sshd.user,
-        "key_file": str(sshd.user_key_path),
-        "ssh_known_hosts": str(sshd.known_hosts_path),
-        "remote_runtime_dir": str(remote_runtime),
-    }
+    config = sshd.kernel_config(remote_runtime)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
     def names(km: AsyncKernelManager) -> list[str]:

@@ -31,6 +31,7 @@ import subprocess
 import time
 import weakref
 from pathlib import Path
+from typing import Any
 
 __all__ = ["LoopbackSSHD", "SSHDError"]
 
@@ -277,6 +278,19 @@ class LoopbackSSHD:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    def kernel_config(self, remote_runtime: Path, **extra: Any) -> dict[str, Any]:
+        """Kernelspec config of the SSH provisioner for this sshd, whose "remote" runtime
+        dir is ``remote_runtime``; ``extra`` settings are added."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "key_file": str(self.user_key_path),
+            "ssh_known_hosts": str(self.known_hosts_path),
+            "remote_runtime_dir": str(remote_runtime),
+            **extra,
+        }
 
     def stop(self) -> None:
         """Stop sshd and its open sessions; files in ``workdir`` are kept."""

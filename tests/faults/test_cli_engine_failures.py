@@ -102,15 +102,7 @@ def test_list_and_cleanup_go_on_past_failing_engines(
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger_key)], check=True
         )
-        ssh = {
-            "host": sshd.host,
-            "port": sshd.port,
-            "user": sshd.user,
-            "key_file": str(sshd.user_key_path),
-            "ssh_known_hosts": str(sshd.known_hosts_path),
-            "remote_runtime_dir": str(remote_runtime),
-            "ssh_connect_timeout": 5.0,
-        }
+        ssh = sshd.kernel_config(remote_runtime, ssh_connect_timeout=5.0)
         docker = {"image": KERNEL_TEST_IMAGE, "connect_timeout": 2.0}
         kernels = tmp_path / "kernels"
         failing = {

@@ -71,16 +71,9 @@ async def test_frozen_ssh_host_does_not_stall_local_and_docker_starts(
     sshd = start_sshd(tmp_path / "sshd")
     remote_runtime = tmp_path / "remote-runtime"
     remote_runtime.mkdir()
-    ssh_config = {
-        "host": sshd.host,
-        "port": sshd.port,
-        "user": sshd.user,
-        "key_file": str(sshd.user_key_path),
-        "ssh_known_hosts": str(sshd.known_hosts_path),
-        "remote_runtime_dir": str(remote_runtime),
-        "command_timeout": COMMAND_TIMEOUT,
-        "fallback": "none",
-    }
+    ssh_config = sshd.kernel_config(
+        remote_runtime, command_timeout=COMMAND_TIMEOUT, fallback="none"
+    )
     ssh_argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     docker_config = {"image": KERNEL_TEST_IMAGE}
     stuck: list[asyncio.Task[Any]] = []

@@ -72,15 +72,7 @@ def remote_runtime(tmp_path: Path) -> Path:
 @pytest.fixture
 def ssh_config(sshd: Any, remote_runtime: Path) -> dict[str, Any]:
     """Kernelspec config of the SSH provisioner for the sshd."""
-    return {
-        "host": sshd.host,
-        "port": sshd.port,
-        "user": sshd.user,
-        "key_file": str(sshd.user_key_path),
-        "ssh_known_hosts": str(sshd.known_hosts_path),
-        "remote_runtime_dir": str(remote_runtime),
-        "ssh_connect_timeout": 5.0,
-    }
+    return sshd.kernel_config(remote_runtime, ssh_connect_timeout=5.0)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
