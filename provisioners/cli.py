@@ -310,12 +310,42 @@ def _age(seconds: int | None) -> str:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    if args.release:
+        return asyncio.run(_remove_release(args))
     ClusterPortCache.instance().held()  # reclaims the port records of dead processes
     removed, failures = asyncio.run(_over_kernelspecs(args.kernel_dir, "sweep_orphans"))
     for spec_name, item in removed:
         print(f"removed {item} (kernelspec {spec_name})")
     print(f"Removed {len(removed)} orphaned resource(s).")
     return _report_failures("cleanup", failures)
+
+
+async def _remove_release(args: argparse.Namespace) -> int:
+    """``cleanup --release``: delete every kernel pod and Secret of the installation in
+    each ``--namespace`` (the chart's pre-delete hook runs this)."""
+    from .k8s.client import KubeClient
+    from .k8s.sweep import remove_release
+
+    if not args.namespace:
+        print("jupyter-provisioners: cleanup --release needs --namespace", file=sys.stderr)
+        return 2
+    log = logging.getLogger("provisioners.cleanup")
+    client = await KubeClient.connect(args.kubeconfig or "")
+    status = 0
+    try:
+        for namespace in args.namespace:
+            try:
+                removed = await remove_release(client, namespace, args.release, log)
+            except ProvisionerError as exc:
+                print(f"jupyter-provisioners: namespace {namespace}: {exc}", file=sys.stderr)
+                status = 1
+                continue
+            for name in removed:
+                print(f"removed {namespace}/{name}")
+            print(f"Removed {len(removed)} resource(s) of {args.release} in {namespace}.")
+    finally:
+        await client.close()
+    return status
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -411,6 +441,13 @@ def make_parser() -> argparse.ArgumentParser:
         "installed kernelspec that selects one of our provisioners",
     )
     clean.add_argument("--kernel-dir", action="append", help="kernelspec dir to read (repeatable)")
+    clean.add_argument(
+        "--release",
+        help="Kubernetes: instead, delete every kernel pod and Secret labelled with this "
+        "installation (cluster-provisioners/release), whether its server lives or not",
+    )
+    clean.add_argument("--namespace", action="append", help="namespace for --release (repeatable)")
+    clean.add_argument("--kubeconfig", help="kubeconfig for --release (default: in-cluster)")
     clean.set_defaults(func=cmd_cleanup)
     return parser
 

@@ -65,3 +65,37 @@ def owner_alive(text: str) -> bool | None:
     if identity is None or identity.hostname != this_hostname():
         return None
     return not identity.is_gone()
+
+
+@dataclass(frozen=True)
+class ServerPod:
+    """The Kubernetes pod a server runs in: an owner the cluster itself can answer for.
+
+    Its text form ``namespace/name/uid`` is what the kernel pods' owner-pod annotation
+    carries. A replaced server pod has a new name and uid, so its predecessor's kernels
+    are recognised as orphans even though the hostname (the pod name) changed.
+    """
+
+    namespace: str
+    name: str
+    uid: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}/{self.uid}"
+
+    @classmethod
+    def parse(cls, text: str) -> ServerPod | None:
+        """The pod in ``namespace/name/uid`` text, or None when incomplete."""
+        parts = text.strip().split("/")
+        if len(parts) != 3 or not all(parts):
+            return None
+        return cls(*parts)
+
+    @classmethod
+    def from_env(cls) -> ServerPod | None:
+        """This server's pod from $POD_NAMESPACE, $POD_NAME and $POD_UID (the chart sets
+        them through the downward API); None outside such a pod."""
+        env = os.environ
+        return cls.parse(
+            f"{env.get('POD_NAMESPACE', '')}/{env.get('POD_NAME', '')}/{env.get('POD_UID', '')}"
+        )

@@ -36,6 +36,10 @@ ANNOTATION_OWNER = f"{PREFIX}/owner"
 ANNOTATION_PORTS = f"{PREFIX}/ports"
 ANNOTATION_KERNELSPEC = f"{PREFIX}/kernelspec"
 ANNOTATION_USERNAME = f"{PREFIX}/username"
+#: ``namespace/name/uid`` of the server pod that started the kernel (see ServerPod).
+ANNOTATION_OWNER_POD = f"{PREFIX}/owner-pod"
+#: The installation (the chart's ``<namespace>.<release>``) whose server started the kernel.
+LABEL_RELEASE = f"{PREFIX}/release"
 #: Selects every kernel pod and Secret this package created.
 KERNEL_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_COMPONENT}={COMPONENT_KERNEL}"
 
@@ -109,6 +113,11 @@ class KernelPod:
     owner: str = ""
     username: str = ""
     kernelspec: str = ""
+    #: ``namespace/name/uid`` of the server's pod ('' outside a pod).
+    owner_pod: str = ""
+    #: Make the server pod the kernel pod's owner (only when both share the namespace).
+    owner_reference: bool = True
+    release: str = ""
     env: Mapping[str, str] = field(default_factory=dict)
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
@@ -187,11 +196,14 @@ def kernel_annotations(
     ports: Iterable[int] = (),
     kernelspec: str = "",
     username: str = "",
+    owner_pod: str = "",
 ) -> dict[str, str]:
     """Exact values (which labels can only carry sanitized): kernel id, owner, ports..."""
     annotations = {ANNOTATION_KERNEL_ID: str(kernel_id)}
     if owner:
         annotations[ANNOTATION_OWNER] = str(owner)
+    if owner_pod:
+        annotations[ANNOTATION_OWNER_POD] = str(owner_pod)
     ports = [int(p) for p in ports]
     if ports:
         annotations[ANNOTATION_PORTS] = json.dumps(ports)
@@ -391,9 +403,13 @@ def pod_manifest(spec: KernelPod) -> dict[str, Any]:
     """
     labels = {**{k: sanitize_label_value(v) for k, v in spec.labels.items()}}
     labels.update(kernel_labels(spec.kernel_id, spec.owner, spec.username))
+    if spec.release:
+        labels[LABEL_RELEASE] = sanitize_label_value(spec.release)
     annotations = {str(k): str(v) for k, v in spec.annotations.items()}
     annotations.update(
-        kernel_annotations(spec.kernel_id, spec.owner, spec.ports, spec.kernelspec, spec.username)
+        kernel_annotations(
+            spec.kernel_id, spec.owner, spec.ports, spec.kernelspec, spec.username, spec.owner_pod
+        )
     )
     sched = spec.scheduling
     pod_spec: dict[str, Any] = {
@@ -436,6 +452,9 @@ def pod_manifest(spec: KernelPod) -> dict[str, Any]:
         },
         "spec": pod_spec,
     }
+    server = server_pod_reference(spec.owner_pod, spec.namespace) if spec.owner_reference else None
+    if server is not None:
+        pod["metadata"]["ownerReferences"] = [server]
     if spec.template:
         pod = _apply_template(pod, spec)
     return pod
@@ -466,6 +485,16 @@ def _apply_template(pod: dict[str, Any], spec: KernelPod) -> dict[str, Any]:
             container["volumeMounts"] = [{"name": RUNTIME_VOLUME, "mountPath": RUNTIME_MOUNT}]
             container["volumeMounts"] += mounts
     return merged
+
+
+def server_pod_reference(owner_pod: str, namespace: str) -> dict[str, Any] | None:
+    """An ownerReference to the server pod ``namespace/name/uid``, or None when it is not in
+    ``namespace``: the garbage collector treats an owner in another namespace as absent and
+    would delete the kernel pod at once."""
+    parts = owner_pod.split("/")
+    if len(parts) != 3 or not all(parts) or parts[0] != namespace:
+        return None
+    return {"apiVersion": "v1", "kind": "Pod", "name": parts[1], "uid": parts[2]}
 
 
 def owner_reference(pod: Mapping[str, Any]) -> dict[str, Any]:

@@ -85,8 +85,11 @@ async def create(
         try:
             return await p._client.request("POST", path, body=body)
         except KubeApiError as exc:
-            if exc.status == 409 and attempt:
-                return await p._client.request("GET", f"{path}/{name}")
+            if exc.status == 409 and attempt:  # a list, not a get: the Role grants no get
+                query = [("fieldSelector", f"metadata.name={name}")]
+                found = await p._client.request("GET", path, query=query)
+                if found.get("items"):
+                    return dict(found["items"][0])
             if exc.status in (0, 429, 500, 502, 503, 504) and attempt < 2:
                 await asyncio.sleep(delay)
                 delay *= 2

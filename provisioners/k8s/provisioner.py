@@ -14,6 +14,7 @@ servers left and lists our pods.
 from __future__ import annotations
 
 import base64
+import os
 import signal
 from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
@@ -26,6 +27,7 @@ from ..connection.ports import LOCAL_HOST, PortSource
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from ..executor import EngineExecutor
 from ..hooks import PORT_NAMES
+from ..owner import ServerPod
 from ..secrets import kube_secret_ref
 from . import manifests as m
 from .client import KubeApiError, KubeClient, acquire_client, default_namespace, release_client
@@ -186,9 +188,40 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         process, when the first kernel starts there.""",
     )
 
+    server_pod = Unicode(
+        config=True,
+        help="""'namespace/name/uid' of the pod this server runs in, recorded on every kernel pod
+        so that a sweep can ask the API whether the owner still exists. Default: from
+        $POD_NAMESPACE, $POD_NAME and $POD_UID (the chart sets them through the downward
+        API); empty outside a pod.""",
+    )
+    owner_references = Bool(
+        True,
+        config=True,
+        help="""Make the server pod ('server_pod') the owner of kernel pods in its own namespace,
+        so the cluster deletes them (and their Secrets) with it. Kernels in other namespaces
+        cannot have an owner there; the sweep and the chart's uninstall hook remove those.""",
+    )
+    release = Unicode(
+        config=True,
+        help="""Name of the installation this server belongs to, put on every kernel pod and
+        Secret as the label 'cluster-provisioners/release' so that 'jupyter-provisioners
+        cleanup --release' removes them all (the chart's uninstall hook does). Default:
+        $CLUSTER_PROVISIONERS_RELEASE.""",
+    )
+
     @default("namespace")
     def _namespace_default(self) -> str:
         return default_namespace()
+
+    @default("server_pod")
+    def _server_pod_default(self) -> str:
+        pod = ServerPod.from_env()
+        return "" if pod is None else str(pod)
+
+    @default("release")
+    def _release_default(self) -> str:
+        return os.environ.get("CLUSTER_PROVISIONERS_RELEASE", "")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -226,7 +259,9 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
             raise self.config_error("termination_grace_period", "must be >= 0")
         if self.api_timeout <= 0:
             raise self.config_error("api_timeout", "must be > 0")
-        ours = set(m.kernel_labels("x", "x", "x"))
+        if self.server_pod and ServerPod.parse(self.server_pod) is None:
+            raise self.config_error("server_pod", "use 'namespace/name/uid'")
+        ours = set(m.kernel_labels("x", "x", "x")) | {m.LABEL_RELEASE}
         if ours & set(self.labels):
             raise self.config_error("labels", f"{sorted(ours & set(self.labels))} are ours")
         try:
@@ -313,15 +348,15 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
     async def _sweep_once(self) -> None:
         assert self._client is not None
         key = (self.kubeconfig, self.context, self.namespace)
-        await sweep_once(key, self._client, self.namespace, self.log)
+        await sweep_once(key, self._client, self.namespace, self.log, self.server_pod)
 
     @on_engine_loop
     async def sweep_orphans(self) -> list[str]:
-        """Delete our pods and Secrets in the namespace whose server process is gone."""
+        """Delete our pods and Secrets in the namespace whose server pod or process is gone."""
         await self._attach()
         try:
             assert self._client is not None
-            removed = await sweep_orphans(self._client, self.namespace, self.log)
+            removed = await sweep_orphans(self._client, self.namespace, self.log, self.server_pod)
         finally:
             await self._detach()
         return [f"{self.namespace}/{name}" for name in removed]
@@ -391,6 +426,9 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
             owner=str(self.owner),
             username=env.get("KERNEL_USERNAME", ""),
             kernelspec=self.spec_name,
+            owner_pod=self.server_pod,
+            owner_reference=self.owner_references,
+            release=self.release,
             env=dict(env),
             image_pull_policy=self.image_pull_policy,
             image_pull_secrets=tuple(self.image_pull_secrets),
@@ -433,9 +471,13 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
 
     def _secret(self, kernel_info: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
         labels = m.kernel_labels(self.kernel_id, str(self.owner))
+        if self.release:
+            labels[m.LABEL_RELEASE] = m.sanitize_label_value(self.release)
         content = connection_file_content(kernel_info, ip="0.0.0.0")
         secret = m.secret_manifest(self.secret_name, self.namespace, content, labels, owner)
-        secret["metadata"]["annotations"] = m.kernel_annotations(self.kernel_id, str(self.owner))
+        secret["metadata"]["annotations"] = m.kernel_annotations(
+            self.kernel_id, str(self.owner), owner_pod=self.server_pod
+        )
         return secret
 
     @on_engine_loop

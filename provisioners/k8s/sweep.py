@@ -1,4 +1,5 @@
-"""Sweeping orphans (kernel pods and Secrets whose server process is gone), and listing."""
+"""Sweeping orphans (kernel pods and Secrets whose server pod or process is gone), removing
+an installation's kernels, and listing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from ..exceptions import ProvisionerError
 from ..hooks import kernel_row
-from ..owner import owner_is_gone
+from ..owner import ServerPod, owner_is_gone
 from . import manifests as m
 from .client import KubeApiError, KubeClient
 
@@ -20,25 +21,34 @@ _SWEPT_LOCK = threading.Lock()
 
 
 async def sweep_orphans(
-    api: KubeClient | Any, namespace: str, log: logging.Logger | logging.LoggerAdapter[Any]
+    api: KubeClient | Any,
+    namespace: str,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    server_pod: str = "",
 ) -> list[str]:
     """Delete kernel pods and Secrets in ``namespace`` whose owning server is gone.
 
-    ``api`` is a :class:`KubeClient` or a kubernetes_asyncio ``ApiClient``. Only owners
-    known to have ended (server processes of this machine, see :func:`owner_is_gone`) are
-    swept: a live server's kernels, and those of servers on other machines, are left
-    alone. Returns the names of the deleted pods and Secrets.
+    ``api`` is a :class:`KubeClient` or a kubernetes_asyncio ``ApiClient``; ``server_pod``
+    is this server's own pod (``namespace/name/uid``, '' outside a pod). A kernel whose
+    owner-pod annotation names another pod is an orphan when the API says that pod no
+    longer exists, has another uid (a new pod of the same name) or has ended (an evicted
+    server); one started from this very pod, or without that annotation, when its server
+    process is known to have ended (:func:`owner_is_gone`: a restarted container). When
+    the owner cannot be checked (Forbidden, unreachable, another machine) the kernel is
+    left alone: a live server's kernels never go. Returns the deleted names.
     """
     client = api if isinstance(api, KubeClient) else KubeClient(api, in_cluster=False)
     base = f"/api/v1/namespaces/{namespace}"
     selector = [("labelSelector", m.KERNEL_SELECTOR)]
+    me = ServerPod.parse(server_pod)
+    checked: dict[str, bool] = {}
     deleted: list[str] = []
     pods = (await client.request("GET", f"{base}/pods", query=selector)).get("items") or []
     live_uids: set[str] = set()
     for pod in pods:
         meta = pod.get("metadata") or {}
-        owner = (meta.get("annotations") or {}).get(m.ANNOTATION_OWNER, "")
-        if not owner or not owner_is_gone(owner):
+        why = await _orphaned(client, meta, me, checked, log)
+        if not why:
             live_uids.add(meta.get("uid", ""))
             continue
         name = meta["name"]
@@ -47,15 +57,12 @@ async def sweep_orphans(
                 "DELETE", f"{base}/pods/{name}", query=[("gracePeriodSeconds", "1")]
             )
             deleted.append(name)
-            log.warning(
-                "Deleted orphaned kernel pod %s/%s (owner %s is gone)", namespace, name, owner
-            )
+            log.warning("Deleted orphaned kernel pod %s/%s (%s)", namespace, name, why)
     secrets = (await client.request("GET", f"{base}/secrets", query=selector)).get("items") or []
     for secret in secrets:
         meta = secret.get("metadata") or {}
-        owner = (meta.get("annotations") or {}).get(m.ANNOTATION_OWNER, "")
         owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
-        if owners & live_uids or not owner or not owner_is_gone(owner):
+        if owners & live_uids or not await _orphaned(client, meta, me, checked, log):
             continue
         name = meta["name"]
         with contextlib.suppress(KubeApiError):
@@ -65,11 +72,76 @@ async def sweep_orphans(
     return deleted
 
 
+async def _orphaned(
+    client: KubeClient,
+    meta: dict[str, Any],
+    me: ServerPod | None,
+    checked: dict[str, bool],
+    log: logging.Logger | logging.LoggerAdapter[Any],
+) -> str:
+    """Why the kernel object with metadata ``meta`` is an orphan ('' when it is not)."""
+    annotations = meta.get("annotations") or {}
+    process = annotations.get(m.ANNOTATION_OWNER, "")
+    owner = ServerPod.parse(annotations.get(m.ANNOTATION_OWNER_POD, ""))
+    if owner is not None and (me is None or owner.uid != me.uid):
+        key = str(owner)
+        if key not in checked:
+            checked[key] = await _pod_gone(client, owner, log)
+        return f"owner pod {owner.namespace}/{owner.name} is gone" if checked[key] else ""
+    if process and owner_is_gone(process):
+        return f"owner {process} is gone"
+    return ""
+
+
+async def _pod_gone(
+    client: KubeClient, owner: ServerPod, log: logging.Logger | logging.LoggerAdapter[Any]
+) -> bool:
+    """True when the API says pod ``owner`` is absent, replaced (another uid) or ended."""
+    path = f"/api/v1/namespaces/{owner.namespace}/pods/{owner.name}"
+    try:
+        pod = await client.request("GET", path)
+    except KubeApiError as exc:
+        if exc.status == 404:
+            return True
+        log.info("Cannot check the server pod %s (%s): its kernels are kept", owner, exc)
+        return False
+    if (pod.get("metadata") or {}).get("uid") != owner.uid:
+        return True
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+async def remove_release(
+    client: KubeClient,
+    namespace: str,
+    release: str,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+) -> list[str]:
+    """Delete every kernel pod and Secret of installation ``release`` in ``namespace``
+    (the chart's uninstall hook); returns the deleted names."""
+    base = f"/api/v1/namespaces/{namespace}"
+    label = f"{m.LABEL_RELEASE}={m.sanitize_label_value(release)}"
+    selector = [("labelSelector", f"{m.KERNEL_SELECTOR},{label}")]
+    deleted: list[str] = []
+    for kind, query in (("pods", [("gracePeriodSeconds", "1")]), ("secrets", [])):
+        items = (await client.request("GET", f"{base}/{kind}", query=selector)).get("items") or []
+        for item in items:
+            name = item["metadata"]["name"]
+            try:
+                await client.request("DELETE", f"{base}/{kind}/{name}", query=query)
+            except KubeApiError as exc:
+                if exc.status != 404:
+                    raise
+            deleted.append(name)
+            log.info("Deleted kernel %s %s/%s of %s", kind[:-1], namespace, name, release)
+    return deleted
+
+
 async def sweep_once(
     key: tuple[str, str, str],
     client: KubeClient,
     namespace: str,
     log: logging.Logger | logging.LoggerAdapter[Any],
+    server_pod: str = "",
 ) -> None:
     """Sweep ``namespace`` the first time this process sees ``key``; log a failure."""
     with _SWEPT_LOCK:
@@ -77,7 +149,7 @@ async def sweep_once(
             return
         _SWEPT.add(key)
     try:
-        await sweep_orphans(client, namespace, log)
+        await sweep_orphans(client, namespace, log, server_pod)
     except (KubeApiError, ProvisionerError) as exc:
         log.warning("Orphan sweep in namespace %s failed: %s", namespace, exc)
 

@@ -54,21 +54,18 @@ KERNEL_POD_LABELS = {
     "app.kubernetes.io/managed-by": "cluster-provisioners",
     "app.kubernetes.io/component": "kernel",
 }
-# What the provisioner may do, and nothing more.
-ALLOWED_RULES = {
-    "pods": {"get", "list", "watch", "create", "delete", "patch"},
+# What the provisioner does (tests/kubernetes/test_rbac.py records it on the API double).
+KERNEL_NAMESPACE_RULES = {
+    "pods": {"list", "watch", "create", "delete"},
     "pods/exec": {"create", "get"},
     "pods/log": {"get"},
-    "secrets": {"create", "get", "delete", "list"},
-    "events": {"get", "list", "watch"},
-    "pods/portforward": {"create", "get"},
+    "secrets": {"create", "delete", "list"},
+    "events": {"watch"},
 }
-REQUIRED_RULES = {
-    "pods": {"get", "list", "watch", "create", "delete", "patch"},
-    "pods/exec": {"create"},
-    "secrets": {"create", "get", "delete", "list"},
-    "events": {"get", "list", "watch"},
-}
+PORT_FORWARD_RULES = {"pods/portforward": {"create", "get"}}
+#: In the release namespace: is a kernel's server pod still there?
+OWNER_RULES = {"pods": {"get"}}
+DEFAULT_KERNEL_NAMESPACE = f"{NAMESPACE}-{RELEASE}-kernels"
 CLUSTER_SCOPED_KINDS = {"ClusterRole", "ClusterRoleBinding", "Namespace"}
 
 
@@ -105,6 +102,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "server": {"baseUrl": "/kernels", "trustXheaders": True},
     },
     "namespaces": {
+        "rbac": {"secretNames": ["team-a-ssh-password"]},
         "kernels": {
             "namespace": "kernels",
             # "kernels" again on purpose: it must not produce a second Role.
@@ -120,9 +118,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "prepuller": {
         "prePuller": {"enabled": True, "extraImages": ["registry.example.org/tools/kernel-r:4"]},
         "kernels": {
+            "portForward": True,
             "kernelspecs": {
                 "python3-gpu": _kernelspec("Python 3 (GPU)", "registry.example.org/kernel-gpu:1")
-            }
+            },
         },
     },
     "existing-secret": {
@@ -215,7 +214,7 @@ def effective_values(scenario: str) -> dict[str, Any]:
 
 
 def kernel_namespaces(values: dict[str, Any]) -> list[str]:
-    first = values["kernels"]["namespace"] or NAMESPACE
+    first = values["kernels"]["namespace"] or DEFAULT_KERNEL_NAMESPACE
     out = [first]
     for ns in values["kernels"]["extraNamespaces"]:
         if ns not in out:
@@ -351,14 +350,18 @@ def test_rendered_kinds(render, scenario: str) -> None:
     rendered = render(scenario)
     values = rendered.values
     kinds = sorted(d["kind"] for d in rendered.docs)
-    n_ns = len(kernel_namespaces(values))
+    namespaces = kernel_namespaces(values)
+    n_ns = len(namespaces)
+    n_roles = n_ns + int(NAMESPACE not in namespaces)  # + get pods in the release namespace
     expected = {
         "ConfigMap": 1,
         "Deployment": 1,
         "Service": 1,
         "Pod": 1,  # helm test hook
-        "Role": n_ns,
-        "RoleBinding": n_ns,
+        "Job": int(values["uninstallHook"]["enabled"]),  # pre-delete hook
+        "Namespace": int(values["kernels"]["createNamespace"] and namespaces[0] != NAMESPACE),
+        "Role": n_roles,
+        "RoleBinding": n_roles,
         "NetworkPolicy": n_ns,
         "ServiceAccount": int(values["serviceAccount"]["create"]),
         "Secret": int(not values["auth"]["existingSecret"]),
@@ -449,7 +452,7 @@ def test_port_forward_kernelspec_needs_port_forward(helm: str, helm_env: dict[st
         "--set-json",
         f"kernels.kernelspecs.pf={json.dumps(spec)}",
     ]
-    assert run_helm(helm, helm_env, *args).returncode == 0
+    assert run_helm(helm, helm_env, *args, "--set", "kernels.portForward=true").returncode == 0
     proc = run_helm(helm, helm_env, *args, "--set", "kernels.portForward=false")
     assert proc.returncode != 0
     assert "port-forward" in proc.stderr and "portForward" in proc.stderr
@@ -510,37 +513,81 @@ def test_every_value_in_schema_and_readme() -> None:
 # --------------------------------------------------------------------------- RBAC
 
 
-def test_rbac_is_namespaced_and_minimal(render, scenario: str) -> None:
+def test_rbac_is_namespaced_and_exact(render, scenario: str) -> None:
+    """Each kernel namespace's Role grants what the provisioner calls, no more; the release
+    namespace only get on pods; nothing cluster-scoped but the kernels' own Namespace."""
     rendered = render(scenario)
     values = rendered.values
-    assert not [d for d in rendered.docs if d["kind"] in CLUSTER_SCOPED_KINDS], (
-        "cluster-scoped object rendered"
-    )
-    roles = rendered.of_kind("Role")
-    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(kernel_namespaces(values))
-    for role in roles:
+    namespaces = kernel_namespaces(values)
+    for doc in rendered.docs:
+        if doc["kind"] in CLUSTER_SCOPED_KINDS:
+            assert doc["kind"] == "Namespace", f"cluster-scoped {doc['kind']} rendered"
+            assert doc["metadata"]["name"] == namespaces[0]
+    roles = {r["metadata"]["namespace"]: r for r in rendered.of_kind("Role")}
+    assert sorted(roles) == sorted({*namespaces, NAMESPACE})
+    for ns, role in roles.items():
         granted: dict[str, set[str]] = {}
         for rule in role["rules"]:
-            assert set(rule) <= {"apiGroups", "resources", "verbs"}, (
-                f"unexpected rule fields {rule}"
-            )
+            assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}, rule
             assert rule["apiGroups"] == [""], rule
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], f"wildcard in {rule}"
+            if "resourceNames" in rule:
+                assert rule["resources"] == ["secrets"] and rule["verbs"] == ["get"], rule
+                assert rule["resourceNames"] == values["rbac"]["secretNames"]
+                continue
             for resource in rule["resources"]:
-                assert resource in ALLOWED_RULES, (
-                    f"{resource} is not something the provisioner uses"
-                )
-                assert set(rule["verbs"]) <= ALLOWED_RULES[resource], rule
                 granted.setdefault(resource, set()).update(rule["verbs"])
-        for resource, verbs in REQUIRED_RULES.items():
-            assert verbs <= granted.get(resource, set()), f"{resource}: {verbs} missing"
-        if values["kernels"]["portForward"]:
-            assert granted.get("pods/portforward") == {"create", "get"}
-        else:
-            assert "pods/portforward" not in granted, (
-                "pods/portforward granted with portForward off"
-            )
+        expected: dict[str, set[str]] = {}
+        if ns in namespaces:
+            expected = {k: set(v) for k, v in KERNEL_NAMESPACE_RULES.items()}
+            if values["kernels"]["portForward"]:
+                expected.update(PORT_FORWARD_RULES)
+        if ns == NAMESPACE:
+            for resource, verbs in OWNER_RULES.items():
+                expected.setdefault(resource, set()).update(verbs)
+        assert granted == expected, f"{scenario}: Role in {ns}"
+
+
+def test_kernels_default_to_their_own_namespace(render) -> None:
+    rendered = render("default")
+    assert kernel_namespaces(rendered.values) == [DEFAULT_KERNEL_NAMESPACE]
+    config = rendered.configmap_file("jupyter_server_config.py")
+    assert f'c.KubernetesClusterProvisioner.namespace = "{DEFAULT_KERNEL_NAMESPACE}"' in config
+    # Neither the token Secret nor Helm's release Secrets can be read by the server's account.
+    release_role = next(
+        r for r in rendered.of_kind("Role") if r["metadata"]["namespace"] == NAMESPACE
+    )
+    assert [rule["resources"] for rule in release_role["rules"]] == [["pods"]]
+    assert rendered.values["kernels"]["portForward"] is False
+
+
+def test_server_pod_is_the_kernels_owner(render) -> None:
+    """The server learns its pod's identity (downward API) and the release label."""
+    env = {e["name"]: e for e in render("default").server_container["env"]}
+    for name, field in (
+        ("POD_NAMESPACE", "metadata.namespace"),
+        ("POD_NAME", "metadata.name"),
+        ("POD_UID", "metadata.uid"),
+    ):
+        assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == field
+    assert env["CLUSTER_PROVISIONERS_RELEASE"]["value"] == f"{NAMESPACE}.{RELEASE}"
+
+
+def test_uninstall_hook_removes_the_releases_kernels(render, scenario: str) -> None:
+    rendered = render(scenario)
+    job = rendered.one("Job")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-delete"
+    assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == rendered.server_pod["spec"]["serviceAccountName"]
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert command[:4] == ["jupyter-provisioners", "cleanup", "--release", f"{NAMESPACE}.{RELEASE}"]
+    named = [command[i + 1] for i, arg in enumerate(command) if arg == "--namespace"]
+    assert named == kernel_namespaces(rendered.values)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_rolebindings_bind_the_server_account(render, scenario: str) -> None:
@@ -565,8 +612,8 @@ def test_rolebindings_bind_the_server_account(render, scenario: str) -> None:
 
 
 def test_portforward_toggle(render) -> None:
-    on = render("default")
-    off = render("namespaces")
+    on = render("prepuller")
+    off = render("default")
     assert on.values["kernels"]["portForward"] is True
     assert off.values["kernels"]["portForward"] is False
 

@@ -94,9 +94,22 @@ token
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* Namespace the kernels start in unless a kernelspec says otherwise. */}}
+{{/*
+Namespace the kernels start in unless a kernelspec says otherwise: by default one of their
+own, "<release namespace>-<release>-kernels", so that the server's token, Helm's release
+Secrets and everything else of the release namespace stay out of the kernels' Role.
+*/}}
 {{- define "cluster-provisioners.kernelNamespace" -}}
-{{- default .Release.Namespace .Values.kernels.namespace }}
+{{- if .Values.kernels.namespace }}
+{{- .Values.kernels.namespace }}
+{{- else }}
+{{- printf "%s-%s" .Release.Namespace .Release.Name | trunc 55 | trimSuffix "-" }}-kernels
+{{- end }}
+{{- end }}
+
+{{/* The installation's name as kernel pods are labelled with it: "<namespace>.<release>". */}}
+{{- define "cluster-provisioners.release" -}}
+{{- printf "%s.%s" .Release.Namespace .Release.Name }}
 {{- end }}
 
 {{/*
@@ -163,4 +176,27 @@ config, and prePuller.extraImages, without duplicates. Returned as a JSON list.
 {{/* Container securityContext shared by every container the chart runs. */}}
 {{- define "cluster-provisioners.containerSecurityContext" -}}
 {{- toYaml .Values.securityContext }}
+{{- end }}
+
+{{/* A RoleBinding of the server's account to Role $name in $ns. Call with (list $ $ns $name). */}}
+{{- define "cluster-provisioners.roleBinding" -}}
+{{- $root := index . 0 }}
+{{- $ns := index . 1 }}
+{{- $name := index . 2 }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: {{ $name }}
+  namespace: {{ $ns }}
+  labels:
+    {{- include "cluster-provisioners.labels" $root | nindent 4 }}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: {{ $name }}
+subjects:
+  - kind: ServiceAccount
+    name: {{ include "cluster-provisioners.serviceAccountName" $root }}
+    namespace: {{ $root.Release.Namespace }}
 {{- end }}

@@ -80,6 +80,8 @@ class Cluster(Deletion):
         self.workers: dict[str, PodWorker] = {}
         self.deny: list[DenyRule] = []
         self.requests: list[ApiRequest] = []
+        #: Every (verb, resource, namespace) the authorizer checked, allowed or not.
+        self.authorizations: list[tuple[str, str, str | None]] = []
         self.node_ip = "127.0.0.1"
         self.tasks: set[asyncio.Task[Any]] = set()
         self._node_labels = node_labels
@@ -382,6 +384,7 @@ class Cluster(Deletion):
     def authorize(self, verb: str, resource: str, namespace: str | None, name: str | None) -> None:
         """Raise 403 Forbidden like the RBAC authorizer when a deny rule matches (or the
         rule's own failure code)."""
+        self.authorizations.append((verb, resource, namespace))
         for rule in list(self.deny):
             if rule.matches(verb, resource, namespace):
                 if rule.times is not None:

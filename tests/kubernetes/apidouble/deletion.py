@@ -205,8 +205,14 @@ class Deletion:
                 md["uid"],
             )
 
-    def _owner_exists(self, uid: str) -> bool:
-        return self.store.find_uid(uid) is not None
+    def _owner_exists(self, uid: str, namespace: str = "") -> bool:
+        """Whether owner ``uid`` exists where a dependent in ``namespace`` may have it: a
+        namespaced owner in another namespace counts as absent (as for the real collector)."""
+        found = self.store.find_uid(uid)
+        if found is None:
+            return False
+        owner_ns = found[1]["metadata"].get("namespace", "")
+        return not (namespace and owner_ns and owner_ns != namespace)
 
     def _collect(self, owner_uid: str) -> None:
         """Delete dependents whose owners are all gone; drop the dangling reference otherwise."""
@@ -217,7 +223,7 @@ class Deletion:
             alive = [
                 r
                 for r in refs
-                if r.get("uid") != owner_uid and self._owner_exists(r.get("uid", ""))
+                if r.get("uid") != owner_uid and self._owner_exists(r.get("uid", ""), ns)
             ]
             if alive:
                 self.store.mutate(
@@ -234,7 +240,7 @@ class Deletion:
         if obj is None or obj["metadata"]["uid"] != uid:
             return
         refs = obj["metadata"].get("ownerReferences") or []
-        if refs and not any(self._owner_exists(r.get("uid", "")) for r in refs):
+        if refs and not any(self._owner_exists(r.get("uid", ""), ns) for r in refs):
             self.spawn(self._gc_delete(resource, ns, name))
 
     async def _gc_delete(self, resource: str, ns: str, name: str) -> None:

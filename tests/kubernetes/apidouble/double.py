@@ -246,6 +246,12 @@ class K8sDouble:
         """Every API request served so far: verb, resource, namespace, name, status code."""
         return list(self.cluster.requests)
 
+    @property
+    def authorizations(self) -> list[tuple[str, str, str | None]]:
+        """Every authorization check so far, as (verb, resource, namespace): what a Role
+        must grant for the requests served (a websocket exec counts get and create)."""
+        return list(self.cluster.authorizations)
+
     def docker_containers(self, pod: str, namespace: str | None = None) -> list[str]:
         """Names of the docker containers currently backing ``pod`` (for debugging)."""
         rt = self.cluster.runtime

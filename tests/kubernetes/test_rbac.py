@@ -1,0 +1,188 @@
+"""The chart's Roles grant exactly what the provisioner calls: no more, no less.
+
+On the API double, every RBAC check is recorded while the provisioner runs a whole cycle
+in each connection mode: start, execute, interrupt (exec), restart, shutdown, a start that
+fails (its log), the orphan sweep (asking for a gone server pod), the kernel list and the
+uninstall hook's ``cleanup --release``. Kernels run in a namespace of their own, the server
+pod in the release namespace, as the chart installs them. The Roles `helm template`
+renders for that layout must grant exactly the (verb, resource) pairs seen, per namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jupyter_client.manager import AsyncKernelManager
+
+from provisioners.exceptions import KernelStartError
+from provisioners.k8s import manifests as m
+from provisioners.k8s.client import KubeApiError, KubeClient
+from provisioners.k8s.sweep import list_kernel_pods, sweep_orphans
+from tests.helpers import execute, skip_or_fail
+from tests.kubernetes.conftest import PROVISIONER, Kube
+
+pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "cluster-provisioners"
+RELEASE = "rbac"
+MakeKM = Callable[..., AsyncKernelManager]
+Grants = dict[str, set[tuple[str, str]]]
+
+
+def find_helm() -> str:
+    for path in (
+        os.environ.get("HELM", ""),
+        str(Path(os.environ.get("CLUSTER_PROVISIONERS_CACHE", "/nonexistent")) / "bin/helm"),
+        str(Path.home() / ".cache/cluster-provisioners/bin/helm"),
+    ):
+        if path and os.access(path, os.X_OK):
+            return path
+    skip_or_fail("helm", "helm not found: run `bash .ci/lib/helm.sh`")
+    raise AssertionError("unreachable")
+
+
+def rendered_roles(release_ns: str, kernel_ns: str, port_forward: bool) -> Grants:
+    """(verb, resource) pairs each rendered Role grants, by namespace."""
+    proc = subprocess.run(
+        [find_helm(), "template", RELEASE, str(CHART), "--namespace", release_ns,
+         "--set", f"kernels.namespace={kernel_ns}",
+         "--set", f"kernels.portForward={str(port_forward).lower()}"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "KUBECONFIG": "/nonexistent"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    grants: Grants = {}
+    for doc in yaml.safe_load_all(proc.stdout):
+        if not doc or doc["kind"] != "Role":
+            continue
+        pairs = grants.setdefault(doc["metadata"]["namespace"], set())
+        for rule in doc["rules"]:
+            assert "resourceNames" not in rule, "no named Secrets in this layout"
+            pairs.update((v, r) for v in rule["verbs"] for r in rule["resources"])
+    return grants
+
+
+@pytest.fixture
+def double(kube: Kube, request: pytest.FixtureRequest) -> Any:
+    if kube.forbid is None:
+        pytest.skip("records the API calls on the in-repo API double")
+    return request.getfixturevalue("kube_double")
+
+
+async def ensure_namespace(api: KubeClient, name: str) -> None:
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    try:
+        await api.request("POST", "/api/v1/namespaces", body=body)
+    except KubeApiError as exc:
+        if exc.status != 409:
+            raise
+
+
+async def orphan_of_a_gone_server(api: KubeClient, kube: Kube, kernel_ns: str) -> None:
+    """A kernel pod whose server pod (in the release namespace) no longer exists."""
+    name = m.pod_name("orphan", uuid.uuid4().hex[:8])
+    spec = m.KernelPod(
+        name=name,
+        namespace=kernel_ns,
+        image=kube.image,
+        command=("sleep", "300"),
+        ports=(20001, 20002, 20003, 20004, 20005),
+        kernel_id=f"orphan-{name}",
+        secret_name=m.secret_name_for(name),
+        owner="server-old.7.1",
+        owner_pod=f"{kube.namespace}/server-old/{uuid.uuid4()}",
+        grace_period=0,
+    )
+    await api.request("POST", f"/api/v1/namespaces/{kernel_ns}/pods", body=m.pod_manifest(spec))
+
+
+async def cycle(
+    kube: Kube, api: KubeClient, kernel_manager: MakeKM, kernel_ns: str, mode: str, me: str
+) -> None:
+    """Everything the server and the chart's hook do against the API, in one mode."""
+    release = f"{kube.namespace}.{RELEASE}"
+    config = kube.config(namespace=kernel_ns, connection_mode=mode, server_pod=me, release=release)
+    km = kernel_manager(PROVISIONER, config, **kube.spec(interrupt_mode="signal"))
+    await km.start_kernel()
+    assert (await execute(km, "print(6 * 7)"))["stdout"] == "42\n"
+    await km.interrupt_kernel()
+    await km.restart_kernel()
+    assert (await execute(km, "print('again')"))["stdout"] == "again\n"
+    await km.shutdown_kernel()
+
+    argv = ["python3", "-c", "import sys; print('no kernel'); sys.exit(3)"]
+    failing = kernel_manager(PROVISIONER, config, **kube.spec(argv=argv))
+    with pytest.raises(KernelStartError):
+        await failing.start_kernel()
+
+    log = logging.getLogger("test")
+    await sweep_orphans(api, kernel_ns, log, me)  # (the first start may have swept already)
+    await list_kernel_pods(api, kernel_ns)
+    # The chart's uninstall hook, with a kernel running.
+    km = kernel_manager(PROVISIONER, config, **kube.spec())
+    await km.start_kernel()
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "provisioners", "cleanup", "--release", release,
+         "--namespace", kernel_ns, "--kubeconfig", kube.kubeconfig],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    await km.shutdown_kernel()
+
+
+async def test_chart_roles_grant_exactly_the_calls_the_provisioner_makes(
+    kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM, double: Any
+) -> None:
+    kernel_ns = "cp-rbac-kernels"
+    await ensure_namespace(kube_api, kernel_ns)
+    server_name = f"server-{uuid.uuid4().hex[:6]}"
+    server = await kube_api.request(
+        "POST",
+        f"/api/v1/namespaces/{kube.namespace}/pods",
+        body={
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": server_name},
+            "spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 0,
+                "containers": [{"name": "s", "image": kube.image, "command": ["sleep", "300"]}],
+            },
+        },
+    )
+    me = f"{kube.namespace}/{server_name}/{server['metadata']['uid']}"
+    try:
+        for mode in ("pod-ip", "port-forward"):
+            await orphan_of_a_gone_server(kube_api, kube, kernel_ns)
+            mark = len(double.authorizations)
+            await cycle(kube, kube_api, kernel_manager, kernel_ns, mode, me)
+            seen: Grants = {}
+            for verb, resource, ns in double.authorizations[mark:]:
+                seen.setdefault(ns or "", set()).add((verb, resource))
+            roles = rendered_roles(kube.namespace, kernel_ns, mode == "port-forward")
+            assert set(seen) == set(roles), (mode, seen, roles)
+            for ns, granted in roles.items():
+                assert granted == seen[ns], (
+                    f"{mode}, namespace {ns}: granted but never used "
+                    f"{sorted(granted - seen[ns])}; used but not granted "
+                    f"{sorted(seen[ns] - granted)}"
+                )
+    finally:
+        await kube_api.request(
+            "DELETE",
+            f"/api/v1/namespaces/{kube.namespace}/pods/{server_name}",
+            query=[("gracePeriodSeconds", "0")],
+        )
