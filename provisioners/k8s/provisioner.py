@@ -14,14 +14,12 @@ servers left and lists our pods.
 from __future__ import annotations
 
 import base64
-import os
 import signal
 from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
 
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default
 
-from ..base import ClusterProvisioner
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
@@ -32,6 +30,7 @@ from ..secrets import kube_secret_ref
 from . import manifests as m
 from .client import KubeApiError, KubeClient, acquire_client, default_namespace, release_client
 from .loop import KUBERNETES_EXECUTOR, EngineLoop, on_engine_loop
+from .ownership import PodOwnership
 from .podstart import open_forwarder, start_pod
 from .portforward import PortForwarder, pod_exec
 from .sweep import list_kernel_pods, sweep_once, sweep_orphans
@@ -54,7 +53,7 @@ class _HeldPorts(PortSource):
         return m.ports_held_on_node(pods, self.node)
 
 
-class KubernetesClusterProvisioner(ClusterProvisioner):
+class KubernetesClusterProvisioner(PodOwnership):
     """Starts each kernel in its own pod of a Kubernetes namespace."""
 
     target: ClassVar[str] = "kubernetes"
@@ -188,40 +187,9 @@ class KubernetesClusterProvisioner(ClusterProvisioner):
         process, when the first kernel starts there.""",
     )
 
-    server_pod = Unicode(
-        config=True,
-        help="""'namespace/name/uid' of the pod this server runs in, recorded on every kernel pod
-        so that a sweep can ask the API whether the owner still exists. Default: from
-        $POD_NAMESPACE, $POD_NAME and $POD_UID (the chart sets them through the downward
-        API); empty outside a pod.""",
-    )
-    owner_references = Bool(
-        True,
-        config=True,
-        help="""Make the server pod ('server_pod') the owner of kernel pods in its own namespace,
-        so the cluster deletes them (and their Secrets) with it. Kernels in other namespaces
-        cannot have an owner there; the sweep and the chart's uninstall hook remove those.""",
-    )
-    release = Unicode(
-        config=True,
-        help="""Name of the installation this server belongs to, put on every kernel pod and
-        Secret as the label 'cluster-provisioners/release' so that 'jupyter-provisioners
-        cleanup --release' removes them all (the chart's uninstall hook does). Default:
-        $CLUSTER_PROVISIONERS_RELEASE.""",
-    )
-
     @default("namespace")
     def _namespace_default(self) -> str:
         return default_namespace()
-
-    @default("server_pod")
-    def _server_pod_default(self) -> str:
-        pod = ServerPod.from_env()
-        return "" if pod is None else str(pod)
-
-    @default("release")
-    def _release_default(self) -> str:
-        return os.environ.get("CLUSTER_PROVISIONERS_RELEASE", "")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
