@@ -15,7 +15,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from jupyter_client.asynchronous import AsyncKernelClient
@@ -24,7 +23,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LOCAL_ARGV, report, start_to_kernel_info
+from benchmarks.common import LOCAL_ARGV, report, round_trips, start_to_kernel_info
 
 GOAL = 1.25
 KERNELS = {"curve": {"transport_encryption": "required"}, "plain": {}}
@@ -46,17 +45,6 @@ def curve_kernelspecs() -> KernelSpecManager:
     return KernelSpecManager(kernel_dirs=[str(root)])
 
 
-async def _round_trips(client: AsyncKernelClient, count: int) -> list[float]:
-    """Seconds per execute_request, from sending it to the kernel being idle again."""
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        reply = await client.execute_interactive("pass", timeout=30, output_hook=lambda _: None)
-        samples.append(time.perf_counter() - start)
-        assert reply["content"]["status"] == "ok"
-    return samples
-
-
 async def execute_round_trip(ksm: KernelSpecManager, rounds: int, batch: int) -> bool:
     managers = {
         name: AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm) for name in KERNELS
@@ -71,11 +59,11 @@ async def execute_round_trip(ksm: KernelSpecManager, rounds: int, batch: int) ->
         assert managers["curve"].curve_publickey is not None
         assert managers["plain"].curve_publickey is None
         for client in clients.values():  # warm both paths
-            await _round_trips(client, batch)
+            await round_trips(client, batch)
         samples: dict[str, list[float]] = {name: [] for name in KERNELS}
         for _ in range(rounds):
             for name, client in clients.items():
-                samples[name] += await _round_trips(client, batch)
+                samples[name] += await round_trips(client, batch)
         return report(
             f"execute round trip, CurveZMQ vs plain ({rounds * batch} each)",
             statistics.median(samples["curve"]) * 1000,

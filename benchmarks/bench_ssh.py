@@ -14,7 +14,6 @@ import asyncio
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LOCAL_ARGV, kernelspecs, report, start_to_kernel_info
+from benchmarks.common import LOCAL_ARGV, kernelspecs, report, round_trips, start_to_kernel_info
 from provisioners.connection.tunnels import KERNEL_PORT_NAMES, KernelTunnels
 from tests.engines.sshd import LoopbackSSHD
 
@@ -36,17 +35,6 @@ async def _client(info: dict[str, Any]) -> AsyncKernelClient:
     client.start_channels()
     await client.wait_for_ready(timeout=60)
     return client
-
-
-async def _round_trips(client: AsyncKernelClient, count: int) -> list[float]:
-    """Seconds per execute_request, from sending it to the kernel being idle again."""
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        reply = await client.execute_interactive("pass", timeout=30, output_hook=lambda _: None)
-        samples.append(time.perf_counter() - start)
-        assert reply["content"]["status"] == "ok"
-    return samples
 
 
 async def execute_round_trip(sshd: LoopbackSSHD, rounds: int, batch: int) -> bool:
@@ -67,11 +55,11 @@ async def execute_round_trip(sshd: LoopbackSSHD, rounds: int, batch: int) -> boo
         tunnelled = await _client(dict(info, ip="127.0.0.1", **ports))
         clients.append(tunnelled)
         for client in clients:  # warm both paths
-            await _round_trips(client, batch)
+            await round_trips(client, batch)
         samples: dict[str, list[float]] = {"direct": [], "tunnel": []}
         for _ in range(rounds):
-            samples["direct"] += await _round_trips(direct, batch)
-            samples["tunnel"] += await _round_trips(tunnelled, batch)
+            samples["direct"] += await round_trips(direct, batch)
+            samples["tunnel"] += await round_trips(tunnelled, batch)
         ours = statistics.median(samples["tunnel"]) * 1000
         baseline = statistics.median(samples["direct"]) * 1000
         return report(

@@ -76,3 +76,14 @@ def report(title: str, ours: float, baseline: float, goal: float, unit: str = "s
         f"ratio {ratio:.3f} (goal <= {goal}) {verdict}"
     )
     return ratio <= goal
+
+
+async def round_trips(client: Any, count: int) -> list[float]:
+    """Seconds per execute_request, from sending it to the kernel being idle again."""
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        reply = await client.execute_interactive("pass", timeout=30, output_hook=lambda _: None)
+        samples.append(time.perf_counter() - start)
+        assert reply["content"]["status"] == "ok"
+    return samples
