@@ -124,6 +124,18 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             },
         },
     },
+    "pools": {
+        "kernels": {
+            "kernelspecs": {
+                # Its own pool_size, overridden by kernels.pools.sizes (0: no pool).
+                "gpu": _kernelspec("GPU", "registry.example.org/kernel-gpu:1", pool_size=5),
+                # Its own pool_size, not named in kernels.pools.sizes: kept.
+                "small": _kernelspec("Small", "registry.example.org/kernel:1", pool_size=2),
+                "analysis": _kernelspec("Analysis", "registry.example.org/kernel:1"),
+            },
+            "pools": {"sizes": {"python3": 3, "gpu": 0, "analysis": 1}, "maxTotal": 6},
+        },
+    },
     "existing-secret": {
         "auth": {"existingSecret": "site-jupyter-token", "existingSecretKey": "jupyter-token"},
         "serviceAccount": {"create": False, "name": "jupyter-kernels"},
@@ -400,6 +412,21 @@ def test_rendered_kinds(render, scenario: str) -> None:
         (
             ["--set-json", 'kernels.kernelspecs={"bad/name":{"argv":["x"],"display_name":"x"}}'],
             "bad/name",
+        ),
+        (["--set", "kernels.pools.sizes.python3=-1"], "pools/sizes/python3"),
+        (["--set-json", "kernels.pools.sizes.python3=1.5"], "pools/sizes/python3"),
+        (["--set-json", 'kernels.pools.sizes.python3="2"'], "pools/sizes/python3"),
+        (["--set", "kernels.pools.sizes.python3=101"], "pools/sizes/python3"),
+        (["--set-json", 'kernels.pools.sizes={"bad/name":1}'], "bad/name"),
+        (["--set", "kernels.pools.size.python3=1"], "size"),
+        (["--set", "kernels.pools.maxTotal=-1"], "maxTotal"),
+        (["--set", "kernels.pools.prefill=sometimes"], "prefill"),
+        (
+            [
+                "--set",
+                "kernels.kernelspecs.python3.metadata.kernel_provisioner.config.pool_size=-2",
+            ],
+            "pool_size",
         ),
     ],
 )
@@ -861,6 +888,7 @@ def test_jupyter_config(render, scenario: str) -> None:
     assert c.ServerApp.trust_xheaders is values["server"]["trustXheaders"]
     assert c.KubernetesClusterProvisioner.namespace == kernel_namespaces(values)[0]
     assert c.MappingKernelManager.default_kernel_name == values["server"]["defaultKernelName"]
+    assert c.KernelPools.max_total == values["kernels"]["pools"]["maxTotal"]
     # The config file is found through JUPYTER_CONFIG_PATH.
     env = {e["name"]: e.get("value") for e in rendered.server_container["env"]}
     mounts = {m["name"]: m["mountPath"] for m in rendered.server_container["volumeMounts"]}
@@ -871,15 +899,20 @@ def test_jupyter_config(render, scenario: str) -> None:
         assert c.KernelSpecManager.ensure_native_kernel is False
 
 
-def test_kernelspecs(render, scenario: str) -> None:
-    rendered = render(scenario)
-    values = rendered.values
+def _kernelspecs(rendered: Rendered) -> dict[str, dict[str, Any]]:
+    """The kernel.json files of the ConfigMap, by kernelspec name."""
     data = rendered.one("ConfigMap", FULLNAME)["data"]
-    specs = {
+    return {
         k[len("kernelspec.") : -len(".json")]: json.loads(v)
         for k, v in data.items()
         if k.startswith("kernelspec.")
     }
+
+
+def test_kernelspecs(render, scenario: str) -> None:
+    rendered = render(scenario)
+    values = rendered.values
+    specs = _kernelspecs(rendered)
     assert sorted(specs) == sorted(values["kernels"]["kernelspecs"])
     default = specs["python3"]
     assert default["argv"][-1] == "{connection_file}"
@@ -914,6 +947,128 @@ def test_config_change_rolls_the_server(helm: str, helm_env: dict[str, str]) -> 
 
     assert checksum() == checksum()
     assert checksum() != checksum("--set", "kernels.image=other/kernel:2")
+
+
+# --------------------------------------------------------------------------- warm kernel pools
+
+
+def _pool_sizes(rendered: Rendered) -> dict[str, int | None]:
+    """pool_size of each rendered kernelspec's provisioner config (None: not set)."""
+    return {
+        name: spec.get("metadata", {})
+        .get("kernel_provisioner", {})
+        .get("config", {})
+        .get("pool_size")
+        for name, spec in _kernelspecs(rendered).items()
+    }
+
+
+def _template(helm: str, helm_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return run_helm(
+        helm, helm_env, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args
+    )
+
+
+def test_default_values_render_no_pool(render) -> None:
+    rendered = render("default")
+    assert _pool_sizes(rendered) == {"python3": None}
+    c = _load_config(rendered)
+    assert c.KernelPools.max_total == 8
+    assert "prefill" not in c.KernelPools
+    assert "jpserver_extensions" not in c.ServerApp
+    assert "provisioners.pool" not in rendered.configmap_file("jupyter_server_config.py")
+
+
+def test_pool_sizes_render_into_kernelspecs(render) -> None:
+    rendered = render("pools")
+    assert _pool_sizes(rendered) == {"python3": 3, "gpu": 0, "small": 2, "analysis": 1}
+    # Nothing else of a kernelspec changes.
+    python3 = _kernelspecs(rendered)["python3"]["metadata"]["kernel_provisioner"]
+    assert python3["config"] == {
+        "image": rendered.values["kernels"]["image"],
+        "fallback": "none",
+        "pool_size": 3,
+    }
+    assert python3["provisioner_name"] == "cluster-kubernetes-provisioner"
+    c = _load_config(rendered)
+    assert c.KernelPools.max_total == 6
+    # Every kernelspec with a pool (from kernels.pools.sizes or its own config), sorted.
+    assert c.KernelPools.prefill == ["analysis", "python3", "small"]
+    assert c.ServerApp.jpserver_extensions == {"provisioners.pool": True}
+    text = rendered.configmap_file("jupyter_server_config.py")
+    assert "c.KernelPools.max_total = 6\n" in text
+    assert 'c.KernelPools.prefill = ["analysis","python3","small"]\n' in text
+    assert 'c.ServerApp.jpserver_extensions = {"provisioners.pool": True}\n' in text
+
+
+def test_pools_without_prefill_still_drain(helm: str, helm_env: dict[str, str]) -> None:
+    """prefill false: no pool fills at start, but the extension is on to drain them at stop."""
+    proc = _template(
+        helm,
+        helm_env,
+        "--show-only",
+        "templates/configmap.yaml",
+        "--set",
+        "kernels.pools.sizes.python3=2",
+        "--set",
+        "kernels.pools.prefill=false",
+        "--set",
+        "kernels.pools.maxTotal=0",
+    )
+    assert proc.returncode == 0, proc.stderr
+    config_map = yaml.safe_load(proc.stdout)
+    spec = json.loads(config_map["data"]["kernelspec.python3.json"])
+    assert spec["metadata"]["kernel_provisioner"]["config"]["pool_size"] == 2
+    config = Config()
+    exec(config_map["data"]["jupyter_server_config.py"], {"get_config": lambda: config})
+    assert config.KernelPools.prefill == []
+    assert config.KernelPools.max_total == 0
+    assert config.ServerApp.jpserver_extensions == {"provisioners.pool": True}
+
+
+def test_pool_size_of_no_kernelspec_fails(helm: str, helm_env: dict[str, str]) -> None:
+    proc = _template(helm, helm_env, "--set", "kernels.pools.sizes.pyhton3=2")
+    assert proc.returncode != 0
+    assert 'kernels.pools.sizes names "pyhton3", which is no kernelspec' in proc.stderr
+    assert "python3" in proc.stderr  # the kernelspecs that exist are listed
+    # A kernelspec removed with null is no kernelspec either.
+    proc = _template(
+        helm,
+        helm_env,
+        "--set-json",
+        f"kernels.kernelspecs.other={json.dumps(_kernelspec('Other', 'img:1'))}",
+        "--set",
+        "server.defaultKernelName=other",
+        "--set",
+        "kernels.kernelspecs.python3=null",
+        "--set",
+        "kernels.pools.sizes.python3=1",
+    )
+    assert proc.returncode != 0
+    assert 'names "python3", which is no kernelspec' in proc.stderr
+
+
+def test_pool_needs_a_provisioner(helm: str, helm_env: dict[str, str]) -> None:
+    """jupyter_client's default local provisioner ignores pool_size: refuse it loudly."""
+    bare = json.dumps({"argv": ["python"], "display_name": "Bare"})
+    args = ["--set-json", f"kernels.kernelspecs.bare={bare}"]
+    proc = _template(helm, helm_env, *args, "--set", "kernels.pools.sizes.bare=1")
+    assert proc.returncode != 0
+    assert '"bare"' in proc.stderr and "provisioner_name" in proc.stderr
+    # Size 0 adds nothing to such a kernelspec.
+    proc = _template(
+        helm,
+        helm_env,
+        *args,
+        "--set",
+        "kernels.pools.sizes.bare=0",
+        "--show-only",
+        "templates/configmap.yaml",
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = yaml.safe_load(proc.stdout)["data"]
+    assert json.loads(data["kernelspec.bare.json"]) == json.loads(bare)
+    assert "provisioners.pool" not in data["jupyter_server_config.py"]
 
 
 # --------------------------------------------------------------------------- the real server

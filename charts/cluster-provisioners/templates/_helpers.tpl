@@ -143,7 +143,10 @@ kernel namespace first, then kernels.extraNamespaces, without duplicates.
 {{/*
 Kernelspecs after template rendering: a dict name -> kernel.json content. String values in
 .Values.kernels.kernelspecs may use template actions such as {{ .Values.kernels.image }}.
-Entries set to null are dropped. Returned as JSON (use with fromJson).
+Entries set to null are dropped. Each kernelspec named in kernels.pools.sizes gets that size
+as metadata.kernel_provisioner.config.pool_size (a size of 0 writes nothing, but overrides a
+pool_size the kernelspec sets itself); a name that is no kernelspec fails the render.
+Returned as JSON (use with fromJson).
 */}}
 {{- define "cluster-provisioners.kernelspecs" -}}
 {{- $out := dict }}
@@ -152,7 +155,41 @@ Entries set to null are dropped. Returned as JSON (use with fromJson).
 {{- $_ := set $out $name (tpl (toJson $spec) $ | fromJson) }}
 {{- end }}
 {{- end }}
+{{- range $name, $size := .Values.kernels.pools.sizes }}
+{{- if not (hasKey $out $name) }}
+{{- fail (printf "kernels.pools.sizes names %q, which is no kernelspec in kernels.kernelspecs (kernelspecs: %s)" $name (keys $out | sortAlpha | join ", ")) }}
+{{- end }}
+{{- $spec := index $out $name }}
+{{- $own := dig "metadata" "kernel_provisioner" "config" "pool_size" nil $spec }}
+{{- if or (gt (int $size) 0) (not (kindIs "invalid" $own)) }}
+{{- $meta := index $spec "metadata" | default dict }}
+{{- $_ := set $spec "metadata" $meta }}
+{{- $provisioner := index $meta "kernel_provisioner" | default dict }}
+{{- $_ = set $meta "kernel_provisioner" $provisioner }}
+{{- if and (gt (int $size) 0) (not (index $provisioner "provisioner_name")) }}
+{{- fail (printf "kernels.pools.sizes gives kernelspec %q a pool, but it names no metadata.kernel_provisioner.provisioner_name: jupyter_client's default local provisioner keeps no pool" $name) }}
+{{- end }}
+{{- $config := index $provisioner "config" | default dict }}
+{{- $_ = set $provisioner "config" $config }}
+{{- $_ = set $config "pool_size" (int $size) }}
+{{- end }}
+{{- end }}
 {{- $out | toJson }}
+{{- end }}
+
+{{/*
+Names of the kernelspecs with a warm pool (pool_size > 0 in their provisioner config, from
+kernels.pools.sizes or written in the kernelspec), sorted, as a JSON list. Call with the
+parsed output of cluster-provisioners.kernelspecs.
+*/}}
+{{- define "cluster-provisioners.pooledKernelspecs" -}}
+{{- $pooled := list }}
+{{- range $name, $spec := . }}
+{{- if gt (int (dig "metadata" "kernel_provisioner" "config" "pool_size" 0 $spec)) 0 }}
+{{- $pooled = append $pooled $name }}
+{{- end }}
+{{- end }}
+{{- $pooled | sortAlpha | toJson }}
 {{- end }}
 
 {{/*
