@@ -16,7 +16,6 @@ settings in :mod:`provisioners.settings`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -29,7 +28,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 
 from . import leftovers
 from .connection import curve
-from .connection.files import KernelConnectionInfo
+from .connection.files import KernelConnectionInfo, json_safe, with_bytes
 from .connection.ports import (
     LOCAL_HOST,
     ClusterPortCache,
@@ -92,6 +91,13 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         self._stopped = False
         self._teardown_lock = asyncio.Lock()
         self._start_clock = time.monotonic()
+        #: A warm kernel's ``pool-...`` id until it is claimed ('' for any other kernel).
+        self.pool_id = ""
+        self._claimed = False
+        if self.pool_size > 0:
+            from .pool.pools import KernelPools
+
+            KernelPools.instance(config=self.config).ensure(self)
 
     def progress(self, step: str, detail: str = "") -> None:
         """Report a step of the start: INFO in the server's log, live in ``run``.
@@ -127,13 +133,18 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         self._start_clock = time.monotonic()
         if self._restarting:
             # Before any await: the kernel manager zeroed its ports for newports=True.
-            tunneled = self._tunnels is not None and self._runner is self
+            tunneled = self._tunnels is not None and not self._runner.fallback_for
             self._ports, discarded = self._spare_ports.take(self, tunneled)
             if discarded:
                 await self._runner.executor.run(
                     ClusterPortCache.instance().release, self.allocation_owner, discarded
                 )
         else:
+            from .pool.claim import claim_warm_kernel
+
+            if await claim_warm_kernel(self, kwargs):
+                kwargs["cmd"] = list(self.command or self.kernel_spec.argv)
+                return await super().pre_launch(**kwargs)
             self._runner = await self._select_runner()
         leftovers.hurry()  # what earlier cleanups left is retried now
         self._restarting = False
@@ -152,7 +163,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                 fields={"kernelspec": self.spec_name, "target": runner.target},
             )
         try:
-            self._curve_keys = self._select_curve_keys()
+            self._curve_keys = self.select_curve_keys()
             self._kernel_info = runner._kernel_info = self._build_kernel_info(runner)
             extra_arguments = list(kwargs.pop("extra_arguments", []))
             if runner.fallback_for:
@@ -160,7 +171,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                 notice = notice_text(self.target, runner.fallback_cause)
                 extra_arguments += notice_arguments(argv, notice)
             kwargs["cmd"] = await runner.prepare_command(self._kernel_info, extra_arguments)
-            requested = _requested_env(kwargs.get("env"))
+            requested = requested_env_names(kwargs.get("env"))
             kwargs = await super().pre_launch(**kwargs)
             kwargs["env"] = self._kernel_env(kwargs.get("env", {}), runner, requested)
         except BaseException:
@@ -178,6 +189,9 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the kernel through the runner and return how the client reaches it."""
         runner = self._runner
+        if self._claimed:  # a warm kernel, running and answering since before the request
+            self._claimed = False
+            return self.connection_info
         env = kwargs.pop("env", {})
         # a restart after a failed removal: the previous kernel must go first
         if self._pending_removal is not None and not await self.retry_removal():
@@ -291,7 +305,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
     async def get_provisioner_info(self) -> dict[str, Any]:
         """JSON-safe, versioned state (the HMAC key as text) for reconnecting later."""
         info = await super().get_provisioner_info()
-        connection = _json_safe(dict(self.connection_info))
+        connection = json_safe(dict(self.connection_info))
         info.update(
             {
                 "version": PROVISIONER_INFO_VERSION,
@@ -299,7 +313,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                 "runner": self._runner.target,
                 "fallback_cause": self._runner.fallback_cause,
                 "connection_info": connection,
-                "kernel_info": _json_safe(self._kernel_info),
+                "kernel_info": json_safe(self._kernel_info),
                 "ports": list(self._ports),
                 "port_host": self._port_host,
                 "state": self._runner.kernel_state(),
@@ -314,8 +328,8 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
             msg = f"unsupported provisioner info version {version!r}"
             raise ProvisionerError(msg, target=self.target)
         await super().load_provisioner_info(provisioner_info)
-        connection = _with_bytes(provisioner_info["connection_info"])
-        self._kernel_info = _with_bytes(provisioner_info.get("kernel_info", {}))
+        connection = with_bytes(provisioner_info["connection_info"])
+        self._kernel_info = with_bytes(provisioner_info.get("kernel_info", {}))
         public, secret = (self._kernel_info.get(k) for k in curve.CURVE_KEYS)
         if isinstance(public, bytes) and isinstance(secret, bytes):
             self._curve_keys = public, secret
@@ -429,7 +443,27 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
             info.update(zip(curve.CURVE_KEYS, self._curve_keys, strict=True))
         return info
 
-    def _select_curve_keys(self) -> tuple[bytes, bytes] | None:
+    @property
+    def curve_keys(self) -> tuple[bytes, bytes] | None:
+        """The kernel's CurveZMQ keypair, or None for plain ZMTP."""
+        return self._curve_keys
+
+    def adopt_warm_kernel(self, warm: ClusterProvisioner) -> None:
+        """Run the claimed warm kernel ``warm`` (already renamed to this kernel's id) as
+        this kernel: its runner, ports, connection info, keys and tunnels become ours."""
+        self._runner = warm
+        self._ports, self._port_host = list(warm._ports), warm._port_host
+        self._kernel_info = warm._kernel_info
+        self._curve_keys = warm._curve_keys
+        self._tunnels, warm._tunnels = warm._tunnels, None
+        self.connection_info = warm.connection_info
+        self._started = self._claimed = True
+        self._stopped = False
+        km: Any = self.parent
+        if self._curve_keys is not None and hasattr(km, "curve_publickey"):
+            km.curve_publickey, km.curve_secretkey = self._curve_keys
+
+    def select_curve_keys(self) -> tuple[bytes, bytes] | None:
         """The CurveZMQ keypair for the kernel (set on the manager too), or None."""
         try:
             return curve.select_keys(self.parent, self.kernel_spec, self.transport_encryption)
@@ -475,7 +509,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
     async def _connect(self) -> KernelConnectionInfo:
         """Client-side connection info: direct, or through SSH tunnels."""
         ip, ports = await self._runner.kernel_address()
-        if self.ssh_server and self._runner is self:  # never tunnel to the local fallback
+        if self.ssh_server and not self._runner.fallback_for:  # never to the local fallback
             from .connection.tunnels import KernelTunnels
 
             if self._tunnels is None:
@@ -549,7 +583,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
             self._spare_ports.ports = []
 
 
-def _requested_env(env: dict[str, str] | None) -> set[str]:
+def requested_env_names(env: dict[str, str] | None) -> set[str]:
     """Names the start request itself set: jupyter_server passes the server's environment
     along with them, so a value equal to the server's own is the server's."""
     return {k for k, v in (env or {}).items() if os.environ.get(k) != v}
@@ -557,24 +591,3 @@ def _requested_env(env: dict[str, str] | None) -> set[str]:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-#: Connection fields held as bytes in memory and as text in JSON.
-_BYTES_FIELDS = ("key", *curve.CURVE_KEYS)
-
-
-def _json_safe(info: dict[str, Any]) -> dict[str, Any]:
-    out = dict(info)
-    for name in _BYTES_FIELDS:
-        if isinstance(out.get(name), bytes):
-            out[name] = out[name].decode()
-    json.dumps(out)
-    return out
-
-
-def _with_bytes(info: dict[str, Any]) -> dict[str, Any]:
-    out = dict(info)
-    for name in _BYTES_FIELDS:
-        if isinstance(out.get(name), str):
-            out[name] = out[name].encode()
-    return out

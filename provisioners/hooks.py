@@ -135,6 +135,18 @@ class EngineHooks:
         ``restart`` the engine session (client, SSH link) may be kept for the next start.
         """
 
+    async def claim_kernel(self, pool_id: str) -> None:
+        """Rename what a warm kernel started as ``pool_id`` to :attr:`kernel_id` (names,
+        labels, annotations), so that ``list``, ``cleanup`` and the orphan sweep see it
+        under the id it was claimed for. May raise: the claim is then given up, the warm
+        kernel removed and the request started cold.
+        """
+
+    def uses_request_cwd(self) -> bool:
+        """True where the start request's ``cwd`` reaches the kernel (a local process):
+        a warm kernel started elsewhere cannot serve such a request."""
+        return False
+
     def has_kernel(self) -> bool:
         """True once :meth:`start_kernel` has created the kernel's process or resource."""
         return self._started

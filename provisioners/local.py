@@ -52,6 +52,9 @@ class LocalClusterProvisioner(ClusterProvisioner):
     def reached_on_own_ports(self) -> bool:
         return not self.ssh_server
 
+    def uses_request_cwd(self) -> bool:
+        return True
+
     def server_path(self, path: str) -> str | None:
         """As jupyter_client's LocalProvisioner: relative to the kernel's cwd, if it exists."""
         resolved = Path(path).expanduser()

@@ -137,6 +137,25 @@ class SharedSettings(LoggingConfigurable):
         not serve (daemon gone, API 403/5xx, SSH drop). What is left stays recorded, with its
         ports, and is retried until removed (or swept once this server is gone).""",
     )
+    pool_size = Int(
+        0,
+        min=0,
+        config=True,
+        help="""Warm kernels of this kernelspec kept started and ready by this server process:
+        a start request claims one (its own HMAC key and Curve keys) and the pool refills in
+        the background. 0: every start is cold. Idle warm kernels hold memory and, on
+        Kubernetes, quota; KernelPools.max_total caps them across kernelspecs. A request
+        with inputs a warm kernel was started without (KERNEL_* values, a working dir,
+        extra arguments) starts cold.""",
+    )
+    pool_optional_env = List(
+        Unicode(),
+        default_value=["JPY_SESSION_NAME"],
+        config=True,
+        help="""Names of start-request environment variables a claimed warm kernel may go
+        without (the claim is logged naming them). Any other request variable the kernel
+        would see (KERNEL_*) makes the start cold. Empty: JPY_SESSION_NAME starts cold too.""",
+    )
     kernel_ports = Int(5, help="How many ports a kernel needs (shell, iopub, stdin, hb, control).")
 
     def _configure(self, kwargs: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from jupyter_client.connect import (
 )
 from jupyter_client.launcher import launch_kernel
 
+from .curve import CURVE_KEYS
 from .ports import DEFAULT_PORT_RANGE, LOCAL_HOST, ClusterPortCache
 
 __all__ = [
@@ -97,3 +98,26 @@ class LocalPortCache:
     def return_port(self, port: int) -> None:
         """Give ``port`` back to the pool."""
         ClusterPortCache.instance().release(self._owner, [port])
+
+
+#: Connection fields held as bytes in memory and as text in JSON.
+_BYTES_FIELDS = ("key", *CURVE_KEYS)
+
+
+def json_safe(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` with its key and Curve keys as text (raises if not JSON-serializable)."""
+    out = dict(info)
+    for name in _BYTES_FIELDS:
+        if isinstance(out.get(name), bytes):
+            out[name] = out[name].decode()
+    json.dumps(out)
+    return out
+
+
+def with_bytes(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` with its key and Curve keys as bytes, as a kernel manager holds them."""
+    out = dict(info)
+    for name in _BYTES_FIELDS:
+        if isinstance(out.get(name), str):
+            out[name] = out[name].encode()
+    return out

@@ -199,6 +199,11 @@ class PortStore(ABC):
     def annotate(self, owner: str, **fields: Any) -> None:
         """Add JSON-safe ``fields`` to every record of ``owner`` (e.g. the kernel's pid)."""
 
+    @abstractmethod
+    def rename(self, owner: str, new_owner: str, **fields: Any) -> int:
+        """Move every record of ``owner`` to ``new_owner`` (a claimed warm kernel), adding
+        ``fields``; return how many moved."""
+
 
 class FilePortStore(PortStore):
     """A JSON store guarded by ``flock``; records of dead processes are reclaimed."""
@@ -343,6 +348,16 @@ class FilePortStore(PortStore):
                     if record.get("owner") == owner:
                         record.update(fields)
 
+    def rename(self, owner: str, new_owner: str, **fields: Any) -> int:
+        moved = 0
+        with self._locked() as data:
+            for ports in data.values():
+                for record in ports.values():
+                    if record.get("owner") == owner:
+                        record.update(fields, owner=new_owner)
+                        moved += 1
+        return moved
+
     def held(self, host: str | None = None) -> dict[str, dict[int, dict[str, Any]]]:
         with self._locked() as data:
             return {
@@ -419,6 +434,11 @@ class ClusterPortCache:
         """Record ``fields`` with ``owner``'s ports (a local kernel's pid, for reclaiming)."""
         with self._lock:
             self.store.annotate(owner, **fields)
+
+    def rename(self, owner: str, new_owner: str, **fields: Any) -> int:
+        """Move ``owner``'s records to ``new_owner`` (a warm kernel claimed under its id)."""
+        with self._lock:
+            return self.store.rename(owner, new_owner, **fields)
 
     def held(self, host: str | None = None) -> dict[str, dict[int, dict[str, Any]]]:
         """Live records per host (dead holders already reclaimed)."""

@@ -37,7 +37,17 @@ LABEL_KERNEL_ID = "cluster-provisioners.kernel-id"
 LABEL_OWNER = "cluster-provisioners.owner"
 LABEL_PORTS = "cluster-provisioners.connection.ports"
 LABEL_KERNELSPEC = "cluster-provisioners.kernelspec"
-OUR_LABELS = (LABEL_MANAGED_BY, LABEL_KERNEL_ID, LABEL_OWNER, LABEL_PORTS, LABEL_KERNELSPEC)
+#: On a warm (pool) kernel's container: its name prefix. Labels cannot change, so once
+#: the kernel is claimed its id is read from the container's new name.
+LABEL_POOL_PREFIX = "cluster-provisioners.pool.name-prefix"
+OUR_LABELS = (
+    LABEL_MANAGED_BY,
+    LABEL_KERNEL_ID,
+    LABEL_OWNER,
+    LABEL_PORTS,
+    LABEL_KERNELSPEC,
+    LABEL_POOL_PREFIX,
+)
 
 #: ``extra_create_args`` keys we set ourselves; the traits are the way to change them.
 MANAGED_CREATE_KEYS = frozenset(
@@ -248,6 +258,24 @@ def parse_gpus(text: str) -> list[docker.types.DeviceRequest]:
         return [docker.types.DeviceRequest(count=int(text), capabilities=[["gpu"]])]
     ids = text.removeprefix("device=").split(",")
     return [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+
+
+def listed_kernel_id(labels: Mapping[str, str], name: str) -> tuple[str, bool]:
+    """``(kernel id, still warm)`` of a kernel container from its labels and name.
+
+    A warm kernel's container keeps the labels of its pool id; its claim renames it to
+    ``<prefix><kernel id>-<hex>``, so the id it serves under is in its name.
+    """
+    kernel_id = labels.get(LABEL_KERNEL_ID, "?")
+    prefix = labels.get(LABEL_POOL_PREFIX)
+    if prefix is None:
+        return kernel_id, False
+    stem = name.lstrip("/")
+    if stem.startswith(prefix) and "-" in stem[len(prefix) :]:
+        named = stem[len(prefix) :].rsplit("-", 1)[0]
+        if named != kernel_id:
+            return named, False
+    return kernel_id, True
 
 
 def kernel_labels(

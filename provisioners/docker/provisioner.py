@@ -41,10 +41,10 @@ from ..hooks import PORT_NAMES, kernel_row
 from .engine import (
     DOCKER_EXECUTOR,
     ENGINE_ERRORS,
-    LABEL_KERNEL_ID,
     LABEL_KERNELSPEC,
     LABEL_MANAGED_BY,
     LABEL_OWNER,
+    LABEL_POOL_PREFIX,
     MANAGED_BY,
     UNSAFE_NAME,
     DockerPortSource,
@@ -54,6 +54,7 @@ from .engine import (
     create_args,
     host_path_of,
     kernel_labels,
+    listed_kernel_id,
     lookup_id,
     owner_archive,
     ping,
@@ -79,6 +80,8 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
         self.container_id = ""
         self.container_name = ""
         self.container_ip = ""
+        #: The kernel id the container was created for (its kernel dir's name).
+        self._dir_id = ""
         self._client: docker.DockerClient | None = None
         self._daemon_key = ""
         self._pending_create: asyncio.Future[Any] | None = None
@@ -191,6 +194,8 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
         """Keyword arguments of ``containers.create`` for this kernel (no I/O)."""
         ports = [self._kernel_info[n] for n in PORT_NAMES]
         labels = kernel_labels(self.labels, self.kernel_id, str(self.owner), ports, self.spec_name)
+        if self.pool_id:
+            labels[LABEL_POOL_PREFIX] = self.name_prefix
         return create_args(
             self.image,
             cmd,
@@ -227,6 +232,7 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
         args = self.create_args(cmd, env, name)
         container = await self._create(client, args)
         self.container_id, self.container_name = container.id, name
+        self._dir_id = self.kernel_id
         self.progress("container created", f"{name} from image {self.image}")
         self._pending_create = None
         self._started = True
@@ -413,19 +419,40 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
             all=True,
             filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"},
         )
-        return [
-            kernel_row(
-                (item.get("Labels") or {}).get(LABEL_KERNEL_ID, "?"),
-                target=self.target,
-                kernelspec=(item.get("Labels") or {}).get(LABEL_KERNELSPEC, ""),
-                where=f"container {(item.get('Names') or ['/?'])[0].lstrip('/')}",
-                state=item.get("State", ""),
-                owner=(item.get("Labels") or {}).get(LABEL_OWNER, ""),
-                created=float(item.get("Created") or 0),
-                container=item["Id"][:12],
+        rows = []
+        for item in found:
+            labels = item.get("Labels") or {}
+            name = (item.get("Names") or ["/?"])[0].lstrip("/")
+            kernel_id, warm = listed_kernel_id(labels, name)
+            rows.append(
+                kernel_row(
+                    kernel_id,
+                    target=self.target,
+                    kernelspec=labels.get(LABEL_KERNELSPEC, ""),
+                    where=f"container {name}",
+                    state="warm"
+                    if warm and item.get("State") == "running"
+                    else item.get("State", ""),
+                    owner=labels.get(LABEL_OWNER, ""),
+                    created=float(item.get("Created") or 0),
+                    container=item["Id"][:12],
+                )
             )
-            for item in found
-        ]
+        return rows
+
+    async def claim_kernel(self, pool_id: str) -> None:
+        """Rename the warm kernel's container after the kernel id it now serves."""
+        if not self.container_id:
+            return
+        client = await self._docker()
+        suffix = self.container_name.rsplit("-", 1)[-1]
+        name = f"{self.name_prefix}{UNSAFE_NAME.sub('-', self.kernel_id)}-{suffix}"
+        try:
+            await self.executor.run(client.api.rename, self.container_id, name)
+        except ENGINE_ERRORS as exc:
+            msg = f"cannot rename warm kernel container {self.container_name} to {name}: {exc}"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        self.container_name = name
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -512,6 +539,7 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
             "container_ip": self.container_ip,
             "docker_host": self.docker_host,
             "daemon_key": self._daemon_key,
+            "dir_id": self._dir_id,
         }
 
     async def load_kernel_state(self, state: dict[str, Any]) -> None:
@@ -520,6 +548,7 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
         self.container_id = state.get("container_id", "")
         self.container_name = state.get("container_name", "")
         self.container_ip = state.get("container_ip", "")
+        self._dir_id = state.get("dir_id") or self.kernel_id
         self._started = False
         if not self.container_id:
             return
@@ -538,7 +567,7 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
             await self.executor.run(
                 client.api.put_archive,
                 self.container_id,
-                container_kernel_dir(self.kernel_id),
+                container_kernel_dir(self._dir_id),
                 owner_archive(str(self.owner)),
             )
         except ENGINE_ERRORS as exc:

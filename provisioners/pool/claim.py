@@ -1,0 +1,109 @@
+"""Claiming a warm kernel for a start request, and the rule for when a start is cold.
+
+A warm kernel was started before the request, so nothing of the request can reach it
+through its environment, its working directory or its command line. The rule: a start
+claims a warm kernel only when the request carries none of those inputs, namely
+
+- no ``KERNEL_*`` (or other) variable of the request that the kernel would see, except
+  the names in ``pool_optional_env`` (``JPY_SESSION_NAME`` by default, logged),
+- no working directory, where the target passes it to the kernel (a local process),
+- no extra arguments for the kernel's command,
+
+and when the warm kernel gives what the request asks for: the same transport, and
+CurveZMQ when the request's encryption policy asks for it. Otherwise the start is cold
+and the log says why. A restart of a claimed kernel is a cold start in place: the same
+kernel id, HMAC key and Curve keys (clients stay connected), a new container or pod.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from ..base import requested_env_names
+from ..connection.ports import ClusterPortCache
+from .pools import KernelPools
+
+if TYPE_CHECKING:
+    from ..base import ClusterProvisioner
+
+
+def cold_reason(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> str:
+    """Why the request in ``kwargs`` cannot be served by a warm kernel ('' if it can)."""
+    requested = requested_env_names(kwargs.get("env"))
+    passed = {
+        name
+        for name in requested
+        if provisioner.inherit_server_env
+        or name.startswith("KERNEL_")
+        or name == "JPY_SESSION_NAME"
+    }
+    missing = sorted(passed - set(provisioner.pool_optional_env))
+    if missing:
+        return f"the request sets {', '.join(missing)}, which a warm kernel was started without"
+    cwd = kwargs.get("cwd")
+    if cwd and provisioner.uses_request_cwd() and os.path.abspath(cwd) != os.getcwd():
+        return f"the request's working directory {cwd!r} is not the warm kernels' one"
+    if kwargs.get("extra_arguments"):
+        return "the request passes extra arguments to the kernel's command"
+    if getattr(provisioner.parent, "transport", "tcp") != "tcp":
+        return "warm kernels use the tcp transport"
+    return ""
+
+
+def warm_mismatch(provisioner: ClusterProvisioner, warm: ClusterProvisioner) -> str:
+    """Why ``warm`` does not give what the request asks for ('' when it does)."""
+    wants_curve = provisioner.select_curve_keys() is not None
+    if wants_curve and warm.curve_keys is None:
+        return "the request asks for CurveZMQ encryption and the warm kernels have none"
+    if warm.kernel_bind_ip() != provisioner.kernel_bind_ip():
+        return "the warm kernels listen on another address"
+    return ""
+
+
+async def claim_warm_kernel(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> bool:
+    """Hand a ready warm kernel to ``provisioner``; False when the start must be cold."""
+    if provisioner.pool_size <= 0 or provisioner.pool_id:
+        return False
+    log, kernel_id = provisioner.log, provisioner.kernel_id
+    reason = cold_reason(provisioner, kwargs)
+    if reason:
+        log.info("Kernel %s: cold start, not from the pool: %s", kernel_id, reason)
+        return False
+    pools = KernelPools.instance()
+    warm = await pools.take(provisioner)
+    if warm is None:
+        log.info("Kernel %s: cold start, no warm kernel is ready", kernel_id)
+        return False
+    reason = warm_mismatch(provisioner, warm)
+    if reason:
+        await pools.give_back(warm)
+        log.info("Kernel %s: cold start, not from the pool: %s", kernel_id, reason)
+        return False
+    pool_id = warm.kernel_id
+    try:
+        if warm.kernel_port_list:
+            await warm.executor.run(
+                ClusterPortCache.instance().rename,
+                warm.allocation_owner,
+                provisioner.allocation_owner,
+            )
+        warm.kernel_id = kernel_id
+        warm.pool_id = ""
+        await warm.claim_kernel(pool_id)
+    except Exception as exc:
+        log.warning(
+            "Kernel %s: claiming warm kernel %s failed; removing it, starting cold: %s",
+            kernel_id,
+            pool_id,
+            exc,
+        )
+        await pools.retire(warm)
+        return False
+    provisioner.adopt_warm_kernel(warm)
+    skipped = sorted(requested_env_names(kwargs.get("env")) & set(provisioner.pool_optional_env))
+    provisioner.progress(
+        "claimed",
+        f"warm kernel {pool_id}" + (f" (without {', '.join(skipped)})" if skipped else ""),
+    )
+    return True

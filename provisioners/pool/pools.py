@@ -1,0 +1,179 @@
+"""The warm-kernel pools of this process: where they fill, the cap, and their drain.
+
+A kernelspec's pool fills when the first provisioner for it is created in the process
+(``pool_size`` > 0 in its config), or when the server starts for the kernelspecs named
+in ``KernelPools.prefill`` (the ``provisioners.pool`` server extension). Warm kernels are
+owned by this process like any other kernel: a clean exit drains them (the server
+extension's stop, or the interpreter's exit), and after a SIGKILLed server the targets'
+orphan sweeps remove them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from traitlets import Int, List, Unicode
+from traitlets.config import SingletonConfigurable
+
+from .warm import POOL_ID_PREFIX, PoolLoop, WarmPool, pool_key
+
+if TYPE_CHECKING:
+    from ..base import ClusterProvisioner
+
+log = logging.getLogger(__name__)
+
+
+class KernelPools(SingletonConfigurable):
+    """This process's warm-kernel pools, one per kernelspec (and provisioner config)."""
+
+    max_total = Int(
+        8,
+        min=0,
+        config=True,
+        help="""Most warm kernels this process keeps across all kernelspecs (started or
+        starting), so that pools cannot fill a node or a namespace's quota. Pools fill in
+        turn up to it; claimed kernels do not count.""",
+    )
+    prefill = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="""Kernelspec names whose pools fill when Jupyter Server starts (with the
+        'provisioners.pool' server extension enabled), instead of on the kernelspec's
+        first kernel start. Each needs pool_size > 0 in its provisioner config.""",
+    )
+    drain_timeout = Int(
+        60,
+        min=1,
+        config=True,
+        help="Seconds a drain (server stop, interpreter exit) may take to remove warm kernels.",
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._pools: dict[str, WarmPool] = {}
+        self._lock = threading.Lock()
+        self._loop: PoolLoop | None = None
+        _register_exit_drain()
+
+    # ------------------------------------------------------------------ from any thread
+
+    def ensure(self, provisioner: ClusterProvisioner) -> None:
+        """Create (and start filling) the pool of ``provisioner``'s kernelspec, once."""
+        if provisioner.pool_size <= 0 or provisioner.kernel_id.startswith(POOL_ID_PREFIX):
+            return  # a warm kernel itself
+        key = pool_key(provisioner)
+        with self._lock:
+            if key in self._pools and not self._pools[key].closed:
+                return
+            pool = self._pools[key] = WarmPool(provisioner, self)
+            if self._loop is None:
+                self._loop = PoolLoop.hold(self)
+            loop = self._loop
+        log.info(
+            "Kernel pool %r (%s): keeping %d warm kernel(s)", pool.spec_name, pool.target, pool.size
+        )
+        loop.loop.call_soon_threadsafe(pool.fill)
+
+    def room(self) -> int:
+        """Warm kernels that may still be started under ``max_total`` (on the pool loop)."""
+        with self._lock:
+            pools = list(self._pools.values())
+        return self.max_total - sum(p.held for p in pools if not p.closed)
+
+    def pools(self) -> list[WarmPool]:
+        with self._lock:
+            return list(self._pools.values())
+
+    # ------------------------------------------------------------------ claims
+
+    async def take(self, provisioner: ClusterProvisioner) -> ClusterProvisioner | None:
+        """A ready warm kernel for ``provisioner``'s kernelspec, or None (then start cold)."""
+        with self._lock:
+            pool = self._pools.get(pool_key(provisioner))
+            loop = self._loop
+        if pool is None or loop is None or pool.closed:
+            return None
+        return await loop.run(pool.take())
+
+    async def give_back(self, warm: ClusterProvisioner) -> None:
+        """Put an unclaimed warm kernel back (its claim was refused before any change)."""
+        with self._lock:
+            pool = self._pools.get(pool_key(warm))
+            loop = self._loop
+        if pool is None or loop is None:
+            await warm.cleanup(restart=False)
+            return
+        loop.loop.call_soon_threadsafe(pool.give_back, warm)
+
+    async def retire(self, warm: ClusterProvisioner) -> None:
+        """Remove a warm kernel whose claim failed half-way."""
+        await warm.cleanup(restart=False)
+
+    # ------------------------------------------------------------------ drain
+
+    async def drain(self, spec_name: str | None = None) -> None:
+        """Remove the warm kernels of ``spec_name`` (every pool when None); no refill."""
+        with self._lock:
+            chosen = [
+                p for p in self._pools.values() if spec_name is None or p.spec_name == spec_name
+            ]
+            for pool in chosen:
+                self._pools.pop(pool.key, None)
+            loop = self._loop
+            if loop is not None and not self._pools:
+                self._loop = None
+        if loop is None:
+            return
+        for pool in chosen:
+            pool.closed = True
+        try:
+            if chosen:
+                await loop.run(_drain_all(chosen))
+        finally:
+            if self._loop is None:
+                loop.release(self)
+
+    def drain_blocking(self) -> None:
+        """:meth:`drain` for a caller without an event loop (interpreter exit)."""
+        if not self.pools():
+            return
+        try:
+            asyncio.run(asyncio.wait_for(self.drain(), self.drain_timeout))
+        except Exception as exc:
+            log.warning("Draining the kernel pools at exit failed: %s", exc)
+
+
+async def _drain_all(pools: list[WarmPool]) -> None:
+    await asyncio.gather(*(p.drain() for p in pools), return_exceptions=True)
+
+
+_exit_registered = False
+
+
+def _register_exit_drain() -> None:
+    """Drain at interpreter exit, before the engines' thread pools refuse new work.
+
+    ``threading._register_atexit`` hooks run at thread shutdown, in reverse order of
+    registration, before ``concurrent.futures`` stops accepting work (it registered
+    when imported, earlier than us); plain ``atexit`` would be too late.
+    """
+    global _exit_registered
+    if _exit_registered:
+        return
+    _exit_registered = True
+    register = getattr(threading, "_register_atexit", None)
+
+    def drain_at_exit() -> None:
+        if KernelPools.initialized():
+            KernelPools.instance().drain_blocking()
+
+    if register is not None:
+        register(drain_at_exit)
+    else:  # pragma: no cover - every supported Python has it
+        import atexit
+
+        atexit.register(drain_at_exit)

@@ -1,0 +1,229 @@
+"""One kernelspec's warm kernels: started before any request, claimed by the next one.
+
+A :class:`WarmPool` keeps up to its kernelspec's ``pool_size`` kernels started and
+ready (each has answered a ``kernel_info_request`` with its own HMAC key). Everything of
+a pool runs on the pools' own loop thread (:class:`PoolLoop`), so it refills in the
+background for synchronous clients too. A warm kernel is a provisioner of the
+kernelspec's target with a ``pool-<hex>`` kernel id; a claim hands it to the request's
+provisioner (see :meth:`provisioners.base.ClusterProvisioner.claim_warm_kernel`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from jupyter_client.asynchronous import AsyncKernelClient
+
+from ..loopthread import LoopThread
+
+if TYPE_CHECKING:
+    from ..base import ClusterProvisioner
+
+log = logging.getLogger(__name__)
+
+#: Prefix of a warm kernel's id until it is claimed.
+POOL_ID_PREFIX = "pool-"
+
+
+class PoolLoop(LoopThread):
+    """The loop the warm-kernel pools start, check and remove their kernels on."""
+
+    thread_name: ClassVar[str] = "kernel-pool-loop"
+    _current: ClassVar[LoopThread | None] = None
+    _exit_hook: ClassVar[bool] = False
+
+
+def pool_key(provisioner: ClusterProvisioner) -> str:
+    """What makes two provisioners' kernels interchangeable: class, kernelspec, config."""
+    spec = provisioner.kernel_spec
+    metadata = getattr(spec, "metadata", None) or {}
+    config = (metadata.get("kernel_provisioner") or {}).get("config") or {}
+    parts = (
+        f"{type(provisioner).__module__}.{type(provisioner).__qualname__}",
+        provisioner.spec_name,
+        str(getattr(spec, "resource_dir", "") or ""),
+        repr(sorted(config.items())),
+        repr(list(getattr(spec, "argv", []) or [])),
+        repr(sorted((getattr(spec, "env", None) or {}).items())),
+    )
+    return "\x00".join(parts)
+
+
+class WarmPool:
+    """The warm kernels of one kernelspec (as configured for one provisioner class)."""
+
+    def __init__(self, template: ClusterProvisioner, counter: Any) -> None:
+        self.key = pool_key(template)
+        self.spec_name = template.spec_name
+        self.target = template.target
+        self.size = template.pool_size
+        self._cls = type(template)
+        self._kernel_spec = template.kernel_spec
+        self._config = template.config
+        metadata = getattr(template.kernel_spec, "metadata", None) or {}
+        self._spec_config = dict((metadata.get("kernel_provisioner") or {}).get("config") or {})
+        self._counter = counter  # KernelPools: the cap across pools
+        self.ready: collections.deque[ClusterProvisioner] = collections.deque()
+        self.starting = 0
+        self.closed = False
+        self.failures = 0
+        self._retry_at = 0.0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ on the pool loop
+
+    @property
+    def held(self) -> int:
+        """Warm kernels this pool holds or is starting."""
+        return len(self.ready) + self.starting
+
+    def fill(self) -> None:
+        """Start kernels up to ``size`` (within the total cap); never blocks."""
+        if self.closed:
+            return
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            self._later(wait)
+            return
+        while self.held < self.size and self._counter.room() > 0:
+            self.starting += 1
+            self._spawn(self._start_one())
+
+    async def take(self) -> ClusterProvisioner | None:
+        """A ready warm kernel (dead ones are removed on the way), then refill."""
+        found = None
+        while self.ready and found is None:
+            warm = self.ready.popleft()
+            if await warm.poll() is None:
+                found = warm
+            else:
+                log.warning(
+                    "Warm %s kernel %s had exited; removing it", self.target, warm.kernel_id
+                )
+                self._spawn(self._remove(warm))
+        self.fill()
+        return found
+
+    def give_back(self, warm: ClusterProvisioner) -> None:
+        """Return an unclaimed warm kernel to the front of the pool."""
+        if self.closed:
+            self._spawn(self._remove(warm))
+        else:
+            self.ready.appendleft(warm)
+
+    async def drain(self) -> None:
+        """Stop refilling; remove every warm kernel (and those still starting)."""
+        self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=60)
+        kernels, self.ready = list(self.ready), collections.deque()
+        await asyncio.gather(*(self._remove(w) for w in kernels), return_exceptions=True)
+
+    def new_kernel(self) -> ClusterProvisioner:
+        """A provisioner for one more warm kernel (never falls back to a local process)."""
+        kernel_id = f"{POOL_ID_PREFIX}{uuid.uuid4().hex[:20]}"
+        warm = self._cls(
+            kernel_id=kernel_id,
+            kernel_spec=self._kernel_spec,
+            parent=None,
+            config=self._config,
+            **self._spec_config,
+        )
+        warm.fallback = "none"
+        warm.pool_id = kernel_id
+        return warm
+
+    async def _start_one(self) -> None:
+        warm = None
+        try:
+            warm = self.new_kernel()
+            kwargs = await warm.pre_launch()
+            cmd = kwargs.pop("cmd")
+            await warm.launch_kernel(cmd, **kwargs)
+            await warm.post_launch(**kwargs)
+            await answers_kernel_info(warm.connection_info, warm.launch_timeout)
+        except asyncio.CancelledError:
+            if warm is not None:
+                await asyncio.shield(self._remove(warm))
+            raise
+        except Exception as exc:
+            self.failures += 1
+            delay = min(60.0, 2.0 ** min(self.failures, 6))
+            self._retry_at = time.monotonic() + delay
+            log.warning(
+                "Kernel pool %r (%s): a warm kernel failed to start; retrying in %g s: %s",
+                self.spec_name,
+                self.target,
+                delay,
+                exc,
+            )
+            if warm is not None:
+                await self._remove(warm)
+        else:
+            self.failures = 0
+            if self.closed:
+                await self._remove(warm)
+            else:
+                self.ready.append(warm)
+                log.info(
+                    "Kernel pool %r (%s): warm kernel %s ready (%d of %d)",
+                    self.spec_name,
+                    self.target,
+                    warm.kernel_id,
+                    len(self.ready),
+                    self.size,
+                )
+        finally:
+            self.starting -= 1
+        self.fill()
+
+    async def _remove(self, warm: ClusterProvisioner) -> None:
+        try:
+            await warm.cleanup(restart=False)
+        except Exception as exc:  # cleanup itself records what is left for a retry
+            log.warning("Warm kernel %s: removal failed: %s", warm.kernel_id, exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _later(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self._timer is None:
+            self._timer = loop.call_later(delay, self._retry)
+
+    def _retry(self) -> None:
+        self._timer = None
+        self.fill()
+
+
+async def answers_kernel_info(info: Any, timeout: float) -> None:
+    """Return once the kernel at ``info`` answers a ``kernel_info_request`` (its own key)."""
+    client = AsyncKernelClient()
+    client.load_connection_info(info)
+    client.start_channels(iopub=False, stdin=False, hb=False, control=False)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg_id = client.kernel_info()
+            try:
+                while True:
+                    left = max(0.1, min(1.0, deadline - time.monotonic()))
+                    reply = await client.get_shell_msg(timeout=left)
+                    if reply["parent_header"].get("msg_id") == msg_id:
+                        return
+            except Exception:
+                if time.monotonic() > deadline:
+                    msg = f"the warm kernel did not answer kernel_info within {timeout:g} s"
+                    raise TimeoutError(msg) from None
+    finally:
+        client.stop_channels()
