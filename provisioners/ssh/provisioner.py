@@ -164,6 +164,12 @@ class SSHClusterProvisioner(ClusterProvisioner):
             raise self.config_error("host", f"{self.host!r} is not a host name or IP address")
         if not 0 < self.port < 65536:
             raise self.config_error("port", f"{self.port} is not a TCP port")
+        if self.pool_size:
+            raise self.config_error(
+                "pool_size",
+                "warm kernel pools are offered for the local, docker and kubernetes targets; "
+                "a remote host's kernels keep its files under their kernel id",
+            )
         for key in ("ssh_server", "ssh_key", "ssh_password"):
             if self.trait_has_value(key):
                 raise self.config_error(
