@@ -152,8 +152,9 @@ class KubeClient:
         query: Sequence[tuple[str, str]],
         body: Any,
         timeout: aiohttp.ClientTimeout,
+        content_type: str = "application/json",
     ) -> aiohttp.ClientResponse:
-        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
             return await self.api.call_api(
                 path,
@@ -177,11 +178,13 @@ class KubeClient:
         body: Any = None,
         timeout: float | None = None,
         retries: int = 3,
+        content_type: str = "application/json",
     ) -> dict[str, Any]:
         """Send a request and return the JSON answer; raise :class:`KubeApiError` on failure.
 
         GET and DELETE are retried (``retries`` times, backoff 0.2 s doubling to 2 s) on
-        connection errors and 429/5xx; other methods are sent once.
+        connection errors and 429/5xx; other methods are sent once. ``content_type`` is
+        the body's (e.g. ``application/merge-patch+json`` for a PATCH).
         """
         query = list(query)
         timeout = timeout or self.timeout
@@ -190,7 +193,14 @@ class KubeClient:
         for attempt in range(attempts):
             try:
                 resp = await asyncio.wait_for(
-                    self._send(method, path, query, body, aiohttp.ClientTimeout(total=timeout)),
+                    self._send(
+                        method,
+                        path,
+                        query,
+                        body,
+                        aiohttp.ClientTimeout(total=timeout),
+                        content_type,
+                    ),
                     timeout + 1,
                 )
                 async with resp:

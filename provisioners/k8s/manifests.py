@@ -31,6 +31,8 @@ PREFIX = "cluster-provisioners"
 LABEL_KERNEL_ID = f"{PREFIX}/kernel-id"
 LABEL_OWNER = f"{PREFIX}/owner"
 LABEL_USERNAME = f"{PREFIX}/username"
+#: On a warm (pool) kernel's pod and Secret until it is claimed: its ``pool-...`` id.
+LABEL_POOL = f"{PREFIX}/pool"
 ANNOTATION_KERNEL_ID = f"{PREFIX}/kernel-id"
 ANNOTATION_OWNER = f"{PREFIX}/owner"
 ANNOTATION_PORTS = f"{PREFIX}/ports"
@@ -118,6 +120,8 @@ class KernelPod:
     #: Make the server pod the kernel pod's owner (only when both share the namespace).
     owner_reference: bool = True
     release: str = ""
+    #: A warm kernel's ``pool-...`` id ('' for any other kernel): the :data:`LABEL_POOL` label.
+    pool: str = ""
     env: Mapping[str, str] = field(default_factory=dict)
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
@@ -176,8 +180,11 @@ def sanitize_label_value(text: str) -> str:
     return f"{stem}-{digest}" if stem else digest
 
 
-def kernel_labels(kernel_id: str, owner: str = "", username: str = "") -> dict[str, str]:
-    """The labels every kernel pod and Secret carries (values sanitized)."""
+def kernel_labels(
+    kernel_id: str, owner: str = "", username: str = "", pool: str = ""
+) -> dict[str, str]:
+    """The labels every kernel pod and Secret carries (values sanitized); ``pool`` is a
+    warm kernel's pool id (:data:`LABEL_POOL`, removed when the kernel is claimed)."""
     labels = {
         LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_COMPONENT: COMPONENT_KERNEL,
@@ -187,7 +194,20 @@ def kernel_labels(kernel_id: str, owner: str = "", username: str = "") -> dict[s
         labels[LABEL_OWNER] = sanitize_label_value(owner)
     if username:
         labels[LABEL_USERNAME] = sanitize_label_value(username)
+    if pool:
+        labels[LABEL_POOL] = sanitize_label_value(pool)
     return labels
+
+
+def claim_patch(kernel_id: str) -> dict[str, Any]:
+    """The merge patch (RFC 7386) that gives a claimed warm kernel's pod or Secret the
+    kernel id it now serves: kernel-id label and annotation, no pool label."""
+    return {
+        "metadata": {
+            "labels": {LABEL_KERNEL_ID: sanitize_label_value(kernel_id), LABEL_POOL: None},
+            "annotations": {ANNOTATION_KERNEL_ID: str(kernel_id)},
+        }
+    }
 
 
 def kernel_annotations(
@@ -402,7 +422,7 @@ def pod_manifest(spec: KernelPod) -> dict[str, Any]:
     runtime mount.
     """
     labels = {**{k: sanitize_label_value(v) for k, v in spec.labels.items()}}
-    labels.update(kernel_labels(spec.kernel_id, spec.owner, spec.username))
+    labels.update(kernel_labels(spec.kernel_id, spec.owner, spec.username, spec.pool))
     if spec.release:
         labels[LABEL_RELEASE] = sanitize_label_value(spec.release)
     annotations = {str(k): str(v) for k, v in spec.annotations.items()}

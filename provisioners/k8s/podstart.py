@@ -41,7 +41,8 @@ async def start_pod(
     if p._client is None or p._reflector is None:
         await p._attach(p._mode)
     p.timings = {"start": time.perf_counter()}
-    p.pod_name = m.pod_name(p.pod_name_prefix, uuid.uuid4().hex)
+    # a warm kernel's pod is named after its pool id for good: a claim cannot rename it
+    p.pod_name = m.pod_name(p.pod_name_prefix, p.pool_id or uuid.uuid4().hex)
     p.secret_name = m.secret_name_for(p.pod_name)
     p.pod_uid = p.pod_ip = ""
     pod = m.pod_manifest(p._pod_spec(cmd, env))

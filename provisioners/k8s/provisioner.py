@@ -8,7 +8,7 @@ shared per namespace, :mod:`.watch`) until the kernel answers, failing at once, 
 cluster's own words, on image-pull errors, an unschedulable pod, a crash, or a 403.
 Inside the cluster the client connects to the pod IP; outside it, through the API
 server's port-forward websocket (:mod:`.portforward`). :mod:`.sweep` removes what dead
-servers left and lists our pods.
+servers left and lists our pods; :mod:`.claim` relabels a claimed warm kernel's pod.
 """
 
 from __future__ import annotations
@@ -28,29 +28,16 @@ from ..hooks import PORT_NAMES
 from ..owner import ServerPod
 from ..secrets import kube_secret_ref
 from . import manifests as m
+from .claim import claim_pod
 from .client import KubeApiError, KubeClient, acquire_client, default_namespace, release_client
 from .loop import KUBERNETES_EXECUTOR, EngineLoop, on_engine_loop
 from .ownership import PodOwnership
 from .podstart import open_forwarder, start_pod
 from .portforward import PortForwarder, pod_exec
 from .sweep import list_kernel_pods, sweep_once, sweep_orphans
-from .watch import PodReflector, kernel_exit_code
+from .watch import HeldPorts, PodReflector, kernel_exit_code
 
 R = TypeVar("R")
-
-
-class _HeldPorts(PortSource):
-    """The ports our hostNetwork pods hold, read from the reflector's cache."""
-
-    def __init__(self, engine: EngineLoop, reflector: PodReflector, node: str | None) -> None:
-        self.engine = engine
-        self.reflector = reflector
-        self.node = node
-
-    def ports_in_use(self, host: str) -> set[int]:
-        # the cache changes on the engine loop: read it there
-        pods = self.engine.call(lambda: list(self.reflector.pods.values()))
-        return m.ports_held_on_node(pods, self.node)
 
 
 class KubernetesClusterProvisioner(PodOwnership):
@@ -229,7 +216,7 @@ class KubernetesClusterProvisioner(PodOwnership):
             raise self.config_error("api_timeout", "must be > 0")
         if self.server_pod and ServerPod.parse(self.server_pod) is None:
             raise self.config_error("server_pod", "use 'namespace/name/uid'")
-        ours = set(m.kernel_labels("x", "x", "x")) | {m.LABEL_RELEASE}
+        ours = set(m.kernel_labels("x", "x", "x", "x")) | {m.LABEL_RELEASE}
         if ours & set(self.labels):
             raise self.config_error("labels", f"{sorted(ours & set(self.labels))} are ours")
         try:
@@ -373,7 +360,7 @@ class KubernetesClusterProvisioner(PodOwnership):
     def port_sources(self) -> list[PortSource]:
         if not self.host_network or self._reflector is None or self._engine is None:
             return []
-        return [_HeldPorts(self._engine, self._reflector, self.node_name or None)]
+        return [HeldPorts(self._engine, self._reflector, self.node_name or None)]
 
     def kernel_bind_ip(self) -> str:
         return "0.0.0.0"
@@ -397,6 +384,7 @@ class KubernetesClusterProvisioner(PodOwnership):
             owner_pod=self.server_pod,
             owner_reference=self.owner_references,
             release=self.release,
+            pool=self.pool_id,
             env=dict(env),
             image_pull_policy=self.image_pull_policy,
             image_pull_secrets=tuple(self.image_pull_secrets),
@@ -438,7 +426,7 @@ class KubernetesClusterProvisioner(PodOwnership):
         return pod, self._secret(kernel_info, None)
 
     def _secret(self, kernel_info: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
-        labels = m.kernel_labels(self.kernel_id, str(self.owner))
+        labels = m.kernel_labels(self.kernel_id, str(self.owner), pool=self.pool_id)
         if self.release:
             labels[m.LABEL_RELEASE] = m.sanitize_label_value(self.release)
         content = connection_file_content(kernel_info, ip="0.0.0.0")
@@ -453,6 +441,10 @@ class KubernetesClusterProvisioner(PodOwnership):
         self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
     ) -> None:
         await start_pod(self, cmd, env, kernel_info)
+
+    @on_engine_loop
+    async def claim_kernel(self, pool_id: str) -> None:
+        await claim_pod(self, pool_id)
 
     @on_engine_loop
     async def kernel_address(self) -> tuple[str, dict[str, int]]:

@@ -163,13 +163,16 @@ async def list_kernel_pods(client: KubeClient, namespace: str) -> list[dict[str,
     for pod in pods.get("items", []):
         meta = pod["metadata"]
         annotations = meta.get("annotations") or {}
+        state = pod.get("status", {}).get("phase", "")
+        if state == "Running" and m.LABEL_POOL in (meta.get("labels") or {}):
+            state = "warm"  # not claimed yet
         rows.append(
             kernel_row(
                 annotations.get(m.ANNOTATION_KERNEL_ID, "?"),
                 target="kubernetes",
                 kernelspec=annotations.get(m.ANNOTATION_KERNELSPEC, ""),
                 where=f"pod {namespace}/{meta['name']}",
-                state=pod.get("status", {}).get("phase", ""),
+                state=state,
                 owner=annotations.get(m.ANNOTATION_OWNER, ""),
                 created=_epoch(meta.get("creationTimestamp", "")),
                 pod=f"{namespace}/{meta['name']}",

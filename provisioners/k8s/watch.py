@@ -19,8 +19,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..connection.ports import PortSource
 from .client import KubeApiError, KubeClient
-from .manifests import INIT_CONTAINER, KERNEL_CONTAINER, KERNEL_SELECTOR
+from .loop import EngineLoop
+from .manifests import INIT_CONTAINER, KERNEL_CONTAINER, KERNEL_SELECTOR, ports_held_on_node
 
 #: Waiting reasons that will not fix themselves: the start fails at once.
 FATAL_WAITING = frozenset(
@@ -339,3 +341,17 @@ def owned_pods(pods: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         ):
             out.append(pod)
     return out
+
+
+class HeldPorts(PortSource):
+    """The ports our hostNetwork pods hold, read from the reflector's cache."""
+
+    def __init__(self, engine: EngineLoop, reflector: PodReflector, node: str | None) -> None:
+        self.engine = engine
+        self.reflector = reflector
+        self.node = node
+
+    def ports_in_use(self, host: str) -> set[int]:
+        # the cache changes on the engine loop: read it there
+        pods = self.engine.call(lambda: list(self.reflector.pods.values()))
+        return ports_held_on_node(pods, self.node)

@@ -63,6 +63,8 @@ KERNEL_NAMESPACE_RULES = {
     "events": {"watch"},
 }
 PORT_FORWARD_RULES = {"pods/portforward": {"create", "get"}}
+#: Only when a kernelspec keeps a warm pool: a claim relabels the pod and its Secret.
+POOL_RULES = {"pods": {"patch"}, "secrets": {"patch"}}
 #: In the release namespace: is a kernel's server pod still there?
 OWNER_RULES = {"pods": {"get"}}
 DEFAULT_KERNEL_NAMESPACE = f"{NAMESPACE}-{RELEASE}-kernels"
@@ -570,6 +572,9 @@ def test_rbac_is_namespaced_and_exact(render, scenario: str) -> None:
             expected = {k: set(v) for k, v in KERNEL_NAMESPACE_RULES.items()}
             if values["kernels"]["portForward"]:
                 expected.update(PORT_FORWARD_RULES)
+            if any(size and size > 0 for size in _pool_sizes(rendered).values()):
+                for resource, verbs in POOL_RULES.items():
+                    expected[resource] |= verbs
         if ns == NAMESPACE:
             for resource, verbs in OWNER_RULES.items():
                 expected.setdefault(resource, set()).update(verbs)

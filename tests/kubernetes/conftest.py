@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.provisioning import KernelProvisionerFactory
 
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeApiError, KubeClient
 from provisioners.k8s.loop import EngineLoop
+from provisioners.k8s.provisioner import KubernetesClusterProvisioner
 from provisioners.owner import ServerIdentity
+from provisioners.pool.pools import KernelPools
+from provisioners.pool.warm import WarmPool
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, skip_or_fail
 
 try:  # the double's own fixture, written alongside (tests/kubernetes/apidouble/)
@@ -131,3 +138,30 @@ async def leftovers(client: KubeClient, namespace: str, wait: float = 0.0) -> li
         if not names or loop.time() >= deadline:
             return names
         await asyncio.sleep(0.25)
+
+
+def new_provisioner(km: AsyncKernelManager) -> KubernetesClusterProvisioner:
+    """A provisioner of ``km``'s kernelspec (the first one creates the kernelspec's pool)."""
+    prov = KernelProvisionerFactory.instance().create_provisioner_instance(
+        str(uuid.uuid4()), km.kernel_spec, km
+    )
+    assert isinstance(prov, KubernetesClusterProvisioner)
+    return prov
+
+
+async def filled(km: AsyncKernelManager, ready: int, timeout: float = 180) -> WarmPool:
+    """Create the pool of ``km``'s kernelspec (as its first provisioner would) and wait
+    until ``ready`` warm kernels are ready."""
+    new_provisioner(km)
+    return await ready_pool(km.kernel_name, ready, timeout)
+
+
+async def ready_pool(spec_name: str, ready: int, timeout: float = 180) -> WarmPool:
+    """The pool of kernelspec ``spec_name`` once it has ``ready`` warm kernels ready."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [p for p in KernelPools.instance().pools() if p.spec_name == spec_name]
+        if found and len(found[0].ready) >= ready:
+            return found[0]
+        assert time.monotonic() < deadline, f"pool {spec_name!r} not at {ready} ready in time"
+        await asyncio.sleep(0.2)

@@ -6,6 +6,7 @@ import base64
 import copy
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -509,3 +510,25 @@ def test_the_key_is_only_in_the_secret(tmp_path: Path) -> None:
     assert stored["shell_port"] == PORTS[0]
     assert pod["spec"]["containers"][0]["command"][-1] == m.CONNECTION_FILE
     assert DNS_LABEL.match(pod["metadata"]["name"])
+
+
+def test_a_warm_pod_carries_the_pool_label_and_a_claim_patch_replaces_it() -> None:
+    spec = m.KernelPod(
+        name="kernel-pool-0123",
+        namespace="ns",
+        image="img",
+        command=("python3",),
+        ports=(1, 2, 3, 4, 5),
+        kernel_id="pool-0123",
+        secret_name="kernel-pool-0123-connection",
+        pool="pool-0123",
+    )
+    labels = m.pod_manifest(spec)["metadata"]["labels"]
+    assert labels[m.LABEL_POOL] == "pool-0123" == labels[m.LABEL_KERNEL_ID]
+    assert m.LABEL_POOL not in m.pod_manifest(replace(spec, pool=""))["metadata"]["labels"]
+    assert m.claim_patch("Real Id/1") == {
+        "metadata": {
+            "labels": {m.LABEL_KERNEL_ID: m.sanitize_label_value("Real Id/1"), m.LABEL_POOL: None},
+            "annotations": {m.ANNOTATION_KERNEL_ID: "Real Id/1"},
+        }
+    }

@@ -1,11 +1,13 @@
 """The chart's Roles grant exactly what the provisioner calls: no more, no less.
 
 On the API double, every RBAC check is recorded while the provisioner runs a whole cycle
-in each connection mode: start, execute, interrupt (exec), restart, shutdown, a start that
+in each connection mode: start, execute, interrupt (exec), restart, shutdown, a warm pool
+filled and a kernel claimed from it (the claim patches the pod and its Secret), a start that
 fails (its log), the orphan sweep (asking for a gone server pod), the kernel list and the
 uninstall hook's ``cleanup --release``. Kernels run in a namespace of their own, the server
 pod in the release namespace, as the chart installs them. The Roles `helm template`
-renders for that layout must grant exactly the (verb, resource) pairs seen, per namespace.
+renders for that layout, with a pool, must grant exactly the (verb, resource) pairs seen,
+per namespace; without a pool, the same but ``patch``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from provisioners.exceptions import KernelStartError
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeApiError, KubeClient
 from provisioners.k8s.sweep import list_kernel_pods, sweep_orphans
+from provisioners.pool.pools import KernelPools
 from tests.helpers import execute, skip_or_fail
-from tests.kubernetes.conftest import PROVISIONER, Kube
+from tests.kubernetes.conftest import PROVISIONER, Kube, filled
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]
 
@@ -38,6 +41,8 @@ CHART = REPO / "charts" / "cluster-provisioners"
 RELEASE = "rbac"
 MakeKM = Callable[..., AsyncKernelManager]
 Grants = dict[str, set[tuple[str, str]]]
+#: What only a warm pool's claim needs (the chart grants it when a kernelspec has a pool).
+POOL_GRANTS = {("patch", "pods"), ("patch", "secrets")}
 
 
 def find_helm() -> str:
@@ -52,12 +57,13 @@ def find_helm() -> str:
     raise AssertionError("unreachable")
 
 
-def rendered_roles(release_ns: str, kernel_ns: str, port_forward: bool) -> Grants:
+def rendered_roles(release_ns: str, kernel_ns: str, port_forward: bool, pool: bool) -> Grants:
     """(verb, resource) pairs each rendered Role grants, by namespace."""
     proc = subprocess.run(
         [find_helm(), "template", RELEASE, str(CHART), "--namespace", release_ns,
          "--set", f"kernels.namespace={kernel_ns}",
-         "--set", f"kernels.portForward={str(port_forward).lower()}"],
+         "--set", f"kernels.portForward={str(port_forward).lower()}",
+         "--set", f"kernels.pools.sizes.python3={int(pool)}"],
         capture_output=True, text=True, timeout=120, check=False,
         env={**os.environ, "KUBECONFIG": "/nonexistent"},
     )  # fmt: skip
@@ -121,6 +127,16 @@ async def cycle(
     assert (await execute(km, "print('again')"))["stdout"] == "again\n"
     await km.shutdown_kernel()
 
+    # A warm pool fills, a start claims from it (patching its pod and Secret), then drains.
+    pooled = kernel_manager(PROVISIONER, {**config, "pool_size": 1}, **kube.spec(name="pool"))
+    await filled(pooled, 1)
+    await pooled.start_kernel()
+    assert pooled.provisioner is not None
+    assert pooled.provisioner.runner is not pooled.provisioner, "not claimed from the pool"
+    assert (await execute(pooled, "print('warm')"))["stdout"] == "warm\n"
+    await pooled.shutdown_kernel()
+    await KernelPools.instance().drain()
+
     argv = ["python3", "-c", "import sys; print('no kernel'); sys.exit(3)"]
     failing = kernel_manager(PROVISIONER, config, **kube.spec(argv=argv))
     with pytest.raises(KernelStartError):
@@ -172,7 +188,8 @@ async def test_chart_roles_grant_exactly_the_calls_the_provisioner_makes(
             seen: Grants = {}
             for verb, resource, ns in double.authorizations[mark:]:
                 seen.setdefault(ns or "", set()).add((verb, resource))
-            roles = rendered_roles(kube.namespace, kernel_ns, mode == "port-forward")
+            forward = mode == "port-forward"
+            roles = rendered_roles(kube.namespace, kernel_ns, forward, pool=True)
             assert set(seen) == set(roles), (mode, seen, roles)
             for ns, granted in roles.items():
                 assert granted == seen[ns], (
@@ -180,6 +197,9 @@ async def test_chart_roles_grant_exactly_the_calls_the_provisioner_makes(
                     f"{sorted(granted - seen[ns])}; used but not granted "
                     f"{sorted(seen[ns] - granted)}"
                 )
+            assert seen[kernel_ns] >= POOL_GRANTS
+            for ns, granted in rendered_roles(kube.namespace, kernel_ns, forward, False).items():
+                assert granted == seen[ns] - POOL_GRANTS, (mode, ns, "without a pool")
     finally:
         await kube_api.request(
             "DELETE",
