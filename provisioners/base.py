@@ -153,7 +153,8 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         runner._start_clock = self._start_clock
         if not self._ports and runner.needs_ports():
             self._port_host = runner.port_host()
-            self._ports = await runner.executor.run(
+            self._ports = await runner.executor.run_or_undo(  # a cancel returns the ports
+                lambda _: ClusterPortCache.instance().release(self.allocation_owner),
                 ClusterPortCache.instance().allocate,
                 runner.kernel_ports,
                 self.allocation_owner,

@@ -64,6 +64,37 @@ class EngineExecutor:
         """``await`` ``func(*args, **kwargs)`` run in this engine's pool."""
         return await self.submit(func, *args, **kwargs)
 
+    async def run_or_undo(
+        self,
+        undo: Callable[[T], object],
+        func: Callable[P, T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """:meth:`run` for a call that creates something (a port allocation): when the
+        caller is cancelled, the call still ends in its thread and ``undo`` gets its result."""
+        lock, state = threading.Lock(), {"abandoned": False, "done": False}
+        result: list[T] = []
+
+        def call() -> T:
+            value = func(*args, **kwargs)
+            with lock:
+                state["done"], abandoned = True, state["abandoned"]
+                result.append(value)
+            if abandoned:
+                undo(value)
+            return value
+
+        try:
+            return await asyncio.shield(self.submit(call))
+        except asyncio.CancelledError:
+            with lock:
+                state["abandoned"], done = True, state["done"]
+            if done:  # it ended as the caller was cancelled: undo it here
+                self.pool().submit(undo, result[0])
+            raise
+
     def shutdown(self) -> None:
         """Cancel queued calls and let the threads end (running calls finish on their own)."""
         with self._lock:

@@ -169,7 +169,8 @@ class WarmPool:
                 await self._remove(warm)
         else:
             self.failures = 0
-            if self.closed:
+            # surplus: a kernel given back (its claim refused) while this one started
+            if self.closed or len(self.ready) >= self.size:
                 await self._remove(warm)
             else:
                 self.ready.append(warm)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -80,13 +81,14 @@ def ready(spec_name: str, n: int) -> Callable[[], bool]:
 
 
 @pytest.fixture(autouse=True)
-async def kernel_pools(jupyter_dirs: Any) -> AsyncIterator[KernelPools]:
+async def kernel_pools(jupyter_dirs: Path) -> AsyncIterator[KernelPools]:
     """A fresh ``KernelPools`` for the test; drained after it, and nothing may be left."""
     KernelPools.clear_instance()
     pools = KernelPools.instance()
     yield pools
     await pools.drain()
     KernelPools.clear_instance()
+    runtime = jupyter_dirs
     client = docker.from_env(timeout=30)
     try:
         loop = asyncio.get_running_loop()
@@ -95,6 +97,7 @@ async def kernel_pools(jupyter_dirs: Any) -> AsyncIterator[KernelPools]:
             left = [f"container {c['Names'][0]}" for c in our_containers(client)]
             left += [f"port record {r}" for r in our_port_records()]
             left += [f"warm kernel process {p}" for p in warm_processes()]
+            left += [f"file {p.name}" for p in runtime.glob(f"kernel-{POOL_ID_PREFIX}*")]
             if not left or loop.time() > deadline:
                 break
             await asyncio.sleep(0.3)

@@ -31,9 +31,14 @@ FILL_TIMEOUT = 120.0
 
 
 def docker_kernels(
-    kernel_manager: Callable[..., AsyncKernelManager], name: str, pool_size: int, **config: Any
+    kernel_manager: Callable[..., AsyncKernelManager],
+    name: str,
+    pool_size: int,
+    metadata: dict[str, Any] | None = None,
+    **config: Any,
 ) -> Callable[[], AsyncKernelManager]:
-    """A factory of kernel managers of one pooled Docker kernelspec ``name``."""
+    """A factory of kernel managers of one pooled Docker kernelspec ``name``
+    (``metadata``: more kernelspec metadata)."""
     settings = {
         "image": KERNEL_TEST_IMAGE,
         "sweep_on_start": False,
@@ -42,7 +47,7 @@ def docker_kernels(
     }
 
     def make() -> AsyncKernelManager:
-        return kernel_manager(DOCKER, settings, argv=CONTAINER_ARGV, name=name)
+        return kernel_manager(DOCKER, settings, argv=CONTAINER_ARGV, name=name, metadata=metadata)
 
     return make
 
@@ -114,6 +119,9 @@ async def test_docker_pool_claims_refills_and_renames(
 
     for km in (first, second):
         await km.shutdown_kernel(now=True)
+    # a drain removes the warm kernels and stops refilling
+    await KernelPools.instance().drain()
+    assert not KernelPools.instance().pools() and not our_containers(docker_client)
 
 
 async def test_ten_concurrent_starts_claim_ten_warm_kernels(
@@ -125,6 +133,7 @@ async def test_ten_concurrent_starts_claim_ten_warm_kernels(
     fill(managers[0])
     await wait_for(ready("pooled10", 10), FILL_TIMEOUT * 2, "10 warm kernels")
     await asyncio.gather(*(km.start_kernel(kernel_id=str(uuid.uuid4())) for km in managers))
+    await kernel_pools.drain()  # no refill of 10 more on 2 cores
     assert all(claimed(km) for km in managers), [claimed(km) for km in managers]
     containers = {km.provisioner.runner.container_id for km in managers}  # type: ignore[union-attr]
     assert len(containers) == 10
@@ -180,3 +189,86 @@ async def test_restart_of_a_claimed_kernel_is_in_place(
     assert runner.container_name.startswith(f"jupyter-kernel-{kernel_id}-")
     assert not docker_client.api.containers(all=True, filters={"id": before})
     await km.shutdown_kernel(now=True)
+
+
+SECURITY_CODE = """\
+import os, stat
+from ipykernel.connect import get_connection_file
+print(os.environ.get("POOL_SERVER_SECRET"))
+print(oct(stat.S_IMODE(os.stat(get_connection_file()).st_mode)))
+"""
+
+
+async def test_security_table_holds_for_a_claimed_kernel(
+    docker_client: Any,
+    kernel_manager: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # a server secret, in the server's environment before the pool fills
+    monkeypatch.setenv("POOL_SERVER_SECRET", "server-secret-do-not-leak")
+    km = docker_kernels(kernel_manager, "pooled-sec", 1)()
+    fill(km)
+    await wait_for(ready("pooled-sec", 1), FILL_TIMEOUT, "a warm kernel")
+    # with the server's environment, as jupyter_server passes it
+    await km.start_kernel(kernel_id=str(uuid.uuid4()), env=dict(os.environ))
+    assert claimed(km)
+    out = await execute(km, SECURITY_CODE)
+    assert out["stdout"] == "None\n0o600\n", out
+    runner: Any = km.provisioner.runner  # type: ignore[union-attr]
+    attrs = docker_client.api.inspect_container(runner.container_id)
+    shown = json.dumps(attrs)
+    key = km.session.key.decode()
+    assert key not in shown, "the HMAC key shows in docker inspect"
+    assert "server-secret-do-not-leak" not in shown
+    assert not any(e.startswith("POOL_SERVER_SECRET=") for e in attrs["Config"]["Env"] or [])
+    await km.shutdown_kernel(now=True)
+    assert key not in caplog.text, "the HMAC key was logged"
+
+
+async def test_curve_pools_and_a_curve_request_against_plain_warm_kernels(
+    docker_client: Any, kernel_manager: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.security.test_encryption import CURVE, _execute_recorded
+
+    caplog.set_level(logging.INFO)
+    encrypted = docker_kernels(
+        kernel_manager, "pooled-curve", 1, metadata=CURVE, transport_encryption="required"
+    )()
+    plain = docker_kernels(kernel_manager, "pooled-plain", 1, metadata=CURVE)()
+    fill(encrypted)
+    fill(plain)
+    await wait_for(ready("pooled-curve", 1), FILL_TIMEOUT, "a warm Curve kernel")
+    await wait_for(ready("pooled-plain", 1), FILL_TIMEOUT, "a warm plain kernel")
+    (plain_pool,) = [p for p in KernelPools.instance().pools() if p.spec_name == "pooled-plain"]
+    assert plain_pool.ready[0].curve_keys is None
+
+    # warm kernels with Curve keys: the claimed one runs encrypted with its own keypair
+    await encrypted.start_kernel(kernel_id=str(uuid.uuid4()))
+    assert claimed(encrypted)
+    runner: Any = encrypted.provisioner.runner  # type: ignore[union-attr]
+    assert runner.curve_keys is not None
+    assert encrypted.curve_publickey == runner.curve_keys[0]
+    out, wire = await _execute_recorded(encrypted, "print('curve-' + 'canary')")
+    assert out["stdout"] == "curve-canary\n", out
+    assert wire and b"curve-canary" not in wire and b"execute_request" not in wire
+
+    # a manager requiring Curve is not given a plain warm kernel: cold, encrypted
+    plain.transport_encryption = "required"
+    await plain.start_kernel(kernel_id=str(uuid.uuid4()))
+    assert not claimed(plain)
+    assert (
+        f"Kernel {plain.kernel_id}: cold start, not from the pool: the request asks for "
+        "CurveZMQ encryption" in caplog.text
+    )
+    assert plain.curve_publickey is not None
+    out, wire = await _execute_recorded(plain, "print('cold-' + 'canary')")
+    assert out["stdout"] == "cold-canary\n", out
+    assert b"cold-canary" not in wire
+    assert len(plain_pool.ready) == 1  # the warm kernel went back to its pool
+    # and the refill its claim started is not kept on top of it: the pool stays at 1
+    await wait_for(lambda: plain_pool.starting == 0, FILL_TIMEOUT, "the refill to end")
+    assert len(plain_pool.ready) == 1
+    for km in (encrypted, plain):
+        await km.shutdown_kernel(now=True)
