@@ -3,16 +3,21 @@
 A kernelspec with ``pool_size`` keeps that many kernel pods started and answering; a start
 claims one: its pod keeps its ``<prefix>-pool-<hex>`` name, while its pod's and Secret's
 kernel-id label and annotation are patched to the real kernel id (the pool label goes),
-so ``list``, ``cleanup`` and the orphan sweep see it under that id. Every test drains its
-pools and checks that no pod, Secret or port record is left.
+so ``list``, ``cleanup`` and the orphan sweep see it under that id; a SIGKILLed server's
+warm and claimed pods are swept. Every test drains its pools and checks that no pod,
+Secret or port record is left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,8 +27,9 @@ from provisioners.connection.ports import ClusterPortCache
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeClient
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
+from provisioners.k8s.sweep import list_kernel_pods, sweep_orphans
 from provisioners.pool.pools import KernelPools
-from tests.helpers import execute
+from tests.helpers import execute, write_kernelspec
 from tests.kubernetes.conftest import (
     PROVISIONER,
     Kube,
@@ -101,6 +107,8 @@ async def assert_claimed_as(api: KubeClient, kube: Kube, km: AsyncKernelManager)
         assert meta["annotations"][m.ANNOTATION_KERNEL_ID] == km.kernel_id
         assert m.LABEL_POOL not in meta["labels"]
     assert secret["ownerReferences"][0]["uid"] == pod["metadata"]["uid"]
+    key = km.session.key.decode()
+    assert key not in json.dumps(pod) and key not in json.dumps(secret), "the key is shown"
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes[m.SECRET_VOLUME]["secret"]["secretName"] == runner.secret_name
 
@@ -248,3 +256,78 @@ async def test_a_refused_claim_starts_cold(
     assert prov.runner is prov and prov.pod_name != warm
     assert (await execute(km, "print('cold')"))["stdout"] == "cold\n"
     await km.shutdown_kernel()
+
+
+#: A "server" with a pooled kernelspec: a cold start (which creates the pool), a claimed
+#: one once the pool is full, then the pool full again; it reports and waits to be killed.
+SERVER = """
+import asyncio, sys
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from provisioners.owner import ServerIdentity
+from provisioners.pool.pools import KernelPools
+
+async def full():
+    while not any(len(p.ready) >= 2 for p in KernelPools.instance().pools()):
+        await asyncio.sleep(0.2)
+
+async def main():
+    ksm = KernelSpecManager(kernel_dirs=[sys.argv[1]])
+    cold = AsyncKernelManager(kernel_name="killed", kernel_spec_manager=ksm)
+    await cold.start_kernel()
+    await full()
+    claimed = AsyncKernelManager(kernel_name="killed", kernel_spec_manager=ksm)
+    await claimed.start_kernel()
+    assert claimed.provisioner.runner is not claimed.provisioner, "not claimed"
+    await full()
+    print("STARTED", ServerIdentity.current(), claimed.kernel_id, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_sweep_removes_the_pools_of_a_sigkilled_server(
+    kube: Kube, kube_api: KubeClient, tmp_path: Path
+) -> None:
+    kernels = tmp_path / "server-kernels"
+    config = kube.config(pool_size=2, sweep_on_start=False)
+    write_kernelspec(kernels, "killed", PROVISIONER, config, **kube.spec())
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SERVER,
+        str(kernels),
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert server.stdout is not None
+    try:
+        line = (await asyncio.wait_for(server.stdout.readline(), 240)).decode()
+    finally:
+        server.send_signal(signal.SIGKILL)
+        await server.wait()
+    assert line.startswith("STARTED"), line
+    _, owner, claimed_id = line.split()
+    ns = kube.namespace
+
+    def theirs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in rows if r["owner"] == owner]
+
+    rows = theirs(await list_kernel_pods(kube_api, ns))
+    assert sorted(r["state"] for r in rows) == ["Running", "Running", "warm", "warm"], rows
+    (claimed,) = [r for r in rows if r["kernel_id"] == claimed_id]
+    assert claimed["pod"].startswith(f"{ns}/kernel-pool-")
+
+    swept = await sweep_orphans(kube_api, ns, logging.getLogger("test"))
+    assert {r["pod"].split("/")[1] for r in rows} <= set(swept)
+    selector = f"{m.KERNEL_SELECTOR},{m.LABEL_OWNER}={m.sanitize_label_value(owner)}"
+    for kind in ("pods", "secrets"):
+        path = f"/api/v1/namespaces/{ns}/{kind}"
+        found = await kube_api.request("GET", path, query=[("labelSelector", selector)])
+        left = [
+            item["metadata"]["name"]
+            for item in found.get("items") or []
+            if not item["metadata"].get("deletionTimestamp")
+        ]
+        assert left == [], f"{kind} of the killed server left: {left}"
