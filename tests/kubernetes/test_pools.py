@@ -64,8 +64,8 @@ async def pools(kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM) -> Asy
     await kernel_pools.drain()
     KernelPools.clear_instance()
     assert await leftovers(kube_api, kube.namespace, wait=15) == []
-    left = {o for o in own_port_owners() - before if o.startswith("kernel-pool-")}
-    assert not left, f"port records of warm kernels left: {left}"
+    left = own_port_owners() - before
+    assert not left, f"port records of warm or claimed kernels left: {left}"
 
 
 def provisioner_of(km: AsyncKernelManager) -> KubernetesClusterProvisioner:
