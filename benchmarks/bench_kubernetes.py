@@ -51,6 +51,19 @@ def kube_target() -> Iterator[tuple[str, str]]:
         yield double.kubeconfig, double.namespace
 
 
+def kernel_config(kubeconfig: str, namespace: str) -> dict[str, Any]:
+    """The benchmarks' Kubernetes provisioner config (port-forward, no fallback)."""
+    return {
+        "kubeconfig": kubeconfig,
+        "namespace": namespace,
+        "image": KERNEL_TEST_IMAGE,
+        "fallback": "none",
+        "sweep_on_start": False,
+        "connection_mode": "port-forward",
+        "termination_grace_period": 1,
+    }
+
+
 async def timed_pod_start(
     ksm: KernelSpecManager, name: str
 ) -> tuple[float, float, float, AsyncKernelManager]:
@@ -88,15 +101,7 @@ def direct_client(km: AsyncKernelManager) -> AsyncKernelClient:
 
 async def main_async(runs: int, trips: int) -> None:
     with kube_target() as (kubeconfig, namespace), tempfile.TemporaryDirectory() as kernels:
-        config = {
-            "kubeconfig": kubeconfig,
-            "namespace": namespace,
-            "image": KERNEL_TEST_IMAGE,
-            "fallback": "none",
-            "sweep_on_start": False,
-            "connection_mode": "port-forward",
-            "termination_grace_period": 1,
-        }
+        config = kernel_config(kubeconfig, namespace)
         ksm = write_kernelspec(Path(kernels), "bench", PROVISIONER, config, argv=CONTAINER_ARGV)
         *_, km = await timed_pod_start(ksm, "bench")  # warm-up
         await km.shutdown_kernel(now=True)

@@ -49,6 +49,30 @@ async def timed_start(
         kc.stop_channels()
 
 
+async def start_to_shell_reply(
+    ksm: KernelSpecManager, name: str, timeout: float = 120
+) -> tuple[float, AsyncKernelManager]:
+    """Seconds from start_kernel() to the kernel_info_reply on the shell channel, measured
+    on the reply itself (``wait_for_ready``'s iopub handshake would add ~0.2 s), and the
+    running kernel's manager (the caller shuts it down)."""
+    km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    start = time.perf_counter()
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels(iopub=False, stdin=False, hb=False, control=False)
+    try:
+        msg_id = kc.kernel_info()
+        while True:
+            reply = await kc.get_shell_msg(timeout=timeout)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return time.perf_counter() - start, km
+    except BaseException:
+        await km.shutdown_kernel(now=True)
+        raise
+    finally:
+        kc.stop_channels()
+
+
 async def start_to_kernel_info(ksm: KernelSpecManager, name: str) -> float:
     """Seconds from start_kernel() to the first kernel_info_reply; the kernel is then stopped."""
     seconds, km = await timed_start(ksm, name)
