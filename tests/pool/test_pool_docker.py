@@ -18,6 +18,7 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
+from provisioners.exceptions import ProvisionerConfigError
 from provisioners.pool import KernelPools
 from provisioners.targets import provisioner_for
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, execute
@@ -154,7 +155,8 @@ async def test_request_inputs_start_cold_and_leave_the_pool_alone(
     (pool,) = KernelPools.instance().pools()
     warm_ids = [w.kernel_id for w in pool.ready]
     # what jupyter_server passes: the server's environment plus the request's values
-    env = {**os.environ, "KERNEL_FOO": "bar"}
+    value = "bar; $(touch /tmp/pwn) '\"`id`"  # hostile: reaches the kernel as text only
+    env = {**os.environ, "KERNEL_FOO": value}
     await km.start_kernel(kernel_id=str(uuid.uuid4()), env=env)
     assert not claimed(km)
     assert (
@@ -162,32 +164,43 @@ async def test_request_inputs_start_cold_and_leave_the_pool_alone(
         in caplog.text
     )
     out = await execute(km, "import os; print(os.environ.get('KERNEL_FOO'))")
-    assert out["stdout"] == "bar\n"
+    assert out["stdout"] == value + "\n"
     assert [w.kernel_id for w in pool.ready] == warm_ids and pool.starting == 0
     await km.shutdown_kernel(now=True)
 
 
-async def test_restart_of_a_claimed_kernel_is_in_place(
-    docker_client: Any, kernel_manager: Any
+async def test_first_start_fills_the_pool_and_a_claimed_kernel_restarts_in_place(
+    docker_client: Any, kernel_manager: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    km = docker_kernels(kernel_manager, "pooled-restart", 1)()
-    fill(km)
+    caplog.set_level(logging.INFO)
+    make = docker_kernels(kernel_manager, "pooled-restart", 1)
+    first, km = make(), make()
+    # the kernelspec's first start creates its pool; it is cold itself
+    await first.start_kernel(kernel_id=str(uuid.uuid4()))
+    assert not claimed(first)
+    assert f"Kernel {first.kernel_id}: cold start, no warm kernel is ready" in caplog.text
+    await first.shutdown_kernel(now=True)
     await wait_for(ready("pooled-restart", 1), FILL_TIMEOUT, "a warm kernel")
     kernel_id = str(uuid.uuid4())
     await km.start_kernel(kernel_id=kernel_id)
     assert claimed(km)
+    await KernelPools.instance().drain()  # no refill needed here
     key = km.session.key
     runner: Any = km.provisioner.runner  # type: ignore[union-attr]
     before = runner.container_id
     assert (await execute(km, "x = 1; print(x)"))["stdout"] == "1\n"
-    await km.restart_kernel(now=True)
-    assert km.kernel_id == kernel_id and km.session.key == key
-    assert km.get_connection_info()["key"] == key
-    out = await execute(km, "print('x' in dir())")
-    assert out["stdout"] == "False\n"  # a fresh kernel, same id and key
-    assert runner.container_id != before
-    assert runner.container_name.startswith(f"jupyter-kernel-{kernel_id}-")
-    assert not docker_client.api.containers(all=True, filters={"id": before})
+    for newports in (False, True):  # newports: as jupyter_client's restarter does
+        ports = km.provisioner.kernel_port_list  # type: ignore[union-attr]
+        await km.restart_kernel(now=True, newports=newports)
+        assert km.kernel_id == kernel_id and km.session.key == key
+        assert km.get_connection_info()["key"] == key
+        out = await execute(km, "print('x' in dir())")
+        assert out["stdout"] == "False\n"  # a fresh kernel, same id and key
+        assert runner.container_id != before
+        assert runner.container_name.startswith(f"jupyter-kernel-{kernel_id}-")
+        assert not docker_client.api.containers(all=True, filters={"id": before})
+        assert (km.provisioner.kernel_port_list != ports) == newports  # type: ignore[union-attr]
+        before = runner.container_id
     await km.shutdown_kernel(now=True)
 
 
@@ -225,6 +238,15 @@ async def test_security_table_holds_for_a_claimed_kernel(
     assert not any(e.startswith("POOL_SERVER_SECRET=") for e in attrs["Config"]["Env"] or [])
     await km.shutdown_kernel(now=True)
     assert key not in caplog.text, "the HMAC key was logged"
+
+    # a hostile kernel id is refused before a warm kernel is taken: the pool keeps it
+    await wait_for(ready("pooled-sec", 1), FILL_TIMEOUT, "the pool to refill")
+    (pool,) = KernelPools.instance().pools()
+    warm_ids = [w.kernel_id for w in pool.ready]
+    hostile = docker_kernels(kernel_manager, "pooled-sec", 1)()
+    with pytest.raises(ProvisionerConfigError, match="kernel id"):
+        await hostile.start_kernel(kernel_id="x; $(touch /tmp/pwn) ../../etc")
+    assert [w.kernel_id for w in pool.ready] == warm_ids
 
 
 async def test_curve_pools_and_a_curve_request_against_plain_warm_kernels(

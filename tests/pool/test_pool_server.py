@@ -24,7 +24,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 from provisioners.docker import LABEL_KERNELSPEC, LABEL_MANAGED_BY, LABEL_OWNER, MANAGED_BY
 from provisioners.owner import ServerIdentity
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
-from tests.jupyter_server import JupyterServer, ws_execute
+from tests.jupyter_server import JupyterServer, message, ws_execute, ws_request
 from tests.pool.conftest import our_port_records, wait_for
 
 pytestmark = pytest.mark.docker
@@ -84,6 +84,25 @@ def pool_server(tmp_path: Path, docker_client: docker.DockerClient) -> Iterator[
             docker_client.api.remove_container(item["Id"], force=True, v=True)
 
 
+def kernel_containers(
+    client: docker.DockerClient, spec_name: str, kernel_id: str
+) -> list[dict[str, Any]]:
+    """The containers of ``spec_name`` named after ``kernel_id``."""
+    return [c for c in spec_containers(client, spec_name) if kernel_id in c["Names"][0]]
+
+
+async def nudge(ws: Any, session: str, timeout: float = 60) -> None:
+    """Send kernel_info requests until one's iopub output arrives too: right after a
+    restart the server's iopub socket may not be reconnected yet (cold kernels alike)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await ws_request(ws, message(session, "kernel_info_request", {}), 3)
+            return
+        except (AssertionError, TimeoutError):
+            assert time.monotonic() < deadline, "no iopub output after the restart"
+
+
 async def warm_ready(server: JupyterServer, n: int, times: int = 1) -> None:
     """Wait for the server's log to say ``times`` times that ``n`` warm kernels are ready."""
     await wait_for(
@@ -129,11 +148,19 @@ async def test_server_prefills_claims_over_rest_and_websocket_and_drains(
         server.ws_url(kernel["id"], session), additional_headers=server.ws_headers()
     ) as ws:
         out = await ws_execute(ws, session, KEY_CODE)
-    assert out["status"] == "ok", out
-    assert out["stdout"] == f"{info['key']}\nNone\n", out
-    # the kernel runs in one of the containers started before the request, renamed
-    claimed = [c for c in spec_containers(docker_client, spec) if kernel["id"] in c["Names"][0]]
-    assert len(claimed) == 1 and claimed[0]["Id"] in {c["Id"] for c in warm}, claimed
+        assert out["status"] == "ok", out
+        assert out["stdout"] == f"{info['key']}\nNone\n", out
+        # it runs in one of the containers started before the request, renamed after it
+        (claimed,) = kernel_containers(docker_client, spec, kernel["id"])
+        assert claimed["Id"] in {c["Id"] for c in warm}, claimed
+        # a restart over REST: in place, same key, a new container; the websocket goes on
+        await post(server, f"api/kernels/{kernel['id']}/restart", None, expect=200)
+        await nudge(ws, session)
+        out = await ws_execute(ws, session, KEY_CODE)
+        assert out["status"] == "ok", out
+        assert out["stdout"] == f"{info['key']}\nNone\n", out
+        (restarted,) = kernel_containers(docker_client, spec, kernel["id"])
+        assert restarted["Id"] != claimed["Id"]
 
     # a session (JupyterLab's path): JPY_SESSION_NAME and a cwd, still claimed on Docker
     await warm_ready(server, 2, times=2)
@@ -193,3 +220,46 @@ async def test_sigkilled_server_warm_containers_are_swept(
         assert f"removed container {item['Id'][:12]}" in cleanup.stdout, cleanup.stdout
     assert not spec_containers(docker_client, spec)
     assert not our_port_records(pid)
+
+
+#: A script: fills a pool of 2 (a kernel's first start), then exits without a drain.
+EXITING = """
+import asyncio, sys
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from provisioners.pool import KernelPools
+
+async def main():
+    ksm = KernelSpecManager(kernel_dirs=[sys.argv[1]])
+    km = AsyncKernelManager(kernel_name=sys.argv[2], kernel_spec_manager=ksm)
+    await km.start_kernel()
+    await km.shutdown_kernel(now=True)
+    (pool,) = KernelPools.instance().pools()
+    while len(pool.ready) < 2:
+        await asyncio.sleep(0.1)
+    print("FILLED", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_process_exiting_drains_its_pools(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    spec = f"exit-{uuid.uuid4().hex[:8]}"
+    config = {"image": KERNEL_TEST_IMAGE, "sweep_on_start": False, "pool_size": 2}
+    write_kernelspec(tmp_path / "kernels", spec, DOCKER, config, argv=CONTAINER_ARGV)
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", EXITING, str(tmp_path / "kernels"), spec],
+            capture_output=True,
+            text=True,
+            timeout=FILL_TIMEOUT + 60,
+            env=dict(os.environ),
+        )
+        assert done.returncode == 0 and "FILLED" in done.stdout, done.stderr
+        assert not spec_containers(docker_client, spec)  # drained at interpreter exit
+    finally:
+        for item in spec_containers(docker_client, spec):
+            docker_client.api.remove_container(item["Id"], force=True, v=True)
