@@ -169,6 +169,29 @@ async def test_request_inputs_start_cold_and_leave_the_pool_alone(
     await km.shutdown_kernel(now=True)
 
 
+async def test_a_warm_kernel_that_died_is_never_claimed(
+    docker_client: Any, kernel_manager: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    km = docker_kernels(kernel_manager, "pooled-dead", 1)()
+    fill(km)
+    await wait_for(ready("pooled-dead", 1), FILL_TIMEOUT, "a warm kernel")
+    (pool,) = KernelPools.instance().pools()
+    dead = pool.ready[0]
+    docker_client.api.kill(dead.container_id)  # type: ignore[attr-defined]
+    await km.start_kernel(kernel_id=str(uuid.uuid4()))
+    assert not claimed(km)
+    assert f"Warm docker kernel {dead.kernel_id} had exited; removing it" in caplog.text
+    assert f"Kernel {km.kernel_id}: cold start, no warm kernel is ready" in caplog.text
+    assert (await execute(km, "print('cold')"))["stdout"] == "cold\n"
+    await wait_for(
+        lambda: not docker_client.api.containers(all=True, filters={"id": dead.container_id}),  # type: ignore[attr-defined]
+        30,
+        "the dead warm container to be removed",
+    )
+    await km.shutdown_kernel(now=True)
+
+
 async def test_first_start_fills_the_pool_and_a_claimed_kernel_restarts_in_place(
     docker_client: Any, kernel_manager: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -192,6 +192,7 @@ async def test_server_prefills_claims_over_rest_and_websocket_and_drains(
     left = spec_containers(docker_client, spec) + spec_containers(docker_client, f"{spec}-cold")
     assert not left, [c["Names"] for c in left]
     assert not our_port_records(server.proc.pid)
+    assert "Traceback" not in server.log(), server.log()
 
 
 async def test_sigkilled_server_warm_containers_are_swept(
@@ -263,3 +264,19 @@ async def test_a_process_exiting_drains_its_pools(
     finally:
         for item in spec_containers(docker_client, spec):
             docker_client.api.remove_container(item["Id"], force=True, v=True)
+
+
+@pytest.mark.parametrize("stop_at", ["server up", "container created"])
+async def test_a_server_stopped_while_its_pool_fills_leaves_nothing(
+    pool_server: Any, tmp_path: Path, docker_client: docker.DockerClient, stop_at: str
+) -> None:
+    spec = f"srvearly-{uuid.uuid4().hex[:8]}"
+    server = pool_server(tmp_path, spec, pool_size=3)
+    if stop_at == "container created":
+        await wait_for(lambda: stop_at in server.log(), FILL_TIMEOUT, "a warm container")
+    assert server.stop(signal.SIGTERM) is not None, server.log()
+    assert server.proc is not None
+    left = spec_containers(docker_client, spec)
+    assert not left, ([c["Names"] for c in left], server.log())
+    assert not our_port_records(server.proc.pid), server.log()
+    assert "Traceback" not in server.log(), server.log()
