@@ -52,7 +52,7 @@ def pool_server(tmp_path: Path, docker_client: docker.DockerClient) -> Iterator[
     at teardown every server is stopped and its kernelspec's containers are removed."""
     made: list[tuple[JupyterServer, str]] = []
 
-    def start(root: Path, spec: str, pool_size: int = 2) -> JupyterServer:
+    def start(root: Path, spec: str, pool_size: int = 2, extension: bool = True) -> JupyterServer:
         server = JupyterServer(root, env={"JUPYTER_CONFIG_DIR": str(root / "config")})
         config = {"image": KERNEL_TEST_IMAGE, "sweep_on_start": False}
         for name, size in ((spec, pool_size), (f"{spec}-cold", 0)):
@@ -64,13 +64,13 @@ def pool_server(tmp_path: Path, docker_client: docker.DockerClient) -> Iterator[
             json.dumps(
                 {
                     "ServerApp": {
-                        "jpserver_extensions": {"provisioners.pool": True},
+                        "jpserver_extensions": {"provisioners.pool": extension},
                         # the pools' own log lines (warm kernels ready) in the server's log
                         "logging_config": {
                             "loggers": {"provisioners": {"level": "INFO", "handlers": ["console"]}}
                         },
                     },
-                    "KernelPools": {"prefill": [spec], "max_total": 4},
+                    "KernelPools": {"prefill": [spec] if extension else [], "max_total": 4},
                 }
             )
         )
@@ -280,3 +280,21 @@ async def test_a_server_stopped_while_its_pool_fills_leaves_nothing(
     assert not left, ([c["Names"] for c in left], server.log())
     assert not our_port_records(server.proc.pid), server.log()
     assert "Traceback" not in server.log(), server.log()
+
+
+async def test_without_the_extension_the_first_kernel_fills_and_exit_drains(
+    pool_server: Any, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    spec = f"srvnoext-{uuid.uuid4().hex[:8]}"
+    server = pool_server(tmp_path, spec, extension=False)
+    await asyncio.sleep(1)
+    assert not spec_containers(docker_client, spec)  # no pool before the first kernel
+    kernel = await post(server, "api/kernels", {"name": spec})
+    assert f"Kernel {kernel['id']}: cold start, no warm kernel is ready" in server.log()
+    await warm_ready(server, 2)
+    assert len(spec_containers(docker_client, spec)) == 3
+    assert server.stop(signal.SIGTERM) is not None, server.log()
+    assert server.proc is not None
+    left = spec_containers(docker_client, spec)
+    assert not left, ([c["Names"] for c in left], server.log())
+    assert not our_port_records(server.proc.pid), server.log()
