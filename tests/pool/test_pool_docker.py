@@ -192,6 +192,35 @@ async def test_a_warm_kernel_that_died_is_never_claimed(
     await km.shutdown_kernel(now=True)
 
 
+async def test_a_claim_the_engine_refuses_starts_cold_and_removes_the_warm_kernel(
+    docker_client: Any, kernel_manager: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    km = docker_kernels(kernel_manager, "pooled-refused", 1)()
+    fill(km)
+    await wait_for(ready("pooled-refused", 1), FILL_TIMEOUT, "a warm kernel")
+    (pool,) = KernelPools.instance().pools()
+    warm: Any = pool.ready[0]
+    pool_id, kernel_id = warm.kernel_id, str(uuid.uuid4())
+    # a container already holds the name the claim renames the warm one to
+    suffix = warm.container_name.rsplit("-", 1)[-1]
+    blocker = docker_client.containers.create(
+        KERNEL_TEST_IMAGE, ["true"], name=f"jupyter-kernel-{kernel_id}-{suffix}"
+    )
+    try:
+        await km.start_kernel(kernel_id=kernel_id)
+        assert not claimed(km)
+        assert (
+            f"Kernel {kernel_id}: claiming warm kernel {pool_id} failed; removing it, "
+            "starting cold" in caplog.text
+        ), caplog.text
+        assert (await execute(km, "print('cold')"))["stdout"] == "cold\n"
+        assert not docker_client.api.containers(all=True, filters={"id": warm.container_id})
+        await km.shutdown_kernel(now=True)
+    finally:
+        blocker.remove(force=True)
+
+
 async def test_first_start_fills_the_pool_and_a_claimed_kernel_restarts_in_place(
     docker_client: Any, kernel_manager: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

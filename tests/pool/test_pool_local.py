@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -49,3 +50,29 @@ async def test_local_pool_claims_and_a_request_cwd_starts_cold(
     assert [w.kernel_id for w in pool.ready] == warm_ids
     for km in (warm, cold):
         await km.shutdown_kernel(now=True)
+
+
+async def test_max_total_caps_warm_kernels_across_kernelspecs(
+    kernel_manager: Any, kernel_pools: KernelPools
+) -> None:
+    kernel_pools.max_total = 3
+    config = {"pool_size": 2, "inherit_server_env": False}
+    a, b = (
+        kernel_manager("cluster-local-provisioner", config, argv=LOCAL_ARGV, name=name)
+        for name in ("capped-a", "capped-b")
+    )
+    fill(a)
+    fill(b)
+
+    def held() -> int:
+        return sum(p.held for p in kernel_pools.pools())
+
+    await wait_for(lambda: sum(len(p.ready) for p in kernel_pools.pools()) == 3, 60, "3 warm")
+    await asyncio.sleep(1)
+    assert held() == 3
+    # a claim frees room under the cap: the pools refill to 3 in all, not more
+    await a.start_kernel(kernel_id=str(uuid.uuid4()))
+    await wait_for(lambda: sum(len(p.ready) for p in kernel_pools.pools()) == 3, 60, "3 again")
+    assert held() == 3
+    assert (await execute(a, "print('capped')"))["stdout"] == "capped\n"
+    await a.shutdown_kernel(now=True)
