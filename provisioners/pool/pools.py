@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from traitlets import Int, List, Unicode
+from traitlets import Float, Int, List, Unicode
 from traitlets.config import SingletonConfigurable
 
 from .warm import POOL_ID_PREFIX, PoolLoop, WarmPool, pool_key
@@ -44,6 +44,20 @@ class KernelPools(SingletonConfigurable):
         help="""Kernelspec names whose pools fill when Jupyter Server starts (with the
         'provisioners.pool' server extension enabled), instead of on the kernelspec's
         first kernel start. Each needs pool_size > 0 in its provisioner config.""",
+    )
+    max_starting = Int(
+        4,
+        min=1,
+        config=True,
+        help="""Warm kernels this process starts at once, across pools: filling a large
+        pool in steps keeps the machine and the engine free for the kernels in use.""",
+    )
+    refill_delay = Float(
+        1.0,
+        min=0.0,
+        config=True,
+        help="""Seconds between a claim and the start of its pool's refill, so that the
+        claimed kernel answers its first messages while no container or pod is starting.""",
     )
     drain_timeout = Int(
         60,
@@ -83,6 +97,15 @@ class KernelPools(SingletonConfigurable):
         with self._lock:
             pools = list(self._pools.values())
         return self.max_total - sum(p.held for p in pools if not p.closed)
+
+    def starting_room(self) -> int:
+        """Warm kernels that may still start now under ``max_starting`` (on the pool loop)."""
+        return self.max_starting - sum(p.starting for p in self.pools())
+
+    def fill_all(self) -> None:
+        """Let every open pool start what it lacks (on the pool loop)."""
+        for pool in self.pools():
+            pool.fill()
 
     def pools(self) -> list[WarmPool]:
         with self._lock:

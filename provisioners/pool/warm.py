@@ -91,12 +91,15 @@ class WarmPool:
         if wait > 0:
             self._later(wait)
             return
-        while self.held < self.size and self._counter.room() > 0:
+        while (
+            self.held < self.size and self._counter.room() > 0 and self._counter.starting_room() > 0
+        ):
             self.starting += 1
             self._spawn(self._start_one())
 
     async def take(self) -> ClusterProvisioner | None:
-        """A ready warm kernel (dead ones are removed on the way), then refill."""
+        """A ready warm kernel (dead ones are removed on the way); the refill starts
+        ``refill_delay`` later, not during the claimed kernel's first messages."""
         found = None
         while self.ready and found is None:
             warm = self.ready.popleft()
@@ -107,7 +110,7 @@ class WarmPool:
                     "Warm %s kernel %s had exited; removing it", self.target, warm.kernel_id
                 )
                 self._spawn(self._remove(warm))
-        self.fill()
+        self._later(self._counter.refill_delay)
         return found
 
     def give_back(self, warm: ClusterProvisioner) -> None:
@@ -184,7 +187,7 @@ class WarmPool:
                 )
         finally:
             self.starting -= 1
-        self.fill()
+        self._counter.fill_all()
 
     async def _remove(self, warm: ClusterProvisioner) -> None:
         try:
@@ -228,3 +231,4 @@ async def answers_kernel_info(info: Any, timeout: float) -> None:
                     raise TimeoutError(msg) from None
     finally:
         client.stop_channels()
+        client.context.destroy(linger=0)
