@@ -18,6 +18,7 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
+from provisioners.docker import DockerClusterProvisioner
 from provisioners.exceptions import ProvisionerConfigError
 from provisioners.pool import KernelPools
 from provisioners.targets import provisioner_for
@@ -219,6 +220,35 @@ async def test_a_claim_the_engine_refuses_starts_cold_and_removes_the_warm_kerne
         await km.shutdown_kernel(now=True)
     finally:
         blocker.remove(force=True)
+
+
+async def test_a_claimed_kernel_reattaches_in_another_manager(
+    docker_client: Any, kernel_manager: Any
+) -> None:
+    km = docker_kernels(kernel_manager, "pooled-reattach", 1)()
+    fill(km)
+    await wait_for(ready("pooled-reattach", 1), FILL_TIMEOUT, "a warm kernel")
+    await km.start_kernel(kernel_id=str(uuid.uuid4()))
+    assert claimed(km)
+    await KernelPools.instance().drain()
+    await execute(km, "state = 'kept'")
+    info = json.loads(json.dumps(await km.provisioner.get_provisioner_info()))  # type: ignore[union-attr]
+    assert info["kernel_id"] == km.kernel_id and km.session.key.decode() not in json.dumps(
+        info["state"]
+    )
+    fresh = DockerClusterProvisioner(
+        kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, image=KERNEL_TEST_IMAGE
+    )
+    await fresh.load_provisioner_info(info)
+    assert await fresh.poll() is None
+    km2 = AsyncKernelManager(kernel_name=km.kernel_name, kernel_spec_manager=km.kernel_spec_manager)
+    km2.kernel_id = km.kernel_id
+    km2.provisioner = fresh
+    km2.load_connection_info(fresh.connection_info)
+    assert (await execute(km2, "print(state)"))["stdout"] == "kept\n"
+    await km2.shutdown_kernel(now=True)
+    await km.shutdown_kernel(now=True)  # the first manager copes with a gone container
+    assert not our_containers(docker_client)
 
 
 async def test_first_start_fills_the_pool_and_a_claimed_kernel_restarts_in_place(
