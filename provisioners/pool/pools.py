@@ -11,7 +11,6 @@ orphan sweeps remove them.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +21,6 @@ from .warm import POOL_ID_PREFIX, PoolLoop, WarmPool, pool_key
 
 if TYPE_CHECKING:
     from ..base import ClusterProvisioner
-
-log = logging.getLogger(__name__)
 
 
 class KernelPools(SingletonConfigurable):
@@ -87,7 +84,7 @@ class KernelPools(SingletonConfigurable):
             if self._loop is None:
                 self._loop = PoolLoop.hold(self)
             loop = self._loop
-        log.info(
+        self.log.info(
             "Kernel pool %r (%s): keeping %d warm kernel(s)", pool.spec_name, pool.target, pool.size
         )
         loop.loop.call_soon_threadsafe(pool.fill)
@@ -167,7 +164,7 @@ class KernelPools(SingletonConfigurable):
         try:
             asyncio.run(asyncio.wait_for(self.drain(), self.drain_timeout))
         except Exception as exc:
-            log.warning("Draining the kernel pools at exit failed: %s", exc)
+            self.log.warning("Draining the kernel pools at exit failed: %s", exc)
 
 
 async def _drain_all(pools: list[WarmPool]) -> None:

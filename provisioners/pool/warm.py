@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,8 +22,6 @@ from ..loopthread import LoopThread
 
 if TYPE_CHECKING:
     from ..base import ClusterProvisioner
-
-log = logging.getLogger(__name__)
 
 #: Prefix of a warm kernel's id until it is claimed.
 POOL_ID_PREFIX = "pool-"
@@ -61,6 +58,9 @@ class WarmPool:
         self.key = pool_key(template)
         self.spec_name = template.spec_name
         self.target = template.target
+        #: The server's log (the template provisioner's), not a module logger that
+        #: Jupyter Server does not show.
+        self.log = template.log
         self.size = template.pool_size
         self._cls = type(template)
         self._kernel_spec = template.kernel_spec
@@ -106,7 +106,7 @@ class WarmPool:
             if await warm.poll() is None:
                 found = warm
             else:
-                log.warning(
+                self.log.warning(
                     "Warm %s kernel %s had exited; removing it", self.target, warm.kernel_id
                 )
                 self._spawn(self._remove(warm))
@@ -161,7 +161,7 @@ class WarmPool:
             self.failures += 1
             delay = min(60.0, 2.0 ** min(self.failures, 6))
             self._retry_at = time.monotonic() + delay
-            log.warning(
+            self.log.warning(
                 "Kernel pool %r (%s): a warm kernel failed to start; retrying in %g s: %s",
                 self.spec_name,
                 self.target,
@@ -177,7 +177,7 @@ class WarmPool:
                 await self._remove(warm)
             else:
                 self.ready.append(warm)
-                log.info(
+                self.log.info(
                     "Kernel pool %r (%s): warm kernel %s ready (%d of %d)",
                     self.spec_name,
                     self.target,
@@ -193,7 +193,7 @@ class WarmPool:
         try:
             await warm.cleanup(restart=False)
         except Exception as exc:  # cleanup itself records what is left for a retry
-            log.warning("Warm kernel %s: removal failed: %s", warm.kernel_id, exc)
+            self.log.warning("Warm kernel %s: removal failed: %s", warm.kernel_id, exc)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
