@@ -135,3 +135,22 @@ SUITE_COUNTS: dict[tuple[str, str], int] = {}
 def count(what: str, target: str, n: int = 1) -> None:
     """Add ``n`` to the end-of-run summary line for ``what`` on ``target``."""
     SUITE_COUNTS[(what, target)] = SUITE_COUNTS.get((what, target), 0) + n
+
+
+async def reattached_manager(km: AsyncKernelManager, info: dict[str, Any]) -> AsyncKernelManager:
+    """A fresh manager adopting a Docker kernel from ``info`` (``get_provisioner_info``),
+    as another server process would: it checks the kernel runs, and returns the manager."""
+    from provisioners.docker import DockerClusterProvisioner
+
+    fresh = DockerClusterProvisioner(
+        kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, image=KERNEL_TEST_IMAGE
+    )
+    await fresh.load_provisioner_info(info)
+    assert await fresh.poll() is None
+    adopted = AsyncKernelManager(
+        kernel_name=km.kernel_name, kernel_spec_manager=km.kernel_spec_manager
+    )
+    adopted.kernel_id = km.kernel_id
+    adopted.provisioner = fresh
+    adopted.load_connection_info(fresh.connection_info)
+    return adopted

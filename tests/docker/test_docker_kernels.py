@@ -9,14 +9,13 @@ import logging
 import docker
 import nbformat
 import pytest
-from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 from provisioners.base import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.docker import LABEL_OWNER, LABEL_PORTS, DockerClusterProvisioner
 from provisioners.owner import ServerIdentity
-from tests.helpers import KERNEL_TEST_IMAGE, count, execute, interrupt_busy_loop
+from tests.helpers import count, execute, interrupt_busy_loop, reattached_manager
 
 pytestmark = pytest.mark.docker
 
@@ -119,16 +118,8 @@ async def test_provisioner_info_reconnects(docker_kernels) -> None:
     info = json.loads(json.dumps(await km.provisioner.get_provisioner_info()))
     assert info["target"] == "docker" and info["state"]["container_id"]
 
-    fresh = DockerClusterProvisioner(
-        kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, image=KERNEL_TEST_IMAGE
-    )
-    await fresh.load_provisioner_info(info)
-    assert await fresh.poll() is None
     # a fresh KernelManager adopts the rebuilt provisioner: it runs code and stops the kernel
-    km2 = AsyncKernelManager(kernel_name=km.kernel_name, kernel_spec_manager=km.kernel_spec_manager)
-    km2.kernel_id = km.kernel_id
-    km2.provisioner = fresh
-    km2.load_connection_info(fresh.connection_info)
+    km2 = await reattached_manager(km, info)
     assert (await execute(km2, "print(state)"))["stdout"] == "kept\n"
     await km2.shutdown_kernel(now=True)
     assert tracker.containers(km.kernel_id) == []

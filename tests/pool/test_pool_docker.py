@@ -18,11 +18,10 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
-from provisioners.docker import DockerClusterProvisioner
 from provisioners.exceptions import ProvisionerConfigError
 from provisioners.pool import KernelPools
 from provisioners.targets import provisioner_for
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, execute
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, execute, reattached_manager
 from tests.pool.conftest import our_containers, ready, wait_for
 
 pytestmark = pytest.mark.docker
@@ -236,15 +235,7 @@ async def test_a_claimed_kernel_reattaches_in_another_manager(
     assert info["kernel_id"] == km.kernel_id and km.session.key.decode() not in json.dumps(
         info["state"]
     )
-    fresh = DockerClusterProvisioner(
-        kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, image=KERNEL_TEST_IMAGE
-    )
-    await fresh.load_provisioner_info(info)
-    assert await fresh.poll() is None
-    km2 = AsyncKernelManager(kernel_name=km.kernel_name, kernel_spec_manager=km.kernel_spec_manager)
-    km2.kernel_id = km.kernel_id
-    km2.provisioner = fresh
-    km2.load_connection_info(fresh.connection_info)
+    km2 = await reattached_manager(km, info)
     assert (await execute(km2, "print(state)"))["stdout"] == "kept\n"
     await km2.shutdown_kernel(now=True)
     await km.shutdown_kernel(now=True)  # the first manager copes with a gone container
