@@ -84,6 +84,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         self._tunnels: KernelTunnels | None = None
         self._curve_keys: tuple[bytes, bytes] | None = None
         self._restarting = False
+        self._settle_clients = False  # a restart: clients' sockets are reconnecting
         self._started = False
         #: None, or the ``restart`` flag of a removal that failed and is to be retried.
         self._pending_removal: bool | None = None
@@ -139,6 +140,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                 await self._runner.executor.run(
                     ClusterPortCache.instance().release, self.allocation_owner, discarded
                 )
+            self._settle_clients = True
         else:
             from .pool.claim import claim_warm_kernel
 
@@ -210,6 +212,9 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
             self.connection_info = await self._connect()
             if self._curve_keys is not None:
                 await self._confirm_encryption()
+            if self._settle_clients:
+                self._settle_clients = False
+                await runner.settle_clients()
             runner.progress("ready", "the kernel's channels are reachable")
         except BaseException as exc:
             self.log.warning(

@@ -135,6 +135,10 @@ class EngineHooks:
         ``restart`` the engine session (client, SSH link) may be kept for the next start.
         """
 
+    async def settle_clients(self) -> None:
+        """After a restart: return once sockets that clients kept open through it (a
+        notebook's iopub, reconnecting by itself) can reach the new kernel. Never raises."""
+
     async def claim_kernel(self, pool_id: str) -> None:
         """Rename what a warm kernel started as ``pool_id`` to :attr:`kernel_id` (names,
         labels, annotations), so that ``list``, ``cleanup`` and the orphan sweep see it

@@ -69,6 +69,11 @@ from .settings import DockerSettings
 _PROBE_INTERVAL = 0.05
 
 
+#: Seconds after a container's start by which docker-proxy's retried dial has reached
+#: the kernel (a TCP SYN retransmission is 1 s).
+_PROXY_SETTLE = 1.3
+
+
 class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ignore[metaclass]
     """Starts each kernel in a Docker container and publishes its five ports."""
 
@@ -82,6 +87,7 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
         self.container_ip = ""
         #: The kernel id the container was created for (its kernel dir's name).
         self._dir_id = ""
+        self._started_at = 0.0
         self._client: docker.DockerClient | None = None
         self._daemon_key = ""
         self._pending_create: asyncio.Future[Any] | None = None
@@ -245,6 +251,7 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
         try:
             await self.executor.run(container.put_archive, posixpath.dirname(folder), archive)
             await self.executor.run(container.start)
+            self._started_at = time.monotonic()
         except ENGINE_ERRORS as exc:
             msg = f"container {name} from image {self.image!r} failed to start: {exc}"
             raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
@@ -439,6 +446,17 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
                 )
             )
         return rows
+
+    async def settle_clients(self) -> None:
+        """docker-proxy accepts a client's reconnect once the container starts but may dial
+        it before its network is up, then waits out a TCP SYN retransmission (1 s): a
+        notebook's iopub reconnecting during a restart lost the output of a request sent
+        at once ("Restart and Run All"). Report the restart done only after that."""
+        if self.connect_via_container_ip or self.ssh_server or not self._started_at:
+            return
+        wait = self._started_at + _PROXY_SETTLE - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def claim_kernel(self, pool_id: str) -> None:
         """Rename the warm kernel's container after the kernel id it now serves."""

@@ -162,3 +162,28 @@ async def test_early_death_auto_restart_keeps_the_notebook_working(
     assert "restarting kernel (1/5), new random ports" in server.log()
     status, _ = server.request("DELETE", f"api/sessions/{model['id']}")
     assert status == 204
+
+
+async def test_restart_and_run_at_once_keeps_every_output(server: JupyterServer) -> None:
+    """JupyterLab's "Restart and Run All": a REST restart, then a request sent the moment
+    it returns, on the notebook's open websocket. The websocket's iopub socket reconnects
+    through docker-proxy by itself; it lost the output (and the idle status) of that
+    first request when the restart was reported before its reconnect reached the kernel.
+    Other Docker kernels in the same server made that likely."""
+    _spec(server, "rerun", {})
+    kernels = [server.request("POST", "api/kernels", {"name": "rerun"})[1] for _ in range(3)]
+    assert all("id" in k for k in kernels), kernels
+    kernel_id, session = kernels[-1]["id"], uuid.uuid4().hex
+    async with connect(
+        server.ws_url(kernel_id, session), additional_headers=server.ws_headers()
+    ) as ws:
+        assert (await ws_execute(ws, session, "print('before')"))["stdout"] == "before\n"
+        for round_ in range(5):
+            status, _ = await asyncio.to_thread(
+                server.request, "POST", f"api/kernels/{kernel_id}/restart", None
+            )
+            assert status == 200
+            out = await ws_execute(ws, session, f"print('run {round_}')", timeout=15)
+            assert out["stdout"] == f"run {round_}\n", f"restart {round_}: {out}"
+    for kernel in kernels:
+        assert server.request("DELETE", f"api/kernels/{kernel['id']}")[0] == 204
