@@ -135,12 +135,12 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         if self._restarting:
             # Before any await: the kernel manager zeroed its ports for newports=True.
             tunneled = self._tunnels is not None and not self._runner.fallback_for
-            self._ports, discarded = self._spare_ports.take(self, tunneled)
+            kept, (self._ports, discarded) = self._ports, self._spare_ports.take(self, tunneled)
             if discarded:
                 await self._runner.executor.run(
                     ClusterPortCache.instance().release, self.allocation_owner, discarded
                 )
-            self._settle_clients = True
+            self._settle_clients = self._ports == kept  # new ports: clients connect anew
         else:
             from .pool.claim import claim_warm_kernel
 
