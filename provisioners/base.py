@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 import uuid
@@ -47,7 +46,7 @@ from .hooks import PORT_NAMES, EngineHooks
 from .newports import SparePorts
 from .owner import ServerIdentity
 from .progress import ProgressStep, log_step
-from .settings import SharedSettings
+from .settings import SharedSettings, is_request_input, requested_env_names
 
 if TYPE_CHECKING:
     from .connection.tunnels import KernelTunnels
@@ -463,7 +462,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         self._curve_keys = warm._curve_keys
         self._tunnels, warm._tunnels = warm._tunnels, None
         self.connection_info = warm.connection_info
-        self._started = self._claimed = True
+        self._claimed = True
         self._stopped = False
         km: Any = self.parent
         if self._curve_keys is not None and hasattr(km, "curve_publickey"):
@@ -504,8 +503,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
             env = {
                 k: v
                 for k, v in env.items()
-                if k in spec_env
-                or (k in requested and (k.startswith("KERNEL_") or k == "JPY_SESSION_NAME"))
+                if k in spec_env or (k in requested and is_request_input(k))
             }
             if runner.fallback_for:
                 env = fallback_env(env)
@@ -587,12 +585,6 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
             ClusterPortCache.instance().release(self.allocation_owner)
             self._ports = []
             self._spare_ports.ports = []
-
-
-def requested_env_names(env: dict[str, str] | None) -> set[str]:
-    """Names the start request itself set: jupyter_server passes the server's environment
-    along with them, so a value equal to the server's own is the server's."""
-    return {k for k, v in (env or {}).items() if os.environ.get(k) != v}
 
 
 def _describe(exc: BaseException) -> str:

@@ -247,3 +247,15 @@ def kernelspec_name(kernel_spec: Any, parent: Any = None) -> str:
         or getattr(parent, "kernel_name", "")
         or getattr(kernel_spec, "display_name", "")
     )
+
+
+def is_request_input(name: str) -> bool:
+    """Whether a start request's variable ``name`` reaches a kernel that does not inherit
+    the server's environment (``KERNEL_*`` values and ``JPY_SESSION_NAME``)."""
+    return name.startswith("KERNEL_") or name == "JPY_SESSION_NAME"
+
+
+def requested_env_names(env: dict[str, str] | None) -> set[str]:
+    """Names the start request itself set: jupyter_server passes the server's environment
+    along with them, so a value equal to the server's own is the server's."""
+    return {k for k, v in (env or {}).items() if os.environ.get(k) != v}

@@ -20,8 +20,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from ..base import requested_env_names
 from ..connection.ports import ClusterPortCache
+from ..settings import is_request_input, requested_env_names
 from .pools import KernelPools
 
 if TYPE_CHECKING:
@@ -32,11 +32,7 @@ def cold_reason(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> str:
     """Why the request in ``kwargs`` cannot be served by a warm kernel ('' if it can)."""
     requested = requested_env_names(kwargs.get("env"))
     passed = {
-        name
-        for name in requested
-        if provisioner.inherit_server_env
-        or name.startswith("KERNEL_")
-        or name == "JPY_SESSION_NAME"
+        name for name in requested if provisioner.inherit_server_env or is_request_input(name)
     }
     missing = sorted(passed - set(provisioner.pool_optional_env))
     if missing:
