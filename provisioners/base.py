@@ -32,6 +32,7 @@ from .connection.ports import (
     LOCAL_HOST,
     ClusterPortCache,
 )
+from .connection.readiness import SUBSCRIBER_RECONNECT, wait_until_answering
 from .exceptions import (
     EngineUnavailableError,
     KernelStartError,
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from .connection.tunnels import KernelTunnels
 
 PROVISIONER_INFO_VERSION = 1
+#: Seconds between two checks that a restarted kernel is still alive while it is probed.
+_DEATH_CHECK = 0.5
 
 
 class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  # type: ignore[misc,metaclass]
@@ -213,7 +216,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                 await self._confirm_encryption()
             if self._settle_clients:
                 self._settle_clients = False
-                await runner.settle_clients()
+                await self._let_clients_reconnect()
             runner.progress("ready", "the kernel's channels are reachable")
         except BaseException as exc:
             self.log.warning(
@@ -477,6 +480,34 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
             raise TransportEncryptionError(
                 msg, target=self.target, kernel_id=self.kernel_id
             ) from None
+
+    async def _let_clients_reconnect(self) -> None:
+        """A restart on the same ports: the clients' sockets reconnect by themselves, and
+        Jupyter Server reports a restart done once the provisioner has launched the kernel.
+        What the kernel publishes before a client's subscription reaches it is lost (the
+        reply to a request sent at once came without its output or idle status). So wait
+        until the kernel answers on shell and iopub, then for a subscriber's reconnect
+        interval, then for the engine's own settling (:meth:`EngineHooks.settle_clients`)."""
+        left = max(1.0, self.launch_timeout - (time.monotonic() - self._start_clock))
+        probe = asyncio.ensure_future(wait_until_answering(self.connection_info, left))
+        try:
+            while not (await asyncio.wait({probe}, timeout=_DEATH_CHECK))[0]:
+                if await self._runner.poll_kernel() is not None:
+                    return  # it died: the kernel's restarter, not its clients, comes next
+            probe.result()
+        except Exception as exc:  # the restart stands; a client may wait for a status
+            self.log.warning(
+                "Kernel %s: restarted, but clients may miss its first messages: %s",
+                self.kernel_id,
+                _describe(exc),
+            )
+        else:
+            await asyncio.sleep(SUBSCRIBER_RECONNECT)
+        finally:
+            if not probe.done():
+                probe.cancel()
+                await asyncio.gather(probe, return_exceptions=True)
+        await self._runner.settle_clients()
 
     async def _confirm_encryption(self) -> None:
         """Fail the start unless the kernel completes a Curve handshake (ipykernel >= 7.4)."""

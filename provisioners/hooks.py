@@ -136,8 +136,10 @@ class EngineHooks:
         """
 
     async def settle_clients(self) -> None:
-        """After a restart: return once sockets that clients kept open through it (a
-        notebook's iopub, reconnecting by itself) can reach the new kernel. Never raises."""
+        """After a restart on the same ports, once the kernel answers on shell and iopub:
+        return once sockets that clients kept open through it (a notebook's iopub,
+        reconnecting by itself) can reach the new kernel, where the engine's relays make
+        that later (docker-proxy). Never raises."""
 
     async def claim_kernel(self, pool_id: str) -> None:
         """Rename what a warm kernel started as ``pool_id`` to :attr:`kernel_id` (names,

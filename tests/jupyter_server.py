@@ -232,11 +232,20 @@ async def ws_request(
     out = Output()
     idle = False
     deadline = time.monotonic() + timeout
+    seen: list[str] = []  # what came instead, for the failure message
     while out.reply is None or not idle:
         remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no reply / idle status for {msg['msg_type']}: {out}"
-        reply = json.loads(await asyncio.wait_for(ws.recv(), remaining))
+        try:
+            reply = json.loads(await asyncio.wait_for(ws.recv(), max(remaining, 0)))
+        except TimeoutError:
+            missing = " and no ".join(
+                name for name, done in (("reply", out.reply), ("idle status", idle)) if not done
+            )
+            what = f"no {missing} for {msg['msg_type']} in {timeout:g} s"
+            raise AssertionError(f"{what}; other messages: {seen[-20:]}; {out}") from None
         if reply.get("parent_header", {}).get("msg_id") != msg["msg_id"]:
+            state = reply.get("content", {}).get("execution_state", "")
+            seen.append(f"{reply.get('channel')}:{reply.get('msg_type')}:{state}".rstrip(":"))
             continue
         if reply["channel"] == "shell" and reply["msg_type"].endswith("_reply"):
             out.reply = reply["content"]

@@ -16,8 +16,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from jupyter_client.asynchronous import AsyncKernelClient
-
+from ..connection.readiness import wait_until_answering
 from ..loopthread import LoopThread
 
 if TYPE_CHECKING:
@@ -152,7 +151,7 @@ class WarmPool:
             cmd = kwargs.pop("cmd")
             await warm.launch_kernel(cmd, **kwargs)
             await warm.post_launch(**kwargs)
-            await answers_kernel_info(warm.connection_info, warm.launch_timeout)
+            await wait_until_answering(warm.connection_info, warm.launch_timeout)
         except asyncio.CancelledError:
             if warm is not None:
                 await asyncio.shield(self._remove(warm))
@@ -208,27 +207,3 @@ class WarmPool:
     def _retry(self) -> None:
         self._timer = None
         self.fill()
-
-
-async def answers_kernel_info(info: Any, timeout: float) -> None:
-    """Return once the kernel at ``info`` answers a ``kernel_info_request`` (its own key)."""
-    client = AsyncKernelClient()
-    client.load_connection_info(info)
-    client.start_channels(iopub=False, stdin=False, hb=False, control=False)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            msg_id = client.kernel_info()
-            try:
-                while True:
-                    left = max(0.1, min(1.0, deadline - time.monotonic()))
-                    reply = await client.get_shell_msg(timeout=left)
-                    if reply["parent_header"].get("msg_id") == msg_id:
-                        return
-            except Exception:
-                if time.monotonic() > deadline:
-                    msg = f"the warm kernel did not answer kernel_info within {timeout:g} s"
-                    raise TimeoutError(msg) from None
-    finally:
-        client.stop_channels()
-        client.context.destroy(linger=0)

@@ -298,7 +298,11 @@ class ServerDriver(Driver):
         await self.wait_for_ready()
 
     async def wait_for_ready(self) -> None:
-        await ws_request(self.ws, message(self.session, "kernel_info_request", {}), TIMEOUT)
+        msg = message(self.session, "kernel_info_request", {})
+        try:
+            await ws_request(self.ws, msg, TIMEOUT)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nserver log:\n{self.server.log()[-6000:]}") from None
 
     async def execute(self, code: str) -> Output:
         return await ws_request(self.ws, execute_request(self.session, code), TIMEOUT)

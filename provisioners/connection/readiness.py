@@ -1,0 +1,70 @@
+"""Whether a kernel answers on its channels, reached the way its clients reach it.
+
+A client's iopub socket only gets what the kernel publishes after the client's
+subscription has reached the kernel: a status published earlier is lost. Jupyter
+Server checks this with repeated ``kernel_info_request`` s when a websocket opens; a
+restarted kernel gets no such check for the sockets that were open before, so a
+provisioner reports a restart done only after :func:`wait_until_answering`.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any
+
+from jupyter_client.asynchronous import AsyncKernelClient
+
+__all__ = ["SUBSCRIBER_RECONNECT", "wait_until_answering"]
+
+#: Longest a subscriber with libzmq's default reconnect settings waits between two
+#: connection attempts (``ZMQ_RECONNECT_IVL`` of 100 ms plus a jitter of up to as much),
+#: with a margin.
+SUBSCRIBER_RECONNECT = 0.3
+#: First interval between two requests; it doubles up to :data:`_RETRY_MAX`.
+_RETRY_FIRST = 0.2
+_RETRY_MAX = 1.0
+_POLL = 0.05
+
+
+async def wait_until_answering(info: Any, timeout: float, *, iopub: bool = True) -> None:
+    """Return once the kernel at ``info`` answers a ``kernel_info_request`` on its shell
+    channel and (with ``iopub``) publishes a status for one to this client's subscriber.
+
+    Requests repeat, at growing intervals, until both arrive. Raises :class:`TimeoutError`
+    after ``timeout`` seconds; connection errors of the client propagate.
+    """
+    client = AsyncKernelClient()
+    client.load_connection_info(info)
+    client.start_channels(shell=True, iopub=iopub, stdin=False, hb=False, control=False)
+    sent: set[str] = set()
+    replied = published = False
+    try:
+        deadline = time.monotonic() + timeout
+        retry = _RETRY_FIRST
+        while True:
+            sent.add(client.kernel_info())
+            resend_at = min(deadline, time.monotonic() + retry)
+            retry = min(retry * 2, _RETRY_MAX)
+            while time.monotonic() < resend_at:
+                replied = replied or await _got_answer(client.get_shell_msg, sent)
+                if iopub:
+                    published = published or await _got_answer(client.get_iopub_msg, sent)
+                if replied and (published or not iopub):
+                    return
+            if time.monotonic() >= deadline:
+                missing = "a kernel_info reply" if not replied else "an iopub status"
+                msg = f"the kernel sent no {missing} within {timeout:g} s"
+                raise TimeoutError(msg)
+    finally:
+        client.stop_channels()
+        client.context.destroy(linger=0)
+
+
+async def _got_answer(get_msg: Any, sent: set[str]) -> bool:
+    """Whether the next message on a channel (within a short poll) answers one of ``sent``."""
+    try:
+        msg = await get_msg(timeout=_POLL)
+    except queue.Empty:
+        return False
+    return msg.get("parent_header", {}).get("msg_id") in sent
