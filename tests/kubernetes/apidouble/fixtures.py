@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from provisioners.k8s.loop import EngineLoop
 from tests.helpers import KERNEL_TEST_IMAGE, skip_or_fail
 from tests.kubernetes.apidouble.double import K8sDouble
 
@@ -63,6 +64,9 @@ def shared_double() -> Iterator[K8sDouble]:
             _shared["users"] = int(_shared["users"]) - 1  # type: ignore[call-overload]
             if _shared["users"] == 0:
                 _shared["double"] = None
+                # The Kubernetes engine loop lives until interpreter exit; stopped first,
+                # its pod watches do not see the API go away (and log their retries).
+                EngineLoop.shutdown()
                 double.stop()
 
 
