@@ -15,12 +15,16 @@ from typing import Any
 
 from jupyter_client.asynchronous import AsyncKernelClient
 
-__all__ = ["SUBSCRIBER_RECONNECT", "wait_until_answering"]
+__all__ = ["IOPUB_AFTER_REPLY", "SUBSCRIBER_RECONNECT", "wait_until_answering"]
 
 #: Longest a subscriber with libzmq's default reconnect settings waits between two
 #: connection attempts (``ZMQ_RECONNECT_IVL`` of 100 ms plus a jitter of up to as much),
 #: with a margin.
 SUBSCRIBER_RECONNECT = 0.3
+#: Longest wait for an iopub status once the kernel has answered on its shell channel
+#: (Jupyter Server's own check waits for both too; a kernel that never publishes one
+#: does not hold a restart for the whole ``launch_timeout``).
+IOPUB_AFTER_REPLY = 10.0
 #: First interval between two requests; it doubles up to :data:`_RETRY_MAX`.
 _RETRY_FIRST = 0.2
 _RETRY_MAX = 1.0
@@ -32,7 +36,8 @@ async def wait_until_answering(info: Any, timeout: float, *, iopub: bool = True)
     channel and (with ``iopub``) publishes a status for one to this client's subscriber.
 
     Requests repeat, at growing intervals, until both arrive. Raises :class:`TimeoutError`
-    after ``timeout`` seconds; connection errors of the client propagate.
+    after ``timeout`` seconds, or :data:`IOPUB_AFTER_REPLY` seconds after the first reply
+    when no status came; connection errors of the client propagate.
     """
     client = AsyncKernelClient()
     client.load_connection_info(info)
@@ -47,14 +52,18 @@ async def wait_until_answering(info: Any, timeout: float, *, iopub: bool = True)
             resend_at = min(deadline, time.monotonic() + retry)
             retry = min(retry * 2, _RETRY_MAX)
             while time.monotonic() < resend_at:
-                replied = replied or await _got_answer(client.get_shell_msg, sent)
+                if not replied and await _got_answer(client.get_shell_msg, sent):
+                    replied = True
+                    deadline = min(deadline, time.monotonic() + IOPUB_AFTER_REPLY)
                 if iopub:
                     published = published or await _got_answer(client.get_iopub_msg, sent)
                 if replied and (published or not iopub):
                     return
             if time.monotonic() >= deadline:
-                missing = "a kernel_info reply" if not replied else "an iopub status"
-                msg = f"the kernel sent no {missing} within {timeout:g} s"
+                if replied:
+                    msg = f"the kernel answered but published no status for {IOPUB_AFTER_REPLY:g} s"
+                else:
+                    msg = f"the kernel sent no kernel_info reply within {timeout:g} s"
                 raise TimeoutError(msg)
     finally:
         client.stop_channels()

@@ -258,6 +258,35 @@ async def test_a_refused_claim_starts_cold(
     await km.shutdown_kernel()
 
 
+async def test_a_pool_filling_while_the_api_refuses_pods_backs_off_and_recovers(
+    kube: Kube,
+    kube_api: KubeClient,
+    kernel_manager: MakeKM,
+    pools: KernelPools,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fault in the middle of a fill: the API refuses pod creation. Each failed warm
+    start is logged with its retry delay and leaves no Secret behind; once the API
+    serves again, the pool fills and a start claims a kernel that runs code."""
+    if kube.forbid is None:
+        pytest.skip("needs the API double's forbid()")
+    caplog.set_level(logging.INFO)
+    km = kernel_manager(PROVISIONER, kube.config(pool_size=1), **kube.spec(name="faulty"))
+    with kube.forbid("create", "pods"):
+        new_provisioner(km)  # creates the pool, which starts filling
+        deadline = asyncio.get_running_loop().time() + 60
+        while "a warm kernel failed to start; retrying in" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, caplog.text[-3000:]
+            await asyncio.sleep(0.2)
+        assert await leftovers(kube_api, kube.namespace) == []
+        assert not await warm_pods(kube_api, kube)
+    await ready_pool("faulty", 1, timeout=120)
+    await km.start_kernel()
+    assert pod_of(km).pod_name.startswith("kernel-pool-")
+    assert (await execute(km, "print('recovered')"))["stdout"] == "recovered\n"
+    await km.shutdown_kernel()
+
+
 #: A "server" with a pooled kernelspec: a cold start (which creates the pool), a claimed
 #: one once the pool is full, then the pool full again; it reports and waits to be killed.
 SERVER = """
