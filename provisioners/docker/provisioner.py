@@ -451,7 +451,7 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
         """docker-proxy accepts a client's reconnect once the container starts but may dial
         it before its network is up, then waits out a TCP SYN retransmission (1 s): a
         notebook's iopub reconnecting during a restart lost the output of a request sent
-        at once ("Restart and Run All"). Report the restart done only after that."""
+        at once. Report the restart done only after that."""
         if self.connect_via_container_ip or self.ssh_server or not self._started_at:
             return
         wait = self._started_at + _PROXY_SETTLE - time.monotonic()

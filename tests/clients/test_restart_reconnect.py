@@ -2,11 +2,12 @@
 
 Jupyter Server answers ``POST /api/kernels/<id>/restart`` once the provisioner has
 launched the new kernel; the websocket's ZMQ sockets reconnect by themselves. A request
-sent the moment the restart returns (a notebook's "Restart and Run All", a client that
-keeps its websocket) must still get its reply, its output and its idle status: what the
-kernel publishes before the websocket's iopub subscription reaches it is lost. Before
-provisioners waited for that (:mod:`provisioners.connection.readiness`), a local kernel
-lost the idle status of about one restart in three.
+sent the moment the restart returns, on a websocket kept open through it (a client that
+does not reconnect after a restart, or any client through an automatic restart), must
+still get its reply, its output and its idle status: what the kernel publishes before
+the websocket's iopub subscription reaches it is lost. Before provisioners waited for
+that (:mod:`provisioners.connection.readiness`), a local kernel lost the idle status of
+about one restart in three.
 """
 
 from __future__ import annotations

@@ -165,11 +165,12 @@ async def test_early_death_auto_restart_keeps_the_notebook_working(
 
 
 async def test_restart_and_run_at_once_keeps_every_output(server: JupyterServer) -> None:
-    """JupyterLab's "Restart and Run All": a REST restart, then a request sent the moment
-    it returns, on the notebook's open websocket. The websocket's iopub socket reconnects
-    through docker-proxy by itself; it lost the output (and the idle status) of that
-    first request when the restart was reported before its reconnect reached the kernel.
-    Other Docker kernels in the same server made that likely."""
+    """A REST restart, then a request sent the moment it returns, on a websocket kept
+    open through it (JupyterLab opens a new one after its own restarts; other clients,
+    and every client through an automatic restart, keep theirs). The websocket's iopub
+    socket reconnects through docker-proxy by itself; it lost the output (and the idle
+    status) of that first request when the restart was reported before its reconnect
+    reached the kernel. Other Docker kernels in the same server made that likely."""
     _spec(server, "rerun", {})
     kernels = [server.request("POST", "api/kernels", {"name": "rerun"})[1] for _ in range(3)]
     assert all("id" in k for k in kernels), kernels
