@@ -232,21 +232,29 @@ asyncio.run(main())
 """
 
 
+async def run_pooled_script(
+    script: str, kernel_dir: Path, spec: str, pool_size: int, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """Write Docker kernelspec ``spec`` with a pool of ``pool_size`` into ``kernel_dir``
+    and run ``script`` (argv: ``kernel_dir``, ``spec``, ``args``) in a process of its own."""
+    config = {"image": KERNEL_TEST_IMAGE, "sweep_on_start": False, "pool_size": pool_size}
+    write_kernelspec(kernel_dir, spec, DOCKER, config, argv=CONTAINER_ARGV)
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script, str(kernel_dir), spec, *args],
+        capture_output=True,
+        text=True,
+        timeout=FILL_TIMEOUT * 2 + 120,
+        env=dict(os.environ),
+    )
+
+
 async def test_a_process_exiting_drains_its_pools(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
     spec = f"exit-{uuid.uuid4().hex[:8]}"
-    config = {"image": KERNEL_TEST_IMAGE, "sweep_on_start": False, "pool_size": 2}
-    write_kernelspec(tmp_path / "kernels", spec, DOCKER, config, argv=CONTAINER_ARGV)
     try:
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-c", EXITING, str(tmp_path / "kernels"), spec],
-            capture_output=True,
-            text=True,
-            timeout=FILL_TIMEOUT + 60,
-            env=dict(os.environ),
-        )
+        done = await run_pooled_script(EXITING, tmp_path / "kernels", spec, 2)
         assert done.returncode == 0 and "FILLED" in done.stdout, done.stderr
         assert not spec_containers(docker_client, spec)  # drained at interpreter exit
     finally:

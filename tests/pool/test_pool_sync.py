@@ -5,19 +5,14 @@ at interpreter exit."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import docker
 import pytest
 
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
-from tests.pool.test_pool_server import DOCKER, FILL_TIMEOUT, spec_containers
+from tests.pool.test_pool_server import FILL_TIMEOUT, run_pooled_script, spec_containers
 
 pytestmark = pytest.mark.docker
 
@@ -79,16 +74,9 @@ async def test_a_blocking_client_claims_runs_restarts_and_exit_drains(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
     spec = f"sync-{uuid.uuid4().hex[:8]}"
-    config = {"image": KERNEL_TEST_IMAGE, "sweep_on_start": False, "pool_size": 1}
-    write_kernelspec(tmp_path / "kernels", spec, DOCKER, config, argv=CONTAINER_ARGV)
     try:
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-c", SYNC_CLIENT, str(tmp_path / "kernels"), spec, "120"],
-            capture_output=True,
-            text=True,
-            timeout=FILL_TIMEOUT * 2 + 120,
-            env=dict(os.environ),
+        done = await run_pooled_script(
+            SYNC_CLIENT, tmp_path / "kernels", spec, 1, str(FILL_TIMEOUT)
         )
         assert done.returncode == 0, done.stderr[-4000:]
         result = json.loads(done.stdout.strip().splitlines()[-1])
