@@ -31,9 +31,9 @@ _RETRY_MAX = 1.0
 _POLL = 0.05
 
 
-async def wait_until_answering(info: Any, timeout: float, *, iopub: bool = True) -> None:
+async def wait_until_answering(info: Any, timeout: float) -> None:
     """Return once the kernel at ``info`` answers a ``kernel_info_request`` on its shell
-    channel and (with ``iopub``) publishes a status for one to this client's subscriber.
+    channel and publishes a status for one to this client's subscriber.
 
     Requests repeat, at growing intervals, until both arrive. Raises :class:`TimeoutError`
     after ``timeout`` seconds, or :data:`IOPUB_AFTER_REPLY` seconds after the first reply
@@ -41,7 +41,7 @@ async def wait_until_answering(info: Any, timeout: float, *, iopub: bool = True)
     """
     client = AsyncKernelClient()
     client.load_connection_info(info)
-    client.start_channels(shell=True, iopub=iopub, stdin=False, hb=False, control=False)
+    client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
     sent: set[str] = set()
     replied = published = False
     try:
@@ -55,9 +55,8 @@ async def wait_until_answering(info: Any, timeout: float, *, iopub: bool = True)
                 if not replied and await _got_answer(client.get_shell_msg, sent):
                     replied = True
                     deadline = min(deadline, time.monotonic() + IOPUB_AFTER_REPLY)
-                if iopub:
-                    published = published or await _got_answer(client.get_iopub_msg, sent)
-                if replied and (published or not iopub):
+                published = published or await _got_answer(client.get_iopub_msg, sent)
+                if replied and published:
                     return
             if time.monotonic() >= deadline:
                 if replied:
