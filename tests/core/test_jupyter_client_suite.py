@@ -97,6 +97,9 @@ def _run_suite(
         [
             *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"),
             *("-p", "jupyter_client_suite_plugin", f"--junitxml={report}"),
+            # pytest-asyncio >= 0.24 warns while this is unset, and the suite's own
+            # filterwarnings=error turns the warning into an INTERNALERROR (exit 3).
+            *("-o", "asyncio_default_fixture_loop_scope=function"),
             *args,
         ],
         cwd=suite,
