@@ -590,7 +590,16 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
             try:
                 await self._runner.remove_kernel(restart)
             except BaseException as exc:
-                if self._pending_removal is None or not retry:
+                confirming = isinstance(exc, leftovers.RemovalPending)
+                if confirming and not retry:
+                    self.log.info(
+                        "Kernel %s: removal requested from the %s engine; its confirmation "
+                        "is awaited in the background: %s",
+                        self.kernel_id,
+                        self._runner.target,
+                        exc,
+                    )
+                elif not confirming and (self._pending_removal is None or not retry):
                     self.log.warning(
                         "Kernel %s: removing it from the %s engine failed; kept, with its "
                         "ports, for a retry every %g s: %s",
@@ -600,7 +609,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                         _describe(exc),
                     )
                 self._pending_removal, self._removal_error = restart, _describe(exc)
-                leftovers.record(self)
+                leftovers.record(self, leftovers.CONFIRM_INTERVAL if confirming else None)
                 if not isinstance(exc, Exception):
                     raise
                 return

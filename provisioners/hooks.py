@@ -133,6 +133,9 @@ class EngineHooks:
         kernel (:mod:`.leftovers`), keeps its port records and retries until it is gone.
         Clear the state (``has_kernel()`` False) only once everything is removed. With
         ``restart`` the engine session (client, SSH link) may be kept for the next start.
+        Raise :class:`~provisioners.leftovers.RemovalPending` when the engine accepted the
+        removal but has not finished it (a pod still terminating): the base records it
+        the same way, without logging a failure, and confirms it every second.
         """
 
     async def settle_clients(self) -> None:

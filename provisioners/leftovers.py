@@ -8,6 +8,14 @@ on its event loop every ``cleanup_retry_interval`` seconds, and at once when ano
 kernel starts or :func:`reconcile` is called, until its removal succeeds; only then are
 its ports returned. If the server dies first, its records are reclaimed as any dead
 server's are (the port store and each engine's orphan sweep).
+
+A removal the engine accepted but has not finished (a Kubernetes pod still terminating,
+which takes a real kubelet up to a minute for a pod stuck in an image pull) is recorded
+the same way: the hook raises :class:`RemovalPending`, the kernel's error or shutdown is
+reported at once, and the retry waits for the confirmation every
+:data:`CONFIRM_INTERVAL` seconds. Should the server stop meanwhile, the engine finishes
+that removal by itself (it was accepted; a Kubernetes Secret is deleted with its pod)
+and the port records go with the process.
 """
 
 from __future__ import annotations
@@ -19,8 +27,19 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .exceptions import ProvisionerError
+
 if TYPE_CHECKING:
     from .base import ClusterProvisioner
+
+#: Seconds between two checks of a removal the engine accepted but has not confirmed.
+CONFIRM_INTERVAL = 1.0
+
+
+class RemovalPending(ProvisionerError):
+    """Raised by ``remove_kernel`` when the engine accepted the removal but has not
+    finished it: the kernel stays recorded, with its ports, until the engine confirms
+    (retried every :data:`CONFIRM_INTERVAL` s), and the base logs no failure."""
 
 
 @dataclass
@@ -35,13 +54,20 @@ _TASKS: dict[asyncio.AbstractEventLoop, tuple[asyncio.Task[None], asyncio.Event]
 _LOCK = threading.Lock()
 
 
-def record(provisioner: ClusterProvisioner) -> None:
-    """Keep ``provisioner`` (whose removal failed) and retry it on the running loop."""
+def record(provisioner: ClusterProvisioner, delay: float | None = None) -> None:
+    """Keep ``provisioner`` (whose removal failed or is not confirmed yet) and retry it
+    on the running loop in ``delay`` seconds (default: its ``cleanup_retry_interval``)."""
     loop = asyncio.get_running_loop()
-    due = time.monotonic() + provisioner.cleanup_retry_interval
+    if delay is None:
+        delay = provisioner.cleanup_retry_interval
+    due = time.monotonic() + delay
     with _LOCK:
-        _ENTRIES[id(provisioner)] = _Entry(provisioner, loop, due)
-    _ensure_task(loop)
+        entry = _ENTRIES.get(id(provisioner))
+        if entry is not None and entry.provisioner is provisioner and entry.loop is loop:
+            entry.next_try = due
+        else:
+            _ENTRIES[id(provisioner)] = _Entry(provisioner, loop, due)
+    _ensure_task(loop).set()
 
 
 def discard(provisioner: ClusterProvisioner) -> None:
@@ -107,9 +133,14 @@ async def _retry_loop(loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> N
         now = time.monotonic()
         for entry in ours:
             if entry.next_try <= now:
+                # a failure records it again with its next try (see ``record``)
+                entry.next_try = time.monotonic() + entry.provisioner.cleanup_retry_interval
                 with contextlib.suppress(Exception):
                     await entry.provisioner.retry_removal()
-                entry.next_try = time.monotonic() + entry.provisioner.cleanup_retry_interval
+        with _LOCK:
+            ours = [e for e in _ENTRIES.values() if e.loop is loop]
+        if not ours:
+            continue
         delay = min(e.next_try for e in ours) - time.monotonic()
         wake.clear()
         with contextlib.suppress(asyncio.TimeoutError):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,10 @@ KERNEL_TEST_IMAGE = os.environ.get(
     "CLUSTER_PROVISIONERS_TEST_IMAGE", "cluster-provisioners/kernel-test:ipykernel-7.4"
 )
 LOCAL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+#: Seconds a leftover check waits for an engine to finish removing what a kernel left: a
+#: real kubelet under load takes a minute or more (a pod stuck in an image pull, up to
+#: 53 s measured). The check stops as soon as nothing is left.
+LEFTOVER_WAIT = float(os.environ.get("CLUSTER_PROVISIONERS_LEFTOVER_WAIT", "120"))
 CONTAINER_ARGV = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
 
@@ -154,3 +161,25 @@ async def reattached_manager(km: AsyncKernelManager, info: dict[str, Any]) -> As
     adopted.provisioner = fresh
     adopted.load_connection_info(fresh.connection_info)
     return adopted
+
+
+async def wait_for_no_leftovers(
+    probe: Callable[[], Any], what: str, timeout: float = LEFTOVER_WAIT
+) -> None:
+    """Poll ``probe()`` (what is left, as described names; it may be a coroutine
+    function) until it finds nothing; fail after ``timeout`` s, saying what ``what`` it
+    waited for, how long, and what was still there (with its state, as the probe says)."""
+    started = time.monotonic()
+    while True:
+        left = probe()
+        if inspect.isawaitable(left):
+            left = await left
+        if not left:
+            return
+        waited = time.monotonic() - started
+        if waited >= timeout:
+            found = "\n  ".join(str(item) for item in left)
+            raise AssertionError(
+                f"waited {waited:.0f} s for the removal of {what}; still left:\n  {found}"
+            )
+        await asyncio.sleep(0.25)

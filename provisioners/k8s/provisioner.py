@@ -25,6 +25,7 @@ from ..connection.ports import LOCAL_HOST, PortSource
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from ..executor import EngineExecutor
 from ..hooks import PORT_NAMES
+from ..leftovers import RemovalPending
 from ..owner import ServerPod
 from ..secrets import kube_secret_ref
 from . import manifests as m
@@ -35,7 +36,7 @@ from .ownership import PodOwnership
 from .podstart import open_forwarder, start_pod
 from .portforward import PortForwarder, pod_exec
 from .sweep import list_kernel_pods, sweep_once, sweep_orphans
-from .watch import HeldPorts, PodReflector, kernel_exit_code
+from .watch import HeldPorts, PodReflector, describe_progress, kernel_exit_code
 
 R = TypeVar("R")
 
@@ -191,6 +192,8 @@ class KubernetesClusterProvisioner(PodOwnership):
         self.secret_name = ""
         #: perf_counter() stamps of the last start: 'start', 'created', 'running'.
         self.timings: dict[str, float] = {}
+        #: Set by a start that failed: its removal does not wait for the pod to go.
+        self.start_failed = False
 
     # ------------------------------------------------------------------ config
 
@@ -534,14 +537,7 @@ class KubernetesClusterProvisioner(PodOwnership):
                     if exc.status != 404:
                         self.log.warning("Kernel %s: secret not deleted: %s", self.kernel_id, exc)
                 if (not restart or self.host_network) and self._reflector is not None:
-                    reflector = self._reflector
-                    gone = await reflector.wait_for(
-                        lambda: reflector.get(name) is None, timeout=self.api_timeout + 5
-                    )
-                    if not gone:
-                        self.log.warning(
-                            "Kernel %s: pod %s still terminating", self.kernel_id, name
-                        )
+                    await self._confirm_removed(name, restart)
             self.pod_name = self.pod_uid = self.pod_ip = self.secret_name = ""
             self._started = False
         finally:
@@ -550,6 +546,34 @@ class KubernetesClusterProvisioner(PodOwnership):
                     await self._forwarder.stop()
                     self._forwarder = None
                 await self._detach()
+
+    async def _confirm_removed(self, name: str, restart: bool) -> None:
+        """Wait until the deleted pod ``name`` is gone. After a failed start, do not wait:
+        the start's error is reported at once (a real kubelet takes up to a minute to
+        remove a pod stuck in an image pull). A full stop whose pod is still there raises
+        :class:`RemovalPending`: the base keeps the kernel and its ports recorded and
+        confirms the removal in the background."""
+        reflector = self._reflector
+        assert reflector is not None
+        failed, self.start_failed = self.start_failed, False
+        if reflector.get(name) is None:
+            return
+        if not failed and await reflector.wait_for(
+            lambda: reflector.get(name) is None, timeout=self.api_timeout + 5
+        ):
+            return
+        pod = reflector.get(name)
+        if pod is None:
+            return
+        deleted = pod["metadata"].get("deletionTimestamp") or "not yet"
+        state = f"{describe_progress(pod)}; deletionTimestamp {deleted}"
+        if restart:
+            self.log.warning(
+                "Kernel %s: pod %s still terminating (%s)", self.kernel_id, name, state
+            )
+            return
+        msg = f"kernel pod {self.namespace}/{name} is still being removed ({state})"
+        raise RemovalPending(msg, target=self.target, kernel_id=self.kernel_id)
 
     def kernel_state(self) -> dict[str, Any]:
         return {

@@ -26,12 +26,10 @@ import pytest
 
 from provisioners.connection.ports import FilePortStore
 from tests.clients.drivers import DRIVERS, Driver, ServerDriver
-from tests.helpers import write_kernelspec
+from tests.helpers import LEFTOVER_WAIT, write_kernelspec
 from tests.jupyter_server import JupyterServer, Output
 from tests.targets import TargetCase, resolve
 
-#: How long the engine may take to let go of a kernel's objects (a pod terminating).
-LEFTOVER_WAIT = 20.0
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
 
 CODE = """\

@@ -26,7 +26,7 @@ from provisioners import leftovers
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.exceptions import KernelStartError
 from tests.faults.proxy import SocketProxy
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, count, execute
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, LEFTOVER_WAIT, count, execute
 from tests.targets import resolve
 
 RETRY = 0.5  # cleanup_retry_interval of the kernels here, in seconds
@@ -48,7 +48,9 @@ def docker_proxy(docker_client: Any) -> Iterator[SocketProxy]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-async def eventually(check: Callable[[], Awaitable[list[str]]], timeout: float = 30) -> list[str]:
+async def eventually(
+    check: Callable[[], Awaitable[list[str]]], timeout: float = LEFTOVER_WAIT
+) -> list[str]:
     """``check()`` until it returns nothing or ``timeout`` passes; its last answer."""
     deadline = time.monotonic() + timeout
     while True:

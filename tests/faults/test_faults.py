@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioners.connection.ports import ClusterPortCache
-from tests.helpers import count, execute, write_kernelspec
+from tests.helpers import LEFTOVER_WAIT, count, execute, wait_for_no_leftovers, write_kernelspec
 from tests.targets import TargetCase, resolve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ async def test_orphans_of_a_killed_server_are_swept(target: TargetCase, tmp_path
         count("faults injected", target.name)
 
         report = cleanup_cli(kernel_dir)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + LEFTOVER_WAIT
         left = [r for k in victim_ids for r in await resolve(target.leftovers(k))]
         while left and time.monotonic() < deadline:  # a local kernel exits with its parent
             await asyncio.sleep(0.5)
@@ -110,7 +110,7 @@ async def test_orphans_of_a_killed_server_are_swept(target: TargetCase, tmp_path
         victim.proc.kill()
         victim.stop()
         assert survivor.stop() == 0
-    assert await resolve(target.leftovers(survivor_id)) == []
+    await wait_for_no_leftovers(lambda: target.leftovers(survivor_id), f"kernel {survivor_id}")
     assert ClusterPortCache.instance().held() == {}
 
 

@@ -20,14 +20,23 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
+from provisioners import leftovers as removals
+from provisioners.connection.ports import ClusterPortCache
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeApiError, KubeClient
 from provisioners.k8s.loop import EngineLoop
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
+from provisioners.k8s.watch import describe_progress
 from provisioners.owner import ServerIdentity
 from provisioners.pool.pools import KernelPools
 from provisioners.pool.warm import WarmPool
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, skip_or_fail
+from tests.helpers import (
+    CONTAINER_ARGV,
+    KERNEL_TEST_IMAGE,
+    LEFTOVER_WAIT,
+    skip_or_fail,
+    wait_for_no_leftovers,
+)
 
 try:  # the double's own fixture, written alongside (tests/kubernetes/apidouble/)
     from tests.kubernetes.apidouble.fixtures import k8s_double, kube_double  # noqa: F401
@@ -113,31 +122,54 @@ def kube(request: pytest.FixtureRequest) -> Iterator[Kube]:
 @pytest.fixture
 async def kube_api(kube: Kube) -> AsyncIterator[KubeClient]:
     """A client of the test API; after the test, checks that this process left no
-    kernel pod or Secret behind (waiting a little for pods still terminating)."""
+    kernel pod, Secret or pending removal behind (waiting as long as the engine needs)."""
     client = await KubeClient.connect(kube.kubeconfig)
     try:
         yield client
-        left = await leftovers(client, kube.namespace, wait=15.0)
-        assert not left, f"left behind: {left}"
+        await no_leftovers(client, kube.namespace)
     finally:
         await client.close()
 
 
-async def leftovers(client: KubeClient, namespace: str, wait: float = 0.0) -> list[str]:
-    """Our kernel pods and Secrets owned by this process, after waiting up to ``wait`` s."""
+async def leftovers(client: KubeClient, namespace: str, kernel_id: str = "") -> list[str]:
+    """What is left in ``namespace`` now: the kernel pods and Secrets of this process (or,
+    given ``kernel_id``, of that kernel, whichever process started it) with their state,
+    the Kubernetes removals still pending here and, for ``kernel_id``, its live port
+    records."""
     owner = m.sanitize_label_value(str(ServerIdentity.current()))
-    selector = [("labelSelector", f"{m.KERNEL_SELECTOR},{m.LABEL_OWNER}={owner}")]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    while True:
-        names = []
-        for kind in ("pods", "secrets"):
-            path = f"/api/v1/namespaces/{namespace}/{kind}"
-            items = (await client.request("GET", path, query=selector)).get("items") or []
-            names += [f"{kind}/{item['metadata']['name']}" for item in items]
-        if not names or loop.time() >= deadline:
-            return names
-        await asyncio.sleep(0.25)
+    selector = m.KERNEL_SELECTOR if kernel_id else f"{m.KERNEL_SELECTOR},{m.LABEL_OWNER}={owner}"
+    found = []
+    for kind in ("pods", "secrets"):
+        path = f"/api/v1/namespaces/{namespace}/{kind}"
+        data = await client.request("GET", path, query=[("labelSelector", selector)])
+        for item in data.get("items") or []:
+            md = item["metadata"]
+            if kernel_id and (md.get("annotations") or {}).get(m.ANNOTATION_KERNEL_ID) != kernel_id:
+                continue
+            state = describe_progress(item) if kind == "pods" else "present"
+            deleted = md.get("deletionTimestamp") or "none"
+            found.append(f"{kind}/{md['name']} ({state}; deletionTimestamp {deleted})")
+    for prov in removals.pending():
+        if prov.target == "kubernetes" and kernel_id in ("", prov.kernel_id):
+            found.append(f"pending removal of kernel {prov.kernel_id}: {prov._removal_error}")
+    if kernel_id:
+        held = ClusterPortCache.instance().held()
+        found += [
+            f"port record {host}:{port} of {record.get('owner')}"
+            for host, ports in held.items()
+            for port, record in ports.items()
+            if kernel_id in str(record.get("owner", ""))
+        ]
+    return found
+
+
+async def no_leftovers(
+    client: KubeClient, namespace: str, kernel_id: str = "", timeout: float = LEFTOVER_WAIT
+) -> None:
+    """Wait until :func:`leftovers` finds nothing (a real kubelet takes its time to remove
+    pods); fail after ``timeout`` s naming what is left and its state."""
+    what = f"kernel {kernel_id}" if kernel_id else f"this process's kernels in {namespace}"
+    await wait_for_no_leftovers(lambda: leftovers(client, namespace, kernel_id), what, timeout)
 
 
 def new_provisioner(km: AsyncKernelManager) -> KubernetesClusterProvisioner:

@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +25,8 @@ from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeClient
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner, sweep_orphans
 from provisioners.owner import ServerIdentity
-from tests.helpers import execute, skip_or_fail
-from tests.kubernetes.conftest import PROVISIONER, Kube, leftovers
+from tests.helpers import execute, skip_or_fail, write_kernelspec
+from tests.kubernetes.conftest import PROVISIONER, Kube, no_leftovers
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(180)]
 
@@ -71,13 +73,14 @@ async def test_kernel_in_a_pod_via_port_forward(
     assert (await execute(km, check))["stdout"].split() == ["0o600", "1000"]
 
     await km.shutdown_kernel()
-    assert await leftovers(kube_api, kube.namespace, wait=15) == []
+    await no_leftovers(kube_api, kube.namespace, km.kernel_id)
 
 
 async def test_kernel_in_a_pod_via_pod_ip(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
 ) -> None:
-    km = kernel_manager(PROVISIONER, kube.config(connection_mode="pod-ip"), **kube.spec())
+    config = kube.config(connection_mode="pod-ip", pod_ip_relay=False)
+    km = kernel_manager(PROVISIONER, config, **kube.spec())
     await km.start_kernel()
     prov = provisioner_of(km)
     ip = km.get_connection_info()["ip"]
@@ -151,6 +154,9 @@ async def test_restart_makes_a_new_pod_on_the_same_ports(
 async def test_a_bad_image_fails_fast_with_the_pull_error(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
 ) -> None:
+    """The start fails as soon as the pull error shows, although the kubelet takes its
+    time to remove the pod (up to 53 s on a real one; the double lingers too): the
+    removal goes on in the background, and then nothing is left, port records included."""
     config = kube.config(image="cluster-provisioners.invalid/no-such-image:0")
     config["image_pull_policy"] = "IfNotPresent"
     km = kernel_manager(PROVISIONER, config, **kube.spec())
@@ -162,6 +168,52 @@ async def test_a_bad_image_fails_fast_with_the_pull_error(
     text = str(info.value)
     assert any(r in text for r in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")), text
     assert "no-such-image" in text
+    await no_leftovers(kube_api, kube.namespace, km.kernel_id)
+
+
+#: A "server" whose kernel start fails on a bad image, and which then stops at once
+#: (its event loop, and the background removal on it, end with it).
+STOPS_AFTER_A_BAD_IMAGE = """
+import asyncio, sys
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from provisioners import leftovers
+
+async def main():
+    ksm = KernelSpecManager(kernel_dirs=[sys.argv[1]])
+    km = AsyncKernelManager(kernel_name="bad", kernel_spec_manager=ksm)
+    try:
+        await km.start_kernel()
+    except Exception as exc:
+        print(km.kernel_id, len(leftovers.pending()), type(exc).__name__, flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_server_stopping_after_a_bad_image_leaves_nothing(
+    kube: Kube, kube_api: KubeClient, tmp_path: Path
+) -> None:
+    """The start failed at once and the server stopped before the pod was gone: the
+    cluster finishes the removal it accepted (pod and Secret), and the port records go
+    with the server's process."""
+    config = kube.config(image="cluster-provisioners.invalid/no-such-image:0")
+    write_kernelspec(tmp_path, "bad", PROVISIONER, config, **kube.spec())
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        STOPS_AFTER_A_BAD_IMAGE,
+        str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    out, err = await asyncio.wait_for(server.communicate(), 120)
+    assert server.returncode == 0, err.decode()[-2000:]
+    kernel_id, pending, error = out.decode().split()
+    assert error == "KernelStartError", out
+    assert pending == "1", "the pod's removal was not pending when the server stopped"
+    await no_leftovers(kube_api, kube.namespace, kernel_id)
 
 
 async def test_a_restarted_server_reconnects_from_provisioner_info(

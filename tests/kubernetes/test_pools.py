@@ -36,6 +36,7 @@ from tests.kubernetes.conftest import (
     filled,
     leftovers,
     new_provisioner,
+    no_leftovers,
     ready_pool,
 )
 from tests.pool.conftest import wait_for
@@ -64,7 +65,7 @@ async def pools(kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM) -> Asy
     yield kernel_pools
     await kernel_pools.drain()
     KernelPools.clear_instance()
-    assert await leftovers(kube_api, kube.namespace, wait=15) == []
+    await no_leftovers(kube_api, kube.namespace)
     left = own_port_owners() - before
     assert not left, f"port records of warm or claimed kernels left: {left}"
 
@@ -211,7 +212,7 @@ async def test_request_inputs_start_cold_and_leave_the_pool_alone(
     assert len((await ready_pool("cold", 1)).ready) == 1
     await km.shutdown_kernel()
     await pools.drain()
-    assert await leftovers(kube_api, kube.namespace, wait=15) == []
+    await no_leftovers(kube_api, kube.namespace)
 
 
 async def test_restart_of_a_claimed_kernel_keeps_its_id_and_key(

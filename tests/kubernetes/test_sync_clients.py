@@ -26,7 +26,7 @@ from provisioners.connection.ports import ClusterPortCache, port_is_listening
 from provisioners.k8s.client import KubeClient
 from provisioners.k8s.loop import THREAD_NAME, EngineLoop
 from tests.helpers import write_kernelspec
-from tests.kubernetes.conftest import PROVISIONER, Kube, leftovers
+from tests.kubernetes.conftest import PROVISIONER, Kube, no_leftovers
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(240)]
 
@@ -68,14 +68,14 @@ def kernel_records(kernel_id: str) -> list[int]:
 def assert_nothing_left(kube: Kube, kernel_id: str, local_ports: list[int]) -> None:
     """No pod or Secret of ours, no relay listening, no engine thread, no port record."""
 
-    async def pods_and_secrets() -> list[str]:
+    async def pods_and_secrets() -> None:
         client = await KubeClient.connect(kube.kubeconfig)
         try:
-            return await leftovers(client, kube.namespace, wait=15.0)
+            await no_leftovers(client, kube.namespace, kernel_id)
         finally:
             await client.close()
 
-    assert asyncio.run(pods_and_secrets()) == []
+    asyncio.run(pods_and_secrets())
     assert [p for p in local_ports if port_is_listening("127.0.0.1", p)] == []
     deadline = time.monotonic() + 5
     while engine_threads() and time.monotonic() < deadline:

@@ -22,7 +22,7 @@ from provisioners.base import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.exceptions import TransportEncryptionError
 from tests.core.test_cli import cli
-from tests.helpers import CONTAINER_ARGV, count, execute, skip_or_fail
+from tests.helpers import CONTAINER_ARGV, count, execute, skip_or_fail, wait_for_no_leftovers
 from tests.security.wire import WireRecorder
 from tests.targets import TargetCase, resolve
 
@@ -118,10 +118,16 @@ async def test_required_encryption_never_degrades(
     expected = "supported_encryption" if why == "undeclared" else "plain text"
     assert expected in str(info.value)
     count("encryption downgrades refused", target.name)
-    assert ClusterPortCache.instance().held() == {}
-    # (jupyter_client keeps its own connection file after a failed start)
-    left = await resolve(target.leftovers(km.kernel_id))
-    assert [item for item in left if item != km.connection_file] == []
+
+    async def left() -> list[str]:
+        # (jupyter_client keeps its own connection file after a failed start)
+        found = await resolve(target.leftovers(km.kernel_id))
+        held = ClusterPortCache.instance().held()
+        return [item for item in found if item != km.connection_file] + [
+            f"port {port} on {host}" for host, ports in held.items() for port in ports
+        ]
+
+    await wait_for_no_leftovers(left, f"kernel {km.kernel_id}")
 
 
 async def test_docker_kernel_without_curve_support_fails(kernel_manager, docker_client) -> None:

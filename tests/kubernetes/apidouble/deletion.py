@@ -1,6 +1,8 @@
-"""Deletion in the double: graceful pod deletion driven by the kubelet, finalizers,
-DeleteOptions propagation, namespace deletion and the garbage collector that removes
-dependents (e.g. a kernel's Secret) once their owners are gone."""
+"""Deletion in the double: graceful pod deletion driven by the kubelet (which takes its
+time, as a real one does: ``removal_delay`` after the containers stopped, and
+``stuck_pull_removal`` for a pod stuck in an image pull), finalizers, DeleteOptions
+propagation, namespace deletion and the garbage collector that removes dependents (e.g.
+a kernel's Secret) once their owners are gone."""
 
 from __future__ import annotations
 
@@ -23,6 +25,11 @@ class Deletion:
 
     store: Store
     workers: dict[str, PodWorker]
+    #: Seconds a deleted pod stuck in an image pull stays (a v1.20 kubelet took up to 53).
+    stuck_pull_removal: float = 12.0
+    #: Seconds from a deleted pod's containers stopping until the object goes (the
+    #: kubelet reports the final status, then confirms the deletion).
+    removal_delay: float = 1.0
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         raise NotImplementedError
@@ -86,8 +93,10 @@ class Deletion:
         self, worker: PodWorker | None, ns: str, name: str, grace: int
     ) -> None:
         if worker is not None:
+            if worker.stuck_in_pull:
+                await asyncio.sleep(self.stuck_pull_removal)
             await worker.terminate(grace)
-            await worker.cleanup()
+            await asyncio.gather(worker.cleanup(), asyncio.sleep(self.removal_delay))
             self.workers.pop(worker.uid, None)
         self.finalize("pods", ns, name, kubelet_done=True)
         self.retry_pending()

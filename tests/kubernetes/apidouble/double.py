@@ -66,6 +66,8 @@ class K8sDouble:
         node_resources: dict[str, str] | None = None,
         backoff: tuple[float, float] = (1.0, 4.0),
         user: str | None = None,
+        removal_delay: float = 1.0,
+        stuck_pull_removal: float = 12.0,
     ) -> None:
         self.instance_id = uuid.uuid4().hex[:12]
         self.namespace = namespace
@@ -88,6 +90,8 @@ class K8sDouble:
             dict(node_resources or {}),
             backoff,
         )
+        self.cluster.removal_delay = removal_delay
+        self.cluster.stuck_pull_removal = stuck_pull_removal
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -206,9 +210,12 @@ class K8sDouble:
         with self._lock:
             self.cluster.deny.clear()
 
-    def leftovers(self, wait: float = 15.0) -> list[str]:
+    def leftovers(self, wait: float | None = None) -> list[str]:
         """Docker containers/volumes still present for pods no longer in the API, after
-        waiting up to ``wait`` seconds for pending teardowns (e.g. ``["container k8s_..."]``)."""
+        waiting up to ``wait`` seconds (default: 15 s more than a pod stuck in an image
+        pull takes to go) for pending teardowns (e.g. ``["container k8s_..."]``)."""
+        if wait is None:
+            wait = self.cluster.stuck_pull_removal + 15.0
 
         async def check() -> list[str]:
             loop = asyncio.get_running_loop()

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Waiting reasons of a container whose image cannot be pulled.
+PULL_FAILURES = frozenset({"ErrImagePull", "ImagePullBackOff"})
+
 
 class PodWorker:
     """Runs one pod; ``terminate`` stops it. Status goes to the store as it changes."""
@@ -72,6 +75,14 @@ class PodWorker:
     @property
     def mains(self) -> list[ContainerRecord]:
         return [r for r in self.records if not r.init]
+
+    @property
+    def stuck_in_pull(self) -> bool:
+        """True while a container waits for an image that cannot be pulled (a real
+        kubelet's pod worker is then busy pulling: a delete waits for it)."""
+        return any(
+            (r.state.get("waiting") or {}).get("reason") in PULL_FAILURES for r in self.records
+        )
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"pod {self.ns}/{self.name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import ssl
 import struct
@@ -22,6 +23,7 @@ from kubernetes_asyncio.stream import WsApiClient
 
 from tests.helpers import KERNEL_TEST_IMAGE
 from tests.kubernetes.apidouble.double import K8sDouble
+from tests.kubernetes.apidouble.kubelet import PULL_FAILURES
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(120)]
 
@@ -437,8 +439,54 @@ async def test_missing_image_reports_err_image_pull_fast(
         await wait_pod(
             api, ns, "no-image", lambda p: waiting_reason(p) == "ImagePullBackOff", timeout=5
         )
+        # as on a real kubelet, busy with the pull, a delete takes long to complete
+        linger = k8s_double.cluster.stuck_pull_removal
+        deleted = time.monotonic()
+        await api.delete_namespaced_pod("no-image", ns, grace_period_seconds=1)
+        await asyncio.sleep(2)
+        pod = await api.read_namespaced_pod("no-image", ns)
+        assert pod.metadata.deletion_timestamp and waiting_reason(pod) in PULL_FAILURES
+        await wait_deleted(api, ns, "no-image", timeout=linger + 15)
+        assert time.monotonic() - deleted >= linger - 0.5
     finally:
-        await api.delete_namespaced_pod("no-image", ns)
+        with contextlib.suppress(ApiException):
+            await api.delete_namespaced_pod("no-image", ns, grace_period_seconds=0)
+
+
+async def test_a_deleted_pod_goes_once_the_kubelet_confirms(
+    k8s_double: K8sDouble, k8s_core_api: client.CoreV1Api
+) -> None:
+    """A pod whose process ends at SIGTERM shows its terminated container, deletion
+    pending, for the double's ``removal_delay`` before the object goes (not at once)."""
+    api, ns = k8s_core_api, k8s_double.namespace
+    code = (
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+        "print('up', flush=True); time.sleep(300)"
+    )
+    manifest = pod_manifest("quits", ["python3", "-c", code], terminationGracePeriodSeconds=30)
+    await api.create_namespaced_pod(ns, manifest)
+    try:
+        await wait_pod(api, ns, "quits", lambda p: p.status.phase == "Running")
+        await asyncio.sleep(0.5)  # its SIGTERM handler is set
+        deleted = time.monotonic()
+        await api.delete_namespaced_pod("quits", ns, grace_period_seconds=30)
+        pod = await wait_pod(
+            api,
+            ns,
+            "quits",
+            lambda p: bool(p.status.container_statuses[0].state.terminated),
+            timeout=10,
+        )
+        assert pod.metadata.deletion_timestamp
+        assert pod.status.container_statuses[0].state.terminated.exit_code == 0
+        await wait_deleted(api, ns, "quits", timeout=20)
+        elapsed = time.monotonic() - deleted
+        delay = k8s_double.cluster.removal_delay
+        assert delay - 0.2 <= elapsed < delay + 8, elapsed  # not its 30 s grace period
+    finally:
+        with contextlib.suppress(ApiException):
+            await api.delete_namespaced_pod("quits", ns, grace_period_seconds=0)
+    assert k8s_double.leftovers() == []
 
 
 async def test_unschedulable_pods(k8s_double: K8sDouble, k8s_core_api: client.CoreV1Api) -> None:
