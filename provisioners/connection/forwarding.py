@@ -22,7 +22,8 @@ from typing import Any
 import paramiko
 
 from ..exceptions import TunnelError
-from .ports import DEFAULT_PORT_RANGE, LOCAL_HOST, ClusterPortCache
+from .ports import DEFAULT_PORT_RANGE, ClusterPortCache
+from .relay import listen_allocated, listen_on
 from .sshconnect import BUFSIZE, THREAD_PREFIX, close_quietly
 from .sshlink import SSHLink
 
@@ -182,30 +183,12 @@ class ForwardServer:
         return port
 
     def _listen(self, port: int) -> socket.socket:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.bind_host, port))
-            listener.listen(64)
-            listener.setblocking(False)
-        except OSError as exc:
-            listener.close()
-            msg = f"cannot listen on {self.bind_host}:{port} for a tunnel: {exc}"
-            raise TunnelError(msg) from exc
-        return listener
+        return listen_on(self.bind_host, port, f"tunnel {self.name}")
 
     def _listen_allocated(self) -> socket.socket:
-        """A listener on a port the cache hands out (retried if someone else binds it)."""
-        cache = ClusterPortCache.instance()
-        for _ in range(5):
-            (port,) = cache.allocate(1, self.owner, host=LOCAL_HOST, port_range=self.port_range)
-            self._allocated = True
-            try:
-                return self._listen(port)
-            except TunnelError:
-                cache.release(self.owner, [port])
-        msg = f"no local port of {self.port_range} could be bound for tunnel {self.name}"
-        raise TunnelError(msg)
+        """A listener on a port the cache hands out (held until :meth:`close`)."""
+        self._allocated = True
+        return listen_allocated(self.bind_host, self.owner, self.port_range, f"tunnel {self.name}")
 
     def retarget(self, local_port: int, remote_host: str, remote_port: int) -> None:
         """Send new connections on ``local_port`` to another remote address."""

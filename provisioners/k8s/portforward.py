@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 from collections.abc import Sequence
@@ -26,8 +25,10 @@ from typing import Any
 
 import aiohttp
 
+from ..connection.relay import LocalRelay
 from ..exceptions import TunnelError
 from .client import KubeApiError, KubeClient
+from .loop import KUBERNETES_EXECUTOR
 
 #: Offered in this order; the server picks the first it speaks.
 PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "portforward.k8s.io")
@@ -37,12 +38,12 @@ _CHUNK = 256 * 1024
 log = logging.getLogger(__name__)
 
 
-class PortForwarder:
+class PortForwarder(LocalRelay):
     """Local TCP listeners forwarding each connection to a pod port over a websocket.
 
-    ``local_ports`` are the ports to listen on (0, or a port that cannot be bound, lets
-    the OS pick one: :attr:`local_ports` tells which were used). Use it as an async
-    context manager or through :meth:`start` / :meth:`stop`.
+    ``local_ports`` are the ports to listen on (0, or a port that cannot be bound, takes
+    one from the cluster port cache: :attr:`local_ports` tells which were used). Use it
+    as an async context manager or through :meth:`start` / :meth:`stop`.
     """
 
     def __init__(
@@ -55,32 +56,28 @@ class PortForwarder:
         *,
         host: str = "127.0.0.1",
         connect_timeout: float = 10.0,
+        owner: str = "",
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
-        self.client = client
-        self.namespace = namespace
-        self.pod = pod
         self.remote_ports = [int(p) for p in remote_ports]
         wanted = list(local_ports) if local_ports is not None else [0] * len(self.remote_ports)
         if len(wanted) != len(self.remote_ports):
             msg = "local_ports and remote_ports differ in length"
             raise ValueError(msg)
-        self._wanted = [int(p) for p in wanted]
-        self.host = host
+        super().__init__(
+            wanted,
+            executor=KUBERNETES_EXECUTOR,
+            host=host,
+            owner=owner,
+            what="the port-forward",
+            logger=logger or log,
+        )
+        self.client = client
+        self.namespace = namespace
+        self.pod = pod
         self.connect_timeout = connect_timeout
-        self.log = logger or log
-        self.local_ports: list[int] = []
-        self._servers: list[asyncio.Server] = []
-        self._conns: set[asyncio.Task[None]] = set()
         self._warned: set[tuple[str, int]] = set()
         self._spares: dict[int, asyncio.Task[aiohttp.ClientWebSocketResponse]] = {}
-
-    async def __aenter__(self) -> PortForwarder:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     @property
     def path(self) -> str:
@@ -94,32 +91,10 @@ class PortForwarder:
 
     async def start(self) -> list[int]:
         """Open the listeners; return the local ports, in the order of the remote ones."""
-        if self._servers:
-            return self.local_ports
         try:
-            for wanted, remote in zip(self._wanted, self.remote_ports, strict=True):
-                server = await self._listen(wanted, remote)
-                self._servers.append(server)
-                self.local_ports.append(server.sockets[0].getsockname()[1])
-        except OSError as exc:
-            await self.stop()
-            msg = f"cannot listen on {self.host} for the port-forward: {exc}"
-            raise TunnelError(msg, target="kubernetes") from exc
-        return self.local_ports
-
-    async def _listen(self, port: int, remote: int) -> asyncio.Server:
-        def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.create_task(self._serve(reader, writer, remote))
-            self._conns.add(task)
-            task.add_done_callback(self._conns.discard)
-
-        try:
-            return await asyncio.start_server(handler, self.host, port, reuse_address=True)
-        except OSError as exc:
-            if port == 0 or exc.errno != errno.EADDRINUSE:
-                raise
-            self.log.warning("Port %s of %s is taken; forwarding from another one", port, self.host)
-            return await asyncio.start_server(handler, self.host, 0)
+            return await super().start()
+        except TunnelError as exc:
+            raise TunnelError(str(exc), target="kubernetes") from exc
 
     def prime(self) -> None:
         """Open one websocket per port now, for the next local connection to each port.
@@ -158,24 +133,12 @@ class PortForwarder:
     async def stop(self) -> None:
         """Close the listeners and every forwarded connection."""
         self._drop_spares()
-        servers, self._servers = self._servers, []
-        for server in servers:
-            server.close()
-        conns = list(self._conns)
-        for task in conns:
-            task.cancel()
-        for task in conns:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for server in servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2)
-        self.local_ports = []
+        await super().stop()
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, remote: int
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int
     ) -> None:
-        pod = self.pod
+        pod, remote = self.pod, self.remote_ports[index]
         ws: aiohttp.ClientWebSocketResponse | None = None
         try:
             ws = await self._take_spare(pod, remote) or await self._open(pod, remote)
@@ -208,9 +171,6 @@ class PortForwarder:
             if ws is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(ws.close(), 2)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def probe(self, index: int, timeout: float = 2.0) -> bool:
         """True when a ZMQ socket answers on ``remote_ports[index]`` of the pod.

@@ -6,15 +6,18 @@ cluster deletes it with the pod; an init container copies the file into a memory
 the kernel may rewrite. :mod:`.podstart` creates them and waits on a watch (a reflector
 shared per namespace, :mod:`.watch`) until the kernel answers, failing at once, in the
 cluster's own words, on image-pull errors, an unschedulable pod, a crash, or a 403.
-Inside the cluster the client connects to the pod IP; outside it, through the API
-server's port-forward websocket (:mod:`.portforward`). :mod:`.sweep` removes what dead
-servers left and lists our pods; :mod:`.claim` relabels a claimed warm kernel's pod.
+Inside the cluster the client connects to the pod IP, through local listeners that
+follow the kernel to its next pod on a restart (:class:`~..connection.relay.TcpRelay`);
+outside it, through the API server's port-forward websocket (:mod:`.portforward`).
+:mod:`.sweep` removes what dead servers left and lists our pods; :mod:`.claim` relabels
+a claimed warm kernel's pod.
 """
 
 from __future__ import annotations
 
 import base64
 import signal
+import uuid
 from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
 
@@ -22,7 +25,8 @@ from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Un
 
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource
-from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
+from ..connection.relay import TcpRelay
+from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError, TunnelError
 from ..executor import EngineExecutor
 from ..hooks import PORT_NAMES
 from ..leftovers import RemovalPending
@@ -75,9 +79,20 @@ class KubernetesClusterProvisioner(PodOwnership):
         default_value="auto",
         config=True,
         help="""How this server reaches the kernel: 'pod-ip' connects to the pod's IP (needs the
-        cluster network), 'port-forward' goes through the API server's port-forward websocket
-        from local listeners on 127.0.0.1; 'auto' picks pod-ip with in-cluster config, else
+        cluster network; through local relays, see 'pod_ip_relay'), 'port-forward' goes
+        through the API server's port-forward websocket from local listeners on 127.0.0.1;
+        'auto' picks pod-ip with in-cluster config, else
         port-forward.""",
+    )
+    pod_ip_relay = Bool(
+        True,
+        config=True,
+        help="""In 'pod-ip' mode, give clients local listeners (127.0.0.1, one per channel) that
+        relay to the pod IP, and point them at the new pod on each restart: a restart makes a
+        new pod with a new IP, and a client whose sockets stay open (a websocket that
+        JupyterLab or a gateway keeps through a restart) would keep talking to the old one.
+        Off: clients get the bare pod IP (reachable from other machines of the cluster
+        network, one hop less), and such clients lose the kernel at every restart.""",
     )
     api_timeout = Float(10.0, config=True, help="Seconds each Kubernetes API request may take.")
     cpu_request = Unicode("", config=True, help="CPU request of the kernel, e.g. '500m'.")
@@ -184,6 +199,7 @@ class KubernetesClusterProvisioner(PodOwnership):
         self._client: KubeClient | None = None
         self._reflector: PodReflector | None = None
         self._forwarder: PortForwarder | None = None
+        self._relay: TcpRelay | None = None
         self._engine: EngineLoop | None = None
         self._mode = ""
         self.pod_name = ""
@@ -456,7 +472,34 @@ class KubernetesClusterProvisioner(PodOwnership):
                 await open_forwarder(self)
             assert self._forwarder is not None
             return "127.0.0.1", dict(zip(PORT_NAMES, self._forwarder.local_ports, strict=True))
-        return self.pod_ip, {n: int(self._kernel_info[n]) for n in PORT_NAMES}
+        ports = {n: int(self._kernel_info[n]) for n in PORT_NAMES}
+        if not self.pod_ip_relay:
+            return self.pod_ip, ports
+        if self._relay is None:
+            relay = TcpRelay(
+                len(PORT_NAMES),
+                executor=KUBERNETES_EXECUTOR,
+                owner=f"relay-{self.kernel_id}-{uuid.uuid4().hex[:8]}",
+                port_range=self.port_range,
+                connect_timeout=self.api_timeout,
+                what=f"the relay of kernel {self.kernel_id}",
+                logger=self.log,
+            )
+            try:
+                await relay.start()
+            except TunnelError as exc:
+                raise TunnelError(str(exc), target=self.target, kernel_id=self.kernel_id) from exc
+            self._relay = relay
+        if self._relay.target != (self.pod_ip, list(ports.values())):
+            self.log.debug(
+                "Kernel %s: local ports %s relay to pod %s at %s",
+                self.kernel_id,
+                self._relay.local_ports,
+                self.pod_name,
+                self.pod_ip,
+            )
+            self._relay.retarget(self.pod_ip, list(ports.values()))
+        return "127.0.0.1", dict(zip(PORT_NAMES, self._relay.local_ports, strict=True))
 
     async def poll_kernel(self) -> int | None:
         # a read of the reflector's cache (replaced, never changed in place, by the loop)
@@ -524,6 +567,8 @@ class KubernetesClusterProvisioner(PodOwnership):
     @on_engine_loop
     async def remove_kernel(self, restart: bool) -> None:
         name = self.pod_name
+        if self._relay is not None:
+            self._relay.pause()  # clients reconnect, and wait, until the next pod runs
         try:
             if name:  # raises, keeping the pod's name, when the API refuses the delete
                 if self._client is None or self._reflector is None:
@@ -545,6 +590,9 @@ class KubernetesClusterProvisioner(PodOwnership):
                 if self._forwarder is not None:
                     await self._forwarder.stop()
                     self._forwarder = None
+                if self._relay is not None:
+                    relay, self._relay = self._relay, None
+                    await relay.stop()
                 await self._detach()
 
     async def _confirm_removed(self, name: str, restart: bool) -> None:

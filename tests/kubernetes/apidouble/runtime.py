@@ -2,7 +2,9 @@
 
 Every docker call is blocking, so it runs in a thread pool; the futures of calls made for
 a pod are tracked so a pod's teardown can wait for in-flight creates before sweeping.
-Container deaths arrive through one docker events stream. Every container and volume is
+Container deaths arrive through one docker events stream. Pods run on a bridge network
+of the double's own, where each new pod gets an address no recent pod had, as on a real
+cluster (:meth:`DockerRuntime.pod_address`). Every container, volume and that network is
 labelled with the double's instance id (and the pod uid), so teardown and leftover checks
 find them all.
 """
@@ -14,7 +16,9 @@ import concurrent.futures
 import contextlib
 import ctypes
 import io
+import ipaddress
 import os
+import random
 import socket
 import tarfile
 import threading
@@ -25,7 +29,7 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
-from docker.types import Mount
+from docker.types import IPAMConfig, IPAMPool, Mount
 
 LABEL = "cluster-provisioners.k8s-double"
 LABEL_POD_UID = f"{LABEL}.pod-uid"
@@ -36,6 +40,9 @@ LABEL_ROLE = f"{LABEL}.role"
 LABEL_OWNER = f"{LABEL}.owner"
 VOLUME_ROOT = "/.k8s-double/volumes"
 _CLONE_NEWNET = 0x40000000
+#: Where each double's pod network (a /24) is taken from; Docker refuses a subnet that
+#: overlaps one of its networks, and the next is tried.
+POD_SUBNETS = "10.213.0.0/16"
 
 T = TypeVar("T")
 
@@ -76,6 +83,10 @@ class DockerRuntime:
         self._events: Any = None
         self._events_thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.network = f"k8s-double-{instance}"
+        self._net_lock = threading.Lock()
+        self._pod_ips: list[str] = []  # the pod network's addresses, in the order handed out
+        self._next_ip = 0
 
     # -- plumbing ------------------------------------------------------------------------
     async def call(self, owner: str | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -220,11 +231,12 @@ class DockerRuntime:
         }
         if host_network:
             kwargs["network_mode"] = "host"
+            container = self.client.containers.run(self.helper_image, **kwargs)
         else:
             kwargs["hostname"] = hostname
             if ports:
                 kwargs["ports"] = ports
-        container = self.client.containers.run(self.helper_image, **kwargs)
+            container = self._run_on_pod_network(kwargs)
         container.reload()
         net = container.attrs["NetworkSettings"]
         ip = net.get("IPAddress") or next(
@@ -236,6 +248,60 @@ class DockerRuntime:
             "",
         )
         return Sandbox(container.id, ip, int(container.attrs["State"]["Pid"]), host_network)
+
+    def pod_address(self) -> str:
+        """The next address of the pod network (created on first use).
+
+        Docker's own bridge gives a new container the lowest free address, so a pod made
+        once another was removed got its IP: a real cluster's CNI gives each new pod an
+        address of its own. Addresses are handed out in turn, wrapping around the /24.
+        """
+        with self._net_lock:
+            if not self._pod_ips:
+                self._create_pod_network()
+            ip = self._pod_ips[self._next_ip % len(self._pod_ips)]
+            self._next_ip += 1
+            return ip
+
+    def _create_pod_network(self) -> None:
+        subnets = list(ipaddress.ip_network(POD_SUBNETS).subnets(new_prefix=24))
+        random.shuffle(subnets)
+        labels = {LABEL: self.instance, LABEL_OWNER: self.owner, LABEL_ROLE: "network"}
+        for subnet in subnets[:20]:
+            hosts = [str(ip) for ip in subnet.hosts()]
+            pool = IPAMPool(subnet=str(subnet), gateway=hosts[0])
+            try:
+                self.client.networks.create(
+                    self.network,
+                    driver="bridge",
+                    ipam=IPAMConfig(pool_configs=[pool]),
+                    labels=labels,
+                )
+            except docker.errors.APIError as exc:
+                if "overlap" in str(exc).lower():
+                    continue
+                raise
+            self._pod_ips = hosts[1:]
+            return
+        raise RuntimeError(f"no free /24 of {POD_SUBNETS} for the double's pod network")
+
+    def _run_on_pod_network(self, kwargs: dict[str, Any]) -> Any:
+        """Run the pause container on the pod network at the next free address."""
+        for _ in range(8):
+            endpoint = self.client.api.create_endpoint_config(ipv4_address=self.pod_address())
+            try:
+                return self.client.containers.run(
+                    self.helper_image,
+                    network=self.network,
+                    networking_config={self.network: endpoint},
+                    **kwargs,
+                )
+            except docker.errors.APIError as exc:  # still held by a pod of ours
+                if "already in use" not in str(exc) or "ddress" not in str(exc):
+                    raise
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    self.client.containers.get(kwargs["name"]).remove(force=True)
+        raise RuntimeError("no free address on the double's pod network")
 
     def put_files(self, container_id: str, path: str, archive: bytes) -> None:
         self.client.api.put_archive(container_id, path, archive)
@@ -311,6 +377,12 @@ class DockerRuntime:
                 with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                     volume.remove(force=True)
                     removed.append(f"volume {volume.name}")
+        for network in self.client.networks.list(filters={"label": LABEL}):
+            owner = (network.attrs.get("Labels") or {}).get(LABEL_OWNER, "")
+            if owner and not _alive(owner):
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    network.remove()
+                    removed.append(f"network {network.name}")
         return removed
 
     def sweep(self) -> None:
@@ -323,6 +395,9 @@ class DockerRuntime:
             for volume in self.client.volumes.list(filters=selector):
                 with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                     volume.remove(force=True)
+            for network in self.client.networks.list(filters=selector):
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    network.remove()
 
     def leftovers(self, live_uids: set[str]) -> list[str]:
         """Containers and volumes of ours whose pod no longer exists in the API."""
