@@ -2,7 +2,10 @@
 
 (a) The chart's Jupyter Server, reached through a `kubectl port-forward` of its Service
     (E2E_SERVER_URL, E2E_TOKEN): start a kernel with the REST API, run code over the kernel
-    websocket, interrupt it, delete it.
+    websocket, interrupt it, delete it; keep one websocket open across a REST restart and
+    an automatic restart. Its kernels run in the chart's kernel namespace
+    (E2E_KERNEL_NAMESPACE, by default derived from E2E_NAMESPACE and E2E_RELEASE as the
+    chart derives it).
 (b) A notebook run with nbclient through a local KernelManager whose kernelspec selects
     cluster-kubernetes-provisioner: from outside the cluster the provisioner reaches the
     kernel pod through pods/portforward (E2E_KUBECONFIG, E2E_KERNEL_IMAGE, E2E_NAMESPACE).
@@ -31,6 +34,12 @@ SERVER_URL = os.environ.get("E2E_SERVER_URL", "").rstrip("/")
 TOKEN = os.environ.get("E2E_TOKEN", "")
 KUBECONFIG = os.environ.get("E2E_KUBECONFIG", "")
 NAMESPACE = os.environ.get("E2E_NAMESPACE", "cp-e2e")
+RELEASE = os.environ.get("E2E_RELEASE", "e2e")
+# The chart's default kernel namespace: "<namespace>-<release>", cut to 55 characters, then
+# "-kernels" (charts/cluster-provisioners/templates/_helpers.tpl).
+KERNEL_NAMESPACE = os.environ.get("E2E_KERNEL_NAMESPACE") or (
+    f"{NAMESPACE}-{RELEASE}"[:55].rstrip("-") + "-kernels"
+)
 KERNEL_IMAGE = os.environ.get("E2E_KERNEL_IMAGE", "cluster-provisioners/kernel:e2e")
 KUBECTL = os.environ.get("E2E_KUBECTL", "")
 KERNEL_SELECTOR = (
@@ -42,8 +51,8 @@ def _no_cluster_reason() -> str | None:
     if not KUBECONFIG:
         if shutil.which("kind") is None:
             return (
-                "no cluster: kind is not installed and E2E_KUBECONFIG is not set "
-                "(run e2e/run.sh on a machine with Docker and kind)"
+                "no cluster: kind is not installed and E2E_KUBECONFIG is not set (run "
+                "e2e/run.sh with Docker and kind, or with E2E_KUBECONFIG for an existing cluster)"
             )
         return (
             "no cluster: E2E_KUBECONFIG is not set (e2e/run.sh creates a kind cluster and sets it)"
@@ -83,10 +92,10 @@ def api(method: str, path: str, body: Any = None, token: str | None = TOKEN) -> 
         return exc.code, None
 
 
-def kernel_pods() -> list[dict[str, Any]]:
-    """Kernel pods in the e2e namespace (needs E2E_KUBECTL)."""
+def kernel_pods(namespace: str = KERNEL_NAMESPACE) -> list[dict[str, Any]]:
+    """Kernel pods in namespace, by default the server's kernel namespace (needs E2E_KUBECTL)."""
     out = subprocess.run(
-        [KUBECTL, "get", "pods", "-n", NAMESPACE, "-l", KERNEL_SELECTOR, "-o", "json"],
+        [KUBECTL, "get", "pods", "-n", namespace, "-l", KERNEL_SELECTOR, "-o", "json"],
         env={**os.environ, "KUBECONFIG": KUBECONFIG},
         capture_output=True,
         text=True,
@@ -98,9 +107,12 @@ def kernel_pods() -> list[dict[str, Any]]:
     ]
 
 
-def wait_for_no_kernel_pod(name: str, timeout: float = 120) -> None:
+def wait_for_no_kernel_pod(
+    name: str, namespace: str = KERNEL_NAMESPACE, timeout: float = 120
+) -> None:
+    """Wait until kernel pod name in namespace is gone (or being deleted)."""
     deadline = time.monotonic() + timeout
-    while any(p["metadata"]["name"] == name for p in kernel_pods()):
+    while any(p["metadata"]["name"] == name for p in kernel_pods(namespace)):
         assert time.monotonic() < deadline, f"kernel pod {name} still exists after shutdown"
         time.sleep(2)
 
@@ -153,17 +165,37 @@ class KernelSocket:
         self.ws.send(json.dumps(message))
         return msg_id
 
+    def recv(self, deadline: float, missing: str) -> dict[str, Any]:
+        """The next message, by time.monotonic() deadline; else fails saying what is missing."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(missing)
+        try:
+            return json.loads(self.ws.recv(timeout=remaining))
+        except TimeoutError:
+            raise AssertionError(missing) from None
+
     def wait_for(self, msg_id: str, msg_type: str, timeout: float = 120) -> dict[str, Any]:
         """Read messages until one of msg_type answers msg_id; returns it."""
         deadline = time.monotonic() + timeout
         while True:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no {msg_type} for {msg_id}"
-            message = json.loads(self.ws.recv(timeout=remaining))
+            message = self.recv(deadline, f"no {msg_type} for {msg_id} in {timeout:.0f} s")
             if message["parent_header"].get("msg_id") == msg_id:
                 self._seen.append(message)
                 if message["msg_type"] == msg_type:
                     return message
+
+    def wait_for_status(self, state: str, timeout: float) -> float:
+        """Read messages until a status message says state; returns the seconds it took."""
+        start = time.monotonic()
+        deadline = start + timeout
+        while True:
+            message = self.recv(deadline, f"no {state!r} status in {timeout:.0f} s")
+            if (
+                message["msg_type"] == "status"
+                and message["content"].get("execution_state") == state
+            ):
+                return time.monotonic() - start
 
     def execute(self, code: str, timeout: float = 120) -> tuple[dict[str, Any], str]:
         """Run code; returns (execute_reply content, everything written to stdout)."""
@@ -176,9 +208,7 @@ class KernelSocket:
             m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
             for m in self._seen
         ):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, "kernel never went idle"
-            message = json.loads(self.ws.recv(timeout=remaining))
+            message = self.recv(deadline, f"the kernel did not go idle in {timeout:.0f} s")
             if message["parent_header"].get("msg_id") == msg_id:
                 self._seen.append(message)
         stdout = "".join(
@@ -261,6 +291,69 @@ def test_kernel_over_rest_and_websocket() -> None:
         wait_for_no_kernel_pod(pod_name)
 
 
+@needs_server
+def test_websocket_kept_open_across_restarts() -> None:
+    """One websocket, never reconnected, gets its replies after a REST restart and after an
+    automatic restart (the kernel process exits; the server's restarter starts it again).
+
+    JupyterLab and GatewayClient keep a kernel's websocket open for the life of a notebook,
+    and Jupyter Server binds a websocket to the kernel's address only when it connects: the
+    kernel must come back on the same address. The chart's server is in the cluster, so it
+    reaches its kernels by pod IP, and a new pod has a new IP.
+    """
+    status, kernel = api("POST", "/api/kernels", {"name": "python3"})
+    assert status == 201, f"POST /api/kernels answered {status}"
+    kernel_id = kernel["id"]
+    pods: list[str] = []
+    try:
+        with KernelSocket.connect(kernel_id) as ws:
+            sock = KernelSocket(ws)
+            reply, out = sock.execute("import socket\nx = 1\nprint(socket.gethostname())")
+            assert reply["status"] == "ok", reply
+            pods.append(out.strip())
+
+            # A restart through the REST API; the server answers once the kernel is back.
+            status, _ = api("POST", f"/api/kernels/{kernel_id}/restart")
+            assert status == 200, f"POST .../restart answered {status}"
+            try:
+                reply, out = sock.execute(
+                    "import socket\nprint('x' in globals(), socket.gethostname())", timeout=60
+                )
+            except AssertionError as exc:
+                raise AssertionError(
+                    f"no reply on the websocket kept open across a REST restart: {exc}"
+                ) from None
+            assert reply["status"] == "ok", reply
+            fresh, pod = out.split()
+            assert fresh == "False", "the REST restart kept the old kernel's state"
+            pods.append(pod)
+
+            # The kernel process dies; the server's restarter starts a new kernel.
+            reply, _ = sock.execute("y = 2")
+            assert reply["status"] == "ok", reply
+            sock.send_execute("import os\nos._exit(1)")
+            sock.wait_for_status("restarting", timeout=60)
+            try:
+                reply, out = sock.execute(
+                    "import socket\nprint('y' in globals(), socket.gethostname())", timeout=120
+                )
+            except AssertionError as exc:
+                raise AssertionError(
+                    f"no reply on the websocket kept open across an automatic restart: {exc}"
+                ) from None
+            assert reply["status"] == "ok", reply
+            fresh, pod = out.split()
+            assert fresh == "False", "the kernel that exited was not restarted"
+            pods.append(pod)
+            print("kernel pods (start, REST restart, automatic restart):", pods)
+    finally:
+        status, _ = api("DELETE", f"/api/kernels/{kernel_id}")
+        assert status == 204
+    if KUBECTL:
+        for pod in set(pods):
+            wait_for_no_kernel_pod(pod)
+
+
 # ------------------------------------------------------------------------- (b) local KernelManager
 
 
@@ -327,4 +420,4 @@ async def test_notebook_through_port_forward(
     assert "in-pod True" in text, text
     assert "".join(o.get("text", "") for o in nb.cells[3].outputs).strip() == "True"
     if KUBECTL:
-        wait_for_no_kernel_pod(text.split("host ", 1)[1].split()[0])
+        wait_for_no_kernel_pod(text.split("host ", 1)[1].split()[0], NAMESPACE)

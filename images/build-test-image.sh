@@ -35,46 +35,9 @@ say() { echo "build-test-image: $*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
-# Print the URI of the Debian mirror configured for apt: the first "deb"
-# source whose suites include bookworm, else the first non-security one.
-# Reads both one-line (*.list) and deb822 (*.sources) files.
-apt_mirror() {
-    local files=()
-    [[ -f /etc/apt/sources.list ]] && files+=(/etc/apt/sources.list)
-    for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-        [[ -f $f ]] && files+=("$f")
-    done
-    ((${#files[@]})) || return 0
-    awk '
-        # Emit "URI SUITE" for each deb source, in file order.
-        function emit(types, uris, suites,   nu, ns, u, s, U, S) {
-            if (types !~ /(^| )deb( |$)/) return
-            nu = split(uris, U, " "); ns = split(suites, S, " ")
-            for (u = 1; u <= nu; u++) for (s = 1; s <= ns; s++) print U[u], S[s]
-        }
-        FNR == 1 { if (t != "" && !off) emit(t, u, s); t = u = s = ""; off = 0 }
-        FILENAME ~ /\.sources$/ {
-            if ($0 ~ /^[ \t]*$/) { if (!off && t != "") emit(t, u, s); t = u = s = ""; off = 0; next }
-            if ($0 ~ /^#/) next
-            key = tolower($1); sub(/:$/, "", key); $1 = ""; sub(/^ +/, "")
-            if (key == "types") t = $0
-            else if (key == "uris") u = $0
-            else if (key == "suites") s = $0
-            else if (key == "enabled" && tolower($0) == "no") off = 1
-            next
-        }
-        $1 == "deb" {
-            line = $0; sub(/#.*/, "", line); gsub(/\[[^]]*\]/, "", line)
-            split(line, F, " "); print F[2], F[3]
-        }
-        END { if (t != "" && !off) emit(t, u, s) }
-    ' "${files[@]}" | awk '
-        $1 !~ /^(https?|file):/ { next }
-        $2 == "bookworm" && !best { best = $1 }
-        $2 !~ /-(security|updates|backports)$/ && $1 !~ /security/ && !any { any = $1 }
-        END { if (best) print best; else if (any) print any }
-    '
-}
+# apt_mirror, debian_rootfs, pip_target.
+# shellcheck source=images/lib/offline.sh
+source "$repo/images/lib/offline.sh"
 
 # Make sure the engine answers (docker.sh installs/starts it when needed).
 if ! docker info >/dev/null 2>&1; then
@@ -101,35 +64,7 @@ start=$SECONDS
 if [[ -s $rootfs ]]; then
     say "using cached rootfs $rootfs"
 else
-    if ! command -v mmdebstrap >/dev/null 2>&1; then
-        say "installing mmdebstrap"
-        export DEBIAN_FRONTEND=noninteractive
-        # apt-get update unless the package lists are less than an hour old.
-        if [[ -z $(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -60 -print -quit) ]]; then
-            apt-get -o DPkg::Lock::Timeout=300 update
-        fi
-        apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends \
-            mmdebstrap debian-archive-keyring
-    fi
-    mirror=${CLUSTER_PROVISIONERS_DEBIAN_MIRROR:-$(apt_mirror)}
-    mirror=${mirror:-http://deb.debian.org/debian}
-    aptopts=()
-    # Snapshot mirrors serve Release files whose Valid-Until has passed.
-    [[ $mirror == *snapshot.debian.org* ]] && aptopts+=(--aptopt='Acquire::Check-Valid-Until "false"')
-    say "mmdebstrap bookworm from $mirror"
-    tmp_tar=$cache/.kernel-rootfs-bookworm.$$.tar
-    trap 'rm -f "$tmp_tar"' EXIT
-    # Drop docs, man pages and translations: they only make the image bigger.
-    mmdebstrap --variant=minbase \
-        --include=python3-ipykernel,python-is-python3,procps \
-        --dpkgopt='path-exclude=/usr/share/doc/*' \
-        --dpkgopt='path-exclude=/usr/share/man/*' \
-        --dpkgopt='path-exclude=/usr/share/locale/*' \
-        --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-        "${aptopts[@]}" \
-        bookworm "$tmp_tar" "$mirror"
-    mv "$tmp_tar" "$rootfs"
-    trap - EXIT
+    debian_rootfs "$rootfs" python3-ipykernel,python-is-python3,procps
     say "rootfs cached in $rootfs ($((SECONDS - start))s)"
 fi
 
@@ -144,10 +79,6 @@ fi
 # 3. A Curve-capable ipykernel for the rootfs's CPython 3.11 (x86_64, glibc
 #    2.36): wheels only, downloaded once into the cache (a stamp marks a
 #    complete download), then installed offline into a staging directory.
-pip_target=(--only-binary=:all: --implementation cp --python-version 3.11 --abi cp311
-    --abi abi3 --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
-    --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64
-    --platform any)
 pip=(python3 -m pip --disable-pip-version-check --no-input)
 if [[ -f $wheels/.complete ]]; then
     say "using cached wheels $wheels"
