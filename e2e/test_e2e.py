@@ -208,7 +208,9 @@ class KernelSocket:
             m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
             for m in self._seen
         ):
-            message = self.recv(deadline, f"the kernel did not go idle in {timeout:.0f} s")
+            message = self.recv(
+                deadline, f"its execute_reply came, but no idle status (iopub) in {timeout:.0f} s"
+            )
             if message["parent_header"].get("msg_id") == msg_id:
                 self._seen.append(message)
         stdout = "".join(
