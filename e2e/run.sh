@@ -136,7 +136,8 @@ cleanup() {
         kill "$pf_pid" 2>/dev/null || true
         wait "$pf_pid" 2>/dev/null || true
     fi
-    if ((rc != 0)) && [[ -f $KUBECONFIG ]]; then
+    # Diagnostics only of what this run made (an existing cluster's namespace may be another's).
+    if ((rc != 0)) && [[ -f $KUBECONFIG ]] && [[ -z $existing || -n $installed ]]; then
         diagnose
     fi
     if [[ ${E2E_KEEP:-0} == 1 ]]; then
