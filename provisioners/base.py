@@ -225,6 +225,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                 runner.target,
                 _describe(exc),
             )
+            runner.start_failed = True  # the error is reported before the removal is done
             await self._teardown(restart=False)
             if not isinstance(exc, Exception):
                 raise

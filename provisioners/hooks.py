@@ -26,6 +26,10 @@ class EngineHooks:
     kernel_spec: Any
     _kernel_info: dict[str, Any]
     _started: bool
+    #: Set by the base before it removes what a failed start created, so that the start's
+    #: error is reported at once: ``remove_kernel`` then need not wait for the engine to
+    #: finish (it may raise ``RemovalPending``). The hook clears it.
+    start_failed: bool = False
 
     async def check_engine(self) -> None:
         """Raise :class:`EngineUnavailableError` when the engine cannot be reached.

@@ -38,20 +38,6 @@ async def start_pod(
 ) -> None:
     """Create the pod and its Secret, then wait until the kernel runs (and, with
     ``wait_for_port``, until its shell port answers); record each resource on ``p``."""
-    p.start_failed = False
-    try:
-        await _start_pod(p, cmd, env, kernel_info)
-    except BaseException:
-        p.start_failed = True  # its removal is confirmed in the background
-        raise
-
-
-async def _start_pod(
-    p: KubernetesClusterProvisioner,
-    cmd: list[str],
-    env: dict[str, str],
-    kernel_info: dict[str, Any],
-) -> None:
     if p._client is None or p._reflector is None:
         await p._attach(p._mode)
     p.timings = {"start": time.perf_counter()}

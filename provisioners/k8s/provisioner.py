@@ -208,8 +208,6 @@ class KubernetesClusterProvisioner(PodOwnership):
         self.secret_name = ""
         #: perf_counter() stamps of the last start: 'start', 'created', 'running'.
         self.timings: dict[str, float] = {}
-        #: Set by a start that failed: its removal does not wait for the pod to go.
-        self.start_failed = False
 
     # ------------------------------------------------------------------ config
 
@@ -567,6 +565,7 @@ class KubernetesClusterProvisioner(PodOwnership):
     @on_engine_loop
     async def remove_kernel(self, restart: bool) -> None:
         name = self.pod_name
+        failed, self.start_failed = self.start_failed, False
         if self._relay is not None:
             self._relay.pause()  # clients reconnect, and wait, until the next pod runs
         try:
@@ -582,7 +581,7 @@ class KubernetesClusterProvisioner(PodOwnership):
                     if exc.status != 404:
                         self.log.warning("Kernel %s: secret not deleted: %s", self.kernel_id, exc)
                 if (not restart or self.host_network) and self._reflector is not None:
-                    await self._confirm_removed(name, restart)
+                    await self._confirm_removed(name, restart, failed)
             self.pod_name = self.pod_uid = self.pod_ip = self.secret_name = ""
             self._started = False
         finally:
@@ -595,15 +594,14 @@ class KubernetesClusterProvisioner(PodOwnership):
                     await relay.stop()
                 await self._detach()
 
-    async def _confirm_removed(self, name: str, restart: bool) -> None:
-        """Wait until the deleted pod ``name`` is gone. After a failed start, do not wait:
-        the start's error is reported at once (a real kubelet takes up to a minute to
-        remove a pod stuck in an image pull). A full stop whose pod is still there raises
-        :class:`RemovalPending`: the base keeps the kernel and its ports recorded and
-        confirms the removal in the background."""
+    async def _confirm_removed(self, name: str, restart: bool, failed: bool) -> None:
+        """Wait until the deleted pod ``name`` is gone; after a ``failed`` start, do not
+        wait: the start's error is reported at once (a real kubelet takes up to a minute
+        to remove a pod stuck in an image pull). A full stop whose pod is still there
+        raises :class:`RemovalPending`: the base keeps the kernel and its ports recorded
+        and confirms the removal in the background."""
         reflector = self._reflector
         assert reflector is not None
-        failed, self.start_failed = self.start_failed, False
         if reflector.get(name) is None:
             return
         if not failed and await reflector.wait_for(
