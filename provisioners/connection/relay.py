@@ -201,7 +201,8 @@ class TcpRelay(LocalRelay):
     connections to a new target and ends the ones to the old target: their clients
     reconnect, to the same local port, and reach the new one. Before the first
     :meth:`retarget`, and after :meth:`pause`, new connections are held (accepted, not
-    yet relayed) until a target is set.
+    yet relayed) until a target is set; a connection the target refuses is retried for
+    up to ``connect_timeout`` seconds before it is closed.
     """
 
     def __init__(self, count: int, *, connect_timeout: float = 5.0, **kwargs: Any) -> None:
@@ -244,22 +245,13 @@ class TcpRelay(LocalRelay):
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int
     ) -> None:
-        while self._target is None:
-            await self._targeted.wait()
-        host, ports = self._target
-        generation, port = self._generation, ports[index]
-        try:
-            up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), self.connect_timeout
-            )
-        except (OSError, asyncio.TimeoutError) as exc:
-            self.log.debug("%s: cannot connect to %s:%s: %r", self.what, host, port, exc)
+        connected = await self._connect(index, reader)
+        if connected is None:
             return
+        generation, up_reader, up_writer = connected
         task = asyncio.current_task()
         assert task is not None
         try:
-            if generation != self._generation:  # retargeted while connecting
-                return
             self._relayed[task] = generation
             await _pipe_both(reader, writer, up_reader, up_writer)
         finally:
@@ -267,6 +259,38 @@ class TcpRelay(LocalRelay):
             up_writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(up_writer.wait_closed(), 2)
+
+    async def _connect(
+        self, index: int, client: asyncio.StreamReader
+    ) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """Connect to the current target's port ``index``: wait while held, and retry a
+        refused connection for up to ``connect_timeout`` (a restarted kernel binds its
+        ports one after another: its client's connection then waits instead of being
+        dropped); start over on a new target. None when it cannot be reached."""
+        loop = asyncio.get_running_loop()
+        generation, deadline = -1, 0.0
+        while True:
+            while self._target is None:
+                await self._targeted.wait()
+            host, ports = self._target
+            if generation != self._generation:
+                generation, deadline = self._generation, loop.time() + self.connect_timeout
+            left = deadline - loop.time()
+            try:
+                up_reader, up_writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, ports[index]), min(max(left, 0.05), 1.0)
+                )
+            except (OSError, asyncio.TimeoutError) as exc:
+                if loop.time() >= deadline or client.at_eof():
+                    self.log.debug(
+                        "%s: cannot connect to %s:%s: %r", self.what, host, ports[index], exc
+                    )
+                    return None
+                await asyncio.sleep(0.05)
+                continue
+            if generation == self._generation:
+                return generation, up_reader, up_writer
+            up_writer.close()  # retargeted while connecting
 
 
 async def _pipe_both(

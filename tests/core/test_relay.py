@@ -96,6 +96,36 @@ async def test_a_paused_relay_holds_new_connections_until_retargeted(
         await relay.stop()
 
 
+async def test_a_connection_waits_for_a_target_port_that_listens_late() -> None:
+    """A restarted kernel binds its ports one after another: a client connecting to one
+    not bound yet is relayed once it is, not dropped."""
+    probe = await echo_server(b"")
+    late_port = port_of(probe)
+    probe.close()
+    await probe.wait_closed()
+    relay = TcpRelay(1, executor=EXECUTOR, connect_timeout=10.0, what="a test relay")
+    (port,) = await relay.start()
+    late: asyncio.Server | None = None
+    try:
+        relay.retarget("127.0.0.1", [late_port])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"early\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)  # refused meanwhile: retried, the client's connection held
+
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(b"late:" + await r.readline())
+            await w.drain()
+
+        late = await asyncio.start_server(serve, "127.0.0.1", late_port)
+        assert await asyncio.wait_for(reader.readline(), 5) == b"late:early\n"
+        writer.close()
+    finally:
+        await relay.stop()
+        if late is not None:
+            late.close()
+
+
 async def test_stop_closes_the_listeners_and_gives_back_the_ports() -> None:
     relay = TcpRelay(5, executor=EXECUTOR, owner="relay-test-owner", what="a test relay")
     ports = await relay.start()
