@@ -6,8 +6,9 @@ A target (local process, Docker container, SSH host, Kubernetes pod) subclasses
 ``remove_kernel`` and the state hooks. The base allocates ports through the
 cluster-aware cache, builds the connection info and the kernel's command, keeps the
 kernel's environment to what it should see, applies the local fallback when the
-engine cannot be reached, opens and closes SSH tunnels, and cleans up after partial
-starts, shutdowns and restarts.
+engine cannot be reached, opens and closes SSH tunnels, keeps a kernel's address
+through its restarts (:mod:`.newports`), and cleans up after partial starts, shutdowns
+and restarts.
 
 The engine hooks and their error contract are in :mod:`provisioners.hooks`; the shared
 settings in :mod:`provisioners.settings`.
@@ -44,7 +45,7 @@ from .executor import EngineExecutor
 from .failed_start import as_start_error, forget_failed_start
 from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
 from .hooks import PORT_NAMES, EngineHooks
-from .newports import SparePorts
+from .newports import keep_or_move, show_kept_ports
 from .owner import ServerIdentity
 from .progress import ProgressStep, log_step
 from .settings import SharedSettings, is_request_input, requested_env_names
@@ -80,13 +81,14 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         self.fallback_for = ""
         self.fallback_cause = ""
         self._ports: list[int] = []
-        self._spare_ports = SparePorts()
         self._port_host = LOCAL_HOST
         self._kernel_info: dict[str, Any] = {}
         self._tunnels: KernelTunnels | None = None
         self._curve_keys: tuple[bytes, bytes] | None = None
         self._restarting = False
         self._settle_clients = False  # a restart: clients' sockets are reconnecting
+        self._shutdown_asked = False  # shutdown_requested() came first (not a kill at once)
+        self._exited_before_restart = False  # an automatic restart: the kernel died first
         self._started = False
         #: None, or the ``restart`` flag of a removal that failed and is to be retried.
         self._pending_removal: bool | None = None
@@ -136,13 +138,14 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         self._start_clock = time.monotonic()
         if self._restarting:
             # Before any await: the kernel manager zeroed its ports for newports=True.
-            tunneled = self._tunnels is not None and not self._runner.fallback_for
-            kept, (self._ports, discarded) = self._ports, self._spare_ports.take(self, tunneled)
-            if discarded:
-                await self._runner.executor.run(
-                    ClusterPortCache.instance().release, self.allocation_owner, discarded
-                )
-            self._settle_clients = self._ports == kept  # new ports: clients connect anew
+            show_kept_ports(self)
+            kept = list(self._ports)
+            if self._pending_removal is None:  # else the old kernel holds them until removed
+                tunneled = self._tunnels is not None and not self._runner.fallback_for
+                self._ports = await keep_or_move(self, tunneled)
+            # a port moved: clients connect anew; after the kernel's own death no client
+            # waits for the restart to return (see _let_clients_reconnect)
+            self._settle_clients = self._ports == kept and not self._exited_before_restart
         else:
             from .pool.claim import claim_warm_kernel
 
@@ -152,6 +155,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
             self._runner = await self._select_runner()
         leftovers.hurry()  # what earlier cleanups left is retried now
         self._restarting = False
+        self._exited_before_restart = self._shutdown_asked = False
         self._stopped = False
         runner = self._runner
         runner._start_clock = self._start_clock
@@ -264,7 +268,14 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         await self._best_effort(f"signal {signum}", self._runner.signal_kernel(signum))
 
     async def kill(self, restart: bool = False) -> None:
-        """Kill the kernel; best-effort: an engine error is logged, the shutdown goes on."""
+        """Kill the kernel; best-effort: an engine error is logged, the shutdown goes on.
+
+        A kill without a shutdown request, of a kernel that already exited, is
+        jupyter_client's restarter restarting a kernel that died by itself (jupyter_client
+        passes no ``restart`` flag here).
+        """
+        if not self._shutdown_asked:
+            self._exited_before_restart = await self.poll() is not None
         if self.has_process:
             await self._best_effort("kill", self._runner.stop_kernel(force=True))
 
@@ -276,6 +287,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
     async def shutdown_requested(self, restart: bool = False) -> None:
         # jupyter_client does not pass restart=True on to terminate()/kill(): remember it.
         self._restarting = restart
+        self._shutdown_asked = True
 
     async def cleanup(self, restart: bool = False) -> None:
         """Remove the kernel's resources; never raises for an engine error.
@@ -285,8 +297,6 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         """
         await self._teardown(restart=restart)
         self._restarting = restart
-        if restart:
-            await self._spare_ports.reserve(self)
 
     def resolve_path(self, path_str: str) -> str | None:
         """``path_str`` as the kernel sees it, resolved to an existing file of this server.
@@ -488,7 +498,12 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         What the kernel publishes before a client's subscription reaches it is lost (the
         reply to a request sent at once came without its output or idle status). So wait
         until the kernel answers on shell and iopub, then for a subscriber's reconnect
-        interval, then for the engine's own settling (:meth:`EngineHooks.settle_clients`)."""
+        interval, then for the engine's own settling (:meth:`EngineHooks.settle_clients`).
+
+        Not after the kernel died by itself: jupyter_client's restarter tells clients
+        nothing when its restart is done (they ask until the kernel answers), and
+        jupyter_client fails a shutdown requested while a restart is pending (Jupyter
+        Server: HTTP 500), which a client that already got its answer may well send."""
         left = max(1.0, self.launch_timeout - (time.monotonic() - self._start_clock))
         probe = asyncio.ensure_future(wait_until_answering(self.connection_info, left))
         try:
@@ -622,10 +637,9 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                 self._release_ports()
 
     def _release_ports(self) -> None:
-        if self._ports or self._spare_ports.ports:
+        if self._ports:
             ClusterPortCache.instance().release(self.allocation_owner)
             self._ports = []
-            self._spare_ports.ports = []
 
 
 def _describe(exc: BaseException) -> str:

@@ -62,6 +62,14 @@ class EngineHooks:
         """
         return False
 
+    def binds_ports_here(self) -> bool:
+        """True when the kernel, or the engine's proxy for it, binds its allocated ports
+        on this machine (so a restart bind-tests them here before keeping them); False
+        where they are bound elsewhere (a pod, a container's own network, a remote host)
+        or behind listeners this server keeps through a restart (a port-forward).
+        Default: published here and reached on them. Never raises."""
+        return self.port_host() == LOCAL_HOST and self.reached_on_own_ports()
+
     def server_path(self, path: str) -> str | None:
         """``path`` as the kernel sees it, as an existing file of this server, or None.
 

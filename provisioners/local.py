@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from .base import ClusterProvisioner
 from .connection.files import launch_kernel, write_connection_file
 from .connection.ports import ClusterPortCache, process_alive, process_start_time
 from .executor import EngineExecutor
+from .hooks import PORT_NAMES
 
 #: Keyword arguments of a start request that reach the process launcher.
 _LAUNCH_KWARGS = ("stdin", "stdout", "stderr", "cwd", "independent")
@@ -52,6 +54,9 @@ class LocalClusterProvisioner(ClusterProvisioner):
     def reached_on_own_ports(self) -> bool:
         return not self.ssh_server
 
+    def binds_ports_here(self) -> bool:
+        return True  # a process of this machine, tunnels or not
+
     def uses_request_cwd(self) -> bool:
         return True
 
@@ -84,6 +89,8 @@ class LocalClusterProvisioner(ClusterProvisioner):
         if km is not None and hasattr(km, "format_kernel_cmd") and not self.ssh_server:
             if not km.connection_file:  # named after the kernel, so sweeps can find it
                 km.connection_file = self.kernel_connection_file()
+            elif _file_ports(km.connection_file) not in ({}, _ports_of(kernel_info)):
+                km.cleanup_connection_file()  # a restart moved a taken port: rewrite it
             km.load_connection_info(kernel_info)
             km.write_connection_file()
             kernel_info.update(km.get_connection_info())
@@ -172,3 +179,15 @@ class LocalClusterProvisioner(ClusterProvisioner):
         if self.pid is not None and not self._pid_start:
             self._pid_start = process_start_time(self.pid)  # state of an older version
         self._started = self.pid is not None
+
+
+def _ports_of(info: dict[str, Any]) -> dict[str, int]:
+    return {name: int(info.get(name) or 0) for name in PORT_NAMES}
+
+
+def _file_ports(path: str) -> dict[str, int]:
+    """The ports a connection file holds ({} when there is none to read)."""
+    try:
+        return _ports_of(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}

@@ -97,6 +97,11 @@ class PortSource(ABC):
     def ports_in_use(self, host: str) -> set[int]:
         """Return the ports known to be held on ``host``; may block (called in a thread)."""
 
+    def ports_listening(self, host: str) -> set[int]:
+        """The ports a new listener on ``host`` could not bind now (a restart checks its
+        kernel's ports against them); may block. Default: all of :meth:`ports_in_use`."""
+        return self.ports_in_use(host)
+
 
 class LocalBindProbe:
     """Tells whether a port of this machine can be bound right now."""

@@ -119,19 +119,33 @@ class RemoteListeningPorts(PortSource):
         self.timeout = timeout
 
     def ports_in_use(self, host: str) -> set[int]:
+        return _parse_ports(self._sockets())
+
+    def ports_listening(self, host: str) -> set[int]:
+        """Ports with a listening socket: a dead kernel's connections (TIME_WAIT) do not
+        keep a restarted kernel from binding its ports again."""
+        return _parse_ports(self._sockets(), listening_only=True)
+
+    def _sockets(self) -> str:
         script = "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null || ss -Htan 2>/dev/null"
-        result = self.link.sh(script, timeout=self.timeout)
-        return _parse_ports(result.stdout)
+        return self.link.sh(script, timeout=self.timeout).stdout
 
 
-def _parse_ports(text: str) -> set[int]:
-    """Local ports of /proc/net/tcp lines (hex) or of ``ss -Htan`` lines."""
+#: The LISTEN state as /proc/net/tcp writes it (hex) and as ``ss`` does.
+_LISTEN = ("0A", "LISTEN")
+
+
+def _parse_ports(text: str, listening_only: bool = False) -> set[int]:
+    """Local ports of /proc/net/tcp lines (hex) or of ``ss -Htan`` lines (with
+    ``listening_only``, of listening sockets only)."""
     ports: set[int] = set()
     for line in text.splitlines():
         fields = line.split()
         if len(fields) < 4:
             continue
         if fields[0].endswith(":") and fields[0][:-1].isdigit():
+            if listening_only and fields[3] != _LISTEN[0]:
+                continue
             address = fields[1]
             with_port = address.rpartition(":")[2]
             try:
@@ -139,6 +153,8 @@ def _parse_ports(text: str) -> set[int]:
             except ValueError:
                 continue
         else:
+            if listening_only and fields[0] != _LISTEN[1]:
+                continue
             port = fields[3].rpartition(":")[2]
             if port.isdigit():
                 ports.add(int(port))
