@@ -8,7 +8,9 @@ Kubernetes port-forward websocket, or :class:`TcpRelay`'s plain TCP to an addres
 can change. A kernel that moves (a restart puts it in a new pod, with a new IP) keeps
 its client-side address: :meth:`TcpRelay.retarget` sends the listeners' connections to
 the new address and ends those to the old one, and the clients' ZMQ sockets reconnect
-through the same local ports.
+through the same local ports. :class:`KernelRelay` is what a provisioner holds for that:
+a kernel's five channels, followed from restart to restart, on a loop that keeps
+running between a synchronous caller's calls (:class:`RelayLoop`, or an engine's own).
 """
 
 from __future__ import annotations
@@ -19,20 +21,30 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Coroutine, Sequence
+from typing import Any, ClassVar, TypeVar
 
 from ..exceptions import TunnelError
 from ..executor import EngineExecutor
+from ..loopthread import LoopThread
 from .ports import DEFAULT_PORT_RANGE, LOCAL_HOST, ClusterPortCache
 
-__all__ = ["LocalRelay", "TcpRelay", "listen_allocated", "listen_on"]
+__all__ = [
+    "KernelRelay",
+    "LocalRelay",
+    "RelayLoop",
+    "TcpRelay",
+    "listen_allocated",
+    "listen_on",
+]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+T = TypeVar("T")
 
 
 def listen_on(bind_host: str, port: int, what: str = "a relay") -> socket.socket:
@@ -211,6 +223,7 @@ class TcpRelay(LocalRelay):
         self._target: tuple[str, tuple[int, ...]] | None = None
         self._generation = 0
         self._targeted = asyncio.Event()
+        self._moved = asyncio.Event()  # set, and replaced, at every change of target
         self._relayed: dict[asyncio.Task[None], int] = {}
 
     @property
@@ -240,6 +253,8 @@ class TcpRelay(LocalRelay):
 
     def _end_relayed(self) -> None:
         self._generation += 1
+        self._moved.set()
+        self._moved = asyncio.Event()
         self.end_connections(list(self._relayed))
 
     async def _serve(
@@ -277,9 +292,10 @@ class TcpRelay(LocalRelay):
                 generation, deadline = self._generation, loop.time() + self.connect_timeout
             left = deadline - loop.time()
             try:
-                up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, ports[index]), min(max(left, 0.05), 1.0)
-                )
+                opened = await self._open(host, ports[index], min(max(left, 0.05), 1.0))
+                if opened is None:
+                    continue  # the target changed meanwhile
+                up_reader, up_writer = opened
             except (OSError, asyncio.TimeoutError) as exc:
                 if loop.time() >= deadline or client.at_eof():
                     self.log.debug(
@@ -291,6 +307,131 @@ class TcpRelay(LocalRelay):
             if generation == self._generation:
                 return generation, up_reader, up_writer
             up_writer.close()  # retargeted while connecting
+
+    async def _open(
+        self, host: str, port: int, timeout: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A connection to ``host:port`` within ``timeout`` (:class:`asyncio.TimeoutError`),
+        or None as soon as the target changes: an attempt to an address that is gone (a
+        removed container's or pod's IP) hangs until its timeout, and would hold a client
+        that reconnected during a restart that long after the kernel is back."""
+        attempt = asyncio.ensure_future(asyncio.open_connection(host, port))
+        moved = asyncio.ensure_future(self._moved.wait())
+        handed = False
+        try:
+            await asyncio.wait({attempt, moved}, timeout=timeout, return_when="FIRST_COMPLETED")
+            if attempt.done():
+                opened = attempt.result()
+                handed = True
+                return opened
+            if moved.done():
+                return None
+            raise asyncio.TimeoutError
+        finally:
+            moved.cancel()
+            if not handed:  # not handed over: cancelled, or closed if it made it
+                attempt.cancel()
+                await asyncio.gather(attempt, moved, return_exceptions=True)
+                if not attempt.cancelled() and attempt.exception() is None:
+                    attempt.result()[1].close()
+
+
+class RelayLoop(LoopThread):
+    """The loop that kernels' relays run on when their provisioner's hooks run on the
+    caller's loop: a synchronous ``KernelManager`` stands that loop still between its
+    calls, and a relay on it would stop relaying while a blocking client waits."""
+
+    thread_name: ClassVar[str] = "relay-loop"
+    _current: ClassVar[LoopThread | None] = None
+    _exit_hook: ClassVar[bool] = False
+
+
+class KernelRelay:
+    """A kernel's client-side address that its restarts keep: a :class:`TcpRelay` with a
+    listener on 127.0.0.1 per channel of ``names``, pointed at wherever the kernel runs.
+
+    :meth:`follow` opens the listeners the first time and points them at the kernel's
+    current address; :meth:`pause` holds new connections (and ends the relayed ones)
+    while the kernel is replaced; :meth:`close` ends it all, at a full stop. With
+    ``loop_thread`` the relay lives on that :class:`LoopThread`, held from the first
+    :meth:`follow` until :meth:`close`; without it, on the caller's loop, which must keep
+    running between calls (an engine's own loop). ``relay_args`` go to :class:`TcpRelay`.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        kernel_id: str,
+        loop_thread: type[LoopThread] | None = None,
+        **relay_args: Any,
+    ) -> None:
+        self.names = list(names)
+        self.kernel_id = kernel_id
+        self._loop_type = loop_thread
+        self._loop: LoopThread | None = None
+        self._relay_args = relay_args
+        self._relay: TcpRelay | None = None
+
+    @property
+    def relay(self) -> TcpRelay | None:
+        """The listeners, once :meth:`follow` opened them."""
+        return self._relay
+
+    async def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop_type is None:
+            return await coro
+        if self._loop is None:
+            self._loop = self._loop_type.hold(self)
+        return await self._loop.run(coro)
+
+    async def follow(
+        self, host: str, ports: dict[str, int], where: str = ""
+    ) -> tuple[str, dict[str, int]]:
+        """Relay to ``host``'s ``ports`` (by channel name) from now on; return the address
+        clients use: the listeners' host and ports, the same after every restart.
+        :class:`TunnelError` when a listener cannot be opened (nothing left open)."""
+        return await self._run(self._follow(host, [int(ports[n]) for n in self.names], where))
+
+    async def _follow(self, host: str, ports: list[int], where: str) -> tuple[str, dict[str, int]]:
+        relay = self._relay
+        if relay is None:
+            relay = TcpRelay(len(self.names), **self._relay_args)
+            await relay.start()
+            self._relay = relay
+        if relay.target != (host, ports):
+            relay.log.debug(
+                "Kernel %s: local ports %s relay to %s at %s",
+                self.kernel_id,
+                relay.local_ports,
+                where or "the kernel",
+                host,
+            )
+            relay.retarget(host, ports)
+        return relay.host, dict(zip(self.names, relay.local_ports, strict=True))
+
+    async def pause(self) -> None:
+        """Hold clients until the next :meth:`follow` (the kernel is being replaced)."""
+        if self._relay is not None:
+            await self._run(self._pause())
+
+    async def _pause(self) -> None:
+        if self._relay is not None:
+            self._relay.pause()
+
+    async def close(self) -> None:
+        """Close the listeners and give back their ports and the loop (idempotent)."""
+        relay, self._relay = self._relay, None
+        loop, self._loop = self._loop, None
+        try:
+            if relay is not None:
+                if loop is None:
+                    await relay.stop()
+                else:
+                    await loop.run(relay.stop())
+        finally:
+            if loop is not None:
+                loop.release(self)
 
 
 async def _pipe_both(

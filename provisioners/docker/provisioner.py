@@ -5,8 +5,10 @@ file is copied into the created container with ``put_archive`` before it starts,
 nothing on the server's filesystem is needed and a remote daemon works too. The five
 kernel ports are published on ``publish_ip`` (host ports from the cluster-aware cache,
 cross-checked against the ports our containers on that daemon hold), or, with
-``connect_via_container_ip``, reached on the container's own IP. Daemon access outside
-the lifecycle lives in :mod:`.engine`, the settings in :mod:`.settings`.
+``connect_via_container_ip``, reached on the container's own IP: through local relays
+that follow the kernel to its next container on a restart (``container_ip_relay``; a new
+container has a new IP). Daemon access outside the lifecycle lives in :mod:`.engine`, the
+settings in :mod:`.settings`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import posixpath
 import secrets
 import signal
 import time
+import uuid
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
@@ -26,6 +29,7 @@ import docker
 from ..base import ClusterProvisioner
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource, zmq_listens
+from ..connection.relay import KernelRelay, RelayLoop
 from ..connection.sshconnect import SSHSettings, format_server
 from ..connection.sshlink import SSH_EXECUTOR, SSHLink
 from ..connection.sshprobe import forwarded_zmq_listens
@@ -35,6 +39,7 @@ from ..exceptions import (
     ForwardingRefusedError,
     KernelStartError,
     ProvisionerError,
+    TunnelError,
 )
 from ..executor import EngineExecutor
 from ..hooks import PORT_NAMES, kernel_row
@@ -92,6 +97,7 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
         self._daemon_key = ""
         self._pending_create: asyncio.Future[Any] | None = None
         self._stop_signal = signal.SIGTERM
+        self._relay: KernelRelay | None = None
 
     # ------------------------------------------------------------------ engine
 
@@ -184,8 +190,36 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
     def kernel_connection_file(self) -> str:
         return posixpath.join(container_kernel_dir(self.kernel_id), "connection.json")
 
+    def relays_container_ip(self) -> bool:
+        """True when clients reach the container's IP through local relays (see
+        ``container_ip_relay``); SSH tunnels keep their local ports by themselves."""
+        return self.connect_via_container_ip and self.container_ip_relay and not self.ssh_server
+
     async def kernel_address(self) -> tuple[str, dict[str, int]]:
-        ports = {name: self._kernel_info[name] for name in PORT_NAMES}
+        ip, ports = self._direct_address()
+        if not ip or not self.relays_container_ip():
+            return ip, ports
+        if self._relay is None:
+            self._relay = KernelRelay(
+                PORT_NAMES,
+                kernel_id=self.kernel_id,
+                loop_thread=RelayLoop,
+                executor=self.executor,
+                owner=f"relay-{self.kernel_id}-{uuid.uuid4().hex[:8]}",
+                port_range=self.port_range,
+                connect_timeout=self.api_timeout,
+                what=f"the relay of kernel {self.kernel_id}",
+                logger=self.log,
+            )
+        try:
+            return await self._relay.follow(ip, ports, f"container {self.container_name}")
+        except TunnelError as exc:
+            raise TunnelError(str(exc), target=self.target, kernel_id=self.kernel_id) from exc
+
+    def _direct_address(self) -> tuple[str, dict[str, int]]:
+        """Where the kernel itself listens, as this server reaches it without relays
+        (the container's IP is '' until it is known)."""
+        ports = {name: int(self._kernel_info[name]) for name in PORT_NAMES}
         if self.connect_via_container_ip:
             return self.container_ip, ports
         if self.publish_ip not in ("0.0.0.0", "::"):
@@ -350,7 +384,7 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
                     if state.get("Status") not in ("created", "running", "restarting"):
                         await self._raise_exited(client, state)
                     next_state = time.monotonic() + 0.5
-                ip, ports = await self.kernel_address()
+                ip, ports = self._direct_address()
                 if not ip:
                     if time.monotonic() - started > 10 and state.get("Running"):
                         msg = (
@@ -511,6 +545,8 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
         await self.signal_kernel(signal.SIGKILL if force else self._stop_signal)
 
     async def remove_kernel(self, restart: bool) -> None:
+        if self._relay is not None:
+            await self._relay.pause()  # clients reconnect, and wait, until the next container
         pending, self._pending_create = self._pending_create, None
         if pending is not None and not self.container_id:
             with contextlib.suppress(Exception):
@@ -521,6 +557,9 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
         finally:
             if not restart:
                 self._close_client()
+                if self._relay is not None:
+                    relay, self._relay = self._relay, None
+                    await relay.close()
         self.container_id = self.container_name = self.container_ip = ""
         self._started = False
 

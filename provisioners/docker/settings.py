@@ -54,7 +54,18 @@ class DockerSettings(SharedSettings):
         False,
         config=True,
         help="""Publish nothing and connect to the container's IP on 'network' directly; for a
-        server that runs on that network itself.""",
+        server that runs on that network itself (see 'container_ip_relay').""",
+    )
+    container_ip_relay = Bool(
+        True,
+        config=True,
+        help="""With 'connect_via_container_ip' (and no 'ssh_server', whose tunnels keep their
+        local ports anyway), give clients local listeners (127.0.0.1, one per channel) that
+        relay to the container's IP, and point them at the new container on each restart: a
+        restart makes a new container with a new IP, and a client whose sockets stay open (a
+        websocket that JupyterLab or a gateway keeps through a restart) would keep talking to
+        the old one. Off: clients get the bare container IP (reachable from other machines
+        on that network, one hop less), and such clients lose the kernel at every restart.""",
     )
     volumes = List(
         Unicode(),

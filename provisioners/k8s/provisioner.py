@@ -7,7 +7,7 @@ the kernel may rewrite. :mod:`.podstart` creates them and waits on a watch (a re
 shared per namespace, :mod:`.watch`) until the kernel answers, failing at once, in the
 cluster's own words, on image-pull errors, an unschedulable pod, a crash, or a 403.
 Inside the cluster the client connects to the pod IP, through local listeners that
-follow the kernel to its next pod on a restart (:class:`~..connection.relay.TcpRelay`);
+follow the kernel to its next pod on a restart (:class:`~..connection.relay.KernelRelay`);
 outside it, through the API server's port-forward websocket (:mod:`.portforward`).
 :mod:`.sweep` removes what dead servers left and lists our pods; :mod:`.claim` relabels
 a claimed warm kernel's pod.
@@ -25,7 +25,7 @@ from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Un
 
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource
-from ..connection.relay import TcpRelay
+from ..connection.relay import KernelRelay
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError, TunnelError
 from ..executor import EngineExecutor
 from ..hooks import PORT_NAMES
@@ -199,7 +199,7 @@ class KubernetesClusterProvisioner(PodOwnership):
         self._client: KubeClient | None = None
         self._reflector: PodReflector | None = None
         self._forwarder: PortForwarder | None = None
-        self._relay: TcpRelay | None = None
+        self._relay: KernelRelay | None = None
         self._engine: EngineLoop | None = None
         self._mode = ""
         self.pod_name = ""
@@ -473,9 +473,10 @@ class KubernetesClusterProvisioner(PodOwnership):
         ports = {n: int(self._kernel_info[n]) for n in PORT_NAMES}
         if not self.pod_ip_relay:
             return self.pod_ip, ports
-        if self._relay is None:
-            relay = TcpRelay(
-                len(PORT_NAMES),
+        if self._relay is None:  # on the engine loop, which runs between callers' calls
+            self._relay = KernelRelay(
+                PORT_NAMES,
+                kernel_id=self.kernel_id,
                 executor=KUBERNETES_EXECUTOR,
                 owner=f"relay-{self.kernel_id}-{uuid.uuid4().hex[:8]}",
                 port_range=self.port_range,
@@ -483,21 +484,10 @@ class KubernetesClusterProvisioner(PodOwnership):
                 what=f"the relay of kernel {self.kernel_id}",
                 logger=self.log,
             )
-            try:
-                await relay.start()
-            except TunnelError as exc:
-                raise TunnelError(str(exc), target=self.target, kernel_id=self.kernel_id) from exc
-            self._relay = relay
-        if self._relay.target != (self.pod_ip, list(ports.values())):
-            self.log.debug(
-                "Kernel %s: local ports %s relay to pod %s at %s",
-                self.kernel_id,
-                self._relay.local_ports,
-                self.pod_name,
-                self.pod_ip,
-            )
-            self._relay.retarget(self.pod_ip, list(ports.values()))
-        return "127.0.0.1", dict(zip(PORT_NAMES, self._relay.local_ports, strict=True))
+        try:
+            return await self._relay.follow(self.pod_ip, ports, f"pod {self.pod_name}")
+        except TunnelError as exc:
+            raise TunnelError(str(exc), target=self.target, kernel_id=self.kernel_id) from exc
 
     async def poll_kernel(self) -> int | None:
         # a read of the reflector's cache (replaced, never changed in place, by the loop)
@@ -567,7 +557,7 @@ class KubernetesClusterProvisioner(PodOwnership):
         name = self.pod_name
         failed, self.start_failed = self.start_failed, False
         if self._relay is not None:
-            self._relay.pause()  # clients reconnect, and wait, until the next pod runs
+            await self._relay.pause()  # clients reconnect, and wait, until the next pod runs
         try:
             if name:  # raises, keeping the pod's name, when the API refuses the delete
                 if self._client is None or self._reflector is None:
@@ -591,7 +581,7 @@ class KubernetesClusterProvisioner(PodOwnership):
                     self._forwarder = None
                 if self._relay is not None:
                     relay, self._relay = self._relay, None
-                    await relay.stop()
+                    await relay.close()
                 await self._detach()
 
     async def _confirm_removed(self, name: str, restart: bool, failed: bool) -> None:

@@ -15,6 +15,11 @@ or automatic, must therefore keep the kernel's address (:mod:`provisioners.newpo
   for ``newports=True`` when it died in its first seconds. Nothing tells the client when
   the restart is done: it sees ``restarting``, then asks until the kernel answers. When
   the restart moved the kernel to new ports, the open websocket never got a reply again.
+
+Pod-IP mode (Kubernetes) and container-IP mode (Docker) reach a kernel at its own IP,
+which a restart changes (a new pod, a new container): the server keeps the address
+through local relays that follow the kernel. A synchronous ``KernelManager`` with a
+blocking client checks that those relays run between the manager's calls.
 """
 
 from __future__ import annotations
@@ -24,13 +29,17 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.helpers import write_kernelspec
+from provisioners import KernelManager
+from provisioners.connection.ports import port_is_listening
+from provisioners.hooks import PORT_NAMES
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
 from tests.jupyter_server import (
     JupyterServer,
     Output,
@@ -85,7 +94,131 @@ async def test_pod_ip_mode_keeps_an_open_websocket_through_a_restart(
         await _automatic_restart(case, tmp_path, "early")
 
 
-async def _rest_restarts(target: TargetCase, tmp_path: Path, rounds: int = ROUNDS) -> None:
+class MovingIPs:
+    """A network of the test's own where each restart gives the kernel a new IP.
+
+    Docker gives a container the lowest free address of its network, so a restarted
+    kernel gets its old IP back on a quiet network (a busy one hands it to whoever comes
+    first). Placeholder containers hold the lowest addresses before the kernel starts;
+    :meth:`move` removes the newest one, so the restart's new container gets its
+    address, and records the kernel's IP before it does.
+    """
+
+    def __init__(self, client: Any, count: int) -> None:
+        self.client = client
+        self.network = client.networks.create(f"cp-test-moving-{uuid.uuid4().hex[:8]}")
+        self.placeholders: list[Any] = []
+        self.ips: list[str] = []
+        try:
+            for index in range(count):
+                self.placeholders.append(
+                    client.containers.run(
+                        KERNEL_TEST_IMAGE,
+                        ["sleep", "600"],
+                        name=f"{self.network.name}-{index}",
+                        detach=True,
+                        network=self.network.name,
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def kernel_ip(self, kernel_id: str) -> str:
+        label = f"cluster-provisioners.kernel-id={kernel_id}"
+        found = self.client.containers.list(filters={"label": label})
+        assert len(found) == 1, found
+        return str(found[0].attrs["NetworkSettings"]["Networks"][self.network.name]["IPAddress"])
+
+    def move_now(self, kernel_id: str) -> None:
+        """Record the kernel's IP; free a lower address for its next container (before a
+        restart; after the last one, only the record counts)."""
+        self.ips.append(self.kernel_ip(kernel_id))
+        if self.placeholders:
+            self.placeholders.pop().remove(force=True)
+
+    async def move(self, kernel_id: str) -> None:
+        """:meth:`move_now`, in a thread."""
+        await asyncio.to_thread(self.move_now, kernel_id)
+
+    def close(self) -> None:
+        for container in self.placeholders:
+            container.remove(force=True)
+        self.network.remove()
+
+
+@pytest.fixture
+def moving_ips(docker_client: Any) -> Iterator[MovingIPs]:
+    ips = MovingIPs(docker_client, 2)
+    yield ips
+    ips.close()
+
+
+def _container_ip_case(network: str) -> TargetCase:
+    config = {
+        "image": KERNEL_TEST_IMAGE,
+        "connect_via_container_ip": True,
+        "network": network,
+    }
+    return TargetCase("docker-ip", "cluster-docker-provisioner", CONTAINER_ARGV, config)
+
+
+@pytest.mark.parametrize("restart", ["rest", "automatic"])
+async def test_container_ip_mode_keeps_an_open_websocket_through_a_restart(
+    moving_ips: MovingIPs, tmp_path: Path, restart: str
+) -> None:
+    """Docker's container-IP mode: a restart makes a new container, with a new IP."""
+    case = _container_ip_case(moving_ips.network.name)
+    if restart == "rest":
+        await _rest_restarts(case, tmp_path, rounds=2, each_round=moving_ips.move)
+    else:
+        await _automatic_restart(case, tmp_path, "early", each_round=moving_ips.move)
+    assert len(set(moving_ips.ips)) == len(moving_ips.ips) > 1, moving_ips.ips
+
+
+def test_container_ip_mode_keeps_a_blocking_client_through_a_restart(
+    moving_ips: MovingIPs, tmp_path: Path
+) -> None:
+    """A synchronous KernelManager runs its loop only during its calls, and a blocking
+    client keeps its channels: the relays must follow the new container meanwhile."""
+    case = _container_ip_case(moving_ips.network.name)
+    ksm = write_kernelspec(
+        tmp_path / "kernels", "docker-ip", case.provisioner, case.config, argv=case.argv
+    )
+    km = KernelManager(kernel_name="docker-ip", kernel_spec_manager=ksm)
+    km.start_kernel()
+    try:
+        before = km.get_connection_info()
+        assert before["ip"] == "127.0.0.1", before
+        container_ip = km.provisioner.container_ip  # type: ignore[union-attr]
+        kc = km.blocking_client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            assert kc.execute_interactive("x = 1", timeout=30)["content"]["status"] == "ok"
+            time.sleep(1.0)  # idle between calls: nothing runs the caller's loop
+            moving_ips.move_now(str(km.kernel_id))  # no asyncio.run: it unsets the loop
+            km.restart_kernel()
+            after = km.get_connection_info()
+            kept = ("ip", *PORT_NAMES)
+            assert {n: after[n] for n in kept} == {n: before[n] for n in kept}
+            assert km.provisioner.container_ip != container_ip  # type: ignore[union-attr]
+            reply = kc.execute_interactive("print('x' in globals())", timeout=60)
+            assert reply["content"]["status"] == "ok", reply
+        finally:
+            kc.stop_channels()
+    finally:
+        km.shutdown_kernel()
+    local = [int(before[n]) for n in PORT_NAMES]
+    assert [p for p in local if port_is_listening("127.0.0.1", p)] == []
+
+
+async def _rest_restarts(
+    target: TargetCase,
+    tmp_path: Path,
+    rounds: int = ROUNDS,
+    each_round: Callable[[str], Awaitable[None]] | None = None,
+) -> None:
     with JupyterServer(tmp_path) as server:
         kernel_id = await _start(server, target)
         session = uuid.uuid4().hex
@@ -96,17 +229,26 @@ async def _rest_restarts(target: TargetCase, tmp_path: Path, rounds: int = ROUND
                 out = await ws_execute(ws, session, "print('before')")
                 assert out["stdout"] == "before\n", out
                 for round_ in range(rounds):
+                    if each_round is not None:
+                        await each_round(kernel_id)
                     status, reply = await asyncio.to_thread(
                         server.request, "POST", f"api/kernels/{kernel_id}/restart"
                     )
                     assert status == 200, f"{reply}\n{server.log()}"
                     out = await ws_execute(ws, session, f"print('run {round_}')", timeout=30)
                     assert out["stdout"] == f"run {round_}\n", f"restart {round_}: {out}"
+                if each_round is not None:
+                    await each_round(kernel_id)
         finally:
             await _delete(server, kernel_id)
 
 
-async def _automatic_restart(target: TargetCase, tmp_path: Path, death: str) -> None:
+async def _automatic_restart(
+    target: TargetCase,
+    tmp_path: Path,
+    death: str,
+    each_round: Callable[[str], Awaitable[None]] | None = None,
+) -> None:
     config, logged = DEATHS[death]
     config_dir = tmp_path / "config"
     config_dir.mkdir()
@@ -122,11 +264,15 @@ async def _automatic_restart(target: TargetCase, tmp_path: Path, death: str) -> 
                 assert out["stdout"] == "before\n", out
                 if death == "late":
                     await asyncio.sleep(LATE_DEATH_AFTER)
+                if each_round is not None:
+                    await each_round(kernel_id)
                 await ws.send(json.dumps(execute_request(session, DIE)))
                 await _wait_for_status(ws, "restarting", timeout=60)
                 await _until_answering(ws, session, timeout=90)
                 out = await ws_request(ws, execute_request(session, "print('after')"), 30)
                 assert (out.stdout, out.status) == ("after\n", "ok"), out
+                if each_round is not None:
+                    await each_round(kernel_id)
             assert logged in server.log(), server.log()
         finally:
             await _delete(server, kernel_id, restart_may_be_pending=True)

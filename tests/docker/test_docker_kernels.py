@@ -96,18 +96,33 @@ async def test_interrupt_restart_shutdown(docker_kernels) -> None:
     assert ClusterPortCache.instance().held() == {}
 
 
-async def test_container_ip_mode(docker_kernels) -> None:
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "bare-ip"])
+async def test_container_ip_mode(docker_kernels, relay: bool) -> None:
     make, _ = docker_kernels
-    km = make({"network": "bridge", "connect_via_container_ip": True, "user": "jovyan"})
+    km = make(
+        {
+            "network": "bridge",
+            "connect_via_container_ip": True,
+            "container_ip_relay": relay,
+            "user": "jovyan",
+        }
+    )
     await km.start_kernel()
     prov = km.provisioner
     info = km.get_connection_info()
-    assert info["ip"] == prov.container_ip != "127.0.0.1"
+    kernel_ports = [prov._kernel_info[n] for n in PORT_NAMES]
+    if relay:  # local listeners that follow the container across restarts
+        assert info["ip"] == "127.0.0.1" != prov.container_ip
+        assert prov._relay.relay.target == (prov.container_ip, kernel_ports)
+    else:
+        assert info["ip"] == prov.container_ip != "127.0.0.1"
+        assert [info[n] for n in PORT_NAMES] == kernel_ports
     attrs = await asyncio.to_thread(prov._client.api.inspect_container, prov.container_id)
     assert not attrs["HostConfig"]["PortBindings"]
     out = await execute(km, "import os; print(os.getuid())")
     assert out["stdout"] == "1000\n"
     await km.shutdown_kernel(now=True)
+    assert prov._relay is None
 
 
 async def test_provisioner_info_reconnects(docker_kernels) -> None:
