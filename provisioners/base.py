@@ -34,6 +34,7 @@ from .connection.ports import (
     ClusterPortCache,
 )
 from .connection.readiness import SUBSCRIBER_RECONNECT, wait_until_answering
+from .connection.relay import KernelRelay
 from .exceptions import (
     EngineUnavailableError,
     KernelStartError,
@@ -45,6 +46,7 @@ from .executor import EngineExecutor
 from .failed_start import as_start_error, forget_failed_start
 from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
 from .hooks import PORT_NAMES, EngineHooks
+from .loopthread import LoopThread
 from .newports import keep_or_move, show_kept_ports
 from .owner import ServerIdentity
 from .progress import ProgressStep, log_step
@@ -375,6 +377,28 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
     def kernel_port_host(self) -> str:
         """The host the kernel's ports are allocated on."""
         return self._port_host
+
+    def kernel_relay(
+        self,
+        executor: EngineExecutor,
+        connect_timeout: float,
+        loop_thread: type[LoopThread] | None = None,
+    ) -> KernelRelay:
+        """Local listeners that keep this kernel's client address through its restarts,
+        for a target reached on an address that a restart changes (a container's or a
+        pod's IP); on ``loop_thread``, or on the engine's own loop when None."""
+        return KernelRelay(
+            PORT_NAMES,
+            kernel_id=self.kernel_id,
+            target=self.target,
+            loop_thread=loop_thread,
+            executor=executor,
+            owner=f"relay-{self.kernel_id}-{uuid.uuid4().hex[:8]}",
+            port_range=self.port_range,
+            connect_timeout=connect_timeout,
+            what=f"the relay of kernel {self.kernel_id}",
+            logger=self.log,
+        )
 
     @property
     def allocation_owner(self) -> str:

@@ -356,6 +356,7 @@ class KernelRelay:
     ``loop_thread`` the relay lives on that :class:`LoopThread`, held from the first
     :meth:`follow` until :meth:`close`; without it, on the caller's loop, which must keep
     running between calls (an engine's own loop). ``relay_args`` go to :class:`TcpRelay`.
+    Provisioners build theirs with ``ClusterProvisioner.kernel_relay``.
     """
 
     def __init__(
@@ -363,11 +364,13 @@ class KernelRelay:
         names: Sequence[str],
         *,
         kernel_id: str,
+        target: str = "",
         loop_thread: type[LoopThread] | None = None,
         **relay_args: Any,
     ) -> None:
         self.names = list(names)
         self.kernel_id = kernel_id
+        self.target = target
         self._loop_type = loop_thread
         self._loop: LoopThread | None = None
         self._relay_args = relay_args
@@ -390,8 +393,12 @@ class KernelRelay:
     ) -> tuple[str, dict[str, int]]:
         """Relay to ``host``'s ``ports`` (by channel name) from now on; return the address
         clients use: the listeners' host and ports, the same after every restart.
-        :class:`TunnelError` when a listener cannot be opened (nothing left open)."""
-        return await self._run(self._follow(host, [int(ports[n]) for n in self.names], where))
+        :class:`TunnelError`, naming the kernel and its target, when a listener cannot be
+        opened (nothing left open)."""
+        try:
+            return await self._run(self._follow(host, [int(ports[n]) for n in self.names], where))
+        except TunnelError as exc:
+            raise TunnelError(str(exc), target=self.target, kernel_id=self.kernel_id) from exc
 
     async def _follow(self, host: str, ports: list[int], where: str) -> tuple[str, dict[str, int]]:
         relay = self._relay

@@ -20,7 +20,6 @@ import posixpath
 import secrets
 import signal
 import time
-import uuid
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
@@ -39,7 +38,6 @@ from ..exceptions import (
     ForwardingRefusedError,
     KernelStartError,
     ProvisionerError,
-    TunnelError,
 )
 from ..executor import EngineExecutor
 from ..hooks import PORT_NAMES, kernel_row
@@ -200,21 +198,8 @@ class DockerClusterProvisioner(DockerSettings, ClusterProvisioner):  # type: ign
         if not ip or not self.relays_container_ip():
             return ip, ports
         if self._relay is None:
-            self._relay = KernelRelay(
-                PORT_NAMES,
-                kernel_id=self.kernel_id,
-                loop_thread=RelayLoop,
-                executor=self.executor,
-                owner=f"relay-{self.kernel_id}-{uuid.uuid4().hex[:8]}",
-                port_range=self.port_range,
-                connect_timeout=self.api_timeout,
-                what=f"the relay of kernel {self.kernel_id}",
-                logger=self.log,
-            )
-        try:
-            return await self._relay.follow(ip, ports, f"container {self.container_name}")
-        except TunnelError as exc:
-            raise TunnelError(str(exc), target=self.target, kernel_id=self.kernel_id) from exc
+            self._relay = self.kernel_relay(self.executor, self.api_timeout, RelayLoop)
+        return await self._relay.follow(ip, ports, f"container {self.container_name}")
 
     def _direct_address(self) -> tuple[str, dict[str, int]]:
         """Where the kernel itself listens, as this server reaches it without relays

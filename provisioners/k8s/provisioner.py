@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import signal
-import uuid
 from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
 
@@ -26,7 +25,7 @@ from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Un
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource
 from ..connection.relay import KernelRelay
-from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError, TunnelError
+from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from ..executor import EngineExecutor
 from ..hooks import PORT_NAMES
 from ..leftovers import RemovalPending
@@ -474,20 +473,8 @@ class KubernetesClusterProvisioner(PodOwnership):
         if not self.pod_ip_relay:
             return self.pod_ip, ports
         if self._relay is None:  # on the engine loop, which runs between callers' calls
-            self._relay = KernelRelay(
-                PORT_NAMES,
-                kernel_id=self.kernel_id,
-                executor=KUBERNETES_EXECUTOR,
-                owner=f"relay-{self.kernel_id}-{uuid.uuid4().hex[:8]}",
-                port_range=self.port_range,
-                connect_timeout=self.api_timeout,
-                what=f"the relay of kernel {self.kernel_id}",
-                logger=self.log,
-            )
-        try:
-            return await self._relay.follow(self.pod_ip, ports, f"pod {self.pod_name}")
-        except TunnelError as exc:
-            raise TunnelError(str(exc), target=self.target, kernel_id=self.kernel_id) from exc
+            self._relay = self.kernel_relay(KUBERNETES_EXECUTOR, self.api_timeout)
+        return await self._relay.follow(self.pod_ip, ports, f"pod {self.pod_name}")
 
     async def poll_kernel(self) -> int | None:
         # a read of the reflector's cache (replaced, never changed in place, by the loop)
