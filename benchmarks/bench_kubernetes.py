@@ -31,7 +31,7 @@ from jupyter_client.manager import AsyncKernelManager
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import timed_start
-from provisioners.base import PORT_NAMES
+from provisioners.lifecycle.base import PORT_NAMES
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
 

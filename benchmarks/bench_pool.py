@@ -32,8 +32,8 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import start_to_shell_reply
-from provisioners.base import ClusterProvisioner
-from provisioners.owner import ServerIdentity
+from provisioners.lifecycle.base import ClusterProvisioner
+from provisioners.lifecycle.owner import ServerIdentity
 from provisioners.pool.pools import KernelPools
 from provisioners.pool.warm import WarmPool
 from provisioners.targets import provisioner_for

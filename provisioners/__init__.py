@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ClusterProvisioner
 from .connection.files import (
     ConnectionFileMixin,
     KernelConnectionInfo,
@@ -22,6 +21,7 @@ from .exceptions import (
     ProvisionerConfigError,
     ProvisionerError,
 )
+from .lifecycle.base import ClusterProvisioner
 from .local import LocalClusterProvisioner
 from .manager import AsyncKernelManager, KernelManager
 

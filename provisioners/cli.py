@@ -16,9 +16,9 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKerne
 
 from .connection.ports import ClusterPortCache
 from .exceptions import ProvisionerError
-from .hooks import kernel_row
+from .lifecycle.engine import kernel_row
+from .lifecycle.owner import ServerIdentity, owner_alive
 from .manager import AsyncKernelManager
-from .owner import ServerIdentity, owner_alive
 from .progress import ProgressRenderer
 from .targets import ENTRY_POINTS, TARGETS, load_target, our_kernelspecs, provisioner_for
 

@@ -44,5 +44,4 @@ def provisioner_for(spec: KernelSpec) -> Any:
     """An (unstarted) provisioner built from ``spec``'s stanza, for sweeps and listings."""
     stanza = spec.metadata["kernel_provisioner"]
     cls = load_target(ENTRY_POINTS[stanza["provisioner_name"]])
-    config = {**stanza.get("config", {}), "pool_size": 0}  # a listing never fills a pool
-    return cls(kernel_id="maintenance", kernel_spec=spec, **config)
+    return cls(kernel_id="maintenance", kernel_spec=spec, **stanza.get("config", {}))

@@ -26,6 +26,7 @@ from .curve import CURVE_KEYS
 from .ports import DEFAULT_PORT_RANGE, LOCAL_HOST, ClusterPortCache
 
 __all__ = [
+    "PORT_NAMES",
     "ConnectionFileMixin",
     "KernelConnectionInfo",
     "LocalPortCache",
@@ -35,12 +36,11 @@ __all__ = [
     "write_connection_file",
 ]
 
+#: The five channels' port fields of a connection file, in jupyter_client's order.
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+
 _CONNECTION_KEYS = (
-    "shell_port",
-    "iopub_port",
-    "stdin_port",
-    "hb_port",
-    "control_port",
+    *PORT_NAMES,
     "ip",
     "key",
     "transport",

@@ -26,13 +26,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .files import PORT_NAMES
 from .forwarding import ForwardServer
 from .ports import DEFAULT_PORT_RANGE
 from .sshconnect import SSHSettings, env_connect_timeout
 from .sshlink import SSH_EXECUTOR, SSHLink
 
 if TYPE_CHECKING:
-    from ..base import ClusterProvisioner
+    from ..lifecycle.base import ClusterProvisioner
 
 __all__ = [
     "KERNEL_PORT_NAMES",
@@ -48,7 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Local ports of :func:`tunnel_to_kernel`, in jupyter_client's order.
-KERNEL_PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+KERNEL_PORT_NAMES = PORT_NAMES
 #: Bind addresses that mean "every interface": reached as 127.0.0.1 from the SSH server.
 _WILDCARD_IPS = frozenset({"", "0.0.0.0", "*", "localhost", "::"})
 

@@ -29,12 +29,12 @@ from ..connection.ports import PortSource
 from ..connection.sshconnect import SSHSettings
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from ..executor import EngineExecutor
-from ..owner import owner_is_gone
+from ..lifecycle.owner import owner_is_gone
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "cluster-provisioners"
 LABEL_KERNEL_ID = "cluster-provisioners.kernel-id"
-LABEL_OWNER = "cluster-provisioners.owner"
+LABEL_OWNER = "cluster-provisioners.lifecycle.owner"
 LABEL_PORTS = "cluster-provisioners.connection.ports"
 LABEL_KERNELSPEC = "cluster-provisioners.kernelspec"
 #: On a warm (pool) kernel's container: its name prefix. Labels cannot change, so once

@@ -25,7 +25,6 @@ from urllib.parse import urlparse
 
 import docker
 
-from ..base import ClusterProvisioner
 from ..connection.files import connection_file_content
 from ..connection.ports import LOCAL_HOST, PortSource, zmq_listens
 from ..connection.relay import KernelRelay, RelayLoop
@@ -40,7 +39,8 @@ from ..exceptions import (
     ProvisionerError,
 )
 from ..executor import EngineExecutor
-from ..hooks import PORT_NAMES, kernel_row
+from ..lifecycle.base import ClusterProvisioner
+from ..lifecycle.engine import PORT_NAMES, kernel_row
 from .engine import (
     DOCKER_EXECUTOR,
     ENGINE_ERRORS,

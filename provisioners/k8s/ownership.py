@@ -11,8 +11,8 @@ import os
 
 from traitlets import Bool, Unicode, default
 
-from ..base import ClusterProvisioner
-from ..owner import ServerPod
+from ..lifecycle.base import ClusterProvisioner
+from ..lifecycle.owner import ServerPod
 
 
 class PodOwnership(ClusterProvisioner):

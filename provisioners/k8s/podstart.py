@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..connection.ports import LOCAL_HOST, zmq_listens
 from ..exceptions import KernelStartError
-from ..hooks import PORT_NAMES
+from ..lifecycle.engine import PORT_NAMES
 from . import manifests as m
 from .client import KubeApiError
 from .portforward import PortForwarder

@@ -27,9 +27,9 @@ from ..connection.ports import LOCAL_HOST, PortSource
 from ..connection.relay import KernelRelay
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from ..executor import EngineExecutor
-from ..hooks import PORT_NAMES
-from ..leftovers import RemovalPending
-from ..owner import ServerPod
+from ..lifecycle.engine import PORT_NAMES
+from ..lifecycle.leftovers import RemovalPending
+from ..lifecycle.owner import ServerPod
 from ..secrets import kube_secret_ref
 from . import manifests as m
 from .claim import claim_pod

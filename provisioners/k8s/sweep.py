@@ -10,8 +10,8 @@ from datetime import datetime
 from typing import Any
 
 from ..exceptions import ProvisionerError
-from ..hooks import kernel_row
-from ..owner import ServerPod, owner_is_gone
+from ..lifecycle.engine import kernel_row
+from ..lifecycle.owner import ServerPod, owner_is_gone
 from . import manifests as m
 from .client import KubeApiError, KubeClient
 
@@ -155,7 +155,7 @@ async def sweep_once(
 
 
 async def list_kernel_pods(client: KubeClient, namespace: str) -> list[dict[str, Any]]:
-    """Our kernel pods in ``namespace``, as :func:`~provisioners.base.kernel_row` rows."""
+    """Our kernel pods in ``namespace``, as :func:`~provisioners.lifecycle.base.kernel_row` rows."""
     pods = await client.request(
         "GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", m.KERNEL_SELECTOR)]
     )

@@ -25,7 +25,8 @@ from ..settings import is_request_input, requested_env_names
 from .pools import KernelPools
 
 if TYPE_CHECKING:
-    from ..base import ClusterProvisioner
+    from ..lifecycle.base import ClusterProvisioner
+    from ..lifecycle.engine import Engine
 
 
 def cold_reason(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> str:
@@ -38,7 +39,7 @@ def cold_reason(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> str:
     if missing:
         return f"the request sets {', '.join(missing)}, which a warm kernel was started without"
     cwd = kwargs.get("cwd")
-    if cwd and provisioner.uses_request_cwd() and os.path.abspath(cwd) != os.getcwd():
+    if cwd and provisioner.engine.uses_request_cwd() and os.path.abspath(cwd) != os.getcwd():
         return f"the request's working directory {cwd!r} is not the warm kernels' one"
     if kwargs.get("extra_arguments"):
         return "the request passes extra arguments to the kernel's command"
@@ -47,12 +48,12 @@ def cold_reason(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> str:
     return ""
 
 
-def warm_mismatch(provisioner: ClusterProvisioner, warm: ClusterProvisioner) -> str:
+def warm_mismatch(provisioner: ClusterProvisioner, warm: Engine) -> str:
     """Why ``warm`` does not give what the request asks for ('' when it does)."""
     wants_curve = provisioner.select_curve_keys() is not None
     if wants_curve and warm.curve_keys is None:
         return "the request asks for CurveZMQ encryption and the warm kernels have none"
-    if warm.kernel_bind_ip() != provisioner.kernel_bind_ip():
+    if warm.kernel_bind_ip() != provisioner.engine.kernel_bind_ip():
         return "the warm kernels listen on another address"
     return ""
 
@@ -66,19 +67,20 @@ async def claim_warm_kernel(provisioner: ClusterProvisioner, kwargs: dict[str, A
     if reason:
         log.info("Kernel %s: cold start, not from the pool: %s", kernel_id, reason)
         return False
-    pools = KernelPools.instance()
+    pools = KernelPools.instance(config=provisioner.config)
+    pools.ensure(provisioner)  # the kernelspec's pool is created at its first claim
     warm = await pools.take(provisioner)
     if warm is None:
         log.info("Kernel %s: cold start, no warm kernel is ready", kernel_id)
         return False
     reason = warm_mismatch(provisioner, warm)
     if reason:
-        await pools.give_back(warm)
+        await pools.give_back(provisioner, warm)
         log.info("Kernel %s: cold start, not from the pool: %s", kernel_id, reason)
         return False
     pool_id = warm.kernel_id
     try:
-        if warm.kernel_port_list:
+        if warm.ports:
             await warm.executor.run(
                 ClusterPortCache.instance().rename,
                 warm.allocation_owner,
@@ -86,6 +88,7 @@ async def claim_warm_kernel(provisioner: ClusterProvisioner, kwargs: dict[str, A
             )
         warm.kernel_id = kernel_id
         warm.pool_id = ""
+        warm.claimed_from = pool_id
         await warm.claim_kernel(pool_id)
     except Exception as exc:
         log.warning(
@@ -94,9 +97,9 @@ async def claim_warm_kernel(provisioner: ClusterProvisioner, kwargs: dict[str, A
             pool_id,
             exc,
         )
-        await pools.retire(warm)
+        await pools.retire(provisioner, warm)
         return False
-    provisioner.adopt_warm_kernel(warm)
+    provisioner.claim_warm_engine(warm)
     skipped = sorted(requested_env_names(kwargs.get("env")) & set(provisioner.pool_optional_env))
     provisioner.progress(
         "claimed",

@@ -1,8 +1,9 @@
 """The warm-kernel pools of this process: where they fill, the cap, and their drain.
 
-A kernelspec's pool fills when the first provisioner for it is created in the process
-(``pool_size`` > 0 in its config), or when the server starts for the kernelspecs named
-in ``KernelPools.prefill`` (the ``provisioners.pool`` server extension). Warm kernels are
+Pools are created explicitly: a kernelspec's pool (``pool_size`` > 0 in its config) is
+created, and starts filling, at its first claim in the process, or when the server
+starts for the kernelspecs named in ``KernelPools.prefill`` (the ``provisioners.pool``
+server extension). Warm kernels are
 owned by this process like any other kernel: a clean exit drains them (the server
 extension's stop, or the interpreter's exit), and after a SIGKILLed server the targets'
 orphan sweeps remove them.
@@ -17,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 from traitlets import Float, Int, List, Unicode
 from traitlets.config import SingletonConfigurable
 
-from .warm import POOL_ID_PREFIX, PoolLoop, WarmPool, pool_key
+from .warm import PoolLoop, WarmPool, pool_key
 
 if TYPE_CHECKING:
-    from ..base import ClusterProvisioner
+    from ..lifecycle.base import ClusterProvisioner
+    from ..lifecycle.engine import Engine
 
 
 class KernelPools(SingletonConfigurable):
@@ -74,8 +76,8 @@ class KernelPools(SingletonConfigurable):
 
     def ensure(self, provisioner: ClusterProvisioner) -> None:
         """Create (and start filling) the pool of ``provisioner``'s kernelspec, once."""
-        if provisioner.pool_size <= 0 or provisioner.kernel_id.startswith(POOL_ID_PREFIX):
-            return  # a warm kernel itself
+        if provisioner.pool_size <= 0 or provisioner.pool_id:
+            return  # a warm kernel's own provisioner
         key = pool_key(provisioner)
         with self._lock:
             if key in self._pools and not self._pools[key].closed:
@@ -110,7 +112,7 @@ class KernelPools(SingletonConfigurable):
 
     # ------------------------------------------------------------------ claims
 
-    async def take(self, provisioner: ClusterProvisioner) -> ClusterProvisioner | None:
+    async def take(self, provisioner: ClusterProvisioner) -> Engine | None:
         """A ready warm kernel for ``provisioner``'s kernelspec, or None (then start cold)."""
         with self._lock:
             pool = self._pools.get(pool_key(provisioner))
@@ -119,19 +121,21 @@ class KernelPools(SingletonConfigurable):
             return None
         return await loop.run(pool.take())
 
-    async def give_back(self, warm: ClusterProvisioner) -> None:
+    async def give_back(self, provisioner: ClusterProvisioner, warm: Engine) -> None:
         """Put an unclaimed warm kernel back (its claim was refused before any change)."""
         with self._lock:
-            pool = self._pools.get(pool_key(warm))
+            pool = self._pools.get(pool_key(provisioner))
             loop = self._loop
         if pool is None or loop is None:
-            await warm.cleanup(restart=False)
+            await self.retire(provisioner, warm)
             return
         loop.loop.call_soon_threadsafe(pool.give_back, warm)
 
-    async def retire(self, warm: ClusterProvisioner) -> None:
+    async def retire(self, provisioner: ClusterProvisioner, warm: Engine) -> None:
         """Remove a warm kernel whose claim failed half-way."""
-        await warm.cleanup(restart=False)
+        holder = WarmPool(provisioner, self).provisioner(warm.kernel_id)
+        holder.take_engine(warm)
+        await holder.cleanup(restart=False)
 
     # ------------------------------------------------------------------ drain
 

@@ -24,7 +24,7 @@ class PoolExtension(ExtensionApp):
             self._prefill(serverapp, spec_name)
 
     def _prefill(self, serverapp: Any, spec_name: str) -> None:
-        from ..base import ClusterProvisioner
+        from ..lifecycle.base import ClusterProvisioner
 
         manager = serverapp.kernel_manager
         try:
@@ -41,6 +41,8 @@ class PoolExtension(ExtensionApp):
                 "(set pool_size in its cluster provisioner config)",
                 spec_name,
             )
+            return
+        KernelPools.instance().ensure(provisioner)  # the provisioner is the pool's template
 
     async def stop_extension(self) -> None:
         if KernelPools.initialized():

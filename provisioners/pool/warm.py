@@ -5,7 +5,7 @@ ready (each has answered a ``kernel_info_request`` with its own HMAC key). Every
 a pool runs on the pools' own loop thread (:class:`PoolLoop`), so it refills in the
 background for synchronous clients too. A warm kernel is a provisioner of the
 kernelspec's target with a ``pool-<hex>`` kernel id; a claim hands it to the request's
-provisioner (see :meth:`provisioners.base.ClusterProvisioner.claim_warm_kernel`).
+provisioner (see :meth:`provisioners.lifecycle.base.ClusterProvisioner.claim_warm_kernel`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from ..connection.readiness import wait_until_answering
 from ..loopthread import LoopThread
 
 if TYPE_CHECKING:
-    from ..base import ClusterProvisioner
+    from ..lifecycle.base import ClusterProvisioner
+    from ..lifecycle.engine import Engine
 
 #: Prefix of a warm kernel's id until it is claimed.
 POOL_ID_PREFIX = "pool-"
@@ -67,7 +68,7 @@ class WarmPool:
         metadata = getattr(template.kernel_spec, "metadata", None) or {}
         self._spec_config = dict((metadata.get("kernel_provisioner") or {}).get("config") or {})
         self._counter = counter  # KernelPools: the cap across pools
-        self.ready: collections.deque[ClusterProvisioner] = collections.deque()
+        self.ready: collections.deque[Engine] = collections.deque()
         self.starting = 0
         self.closed = False
         self.failures = 0
@@ -96,13 +97,13 @@ class WarmPool:
             self.starting += 1
             self._spawn(self._start_one())
 
-    async def take(self) -> ClusterProvisioner | None:
+    async def take(self) -> Engine | None:
         """A ready warm kernel (dead ones are removed on the way); the refill starts
         ``refill_delay`` later, not during the claimed kernel's first messages."""
         found = None
         while self.ready and found is None:
             warm = self.ready.popleft()
-            if await warm.poll() is None:
+            if await warm.poll_kernel() is None:
                 found = warm
             else:
                 self.log.warning(
@@ -112,7 +113,7 @@ class WarmPool:
         self._later(self._counter.refill_delay)
         return found
 
-    def give_back(self, warm: ClusterProvisioner) -> None:
+    def give_back(self, warm: Engine) -> None:
         """Return an unclaimed warm kernel to the front of the pool."""
         if self.closed:
             self._spawn(self._remove(warm))
@@ -129,32 +130,33 @@ class WarmPool:
         kernels, self.ready = list(self.ready), collections.deque()
         await asyncio.gather(*(self._remove(w) for w in kernels), return_exceptions=True)
 
-    def new_kernel(self) -> ClusterProvisioner:
-        """A provisioner for one more warm kernel (never falls back to a local process)."""
-        kernel_id = f"{POOL_ID_PREFIX}{uuid.uuid4().hex[:20]}"
-        warm = self._cls(
+    def provisioner(self, kernel_id: str) -> ClusterProvisioner:
+        """A provisioner of this pool's kernelspec and config, with no kernel manager: it
+        starts one warm kernel, or removes one (never falls back to a local process)."""
+        provisioner = self._cls(
             kernel_id=kernel_id,
             kernel_spec=self._kernel_spec,
             parent=None,
             config=self._config,
             **self._spec_config,
         )
-        warm.fallback = "none"
-        warm.pool_id = kernel_id
-        return warm
+        provisioner.fallback = "none"
+        provisioner.engine.pool_id = kernel_id
+        return provisioner
 
     async def _start_one(self) -> None:
-        warm = None
+        starter = None
         try:
-            warm = self.new_kernel()
-            kwargs = await warm.pre_launch()
+            starter = self.provisioner(f"{POOL_ID_PREFIX}{uuid.uuid4().hex[:20]}")
+            kwargs = await starter.pre_launch()
             cmd = kwargs.pop("cmd")
-            await warm.launch_kernel(cmd, **kwargs)
-            await warm.post_launch(**kwargs)
-            await wait_until_answering(warm.connection_info, warm.launch_timeout)
+            await starter.launch_kernel(cmd, **kwargs)
+            await starter.post_launch(**kwargs)
+            await wait_until_answering(starter.connection_info, starter.launch_timeout)
+            warm = starter.release_engine()
         except asyncio.CancelledError:
-            if warm is not None:
-                await asyncio.shield(self._remove(warm))
+            if starter is not None:
+                await asyncio.shield(self._cleanup(starter))
             raise
         except Exception as exc:
             self.failures += 1
@@ -167,8 +169,8 @@ class WarmPool:
                 delay,
                 exc,
             )
-            if warm is not None:
-                await self._remove(warm)
+            if starter is not None:
+                await self._cleanup(starter)
         else:
             self.failures = 0
             # surplus: a kernel given back (its claim refused) while this one started
@@ -188,11 +190,16 @@ class WarmPool:
             self.starting -= 1
         self._counter.fill_all()
 
-    async def _remove(self, warm: ClusterProvisioner) -> None:
+    async def _remove(self, warm: Engine) -> None:
+        holder = self.provisioner(warm.kernel_id)
+        holder.take_engine(warm)
+        await self._cleanup(holder)
+
+    async def _cleanup(self, provisioner: ClusterProvisioner) -> None:
         try:
-            await warm.cleanup(restart=False)
+            await provisioner.cleanup(restart=False)
         except Exception as exc:  # cleanup itself records what is left for a retry
-            self.log.warning("Warm kernel %s: removal failed: %s", warm.kernel_id, exc)
+            self.log.warning("Warm kernel %s: removal failed: %s", provisioner.kernel_id, exc)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

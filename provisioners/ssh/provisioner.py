@@ -32,7 +32,6 @@ from typing import Any, ClassVar
 import paramiko
 from traitlets import Bool, Float, Int, Unicode, default
 
-from ..base import ClusterProvisioner
 from ..connection.files import connection_file_content
 from ..connection.ports import PortSource
 from ..connection.sshlink import (
@@ -45,7 +44,8 @@ from ..connection.sshlink import (
 from ..connection.sshprobe import forwarded_zmq_listens
 from ..exceptions import ForwardingRefusedError, KernelStartError, ProvisionerError, TunnelError
 from ..executor import EngineExecutor
-from ..hooks import kernel_row
+from ..lifecycle.base import ClusterProvisioner
+from ..lifecycle.engine import kernel_row
 from .remote import (
     DEFAULT_REMOTE_RUNTIME_DIR,
     KERNEL_DIR_PREFIX,

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..connection.ports import PortSource
 from ..connection.sshlink import SSHLink, SSHSettings, format_server
-from ..owner import owner_is_gone
+from ..lifecycle.owner import owner_is_gone
 
 __all__ = [
     "DEFAULT_REMOTE_RUNTIME_DIR",

@@ -32,9 +32,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .connection.ports import LOCAL_HOST, ClusterPortCache, PortSource
-from .exceptions import ProvisionerError
-from .hooks import PORT_NAMES
+from ..connection.ports import LOCAL_HOST, ClusterPortCache, PortSource
+from ..exceptions import ProvisionerError
+from .engine import PORT_NAMES
 
 if TYPE_CHECKING:
     from .base import ClusterProvisioner
@@ -67,11 +67,11 @@ async def keep_or_move(provisioner: ClusterProvisioner, tunneled: bool) -> list[
     Raises :class:`ProvisionerError` when a port is taken and no free port is left.
     A check that cannot ask the engine keeps the ports (the start then says why).
     """
-    runner = provisioner.runner
-    current = list(provisioner.kernel_port_list)
+    runner = provisioner.engine
+    current = list(runner.ports)
     if not current or not runner.needs_ports():
         return current
-    host, owner = provisioner.kernel_port_host, provisioner.allocation_owner
+    host, owner = runner.port_host, runner.allocation_owner
     cache = ClusterPortCache.instance()
     try:
         taken = await runner.executor.run(

@@ -1,4 +1,4 @@
-"""The local target: the kernel as a process of this machine (and every target's fallback)."""
+"""The local engine: one kernel as a process of this machine (also every target's fallback)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from jupyter_core.paths import jupyter_runtime_dir
-from traitlets import Bool
 
-from .base import ClusterProvisioner
-from .connection.files import launch_kernel, write_connection_file
-from .connection.ports import ClusterPortCache, process_alive, process_start_time
-from .executor import EngineExecutor
-from .hooks import PORT_NAMES
+from ..connection.files import PORT_NAMES, launch_kernel, write_connection_file
+from ..connection.ports import ClusterPortCache, process_alive, process_start_time
+from ..executor import EngineExecutor
+from ..lifecycle.engine import Engine
 
 #: Keyword arguments of a start request that reach the process launcher.
 _LAUNCH_KWARGS = ("stdin", "stdout", "stderr", "cwd", "independent")
@@ -25,34 +23,33 @@ _LAUNCH_KWARGS = ("stdin", "stdout", "stderr", "cwd", "independent")
 LOCAL_EXECUTOR = EngineExecutor("local", max_workers=4)
 
 
-class LocalClusterProvisioner(ClusterProvisioner):
-    """Starts the kernel as a local subprocess, with ports from the cluster-aware cache."""
+class LocalEngine(Engine):
+    """A kernel as a local subprocess, with ports from the cluster-aware cache."""
 
     target: ClassVar[str] = "local"
     executor: ClassVar[EngineExecutor] = LOCAL_EXECUTOR
 
-    inherit_server_env = Bool(
-        True,
-        config=True,
-        help="""Pass the server's environment to the kernel, as jupyter_client does. Set it
-        False to give the kernel only the kernelspec's env, this provisioner's 'env' and the
-        KERNEL_* values of the start request, as remote targets do.""",
-    )
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, settings: Any, kernel_id: str) -> None:
+        super().__init__(settings, kernel_id)
         self.process: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.pgid: int | None = None
         self._pid_start = ""
         self._connection_file = ""
+        #: The connection file is this engine's to delete (no kernel manager wrote it).
+        self._owns_connection_file = False
         self.cwd: str | None = None
 
+    @property
+    def _tunneled(self) -> bool:
+        """Clients reach this kernel through SSH tunnels (never a fallback's)."""
+        return bool(self.settings.ssh_server) and not self.fallback_for
+
     def needs_ports(self) -> bool:
-        return getattr(self.parent, "transport", "tcp") == "tcp"
+        return getattr(self.manager, "transport", "tcp") == "tcp"
 
     def reached_on_own_ports(self) -> bool:
-        return not self.ssh_server
+        return not self._tunneled
 
     def binds_ports_here(self) -> bool:
         return True  # a process of this machine, tunnels or not
@@ -68,14 +65,14 @@ class LocalClusterProvisioner(ClusterProvisioner):
         return resolved.as_posix() if resolved.exists() else None
 
     def kernel_bind_ip(self) -> str:
-        return getattr(self.parent, "ip", "") or "127.0.0.1"
+        return getattr(self.manager, "ip", "") or "127.0.0.1"
 
     def kernel_connection_file(self) -> str:
         if not self._connection_file:
             # Through SSH tunnels the kernel manager's file holds the tunnel ports: the
             # kernel gets a file of its own.
-            km_file = "" if self.ssh_server else getattr(self.parent, "connection_file", "")
-            suffix = "-tunneled" if self.ssh_server else ""
+            km_file = "" if self._tunneled else getattr(self.manager, "connection_file", "")
+            suffix = "-tunneled" if self._tunneled else ""
             self._connection_file = km_file or str(
                 Path(jupyter_runtime_dir()) / f"kernel-{self.kernel_id}{suffix}.json"
             )
@@ -85,8 +82,8 @@ class LocalClusterProvisioner(ClusterProvisioner):
         self, kernel_info: dict[str, Any], extra_arguments: list[str]
     ) -> list[str]:
         """Write the connection file where the kernel manager keeps it, then format argv."""
-        km = self.parent
-        if km is not None and hasattr(km, "format_kernel_cmd") and not self.ssh_server:
+        km = self.manager
+        if km is not None and hasattr(km, "format_kernel_cmd") and not self._tunneled:
             if not km.connection_file:  # named after the kernel, so sweeps can find it
                 km.connection_file = self.kernel_connection_file()
             elif _file_ports(km.connection_file) not in ({}, _ports_of(kernel_info)):
@@ -95,11 +92,13 @@ class LocalClusterProvisioner(ClusterProvisioner):
             km.write_connection_file()
             kernel_info.update(km.get_connection_info())
             self._connection_file = km.connection_file
-            if self.command:
-                return self.format_command(list(self.command), extra_arguments)
+            self._owns_connection_file = False
+            if self.settings.command:
+                return self.format_command(list(self.settings.command), extra_arguments)
             return list(km.format_kernel_cmd(extra_arguments=extra_arguments))
         fields = {k: v for k, v in kernel_info.items() if k != "kernel_name"}
         write_connection_file(self.kernel_connection_file(), **fields)
+        self._owns_connection_file = True
         return await super().prepare_command(kernel_info, extra_arguments)
 
     async def start_kernel(
@@ -114,7 +113,7 @@ class LocalClusterProvisioner(ClusterProvisioner):
             self.pgid = os.getpgid(self.pid)
         except OSError:
             self.pgid = None
-        self._started = True
+        self.started = True
         if self.needs_ports():  # so a dead server's kernel can be reclaimed with its ports
             await self.executor.run(
                 ClusterPortCache.instance().annotate,
@@ -159,8 +158,8 @@ class LocalClusterProvisioner(ClusterProvisioner):
         self.process = None
         self.pid = self.pgid = None
         self._pid_start = ""
-        self._started = False
-        if not restart and (self.parent is None or self.ssh_server) and self._connection_file:
+        self.started = False
+        if not restart and self._owns_connection_file and self._connection_file:
             Path(self._connection_file).unlink(missing_ok=True)
 
     def port_record_fields(self) -> dict[str, Any]:
@@ -178,7 +177,7 @@ class LocalClusterProvisioner(ClusterProvisioner):
         self._pid_start = str(state.get("start") or "")
         if self.pid is not None and not self._pid_start:
             self._pid_start = process_start_time(self.pid)  # state of an older version
-        self._started = self.pid is not None
+        self.started = self.pid is not None
 
 
 def _ports_of(info: dict[str, Any]) -> dict[str, int]:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .connection.ports import process_alive, process_start_time, this_hostname
+from ..connection.ports import process_alive, process_start_time, this_hostname
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any, cast
 
-from .exceptions import KernelStartError, ProvisionerError
+from ..exceptions import KernelStartError, ProvisionerError
 
 
 def as_start_error(exc: Exception, *, target: str, kernel_id: str) -> ProvisionerError:

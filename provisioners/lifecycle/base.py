@@ -10,7 +10,7 @@ engine cannot be reached, opens and closes SSH tunnels, keeps a kernel's address
 through its restarts (:mod:`.newports`), and cleans up after partial starts, shutdowns
 and restarts.
 
-The engine hooks and their error contract are in :mod:`provisioners.hooks`; the shared
+The engine hooks and their error contract are in :mod:`provisioners.lifecycle.engine`; the shared
 settings in :mod:`provisioners.settings`.
 """
 
@@ -26,46 +26,43 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from jupyter_client.provisioning import KernelProvisionerBase
 
-from . import leftovers
-from .connection import curve
-from .connection.files import KernelConnectionInfo, json_safe, with_bytes
-from .connection.ports import (
-    LOCAL_HOST,
-    ClusterPortCache,
-)
-from .connection.readiness import SUBSCRIBER_RECONNECT, wait_until_answering
-from .connection.relay import KernelRelay
-from .exceptions import (
+from ..connection import curve
+from ..connection.files import PORT_NAMES, KernelConnectionInfo, json_safe, with_bytes
+from ..connection.ports import LOCAL_HOST, ClusterPortCache
+from ..connection.readiness import SUBSCRIBER_RECONNECT, wait_until_answering
+from ..connection.relay import KernelRelay
+from ..exceptions import (
     EngineUnavailableError,
     KernelStartError,
     ProvisionerConfigError,
     ProvisionerError,
     TransportEncryptionError,
 )
-from .executor import EngineExecutor
+from ..executor import EngineExecutor
+from ..loopthread import LoopThread
+from ..settings import SharedSettings, is_request_input, requested_env_names
+from . import leftovers
+from .engine import Engine
 from .failed_start import as_start_error, forget_failed_start
 from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
-from .hooks import PORT_NAMES, EngineHooks
-from .loopthread import LoopThread
 from .newports import keep_or_move, show_kept_ports
 from .owner import ServerIdentity
-from .progress import ProgressStep, log_step
-from .settings import SharedSettings, is_request_input, requested_env_names
 
 if TYPE_CHECKING:
-    from .connection.tunnels import KernelTunnels
+    pass
 
 PROVISIONER_INFO_VERSION = 1
 #: Seconds between two checks that a restarted kernel is still alive while it is probed.
 _DEATH_CHECK = 0.5
 
 
-class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  # type: ignore[misc,metaclass]
-    """Base class of our provisioners: the lifecycle, calling the engine hooks of targets."""
+class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore[misc,metaclass]
+    """Base class of our provisioners: the settings and the lifecycle, over one engine."""
 
-    #: The engine's own bounded thread pool: every blocking call of this engine (and
-    #: the port allocation for its host) runs there, never in asyncio's default one.
-    executor: ClassVar[EngineExecutor] = EngineExecutor("base", max_workers=4)
+    #: The target's engine class; one instance runs one kernel.
+    engine_class: ClassVar[type[Engine]] = Engine
+    #: The local fallback's engine class (set by :mod:`provisioners.local`).
+    fallback_engine_class: ClassVar[type[Engine] | None] = None
 
     def __init__(self, **kwargs: Any) -> None:
         try:
@@ -77,129 +74,110 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
             raise
         self.spec_name = spec_name
         self.owner = ServerIdentity.current()
-        self._runner: ClusterProvisioner = self
         self.resolved_secrets = {}
-        #: On a local fallback runner: the target it replaces, and why.
-        self.fallback_for = ""
-        self.fallback_cause = ""
-        self._ports: list[int] = []
-        self._port_host = LOCAL_HOST
-        self._kernel_info: dict[str, Any] = {}
-        self._tunnels: KernelTunnels | None = None
-        self._curve_keys: tuple[bytes, bytes] | None = None
+        #: The engine that runs this provisioner's kernel: the target's, or another one
+        #: swapped in (the local fallback, a claimed warm kernel).
+        self.engine: Engine = self.engine_class(self, self.kernel_id)
         self._restarting = False
         self._settle_clients = False  # a restart: clients' sockets are reconnecting
         self._shutdown_asked = False  # shutdown_requested() came first (not a kill at once)
         self._exited_before_restart = False  # an automatic restart: the kernel died first
-        self._started = False
         #: None, or the ``restart`` flag of a removal that failed and is to be retried.
         self._pending_removal: bool | None = None
         self._removal_error = ""
         self._stopped = False
         self._teardown_lock = asyncio.Lock()
-        self._start_clock = time.monotonic()
-        #: A warm kernel's ``pool-...`` id until it is claimed ('' for any other kernel).
-        self.pool_id = ""
         self._claimed = False
-        if self.pool_size > 0:
-            from .pool.pools import KernelPools
 
-            KernelPools.instance(config=self.config).ensure(self)
+    @property
+    def executor(self) -> EngineExecutor:
+        """The thread pool of the engine that runs the kernel."""
+        return self.engine.executor
+
+    @property
+    def pool_id(self) -> str:
+        """A warm kernel's ``pool-...`` id until it is claimed ('' for any other kernel)."""
+        return self.engine.pool_id
 
     def progress(self, step: str, detail: str = "") -> None:
-        """Report a step of the start: INFO in the server's log, live in ``run``.
-
-        ``detail`` is the engine's own words (an event message, pull progress); it must
-        never hold connection info.
-        """
-        elapsed = time.monotonic() - self._start_clock
-        log_step(self.log, ProgressStep(self.kernel_id, self.target, step, detail, elapsed))
+        """Report a step of the start (see :meth:`Engine.progress`)."""
+        self.engine.progress(step, detail)
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
-    def runner(self) -> ClusterProvisioner:
-        """The provisioner whose hooks run the kernel: ``self``, or the local fallback."""
-        return self._runner
-
-    @property
     def has_process(self) -> bool:
-        return not self._stopped and self._runner.has_kernel()
+        return not self._stopped and self.engine.has_kernel()
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        """Pick the runner, allocate ports, build connection info, command and env."""
+        """Pick the engine, allocate ports, build connection info, command and env."""
         try:
             return await self._pre_launch(**kwargs)
         except Exception as exc:
+            if not self.engine.has_kernel():
+                await self.engine.start_given_up()
             error = self._start_failed(exc)
             if error is exc:
                 raise
             raise error from exc
 
     async def _pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        self._start_clock = time.monotonic()
+        start_clock = time.monotonic()
+        engine = self.engine
         if self._restarting:
             # Before any await: the kernel manager zeroed its ports for newports=True.
             show_kept_ports(self)
-            kept = list(self._ports)
+            kept = list(engine.ports)
             if self._pending_removal is None:  # else the old kernel holds them until removed
-                tunneled = self._tunnels is not None and not self._runner.fallback_for
-                self._ports = await keep_or_move(self, tunneled)
+                tunneled = engine.tunnels is not None and not engine.fallback_for
+                engine.ports = await keep_or_move(self, tunneled)
             # a port moved: clients connect anew; after the kernel's own death no client
             # waits for the restart to return (see _let_clients_reconnect)
-            self._settle_clients = self._ports == kept and not self._exited_before_restart
+            self._settle_clients = engine.ports == kept and not self._exited_before_restart
         else:
-            from .pool.claim import claim_warm_kernel
+            from ..pool.claim import claim_warm_kernel
 
             if await claim_warm_kernel(self, kwargs):
                 kwargs["cmd"] = list(self.command or self.kernel_spec.argv)
                 return await super().pre_launch(**kwargs)
-            self._runner = await self._select_runner()
+            engine = self.engine = await self._select_engine()
+        engine.start_clock = start_clock
         leftovers.hurry()  # what earlier cleanups left is retried now
         self._restarting = False
         self._exited_before_restart = self._shutdown_asked = False
         self._stopped = False
-        runner = self._runner
-        runner._start_clock = self._start_clock
-        if not self._ports and runner.needs_ports():
-            self._port_host = runner.port_host()
-            self._ports = await runner.executor.run_or_undo(  # a cancel returns the ports
-                lambda _: ClusterPortCache.instance().release(self.allocation_owner),
+        if not engine.ports and engine.needs_ports():
+            engine.port_host = engine.allocation_host()
+            engine.ports = await engine.executor.run_or_undo(  # a cancel returns the ports
+                lambda _: ClusterPortCache.instance().release(engine.allocation_owner),
                 ClusterPortCache.instance().allocate,
-                runner.kernel_ports,
-                self.allocation_owner,
-                host=self._port_host,
+                self.kernel_ports,
+                engine.allocation_owner,
+                host=engine.port_host,
                 port_range=self.port_range,
-                sources=runner.port_sources(),
-                fields={"kernelspec": self.spec_name, "target": runner.target},
+                sources=engine.port_sources(),
+                fields={"kernelspec": self.spec_name, "target": engine.target},
             )
         try:
-            self._curve_keys = self.select_curve_keys()
-            self._kernel_info = runner._kernel_info = self._build_kernel_info(runner)
+            engine.curve_keys = self.select_curve_keys()
+            engine.kernel_info = self._build_kernel_info(engine)
             extra_arguments = list(kwargs.pop("extra_arguments", []))
-            if runner.fallback_for:
+            if engine.fallback_for:
                 argv = list(self.command or self.kernel_spec.argv)
-                notice = notice_text(self.target, runner.fallback_cause)
+                notice = notice_text(self.target, engine.fallback_cause)
                 extra_arguments += notice_arguments(argv, notice)
-            kwargs["cmd"] = await runner.prepare_command(self._kernel_info, extra_arguments)
+            kwargs["cmd"] = await engine.prepare_command(engine.kernel_info, extra_arguments)
             requested = requested_env_names(kwargs.get("env"))
             kwargs = await super().pre_launch(**kwargs)
-            kwargs["env"] = self._kernel_env(kwargs.get("env", {}), runner, requested)
+            kwargs["env"] = self._kernel_env(kwargs.get("env", {}), engine, requested)
         except BaseException:
             self._release_ports()
             raise
         return kwargs
 
-    async def prepare_command(
-        self, kernel_info: dict[str, Any], extra_arguments: list[str]
-    ) -> list[str]:
-        """The kernel's command; a target may also write its connection file here."""
-        argv = list(self.command or self.kernel_spec.argv)
-        return self.format_command(argv, extra_arguments)
-
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        """Start the kernel through the runner and return how the client reaches it."""
-        runner = self._runner
+        """Start the kernel through the engine and return how the client reaches it."""
+        engine = self.engine
         if self._claimed:  # a warm kernel, running and answering since before the request
             self._claimed = False
             return self.connection_info
@@ -207,40 +185,40 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         # a restart after a failed removal: the previous kernel must go first
         if self._pending_removal is not None and not await self.retry_removal():
             msg = (
-                f"cannot start {runner.target} kernel {self.kernel_id}: what its previous "
+                f"cannot start {engine.target} kernel {self.kernel_id}: what its previous "
                 f"start left could not be removed yet: {self._removal_error}"
             )
-            raise KernelStartError(msg, target=runner.target, kernel_id=self.kernel_id)
+            raise KernelStartError(msg, target=engine.target, kernel_id=self.kernel_id)
         try:
-            runner.progress("starting", f"on the {runner.target} engine")
+            engine.progress("starting", f"on the {engine.target} engine")
             await asyncio.wait_for(
-                runner.start_kernel(cmd, env, dict(self._kernel_info), **kwargs),
+                engine.start_kernel(cmd, env, dict(engine.kernel_info), **kwargs),
                 timeout=self.launch_timeout,
             )
             self.connection_info = await self._connect()
-            if self._curve_keys is not None:
+            if engine.curve_keys is not None:
                 await self._confirm_encryption()
             if self._settle_clients:
                 self._settle_clients = False
                 await self._let_clients_reconnect()
-            runner.progress("ready", "the kernel's channels are reachable")
+            engine.progress("ready", "the kernel's channels are reachable")
         except BaseException as exc:
             self.log.warning(
                 "Kernel %s (%s): start failed, removing what was created: %s",
                 self.kernel_id,
-                runner.target,
+                engine.target,
                 _describe(exc),
             )
-            runner.start_failed = True  # the error is reported before the removal is done
+            engine.start_failed = True  # the error is reported before the removal is done
             await self._teardown(restart=False)
             if not isinstance(exc, Exception):
                 raise
             if isinstance(exc, asyncio.TimeoutError):
                 msg = (
-                    f"{runner.target} kernel {self.kernel_id} did not start within "
+                    f"{engine.target} kernel {self.kernel_id} did not start within "
                     f"launch_timeout={self.launch_timeout:g} s"
                 )
-                error = ProvisionerError(msg, target=runner.target, kernel_id=self.kernel_id)
+                error = ProvisionerError(msg, target=engine.target, kernel_id=self.kernel_id)
                 raise self._start_failed(error) from exc
             error = self._start_failed(exc)
             if error is exc:
@@ -251,7 +229,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
     async def poll(self) -> int | None:
         if not self.has_process:
             return 0
-        return await self._runner.poll_kernel()
+        return await self.engine.poll_kernel()
 
     async def wait(self) -> int | None:
         while True:
@@ -267,7 +245,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         if signum == signal.SIGKILL:
             await self.kill(restart=self._restarting)
             return
-        await self._best_effort(f"signal {signum}", self._runner.signal_kernel(signum))
+        await self._best_effort(f"signal {signum}", self.engine.signal_kernel(signum))
 
     async def kill(self, restart: bool = False) -> None:
         """Kill the kernel; best-effort: an engine error is logged, the shutdown goes on.
@@ -279,17 +257,18 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         if not self._shutdown_asked:
             self._exited_before_restart = await self.poll() is not None
         if self.has_process:
-            await self._best_effort("kill", self._runner.stop_kernel(force=True))
+            await self._best_effort("kill", self.engine.stop_kernel(force=True))
 
     async def terminate(self, restart: bool = False) -> None:
         """Terminate the kernel; best-effort, as :meth:`kill`."""
         if self.has_process:
-            await self._best_effort("terminate", self._runner.stop_kernel(force=False))
+            await self._best_effort("terminate", self.engine.stop_kernel(force=False))
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         # jupyter_client does not pass restart=True on to terminate()/kill(): remember it.
         self._restarting = restart
         self._shutdown_asked = True
+        self.engine.shutdown_coming()
 
     async def cleanup(self, restart: bool = False) -> None:
         """Remove the kernel's resources; never raises for an engine error.
@@ -309,7 +288,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         container, pod or host, which the server cannot open: None, except where the
         target maps it onto a server file (Docker bind mounts of a local daemon).
         """
-        return self._runner.server_path(path_str)
+        return self.engine.server_path(path_str)
 
     async def retry_removal(self) -> bool:
         """Retry a removal that failed; True once nothing of the kernel is left."""
@@ -327,56 +306,97 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         """JSON-safe, versioned state (the HMAC key as text) for reconnecting later."""
         info = await super().get_provisioner_info()
         connection = json_safe(dict(self.connection_info))
+        engine = self.engine
         info.update(
             {
                 "version": PROVISIONER_INFO_VERSION,
                 "target": self.target,
-                "runner": self._runner.target,
-                "fallback_cause": self._runner.fallback_cause,
+                "runner": engine.target,
+                "fallback_cause": engine.fallback_cause,
                 "connection_info": connection,
-                "kernel_info": json_safe(self._kernel_info),
-                "ports": list(self._ports),
-                "port_host": self._port_host,
-                "state": self._runner.kernel_state(),
+                "kernel_info": json_safe(engine.kernel_info),
+                "ports": list(engine.ports),
+                "port_host": engine.port_host,
+                "state": engine.kernel_state(),
             }
         )
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
-        """Restore :meth:`get_provisioner_info` and reattach to the running kernel."""
+        """Restore :meth:`get_provisioner_info`: build the engine from the saved state and
+        reattach it to the running kernel."""
         version = provisioner_info.get("version")
         if version != PROVISIONER_INFO_VERSION:
             msg = f"unsupported provisioner info version {version!r}"
             raise ProvisionerError(msg, target=self.target)
         await super().load_provisioner_info(provisioner_info)
         connection = with_bytes(provisioner_info["connection_info"])
-        self._kernel_info = with_bytes(provisioner_info.get("kernel_info", {}))
-        public, secret = (self._kernel_info.get(k) for k in curve.CURVE_KEYS)
-        if isinstance(public, bytes) and isinstance(secret, bytes):
-            self._curve_keys = public, secret
-        self._ports = list(provisioner_info.get("ports", []))
-        self._port_host = provisioner_info.get("port_host", LOCAL_HOST)
         if provisioner_info.get("runner", self.target) != self.target:
-            self._runner = self._make_local_runner(provisioner_info.get("fallback_cause", ""))
-        self._runner._kernel_info = self._kernel_info
-        await self._runner.load_kernel_state(provisioner_info.get("state", {}))
-        if self._runner.has_kernel():
+            engine = self._local_fallback(provisioner_info.get("fallback_cause", ""))
+        else:
+            engine = self.engine_class(self, self.kernel_id)
+        engine.kernel_info = with_bytes(provisioner_info.get("kernel_info", {}))
+        public, secret = (engine.kernel_info.get(k) for k in curve.CURVE_KEYS)
+        if isinstance(public, bytes) and isinstance(secret, bytes):
+            engine.curve_keys = public, secret
+        engine.ports = list(provisioner_info.get("ports", []))
+        engine.port_host = provisioner_info.get("port_host", LOCAL_HOST)
+        await engine.load_kernel_state(provisioner_info.get("state", {}))
+        self.engine = engine
+        if engine.has_kernel():
             await self._adopt_ports()
             self.connection_info = await self._connect()
         else:
             self.connection_info = cast(KernelConnectionInfo, connection)
 
+    # ------------------------------------------------------------------ maintenance
+
+    async def check_engine(self) -> None:
+        """Raise :class:`EngineUnavailableError` when the target's engine cannot be reached."""
+        await self.engine.check_engine()
+
+    async def preflight(self) -> list[str]:
+        """Warnings about this kernelspec's engine (see :meth:`Engine.preflight`)."""
+        return await self.engine.preflight()
+
+    async def sweep_orphans(self) -> list[str]:
+        """Remove what kernels of dead servers left on the target's engine."""
+        return await self.engine.sweep_orphans()
+
+    async def list_kernels(self) -> list[dict[str, Any]]:
+        """Our kernels the target's engine knows of."""
+        return await self.engine.list_kernels()
+
+    # ------------------------------------------------------------------ other engines
+
+    def take_engine(self, engine: Engine) -> None:
+        """Run ``engine``'s kernel as this provisioner's (a claimed warm kernel, already
+        renamed to this kernel's id; or one to remove): its ports, connection info, keys
+        and tunnels come with it."""
+        engine.settings = self
+        engine.kernel_id = self.kernel_id
+        self.engine = engine
+        self.connection_info = cast(KernelConnectionInfo, dict(engine.connection_info))
+        self._stopped = False
+
+    def claim_warm_engine(self, engine: Engine) -> None:
+        """Serve this start with the claimed warm kernel ``engine``."""
+        self.take_engine(engine)
+        self._claimed = True
+        km: Any = self.parent
+        if engine.curve_keys is not None and hasattr(km, "curve_publickey"):
+            km.curve_publickey, km.curve_secretkey = engine.curve_keys
+
+    def release_engine(self) -> Engine:
+        """Hand this provisioner's engine (a started warm kernel) over; the provisioner is
+        left with a fresh one and forgets the kernel."""
+        engine = self.engine
+        engine.connection_info = dict(self.connection_info)
+        self.engine = self.engine_class(self, self.kernel_id)
+        self._stopped = True
+        return engine
+
     # ------------------------------------------------------------------ internals
-
-    @property
-    def kernel_port_list(self) -> list[int]:
-        """The ports allocated to the kernel (empty before a start)."""
-        return list(self._ports)
-
-    @property
-    def kernel_port_host(self) -> str:
-        """The host the kernel's ports are allocated on."""
-        return self._port_host
 
     def kernel_relay(
         self,
@@ -403,7 +423,12 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
     @property
     def allocation_owner(self) -> str:
         """The port cache owner of this kernel's ports."""
-        return f"kernel-{self.kernel_id}"
+        return self.engine.allocation_owner
+
+    @property
+    def curve_keys(self) -> tuple[bytes, bytes] | None:
+        """The kernel's CurveZMQ keypair, or None for plain ZMTP."""
+        return self.engine.curve_keys
 
     async def _adopt_ports(self) -> None:
         """Hold the reattached kernel's port records (and its pid) from this process on.
@@ -412,32 +437,34 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         reclaimed by the next allocation on this machine, killing a local kernel and
         deleting its connection file.
         """
-        if not self._ports:
+        engine = self.engine
+        if not engine.ports:
             return
-        conflicts = await self._runner.executor.run(
+        conflicts = await engine.executor.run(
             ClusterPortCache.instance().adopt,
-            self._port_host,
-            self.allocation_owner,
-            self._ports,
-            **self._runner.port_record_fields(),
+            engine.port_host,
+            engine.allocation_owner,
+            engine.ports,
+            **engine.port_record_fields(),
         )
         if conflicts:
             self.log.warning(
                 "Kernel %s: ports %s on %s are recorded for another kernel",
                 self.kernel_id,
                 conflicts,
-                self._port_host,
+                engine.port_host,
             )
 
     def _start_failed(self, exc: Exception) -> ProvisionerError:
         """Our named error for a failed start; the failed kernel leaves the server's map."""
-        error = as_start_error(exc, target=self._runner.target, kernel_id=self.kernel_id)
+        error = as_start_error(exc, target=self.engine.target, kernel_id=self.kernel_id)
         forget_failed_start(self.parent, self.kernel_id, self.log)
         return error
 
-    async def _select_runner(self) -> ClusterProvisioner:
+    async def _select_engine(self) -> Engine:
+        """The target's engine, or the local fallback when the target's is unreachable."""
         try:
-            await self.check_engine()
+            await self.engine.check_engine()
         except EngineUnavailableError as exc:
             if self.fallback != "local":
                 raise
@@ -453,58 +480,38 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                 self.target,
                 exc,
             )
-            return self._make_local_runner(str(exc))
-        return self
+            await self.engine.start_given_up()
+            return self._local_fallback(str(exc))
+        return self.engine
 
-    def _make_local_runner(self, cause: str) -> ClusterProvisioner:
-        """The local fallback, with this target's environment policy (not the server's)."""
-        from .local import LocalClusterProvisioner
+    def _local_fallback(self, cause: str) -> Engine:
+        """The local fallback's engine, with this target's settings (its environment
+        policy, its port range), never the local target's."""
+        engine_class = self.fallback_engine_class
+        if engine_class is None:
+            from ..local import LocalEngine
 
-        runner = LocalClusterProvisioner(
-            kernel_id=self.kernel_id, kernel_spec=self.kernel_spec, parent=self.parent
-        )
-        runner.port_range = self.port_range
-        runner.env = dict(self.env)
-        runner.inherit_server_env = self.inherit_server_env
-        runner.fallback_for = self.target
-        runner.fallback_cause = cause
-        return runner
+            engine_class = LocalEngine
+        engine = engine_class(self, self.kernel_id)
+        engine.fallback_for = self.target
+        engine.fallback_cause = cause
+        return engine
 
-    def _build_kernel_info(self, runner: ClusterProvisioner) -> dict[str, Any]:
+    def _build_kernel_info(self, engine: Engine) -> dict[str, Any]:
         session = getattr(self.parent, "session", None)
         key = getattr(session, "key", None) or str(uuid.uuid4()).encode()
         scheme = getattr(session, "signature_scheme", "hmac-sha256")
         info: dict[str, Any] = {
             "transport": getattr(self.parent, "transport", "tcp"),
-            "ip": runner.kernel_bind_ip(),
+            "ip": engine.kernel_bind_ip(),
             "key": key,
             "signature_scheme": scheme,
             "kernel_name": getattr(self.kernel_spec, "name", "") or "",
         }
-        info.update(dict(zip(PORT_NAMES, self._ports or [0] * 5, strict=True)))
-        if self._curve_keys is not None:
-            info.update(zip(curve.CURVE_KEYS, self._curve_keys, strict=True))
+        info.update(dict(zip(PORT_NAMES, engine.ports or [0] * 5, strict=True)))
+        if engine.curve_keys is not None:
+            info.update(zip(curve.CURVE_KEYS, engine.curve_keys, strict=True))
         return info
-
-    @property
-    def curve_keys(self) -> tuple[bytes, bytes] | None:
-        """The kernel's CurveZMQ keypair, or None for plain ZMTP."""
-        return self._curve_keys
-
-    def adopt_warm_kernel(self, warm: ClusterProvisioner) -> None:
-        """Run the claimed warm kernel ``warm`` (already renamed to this kernel's id) as
-        this kernel: its runner, ports, connection info, keys and tunnels become ours."""
-        self._runner = warm
-        self._ports, self._port_host = list(warm._ports), warm._port_host
-        self._kernel_info = warm._kernel_info
-        self._curve_keys = warm._curve_keys
-        self._tunnels, warm._tunnels = warm._tunnels, None
-        self.connection_info = warm.connection_info
-        self._claimed = True
-        self._stopped = False
-        km: Any = self.parent
-        if self._curve_keys is not None and hasattr(km, "curve_publickey"):
-            km.curve_publickey, km.curve_secretkey = self._curve_keys
 
     def select_curve_keys(self) -> tuple[bytes, bytes] | None:
         """The CurveZMQ keypair for the kernel (set on the manager too), or None."""
@@ -528,11 +535,11 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
         nothing when its restart is done (they ask until the kernel answers), and
         jupyter_client fails a shutdown requested while a restart is pending (Jupyter
         Server: HTTP 500), which a client that already got its answer may well send."""
-        left = max(1.0, self.launch_timeout - (time.monotonic() - self._start_clock))
+        left = max(1.0, self.launch_timeout - (time.monotonic() - self.engine.start_clock))
         probe = asyncio.ensure_future(wait_until_answering(self.connection_info, left))
         try:
             while not (await asyncio.wait({probe}, timeout=_DEATH_CHECK))[0]:
-                if await self._runner.poll_kernel() is not None:
+                if await self.engine.poll_kernel() is not None:
                     return  # it died: the kernel's restarter, not its clients, comes next
             probe.result()
         except Exception as exc:  # the restart stands; a client may wait for a status
@@ -547,51 +554,51 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
             if not probe.done():
                 probe.cancel()
                 await asyncio.gather(probe, return_exceptions=True)
-        await self._runner.settle_clients()
+        await self.engine.settle_clients()
 
     async def _confirm_encryption(self) -> None:
         """Fail the start unless the kernel completes a Curve handshake (ipykernel >= 7.4)."""
-        assert self._curve_keys is not None
-        runner = self._runner.target
-        problem = await curve.confirm_curve(
-            self.connection_info, self._curve_keys[0], self.launch_timeout
-        )
+        keys = self.engine.curve_keys
+        assert keys is not None
+        runner = self.engine.target
+        problem = await curve.confirm_curve(self.connection_info, keys[0], self.launch_timeout)
         if problem:
             msg = f"{runner} kernel {self.kernel_id} {problem}"
             raise TransportEncryptionError(msg, target=runner, kernel_id=self.kernel_id)
         self.log.debug("Kernel %s: channels encrypted with CurveZMQ", self.kernel_id)
 
     def _kernel_env(
-        self, env: dict[str, str], runner: ClusterProvisioner, requested: set[str]
+        self, env: dict[str, str], engine: Engine, requested: set[str]
     ) -> dict[str, str]:
         """Keep the server's environment out of a remote kernel's (unless configured).
 
         ``KERNEL_*`` and ``JPY_SESSION_NAME`` are taken from the start request only
         (``requested``), never from the server's own environment.
         """
-        if not (self.inherit_server_env or runner.inherit_server_env):
+        if not self.inherit_server_env:
             spec_env = set(getattr(self.kernel_spec, "env", {}) or {})
             env = {
                 k: v
                 for k, v in env.items()
                 if k in spec_env or (k in requested and is_request_input(k))
             }
-            if runner.fallback_for:
+            if engine.fallback_for:
                 env = fallback_env(env)
         env.update(self.env)
         return env
 
     async def _connect(self) -> KernelConnectionInfo:
         """Client-side connection info: direct, or through SSH tunnels."""
-        ip, ports = await self._runner.kernel_address()
-        if self.ssh_server and not self._runner.fallback_for:  # never to the local fallback
-            from .connection.tunnels import KernelTunnels
+        engine = self.engine
+        ip, ports = await engine.kernel_address()
+        if self.ssh_server and not engine.fallback_for:  # never to the local fallback
+            from ..connection.tunnels import KernelTunnels
 
-            if self._tunnels is None:
-                self._tunnels = KernelTunnels.from_provisioner(self)
-            ip, ports = "127.0.0.1", await self._tunnels.open(ip, ports)
-            self.progress("tunnels open", f"through {self.ssh_server}")
-        info = dict(self._kernel_info)
+            if engine.tunnels is None:
+                engine.tunnels = KernelTunnels.from_provisioner(self)
+            ip, ports = "127.0.0.1", await engine.tunnels.open(ip, ports)
+            engine.progress("tunnels open", f"through {self.ssh_server}")
+        info = dict(engine.kernel_info)
         info.update(ports)
         info["ip"] = ip
         for name in curve.CURVE_KEYS:  # text, as KernelManager.get_connection_info has them
@@ -608,7 +615,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                 "Kernel %s: %s failed on the %s engine; going on: %s",
                 self.kernel_id,
                 action,
-                self._runner.target,
+                self.engine.target,
                 _describe(exc),
             )
 
@@ -624,11 +631,11 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                 restart = False  # a full stop pending stays a full stop
             if not restart:
                 self._stopped = True
-                if self._tunnels is not None:
-                    tunnels, self._tunnels = self._tunnels, None
+                if self.engine.tunnels is not None:
+                    tunnels, self.engine.tunnels = self.engine.tunnels, None
                     await self._best_effort("closing the SSH tunnels", tunnels.close())
             try:
-                await self._runner.remove_kernel(restart)
+                await self.engine.remove_kernel(restart)
             except BaseException as exc:
                 confirming = isinstance(exc, leftovers.RemovalPending)
                 if confirming and not retry:
@@ -636,7 +643,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                         "Kernel %s: removal requested from the %s engine; its confirmation "
                         "is awaited in the background: %s",
                         self.kernel_id,
-                        self._runner.target,
+                        self.engine.target,
                         exc,
                     )
                 elif not confirming and (self._pending_removal is None or not retry):
@@ -644,7 +651,7 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                         "Kernel %s: removing it from the %s engine failed; kept, with its "
                         "ports, for a retry every %g s: %s",
                         self.kernel_id,
-                        self._runner.target,
+                        self.engine.target,
                         self.cleanup_retry_interval,
                         _describe(exc),
                     )
@@ -661,9 +668,9 @@ class ClusterProvisioner(SharedSettings, EngineHooks, KernelProvisionerBase):  #
                 self._release_ports()
 
     def _release_ports(self) -> None:
-        if self._ports:
-            ClusterPortCache.instance().release(self.allocation_owner)
-            self._ports = []
+        if self.engine.ports:
+            ClusterPortCache.instance().release(self.engine.allocation_owner)
+            self.engine.ports = []
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,35 +1,111 @@
-"""The engine hooks a target fills in, each with its error contract.
+"""The engine of one kernel: its state on its target, and the hooks the lifecycle calls.
 
-``check_engine`` and ``start_kernel`` raise named errors that fail the start;
-``poll_kernel`` never raises for an engine error (None: unknown). ``signal_kernel``,
-``stop_kernel`` and ``remove_kernel`` may raise when the engine refuses or cannot be
-reached: interrupt, terminate and kill are best-effort (the base logs the cause and the
-shutdown goes on), and a failed removal keeps the kernel, its resources and its port
-records recorded (:mod:`.leftovers`) until a retry succeeds. The lifecycle that calls
-them lives once, in :class:`provisioners.base.ClusterProvisioner`.
+A target's engine class (``LocalEngine``, ``DockerEngine``, ``SSHEngine``,
+``PodEngine``) subclasses :class:`Engine`. One engine object runs one kernel: the
+provisioner holds it as ``provisioner.engine`` and swaps it for another when the kernel
+comes from elsewhere (a local fallback, a claimed warm kernel, state saved by another
+server). Its settings are the provisioner's (``engine.settings``, read only).
+
+Error contract of the hooks: ``check_engine`` and ``start_kernel`` raise named errors
+that fail the start; ``poll_kernel`` never raises for an engine error (None: unknown).
+``signal_kernel``, ``stop_kernel`` and ``remove_kernel`` may raise when the engine refuses
+or cannot be reached: interrupt, terminate and kill are best-effort (the lifecycle logs
+the cause and the shutdown goes on), and a failed removal keeps the kernel, its resources
+and its port records recorded (:mod:`.leftovers`) until a retry succeeds. The lifecycle
+that calls them lives once, in :class:`provisioners.lifecycle.base.ClusterProvisioner`.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from .connection.ports import LOCAL_HOST, PortSource
+from ..connection.files import PORT_NAMES
+from ..connection.ports import LOCAL_HOST, PortSource
+from ..executor import EngineExecutor
+from ..progress import ProgressStep, log_step
 
-PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+if TYPE_CHECKING:
+    from ..connection.tunnels import KernelTunnels
+    from .base import ClusterProvisioner
+
+__all__ = ["PORT_NAMES", "Engine", "kernel_row"]
 
 
-class EngineHooks:
-    """What a target knows of its engine; the defaults suit a kernel on this machine."""
+class Engine:
+    """One kernel on one engine; the defaults suit a kernel on this machine.
 
-    kernel_id: str
-    kernel_spec: Any
-    _kernel_info: dict[str, Any]
-    _started: bool
-    #: Set by the base before it removes what a failed start created, so that the start's
-    #: error is reported at once: ``remove_kernel`` then need not wait for the engine to
-    #: finish (it may raise ``RemovalPending``). The hook clears it.
-    start_failed: bool = False
+    The lifecycle owns the kernel's record fields (``ports``, ``kernel_info``,
+    ``curve_keys``, ``tunnels``, ``connection_info``) and sets them; the target's hooks
+    read them and keep their own engine state (a container, a pod, a remote pid).
+    """
+
+    #: Short engine name used in logs, errors, labels and the CLI.
+    target: ClassVar[str] = "base"
+    #: The engine's own bounded thread pool: every blocking call of this engine (and the
+    #: port allocation for its host) runs there, never in asyncio's default one.
+    executor: ClassVar[EngineExecutor] = EngineExecutor("base", max_workers=4)
+
+    def __init__(self, settings: ClusterProvisioner, kernel_id: str) -> None:
+        #: The provisioner whose settings configure this engine (read only).
+        self.settings = settings
+        self.kernel_id = kernel_id
+        #: A warm kernel's ``pool-...`` id until it is claimed ('' for any other kernel).
+        self.pool_id = ""
+        #: The ``pool-...`` id a claimed warm kernel was started under ('' otherwise).
+        self.claimed_from = ""
+        #: The host the kernel's ports are allocated on, and the ports (empty before a start).
+        self.port_host = LOCAL_HOST
+        self.ports: list[int] = []
+        #: The kernel's own connection info (its bind IP and ports, key, Curve keys).
+        self.kernel_info: dict[str, Any] = {}
+        #: The client's connection info (direct, relayed or tunneled).
+        self.connection_info: dict[str, Any] = {}
+        self.curve_keys: tuple[bytes, bytes] | None = None
+        self.tunnels: KernelTunnels | None = None
+        #: On a local fallback engine: the target it replaces, and why.
+        self.fallback_for = ""
+        self.fallback_cause = ""
+        #: Set by the lifecycle before it removes what a failed start created, so that the
+        #: start's error is reported at once: ``remove_kernel`` then need not wait for the
+        #: engine to finish (it may raise ``RemovalPending``). The hook clears it.
+        self.start_failed = False
+        self.started = False
+        self.start_clock = time.monotonic()
+
+    # ------------------------------------------------------------------ shared helpers
+
+    @property
+    def log(self) -> logging.Logger | logging.LoggerAdapter[Any]:
+        """The server's log (the settings' one)."""
+        return self.settings.log
+
+    @property
+    def kernel_spec(self) -> Any:
+        return self.settings.kernel_spec
+
+    @property
+    def manager(self) -> Any:
+        """The kernel manager of the kernel (None for a warm kernel not yet claimed)."""
+        return self.settings.parent
+
+    @property
+    def allocation_owner(self) -> str:
+        """The port cache owner of this kernel's ports."""
+        return f"kernel-{self.kernel_id}"
+
+    def progress(self, step: str, detail: str = "") -> None:
+        """Report a step of the start: INFO in the server's log, live in ``run``.
+
+        ``detail`` is the engine's own words (an event message, pull progress); it must
+        never hold connection info.
+        """
+        elapsed = time.monotonic() - self.start_clock
+        log_step(self.log, ProgressStep(self.kernel_id, self.target, step, detail, elapsed))
+
+    # ------------------------------------------------------------------ hooks
 
     async def check_engine(self) -> None:
         """Raise :class:`EngineUnavailableError` when the engine cannot be reached.
@@ -44,8 +120,9 @@ class EngineHooks:
         problem: an unreachable engine is a warning too."""
         return []
 
-    def port_host(self) -> str:
-        """The host whose ports the kernel's ports are allocated on."""
+    def allocation_host(self) -> str:
+        """The host whose ports the kernel's ports are allocated on (recorded as
+        :attr:`port_host` when they are)."""
         return LOCAL_HOST
 
     def port_sources(self) -> list[PortSource]:
@@ -68,7 +145,7 @@ class EngineHooks:
         where they are bound elsewhere (a pod, a container's own network, a remote host)
         or behind listeners this server keeps through a restart (a port-forward).
         Default: published here and reached on them. Never raises."""
-        return self.port_host() == LOCAL_HOST and self.reached_on_own_ports()
+        return self.allocation_host() == LOCAL_HOST and self.reached_on_own_ports()
 
     def server_path(self, path: str) -> str | None:
         """``path`` as the kernel sees it, as an existing file of this server, or None.
@@ -94,6 +171,16 @@ class EngineHooks:
         }
         return [_substitute(arg, values) for arg in argv] + list(extra_arguments)
 
+    async def prepare_command(
+        self, kernel_info: dict[str, Any], extra_arguments: list[str]
+    ) -> list[str]:
+        """The kernel's command; an engine may also write its connection file here.
+
+        Raises named errors that fail the start (a missing interpreter, a bad config).
+        """
+        argv = list(self.settings.command or self.kernel_spec.argv)
+        return self.format_command(argv, extra_arguments)
+
     async def start_kernel(
         self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
     ) -> None:
@@ -108,7 +195,7 @@ class EngineHooks:
 
     async def kernel_address(self) -> tuple[str, dict[str, int]]:
         """Where this server reaches the kernel: an IP and the five named ports."""
-        return self.kernel_bind_ip(), {n: self._kernel_info[n] for n in PORT_NAMES}
+        return self.kernel_bind_ip(), {n: self.kernel_info[n] for n in PORT_NAMES}
 
     async def poll_kernel(self) -> int | None:
         """None while the kernel runs, else its exit code.
@@ -145,10 +232,19 @@ class EngineHooks:
         kernel (:mod:`.leftovers`), keeps its port records and retries until it is gone.
         Clear the state (``has_kernel()`` False) only once everything is removed. With
         ``restart`` the engine session (client, SSH link) may be kept for the next start.
-        Raise :class:`~provisioners.leftovers.RemovalPending` when the engine accepted the
+        Raise :class:`~provisioners.lifecycle.leftovers.RemovalPending` when the engine accepted the
         removal but has not finished it (a pod still terminating): the base records it
         the same way, without logging a failure, and confirms it every second.
         """
+
+    async def start_given_up(self) -> None:
+        """A start failed (or fell back) before :meth:`start_kernel` created anything:
+        release what :meth:`check_engine` or :meth:`prepare_command` opened for it (an
+        SSH link). Never raises."""
+
+    def shutdown_coming(self) -> None:
+        """The manager asked for a shutdown (or a restart): the kernel's exit that follows
+        is expected, not a crash. Never raises."""
 
     async def settle_clients(self) -> None:
         """After a restart on the same ports, once the kernel answers on shell and iopub:
@@ -170,7 +266,7 @@ class EngineHooks:
 
     def has_kernel(self) -> bool:
         """True once :meth:`start_kernel` has created the kernel's process or resource."""
-        return self._started
+        return self.started
 
     def port_record_fields(self) -> dict[str, Any]:
         """Fields kept with the kernel's port records (a local kernel's pid and start tick)."""
@@ -187,7 +283,7 @@ class EngineHooks:
         """Remove what kernels of dead servers left on this engine; return what was removed.
 
         Only resources whose owner is known to be gone are touched (see
-        :func:`provisioners.owner.owner_is_gone`); a live server's kernels never are.
+        :func:`provisioners.lifecycle.owner.owner_is_gone`); a live server's kernels never are.
         """
         return []
 
@@ -207,7 +303,7 @@ def kernel_row(
     created: float,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One kernel as an engine's :meth:`EngineHooks.list_kernels` reports it.
+    """One kernel as an engine's :meth:`Engine.list_kernels` reports it.
 
     ``where`` names what runs it (a container, a pod, a host and pid); ``created`` is
     when it started (epoch seconds, 0 when unknown); ``owner`` is the server identity.

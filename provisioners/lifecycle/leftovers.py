@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .exceptions import ProvisionerError
+from ..exceptions import ProvisionerError
 
 if TYPE_CHECKING:
     from .base import ClusterProvisioner
