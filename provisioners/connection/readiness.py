@@ -1,4 +1,10 @@
-"""Whether a kernel answers on its channels, reached the way its clients reach it.
+"""Whether a kernel is ready, reached the way its clients reach it: written once.
+
+Two checks, one module. :func:`wait_until_listening` is the start's probe: it repeats an
+engine's own cheap test (a channel speaking ZMTP, directly, through SSH or through a
+port-forward) and, between tries, asks the engine why the start may be failing, so a
+dead container or an unschedulable pod fails the start at once, in the engine's words.
+:func:`wait_until_answering` is the protocol check for warm kernels and restarts.
 
 A client's iopub socket only gets what the kernel publishes after the client's
 subscription has reached the kernel: a status published earlier is lost. Jupyter
@@ -9,13 +15,20 @@ provisioner reports a restart done only after :func:`wait_until_answering`.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from jupyter_client.asynchronous import AsyncKernelClient
 
-__all__ = ["IOPUB_AFTER_REPLY", "SUBSCRIBER_RECONNECT", "wait_until_answering"]
+__all__ = [
+    "IOPUB_AFTER_REPLY",
+    "SUBSCRIBER_RECONNECT",
+    "wait_until_answering",
+    "wait_until_listening",
+]
 
 #: Longest a subscriber with libzmq's default reconnect settings waits between two
 #: connection attempts (``ZMQ_RECONNECT_IVL`` of 100 ms plus a jitter of up to as much),
@@ -29,6 +42,31 @@ IOPUB_AFTER_REPLY = 10.0
 _RETRY_FIRST = 0.2
 _RETRY_MAX = 1.0
 _POLL = 0.05
+
+
+async def wait_until_listening(
+    listening: Callable[[], Awaitable[bool]],
+    check_start: Callable[[], Awaitable[None]],
+    *,
+    interval: float = 0.05,
+    check_every: float = 0.5,
+    first_check: float = 0.3,
+) -> None:
+    """Return once ``listening()`` is True; every ``check_every`` seconds (the first after
+    ``first_check``) await ``check_start()``, which raises the engine's named error when
+    the start is failing (the kernel exited, the pod cannot be scheduled).
+
+    No timeout of its own: the lifecycle bounds the whole start by ``launch_timeout``.
+    Errors of either callable propagate.
+    """
+    next_check = time.monotonic() + first_check
+    while True:
+        if time.monotonic() >= next_check:
+            await check_start()
+            next_check = time.monotonic() + check_every
+        if await listening():
+            return
+        await asyncio.sleep(interval)
 
 
 async def wait_until_answering(info: Any, timeout: float) -> None:
