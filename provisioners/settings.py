@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, TraitError, Unicode
 from traitlets.config import LoggingConfigurable
@@ -17,6 +17,9 @@ from traitlets.config import LoggingConfigurable
 from .connection.ports import DEFAULT_PORT_RANGE, PortRange
 from .exceptions import ProvisionerConfigError
 from .secrets import check_reference, kube_secret_ref, resolve_reference
+
+if TYPE_CHECKING:
+    from .connection.sshconnect import SSHSettings
 
 #: Kernel ids end up in file, container and pod names: a fixed, safe alphabet only.
 _SAFE_KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -221,6 +224,21 @@ class SharedSettings(LoggingConfigurable):
             if kube_secret_ref(value) and not self.kube_secret_refs:
                 problem = "a Kubernetes Secret reference needs the kubernetes target"
                 raise self.config_error(key, f"{problem}; use 'file:' or 'env:'")
+
+    def ssh_settings(self, server: str = "") -> SSHSettings:
+        """How this provisioner reaches ``server`` (``ssh_server`` when empty) over SSH:
+        its key, password reference, known hosts, host-key policy and connect timeout.
+        The one place our ``ssh_*`` settings become :class:`SSHSettings`."""
+        from .connection.sshconnect import SSHSettings
+
+        return SSHSettings.from_server(
+            server or self.ssh_server,
+            key_file=self.ssh_key,
+            password=self.secret("ssh_password"),
+            known_hosts=self.ssh_known_hosts,
+            accept_unknown_host_keys=self.ssh_accept_unknown_host_keys,
+            connect_timeout=self.ssh_connect_timeout,
+        )
 
     def secret(self, key: str) -> str:
         """The secret that setting ``key`` references ('' when unset)."""
