@@ -31,26 +31,49 @@ from .loop import KUBERNETES_EXECUTOR
 
 __all__ = [
     "KUBERNETES_EXECUTOR",
+    "TRANSIENT_STATUSES",
+    "Conflict",
+    "Forbidden",
+    "Gone",
     "KubeApiError",
     "KubeClient",
+    "NotFound",
     "acquire_client",
     "close_clients",
     "release_client",
+    "resource_path",
 ]
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: API answers worth another try of an idempotent request (0: the server was not reached).
+TRANSIENT_STATUSES = frozenset({0, 429, 500, 502, 503, 504})
 _RETRY_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
 
 log = logging.getLogger(__name__)
 
 
 class KubeApiError(ProvisionerError):
-    """The API server refused a request (``status`` is 0 when it could not be reached)."""
+    """The API server refused a request (``status`` is 0 when it could not be reached).
+
+    Built as the named subclass of its status (:class:`NotFound`, :class:`Forbidden`,
+    :class:`Conflict`, :class:`Gone`) where there is one, so callers catch by name.
+    """
+
+    #: The HTTP status this class stands for (0: any other).
+    code = 0
+
+    def __new__(cls, status: int, reason: str = "", message: str = "") -> KubeApiError:
+        named = _BY_STATUS.get(status, cls) if cls is KubeApiError else cls
+        return super().__new__(named)
 
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(message or reason or f"HTTP {status}", target="kubernetes")
         self.status = status
         self.reason = reason
+
+    @property
+    def transient(self) -> bool:
+        """Whether the same idempotent request may succeed if tried again."""
+        return self.status in TRANSIENT_STATUSES
 
     @classmethod
     def from_body(cls, status: int, body: bytes | str, fallback: str = "") -> KubeApiError:
@@ -67,6 +90,49 @@ class KubeApiError(ProvisionerError):
             text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
             message = text.strip()[:500] or fallback
         return cls(status, reason, message)
+
+
+class NotFound(KubeApiError):
+    """404: the object (or its namespace) does not exist."""
+
+    code = 404
+
+
+class Forbidden(KubeApiError):
+    """403: the service account's role does not allow the request."""
+
+    code = 403
+
+
+class Conflict(KubeApiError):
+    """409: the object exists already, or changed under the request."""
+
+    code = 409
+
+
+class Gone(KubeApiError):
+    """410: a watch's resource version is too old."""
+
+    code = 410
+
+
+_BY_STATUS: dict[int, type[KubeApiError]] = {
+    c.code: c for c in (NotFound, Forbidden, Conflict, Gone)
+}
+
+
+def resource_path(
+    kind: str, namespace: str, name: str = "", subresource: str = "", group: str = ""
+) -> str:
+    """The API path of namespaced ``kind`` (plural: pods, secrets, events...), of object
+    ``name`` and its ``subresource`` when given; ``group`` is 'apis/GROUP/VERSION' for
+    kinds outside the core v1 API. The one place such paths are built."""
+    path = f"/{group or 'api/v1'}/namespaces/{namespace}/{kind}"
+    if name:
+        path += f"/{name}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
 
 
 def in_cluster() -> bool:
@@ -218,7 +284,7 @@ class KubeClient:
                 if 200 <= status < 300:
                     return json.loads(data) if data else {}
                 error = KubeApiError.from_body(status, data, f"{method} {path}: HTTP {status}")
-            retryable = error.status == 0 or error.status in _RETRY_STATUSES
+            retryable = error.transient
             if not retryable or attempt == attempts - 1:
                 raise error
             log.debug("%s %s failed (%s); retrying in %.1f s", method, path, error, delay)
