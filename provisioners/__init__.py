@@ -22,8 +22,14 @@ from .exceptions import (
     ProvisionerError,
 )
 from .lifecycle.base import ClusterProvisioner
-from .local import LocalClusterProvisioner
+from .local import LocalClusterProvisioner, LocalEngine
 from .manager import AsyncKernelManager, KernelManager
+from .pool.claim import claim_warm_kernel
+
+# The package plugs the local fallback and the warm pools into the lifecycle, which
+# imports no target and no pool itself.
+ClusterProvisioner.fallback_engine_class = LocalEngine
+ClusterProvisioner.claim_warm_kernel = staticmethod(claim_warm_kernel)  # type: ignore[assignment]
 
 __version__ = "0.1.0"
 

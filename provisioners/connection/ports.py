@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import random
-import signal
 import socket
 import threading
 import time
@@ -160,14 +159,17 @@ def this_hostname() -> str:
     return socket.gethostname()
 
 
-def _kill_process_group(pid: int, start: str) -> None:
-    """SIGKILL the process group led by ``pid`` if that very process still runs."""
-    if not process_alive(pid, start):
-        return
-    with contextlib.suppress(OSError):
-        os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        os.kill(pid, signal.SIGKILL)
+#: Called, under the store's lock, with the runtime dir and the records of dead holders
+#: just dropped: what a target left with its ports (a local kernel process, its
+#: connection file) is its own to remove (see :func:`on_reclaim`).
+Reclaimer = Callable[[Path, list[dict[str, Any]]], None]
+_RECLAIMERS: list[Reclaimer] = []
+
+
+def on_reclaim(reclaimer: Reclaimer) -> None:
+    """Register ``reclaimer`` for the records of dead holders (once per function)."""
+    if reclaimer not in _RECLAIMERS:
+        _RECLAIMERS.append(reclaimer)
 
 
 class PortStore(ABC):
@@ -253,21 +255,16 @@ class FilePortStore(PortStore):
         os.replace(tmp, self.path)
 
     def _reclaim_dead(self, data: dict[str, dict[str, dict[str, Any]]], spare: str = "") -> None:
-        """Drop records of dead processes of this machine, with what their kernels left.
+        """Drop records of dead processes of this machine; the reclaimers (:func:`on_reclaim`)
+        remove what their kernels left.
 
         Only records written on this machine (``hostname``) are judged: a runtime dir
         shared by several machines (NFS homes) holds other machines' records, whose
         processes cannot be checked here; they stay until their own machine reclaims them.
-        A kernel's records are owned by ``kernel-<id>``; its connection file in the
-        runtime dir, ``kernel-<id>.json``, is removed with them once its server is gone,
-        and a local kernel process recorded with them (``kernel_pid``, ``kernel_start``)
-        that outlived its server is killed: ipykernel can hang while exiting after its
-        parent died.
         """
         me = this_hostname()
         alive: dict[tuple[int, str], bool] = {}
-        dead_owners: set[str] = set()
-        orphaned_kernels: set[tuple[int, str]] = set()
+        dropped: list[dict[str, Any]] = []
         for ports in data.values():
             for port, record in list(ports.items()):
                 if record.get("hostname", me) != me or (spare and record.get("owner") == spare):
@@ -276,15 +273,11 @@ class FilePortStore(PortStore):
                 if key not in alive:
                     alive[key] = key[0] > 0 and process_alive(*key)
                 if not alive[key]:
-                    dead_owners.add(str(record.get("owner", "")))
-                    if record.get("kernel_pid"):
-                        orphaned_kernels.add((int(record["kernel_pid"]), record["kernel_start"]))
+                    dropped.append(record)
                     del ports[port]
-        for owner in dead_owners:
-            if owner.startswith("kernel-") and "/" not in owner:
-                (self.directory / f"{owner}.json").unlink(missing_ok=True)
-        for pid, start in orphaned_kernels:
-            _kill_process_group(pid, start)
+        if dropped:
+            for reclaimer in _RECLAIMERS:
+                reclaimer(self.directory, dropped)
 
     def allocate(
         self,

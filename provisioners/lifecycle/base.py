@@ -21,7 +21,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from jupyter_client.provisioning import KernelProvisionerBase
@@ -40,11 +40,12 @@ from ..exceptions import (
 )
 from ..executor import EngineExecutor
 from ..loopthread import LoopThread
+from ..podenv import maybe_in_pod
 from ..settings import SharedSettings, is_request_input, requested_env_names
 from . import leftovers
 from .engine import Engine
 from .failed_start import as_start_error, forget_failed_start
-from .fallback import fallback_env, in_kubernetes_pod, notice_arguments, notice_text, refusal_in_pod
+from .fallback import fallback_env, notice_arguments, notice_text, refusal_in_pod
 from .newports import keep_or_move, show_kept_ports
 from .owner import ServerIdentity
 
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     pass
 
 PROVISIONER_INFO_VERSION = 1
+#: A warm-pool claim: serve the start (its ``pre_launch`` kwargs) with a warm kernel?
+WarmClaim = Callable[["ClusterProvisioner", dict[str, Any]], Awaitable[bool]]
 #: Seconds between two checks that a restarted kernel is still alive while it is probed.
 _DEATH_CHECK = 0.5
 
@@ -61,8 +64,11 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
 
     #: The target's engine class; one instance runs one kernel.
     engine_class: ClassVar[type[Engine]] = Engine
-    #: The local fallback's engine class (set by :mod:`provisioners.local`).
+    #: The local fallback's engine class, and the warm-pool claim (``(provisioner, start
+    #: kwargs) -> claimed?``): plugged in by the package (``provisioners/__init__.py``),
+    #: so the lifecycle imports no target and no pool.
     fallback_engine_class: ClassVar[type[Engine] | None] = None
+    claim_warm_kernel: ClassVar[WarmClaim | None] = None
 
     def __init__(self, **kwargs: Any) -> None:
         try:
@@ -135,9 +141,8 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             # waits for the restart to return (see _let_clients_reconnect)
             self._settle_clients = engine.ports == kept and not self._exited_before_restart
         else:
-            from ..pool.claim import claim_warm_kernel
-
-            if await claim_warm_kernel(self, kwargs):
+            claim = type(self).claim_warm_kernel
+            if claim is not None and await claim(self, kwargs):
                 kwargs["cmd"] = list(self.command or self.kernel_spec.argv)
                 return await super().pre_launch(**kwargs)
             engine = self.engine = await self._select_engine()
@@ -468,7 +473,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         except EngineUnavailableError as exc:
             if self.fallback != "local":
                 raise
-            if in_kubernetes_pod() and not self.fallback_in_pod:
+            if maybe_in_pod() and not self.fallback_in_pod:
                 msg = refusal_in_pod(self.target, str(exc))
                 raise EngineUnavailableError(
                     msg, target=self.target, kernel_id=self.kernel_id
@@ -489,9 +494,8 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         policy, its port range), never the local target's."""
         engine_class = self.fallback_engine_class
         if engine_class is None:
-            from ..local import LocalEngine
-
-            engine_class = LocalEngine
+            msg = "no local fallback engine is plugged in (import provisioners)"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id)
         engine = engine_class(self, self.kernel_id)
         engine.fallback_for = self.target
         engine.fallback_cause = cause

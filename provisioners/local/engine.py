@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from typing import Any, ClassVar
 from jupyter_core.paths import jupyter_runtime_dir
 
 from ..connection.files import PORT_NAMES, launch_kernel, write_connection_file
-from ..connection.ports import ClusterPortCache, process_alive, process_start_time
+from ..connection.ports import ClusterPortCache, on_reclaim, process_alive, process_start_time
 from ..executor import EngineExecutor
 from ..lifecycle.engine import Engine
 
@@ -190,3 +191,33 @@ def _file_ports(path: str) -> dict[str, int]:
         return _ports_of(json.loads(Path(path).read_text()))
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
+
+
+def reclaim_local_kernels(runtime_dir: Path, records: list[dict[str, Any]]) -> None:
+    """What a dead server's local kernels left with their port records: a kernel process
+    that outlived its server is killed (ipykernel can hang while exiting after its parent
+    died), and its connection file in the runtime dir, ``kernel-<id>.json``, removed."""
+    owners = {str(r.get("owner", "")) for r in records}
+    kernels = {
+        (int(r["kernel_pid"]), str(r.get("kernel_start", "")))
+        for r in records
+        if r.get("kernel_pid")
+    }
+    for owner in owners:
+        if owner.startswith("kernel-") and "/" not in owner:
+            (runtime_dir / f"{owner}.json").unlink(missing_ok=True)
+    for pid, start in kernels:
+        _kill_process_group(pid, start)
+
+
+def _kill_process_group(pid: int, start: str) -> None:
+    """SIGKILL the process group led by ``pid`` if that very process still runs."""
+    if not process_alive(pid, start):
+        return
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
+on_reclaim(reclaim_local_kernels)
