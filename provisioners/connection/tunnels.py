@@ -80,7 +80,7 @@ class KernelTunnels:
 
     def __init__(
         self,
-        server: str,
+        server: str | SSHSettings,
         *,
         key_file: str = "",
         password: str = "",
@@ -91,14 +91,19 @@ class KernelTunnels:
         port_range: str = DEFAULT_PORT_RANGE,
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
-        self.settings = SSHSettings.from_server(
-            server,
-            key_file=key_file,
-            password=password,
-            known_hosts=known_hosts,
-            accept_unknown_host_keys=accept_unknown_host_keys,
-            connect_timeout=connect_timeout,
-        )
+        """``server`` is ``[user@]host[:port]`` with the knobs given here, or the
+        :class:`SSHSettings` to use as they are (the knobs are then ignored)."""
+        if isinstance(server, SSHSettings):
+            self.settings = server
+        else:
+            self.settings = SSHSettings.from_server(
+                server,
+                key_file=key_file,
+                password=password,
+                known_hosts=known_hosts,
+                accept_unknown_host_keys=accept_unknown_host_keys,
+                connect_timeout=connect_timeout,
+            )
         self.name = name
         self.port_range = port_range
         self.log = log or logger
@@ -108,14 +113,10 @@ class KernelTunnels:
 
     @classmethod
     def from_provisioner(cls, provisioner: ClusterProvisioner) -> KernelTunnels:
-        """Tunnels configured by a provisioner's ``ssh_*`` traits."""
+        """Tunnels through the provisioner's ``ssh_server``, configured by its ``ssh_*``
+        settings (:meth:`~provisioners.settings.SharedSettings.ssh_settings`)."""
         return cls(
-            provisioner.ssh_server,
-            key_file=provisioner.ssh_key,
-            password=provisioner.secret("ssh_password"),
-            known_hosts=provisioner.ssh_known_hosts,
-            accept_unknown_host_keys=provisioner.ssh_accept_unknown_host_keys,
-            connect_timeout=provisioner.ssh_connect_timeout,
+            provisioner.ssh_settings(),
             name=f"kernel-{provisioner.kernel_id}",
             port_range=provisioner.port_range,
             log=provisioner.log,

@@ -6,15 +6,14 @@ identity), ``pid`` (pid, start time against pid reuse, and whether it leads a pr
 group), ``connection.json``, ``launch.sh`` and ``kernel.log``. This module builds the
 POSIX sh scripts that test, signal and remove such a kernel (every value quoted with
 :func:`shlex.quote`), reads the ports in use on the host, and finds a host's kernel
-directories: :func:`list_remote_kernels` lists them and :func:`sweep_orphans` removes
-those whose owner (a server process of this machine) has ended. Only directories with
-our prefix are ever removed.
+directories: :func:`list_remote_kernels` lists them and :func:`sweep_host` (or
+:func:`sweep_orphans`, configured by keywords) removes those whose owner (a server
+process of this machine) has ended. Only directories with our prefix are ever removed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
 import logging
 import posixpath
 import re
@@ -24,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..connection.ports import PortSource
-from ..connection.sshlink import SSHLink, SSHSettings, format_server
+from ..connection.sshlink import SSHLink, SSHSettings
 from ..lifecycle.owner import owner_is_gone
+from .settings import DEFAULT_REMOTE_RUNTIME_DIR, SSHTargetSettings
 
 __all__ = [
     "DEFAULT_REMOTE_RUNTIME_DIR",
@@ -33,12 +33,12 @@ __all__ = [
     "RemoteKernel",
     "RemoteListeningPorts",
     "list_remote_kernels",
+    "sweep_host",
     "sweep_orphans",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_REMOTE_RUNTIME_DIR = "~/.local/share/jupyter/runtime"
 #: Name prefix of the per-kernel directories in the remote runtime directory.
 KERNEL_DIR_PREFIX = "cluster-kernel-"
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
@@ -184,26 +184,9 @@ class RemoteKernel:
 
 
 @contextlib.contextmanager
-def _host_link(
-    host: str,
-    port: int,
-    user: str,
-    key_file: str,
-    password: str,
-    ssh_known_hosts: str,
-    ssh_accept_unknown_host_keys: bool,
-    ssh_connect_timeout: float,
-) -> Iterator[SSHLink]:
-    """A shared link to ``host``, held for the ``with`` block."""
-    settings = SSHSettings.from_server(
-        format_server(user or getpass.getuser(), host, port),
-        key_file=key_file,
-        password=password,
-        known_hosts=ssh_known_hosts,
-        accept_unknown_host_keys=ssh_accept_unknown_host_keys,
-        connect_timeout=ssh_connect_timeout,
-    )
-    link = SSHLink.acquire(settings)
+def _host_link(ssh: SSHSettings) -> Iterator[SSHLink]:
+    """A shared link to the host ``ssh`` names, held for the ``with`` block."""
+    link = SSHLink.acquire(ssh)
     try:
         yield link
     finally:
@@ -248,30 +231,42 @@ def _remote_kernels(link: SSHLink, remote_runtime_dir: str, timeout: float) -> l
 
 
 def list_remote_kernels(
-    host: str,
-    *,
-    port: int = 22,
-    user: str = "",
-    key_file: str = "",
-    password: str = "",
-    ssh_known_hosts: str = "",
-    ssh_accept_unknown_host_keys: bool = False,
-    ssh_connect_timeout: float = 10.0,
-    remote_runtime_dir: str = DEFAULT_REMOTE_RUNTIME_DIR,
-    command_timeout: float = 30.0,
+    ssh: SSHSettings, *, remote_runtime_dir: str, command_timeout: float
 ) -> list[RemoteKernel]:
-    """Our kernels on ``host`` (every owner's). Blocking: call it in a thread."""
-    with _host_link(
-        host,
-        port,
-        user,
-        key_file,
-        password,
-        ssh_known_hosts,
-        ssh_accept_unknown_host_keys,
-        ssh_connect_timeout,
-    ) as link:
+    """Our kernels on the host ``ssh`` names (every owner's). Blocking: call it in a thread."""
+    with _host_link(ssh) as link:
         return _remote_kernels(link, remote_runtime_dir, command_timeout)
+
+
+def sweep_host(
+    ssh: SSHSettings,
+    *,
+    remote_runtime_dir: str,
+    command_timeout: float,
+    dry_run: bool = False,
+    log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+) -> list[str]:
+    """Kill the kernels and remove the directories on the host ``ssh`` names whose owner
+    (a server process of this machine) has ended; return the directories removed (or,
+    with ``dry_run``, that would be). Blocking: call it in a thread from async code.
+    """
+    log = log or logger
+    with _host_link(ssh) as link:
+        removed: list[str] = []
+        for kernel in _remote_kernels(link, remote_runtime_dir, command_timeout):
+            if not kernel.owner or not owner_is_gone(kernel.owner):
+                continue
+            if not dry_run:
+                script = remove_script(kernel.pid, kernel.start, kernel.group, kernel.kernel_dir)
+                link.sh(script, timeout=command_timeout + 5)
+            log.info(
+                "Swept orphaned SSH kernel %s on %s (owner %s)",
+                kernel.kernel_dir,
+                ssh.host,
+                kernel.owner,
+            )
+            removed.append(kernel.kernel_dir)
+        return removed
 
 
 def sweep_orphans(
@@ -289,34 +284,24 @@ def sweep_orphans(
     dry_run: bool = False,
     log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
 ) -> list[str]:
-    """Kill the kernels and remove the directories on ``host`` whose owner (a server
-    process of this machine) has ended; return the directories removed (or, with
-    ``dry_run``, that would be). Keyword names match the provisioner's config keys.
-    Blocking: call it in a thread from async code.
+    """:func:`sweep_host` for ``host``, configured as a provisioner would be (keyword names
+    match the SSH target's config keys; ``password`` is the password itself, not a
+    reference). Blocking: call it in a thread from async code.
     """
-    log = log or logger
-    with _host_link(
-        host,
-        port,
-        user,
-        key_file,
-        password,
-        ssh_known_hosts,
-        ssh_accept_unknown_host_keys,
-        ssh_connect_timeout,
-    ) as link:
-        removed: list[str] = []
-        for kernel in _remote_kernels(link, remote_runtime_dir, command_timeout):
-            if not kernel.owner or not owner_is_gone(kernel.owner):
-                continue
-            if not dry_run:
-                script = remove_script(kernel.pid, kernel.start, kernel.group, kernel.kernel_dir)
-                link.sh(script, timeout=command_timeout + 5)
-            log.info(
-                "Swept orphaned SSH kernel %s on %s (owner %s)",
-                kernel.kernel_dir,
-                host,
-                kernel.owner,
-            )
-            removed.append(kernel.kernel_dir)
-        return removed
+    settings = SSHTargetSettings(
+        host=host,
+        port=port,
+        user=user,
+        key_file=key_file,
+        ssh_known_hosts=ssh_known_hosts,
+        ssh_accept_unknown_host_keys=ssh_accept_unknown_host_keys,
+        ssh_connect_timeout=ssh_connect_timeout,
+    )
+    settings.resolved_secrets = {"password": password}
+    return sweep_host(
+        settings.ssh_settings(),
+        remote_runtime_dir=remote_runtime_dir,
+        command_timeout=command_timeout,
+        dry_run=dry_run,
+        log=log,
+    )

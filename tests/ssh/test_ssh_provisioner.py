@@ -81,7 +81,7 @@ async def test_execute_interrupt_restart_shutdown(
     provisioner = km.provisioner
     assert isinstance(provisioner, SSHClusterProvisioner) and provisioner.runner is provisioner
     pid = kernel_pid(km)
-    kernel_dir = Path(provisioner.kernel_dir)
+    kernel_dir = Path(provisioner.engine.kernel_dir)
     assert kernel_dir.parent == remote_runtime
     assert stat.S_IMODE(kernel_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((kernel_dir / "connection.json").stat().st_mode) == 0o600
@@ -178,7 +178,7 @@ async def test_kernel_values_reach_the_kernel_literally(
         out = await execute(km, code)
         assert json.loads(out["stdout"]) == [nasty, "", "spec value", None]
         assert not marker.exists()
-        kernel_dir = Path(km.provisioner.kernel_dir)
+        kernel_dir = Path(km.provisioner.engine.kernel_dir)
         # the HMAC key is in the 0600 connection file only
         key = km.session.key.decode()
         pid = kernel_pid(km)
@@ -357,8 +357,9 @@ async def test_provisioner_info_reattaches(kernel_manager: Any, ssh_config: dict
             out = await execute_info(dict(fresh.connection_info), "print('again')")
             assert out["stdout"] == "again\n"
         finally:  # detach without stopping the kernel
-            await fresh._tunnels.close()
-            await fresh._release_link()
+            assert fresh.engine.tunnels is not None
+            await fresh.engine.tunnels.close()
+            await fresh.engine.start_given_up()  # releases its SSH link
         assert await km.is_alive()
     finally:
         await km.shutdown_kernel()
@@ -372,7 +373,7 @@ async def test_sweep_orphans_removes_only_dead_owners(
     orphaned = kernel_manager(SSH_PROVISIONER, ssh_config, name="orphans")
     await orphaned.start_kernel()
     pid = kernel_pid(orphaned)
-    orphan = Path(orphaned.provisioner.kernel_dir)
+    orphan = Path(orphaned.provisioner.engine.kernel_dir)
     maintenance = SSHClusterProvisioner(
         kernel_id="maintenance", kernel_spec=orphaned.kernel_spec, **ssh_config
     )
@@ -433,7 +434,7 @@ async def test_a_first_start_sweeps_dead_servers_kernels_but_keeps_reattached_on
         assert await async_wait_until(lambda: not pid_alive(orphan_pid), timeout=10)
         assert not Path(orphan_dir).exists()
         assert sorted(p.name for p in remote_runtime.iterdir()) == sorted(
-            Path(d).name for d in (reattached.kernel_dir, km.provisioner.kernel_dir)
+            Path(d).name for d in (reattached.engine.kernel_dir, km.provisioner.engine.kernel_dir)
         )
         out = await execute_info(dict(reattached.connection_info), "print('kept')")
         assert out["stdout"] == "kept\n"

@@ -253,14 +253,14 @@ async def test_local_provisioner_routes_through_ssh_server(
     )
     await km.start_kernel()
     provisioner = km.provisioner
-    kernel_file = Path(provisioner.kernel_connection_file())
+    kernel_file = Path(provisioner.engine.kernel_connection_file())
     kernel_ports = json.loads(kernel_file.read_text())
     client_ports = km.get_connection_info()
     assert kernel_file != Path(km.connection_file)
     assert not {kernel_ports[n] for n in KERNEL_PORT_NAMES} & {
         client_ports[n] for n in KERNEL_PORT_NAMES
     }
-    assert provisioner._tunnels.ports == {n: client_ports[n] for n in KERNEL_PORT_NAMES}
+    assert provisioner.engine.tunnels.ports == {n: client_ports[n] for n in KERNEL_PORT_NAMES}
     out = await execute_info(client_ports, "print('via sshd', input())")
     assert out["stdout"] == "via sshd through stdin\n"
     (link,) = SSHLink.active()
