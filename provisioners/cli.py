@@ -277,7 +277,7 @@ def _port_records() -> dict[str, dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    header = ("KERNEL ID", "KERNELSPEC", "TARGET", "WHERE", "FALLBACK", "AGE", "SERVER")
+    header = ("KERNEL ID", "KERNELSPEC", "TARGET", "STATE", "WHERE", "FALLBACK", "AGE", "SERVER")
     lines = [header]
     for row in rows:
         alive = {True: "alive", False: "gone", None: "?"}[row["owner_alive"]]
@@ -286,6 +286,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 row["kernel_id"],
                 row.get("kernelspec") or "?",
                 row["target"],
+                row.get("state") or "?",
                 row.get("where") or "?",
                 f"for {row['fallback_for']}" if row.get("fallback") else "no",
                 _age(row.get("age")),
