@@ -94,6 +94,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         self._stopped = False
         self._teardown_lock = asyncio.Lock()
         self._claimed = False
+        self._given_up_cleanup: asyncio.Task[None] | None = None
 
     @property
     def executor(self) -> EngineExecutor:
@@ -230,6 +231,32 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
                 raise
             raise error from exc
         return self.connection_info
+
+    async def post_launch(self, **kwargs: Any) -> None:
+        """Hear from the manager's restarter when it gives up on the kernel (its restarts
+        kept failing): then nothing of the kernel may stay behind (see :meth:`_given_up`)."""
+        await super().post_launch(**kwargs)
+        km: Any = self.parent
+        if hasattr(km, "add_restart_callback"):  # once: a restart launches again
+            km.remove_restart_callback(self._given_up, "dead")
+            km.add_restart_callback(self._given_up, "dead")
+
+    def _given_up(self) -> None:
+        """The restarter's 'dead' callback: Jupyter Server drops the kernel from its map and
+        never cleans it up, so remove its container, pod or process, its port records and
+        its connection file now (on the restarter's loop)."""
+        self.log.warning(
+            "Kernel %s: the restarter gave up on it; removing what is left of it",
+            self.kernel_id,
+        )
+        task = asyncio.get_running_loop().create_task(self._remove_given_up())
+        self._given_up_cleanup = task  # held until done
+
+    async def _remove_given_up(self) -> None:
+        await self.cleanup(restart=False)
+        km: Any = self.parent
+        if hasattr(km, "cleanup_connection_file"):
+            km.cleanup_connection_file()
 
     async def poll(self) -> int | None:
         if not self.has_process:
