@@ -120,9 +120,11 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         """Pick the engine, allocate ports, build connection info, command and env."""
         try:
             return await self._pre_launch(**kwargs)
-        except Exception as exc:
+        except BaseException as exc:
             if not self.engine.has_kernel():
-                await self.engine.start_given_up()
+                await asyncio.shield(self.engine.start_given_up())
+            if not isinstance(exc, Exception):
+                raise
             error = self._start_failed(exc)
             if error is exc:
                 raise
