@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .engine import (
+from .daemon import (
     LABEL_KERNEL_ID,
     LABEL_KERNELSPEC,
     LABEL_MANAGED_BY,
@@ -16,9 +16,11 @@ from .engine import (
     parse_ports_label,
     sweep_orphans,
 )
+from .engine import DOCKER_EXECUTOR, DockerEngine
 from .provisioner import DockerClusterProvisioner
 
 __all__ = [
+    "DOCKER_EXECUTOR",
     "LABEL_KERNELSPEC",
     "LABEL_KERNEL_ID",
     "LABEL_MANAGED_BY",
@@ -26,6 +28,7 @@ __all__ = [
     "LABEL_PORTS",
     "MANAGED_BY",
     "DockerClusterProvisioner",
+    "DockerEngine",
     "DockerPortSource",
     "connect_docker",
     "connection_archive",

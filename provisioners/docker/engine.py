@@ -1,424 +1,698 @@
-"""Talking to a Docker daemon outside a kernel's lifecycle.
+"""The Docker engine: one kernel in a container of any image with a stock kernel.
 
-Clients (:func:`connect_docker`), the labels that mark our containers, the orphan sweep
-(once per daemon and process), the ports our containers hold (:class:`DockerPortSource`),
-and pure builders: ``containers.create`` arguments, the connection-file archive, GPU
-requests, uid/gid lookups and stop-signal names.
+The kernelspec's argv (or ``command``) runs as the container's command; its connection
+file is copied into the created container with ``put_archive`` before it starts, so
+nothing on the server's filesystem is needed and a remote daemon works too. The five
+kernel ports are published on ``publish_ip`` (host ports from the cluster-aware cache,
+cross-checked against the ports our containers on that daemon hold), or, with
+``connect_via_container_ip``, reached on the container's own IP: through local relays
+that follow the kernel to its next container on a restart (``container_ip_relay``; a new
+container has a new IP). Daemon access outside a kernel's lifecycle lives in
+:mod:`.daemon`, the settings in :mod:`.settings`.
 """
 
 from __future__ import annotations
 
-import io
-import logging
-import os
+import asyncio
+import contextlib
+import getpass
 import posixpath
-import re
+import secrets
 import signal
-import tarfile
-import threading
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlparse
 
 import docker
-import requests
-from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
 
-from ..connection.ports import PortSource
-from ..connection.sshconnect import SSHSettings
-from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
+from ..connection.files import connection_file_content
+from ..connection.ports import LOCAL_HOST, PortSource, zmq_listens
+from ..connection.readiness import wait_until_listening
+from ..connection.relay import KernelRelay, RelayLoop
+from ..connection.sshconnect import SSHSettings, format_server
+from ..connection.sshlink import SSH_EXECUTOR, SSHLink
+from ..connection.sshprobe import forwarded_zmq_listens
+from ..exceptions import (
+    EngineUnavailableError,
+    ForwardingRefusedError,
+    KernelStartError,
+    ProvisionerError,
+)
 from ..executor import EngineExecutor
-from ..lifecycle.owner import owner_is_gone
-
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGED_BY = "cluster-provisioners"
-LABEL_KERNEL_ID = "cluster-provisioners.kernel-id"
-LABEL_OWNER = "cluster-provisioners.lifecycle.owner"
-LABEL_PORTS = "cluster-provisioners.connection.ports"
-LABEL_KERNELSPEC = "cluster-provisioners.kernelspec"
-#: On a warm (pool) kernel's container: its name prefix. Labels cannot change, so once
-#: the kernel is claimed its id is read from the container's new name.
-LABEL_POOL_PREFIX = "cluster-provisioners.pool.name-prefix"
-OUR_LABELS = (
-    LABEL_MANAGED_BY,
-    LABEL_KERNEL_ID,
-    LABEL_OWNER,
-    LABEL_PORTS,
+from ..lifecycle.engine import PORT_NAMES, Engine, kernel_row
+from .daemon import (
+    ENGINE_ERRORS,
     LABEL_KERNELSPEC,
+    LABEL_MANAGED_BY,
+    LABEL_OWNER,
     LABEL_POOL_PREFIX,
+    MANAGED_BY,
+    UNSAFE_NAME,
+    DockerPortSource,
+    connect_docker,
+    connection_archive,
+    container_kernel_dir,
+    create_args,
+    host_path_of,
+    is_local_daemon,
+    kernel_labels,
+    listed_kernel_id,
+    lookup_id,
+    owner_archive,
+    ping,
+    read_file,
+    signal_number,
+    sweep_once,
+    sweep_orphans,
 )
+from .pull import PullProgress, stream_pull
 
-#: ``extra_create_args`` keys we set ourselves; the traits are the way to change them.
-MANAGED_CREATE_KEYS = frozenset(
-    {"image", "command", "environment", "labels", "ports", "detach", "name", "version"}
-)
-CREATE_KEYS = (
-    frozenset(RUN_CREATE_KWARGS)
-    | frozenset(RUN_HOST_CONFIG_KWARGS)
-    | {"volumes", "network", "networking_config"}
-) - MANAGED_CREATE_KEYS
-GPUS_SPEC = re.compile(r"^(all|\d+|device=[\w.,-]+)$")
-UNSAFE_NAME = re.compile(r"[^a-zA-Z0-9_.-]")
-#: Daemons (by port host key) already swept for orphans by this process.
-_SWEPT: set[str] = set()
-_SWEPT_LOCK = threading.Lock()
+if TYPE_CHECKING:
+    from .provisioner import DockerClusterProvisioner
+
 #: Every blocking docker-py call of the Docker target runs here (see provisioners.executor).
 DOCKER_EXECUTOR = EngineExecutor("docker", max_workers=8)
 
-ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+#: Seconds after a container's start by which docker-proxy's retried dial has reached
+#: the kernel (a TCP SYN retransmission is 1 s).
+_PROXY_SETTLE = 1.3
+#: Seconds a running container may go without an IP on its network before the start
+#: fails (``connect_via_container_ip``).
+_IP_GRACE = 10.0
 
 
-def connect_docker(
-    docker_host: str = "",
-    *,
-    timeout: float = 30.0,
-    connect_timeout: float = 3.0,
-    ssh: SSHSettings | None = None,
-) -> docker.DockerClient:
-    """A client of ``docker_host`` (default: DOCKER_HOST, else the local socket).
+class DockerEngine(Engine):
+    """One kernel in a Docker container; its settings are a ``DockerClusterProvisioner``'s.
 
-    Reaching the daemon (the API version check) may take ``connect_timeout`` seconds,
-    every later call ``timeout``. Raises :class:`EngineUnavailableError`. An ``ssh://``
-    daemon is reached with ``ssh`` (our settings and host-key policy) when given.
+    Holds the container (id, name, IP), the docker-py client of its daemon and, in
+    container-IP mode, the relay that clients reach it through.
     """
-    environment = dict(os.environ)
-    if docker_host:
-        environment["DOCKER_HOST"] = docker_host
-    try:
-        if ssh is not None and environment.get("DOCKER_HOST", "").startswith("ssh://"):
-            from .sshdaemon import docker_over_ssh
 
-            client = docker_over_ssh(environment["DOCKER_HOST"], ssh, timeout=connect_timeout)
-        else:
-            client = docker.from_env(
-                environment=environment, timeout=connect_timeout, max_pool_size=32
+    target: ClassVar[str] = "docker"
+    executor: ClassVar[EngineExecutor] = DOCKER_EXECUTOR
+    settings: DockerClusterProvisioner
+
+    def __init__(self, settings: DockerClusterProvisioner, kernel_id: str) -> None:
+        super().__init__(settings, kernel_id)
+        self.container_id = ""
+        self.container_name = ""
+        self.container_ip = ""
+        #: The docker-py client of the kernel's daemon (None until the first call).
+        self.client: docker.DockerClient | None = None
+        #: Container-IP mode: the local listeners clients reach the kernel through.
+        self.relay: KernelRelay | None = None
+        #: The daemon a reattached kernel runs on, from its saved state (None: settings').
+        self._saved_host: str | None = None
+        #: The kernel id the container was created for (its kernel dir's name).
+        self._dir_id = ""
+        self._started_at = 0.0
+        self._daemon_key = ""
+        self._pending_create: asyncio.Future[Any] | None = None
+        self._stop_signal = signal.SIGTERM
+
+    # ------------------------------------------------------------------ the daemon
+
+    @property
+    def docker_host(self) -> str:
+        """URL of the kernel's daemon ('' for DOCKER_HOST or the local socket)."""
+        return self.settings.docker_host if self._saved_host is None else self._saved_host
+
+    def is_local_daemon(self) -> bool:
+        """True when the kernel's daemon runs on this machine."""
+        return is_local_daemon(self.docker_host)
+
+    async def _docker(self) -> docker.DockerClient:
+        if self.client is None:
+            self.client = await self.executor.run(
+                connect_docker,
+                self.docker_host,
+                timeout=self.settings.api_timeout,
+                connect_timeout=self.settings.connect_timeout,
+                ssh=self.daemon_ssh_settings(),
             )
-    except ENGINE_ERRORS as exc:
-        where = docker_host or environment.get("DOCKER_HOST") or "the local socket"
-        msg = f"Docker daemon at {where} is unreachable: {exc}"
-        raise EngineUnavailableError(msg, target="docker") from exc
-    client.api.timeout = timeout
-    return client
+        return self.client
 
-
-def ping(client: docker.DockerClient, timeout: float) -> None:
-    """GET the daemon's ``/_ping`` within ``timeout`` seconds; raise on failure."""
-    api = client.api
-    response = api.get(f"{api.base_url}/_ping", timeout=timeout)
-    response.raise_for_status()
-
-
-def read_file(container: Any, path: str) -> bytes:
-    """The content of the file ``path`` in ``container``; b"" when it cannot be read."""
-    try:
-        stream, _ = container.get_archive(path)
-        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-            member = tar.extractfile(posixpath.basename(path))
-            return member.read() if member is not None else b""
-    except (*ENGINE_ERRORS, tarfile.TarError, KeyError):
-        return b""
-
-
-def container_kernel_dir(kernel_id: str) -> str:
-    """The kernel's private directory in its container (connection file, owner)."""
-    return f"/tmp/jupyter-kernel-{UNSAFE_NAME.sub('-', kernel_id)}"
-
-
-def owner_archive(owner: str) -> bytes:
-    """A tar of the file ``owner`` (0600): the server that reattached the kernel.
-
-    Labels cannot change once a container exists; a server that reattaches a kernel
-    writes itself here, into :func:`container_kernel_dir`, and sweeps read it.
-    """
-    content = f"{owner}\n".encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        entry = tarfile.TarInfo("owner")
-        entry.size, entry.mode, entry.mtime = len(content), 0o600, time.time()
-        tar.addfile(entry, io.BytesIO(content))
-    return buf.getvalue()
-
-
-def _moved_owner(client: docker.DockerClient, container_id: str, kernel_id: str) -> str:
-    """The owner a reattaching server wrote into the container ('' when none)."""
-    path = posixpath.join(container_kernel_dir(kernel_id), "owner")
-    try:
-        stream, _ = client.api.get_archive(container_id, path)
-        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-            member = tar.extractfile("owner")
-            return member.read().decode().strip() if member is not None else ""
-    except (*ENGINE_ERRORS, tarfile.TarError, KeyError, UnicodeDecodeError):
-        return ""
-
-
-def sweep_orphans(client: docker.DockerClient, log: logging.Logger | None = None) -> list[str]:
-    """Remove our kernel containers whose owning server process is gone.
-
-    Only owners on this machine can be checked; a live server's containers (and those
-    of servers on other machines) are never touched, nor those a live server reattached
-    (the owner it wrote into the container, see :func:`owner_archive`). Returns the
-    removed container ids.
-    """
-    log = log or logging.getLogger(__name__)
-    removed: list[str] = []
-    found = client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"})
-    for item in found:
-        labels = item.get("Labels") or {}
-        owner = labels.get(LABEL_OWNER, "")
-        if not owner or not owner_is_gone(owner):
-            continue
-        moved = _moved_owner(client, item["Id"], labels.get(LABEL_KERNEL_ID, ""))
-        if moved and not owner_is_gone(moved):
-            continue  # reattached by a server that is not known to be gone
-        try:
-            client.api.remove_container(item["Id"], v=True, force=True)
-        except docker.errors.NotFound:
-            continue
-        except ENGINE_ERRORS as exc:
-            log.warning("Could not remove orphaned kernel container %s: %s", item["Id"][:12], exc)
-            continue
-        log.info(
-            "Removed orphaned kernel container %s (kernel %s, owner %s gone)",
-            item["Id"][:12],
-            (item.get("Labels") or {}).get(LABEL_KERNEL_ID, "?"),
-            owner,
-        )
-        removed.append(item["Id"])
-    return removed
-
-
-def _sweep_quietly(
-    docker_host: str, timeout: float, log: logging.Logger, ssh: SSHSettings | None = None
-) -> None:
-    """Run :func:`sweep_orphans` on a client of its own; log instead of raising."""
-    try:
-        client = connect_docker(docker_host, timeout=timeout, connect_timeout=timeout, ssh=ssh)
-        try:
-            sweep_orphans(client, log)
-        finally:
-            client.close()
-    except (*ENGINE_ERRORS, ProvisionerError) as exc:
-        log.warning("Sweeping orphaned kernel containers failed: %s", exc)
-
-
-def sweep_once(
-    key: str,
-    docker_host: str,
-    timeout: float,
-    log: logging.Logger,
-    ssh: SSHSettings | None = None,
-) -> None:
-    """Sweep the daemon ``key`` (its port host) in a thread, the first time per process."""
-    with _SWEPT_LOCK:
-        if key in _SWEPT:
-            return
-        _SWEPT.add(key)
-    threading.Thread(
-        target=_sweep_quietly,
-        args=(docker_host, timeout, log, ssh),
-        name="docker-orphan-sweep",
-        daemon=True,
-    ).start()
-
-
-def parse_ports_label(text: str) -> set[int]:
-    """The ports in a ``cluster-provisioners.connection.ports`` label (``"p1,p2,..."``)."""
-    return {int(p) for p in text.split(",") if p.strip().isdigit()}
-
-
-class DockerPortSource(PortSource):
-    """Ports held on a daemon: those labelled on our containers and all published ones."""
-
-    def __init__(self, client: docker.DockerClient) -> None:
-        self.client = client
-
-    def ports_in_use(self, host: str) -> set[int]:
-        try:
-            items = self.client.api.containers(all=True)
-        except ENGINE_ERRORS as exc:
-            msg = f"cannot list the containers of Docker host {host!r}: {exc}"
-            raise KernelStartError(msg, target="docker") from exc
-        held: set[int] = set()
-        for item in items:
-            labels = item.get("Labels") or {}
-            if labels.get(LABEL_MANAGED_BY) == MANAGED_BY:
-                held |= parse_ports_label(labels.get(LABEL_PORTS, ""))
-            held |= {int(p["PublicPort"]) for p in item.get("Ports") or [] if p.get("PublicPort")}
-        return held
-
-
-def parse_gpus(text: str) -> list[docker.types.DeviceRequest]:
-    """Device requests for ``gpus`` ('' | 'all' | 'N' | 'device=0,1'), as ``docker --gpus``."""
-    if not text:
-        return []
-    if text == "all":
-        return [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
-    if text.isdigit():
-        return [docker.types.DeviceRequest(count=int(text), capabilities=[["gpu"]])]
-    ids = text.removeprefix("device=").split(",")
-    return [docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
-
-
-def listed_kernel_id(labels: Mapping[str, str], name: str) -> tuple[str, bool]:
-    """``(kernel id, still warm)`` of a kernel container from its labels and name.
-
-    A warm kernel's container keeps the labels of its pool id; its claim renames it to
-    ``<prefix><kernel id>-<hex>``, so the id it serves under is in its name.
-    """
-    kernel_id = labels.get(LABEL_KERNEL_ID, "?")
-    prefix = labels.get(LABEL_POOL_PREFIX)
-    if prefix is None:
-        return kernel_id, False
-    stem = name.lstrip("/")
-    if stem.startswith(prefix) and "-" in stem[len(prefix) :]:
-        named = stem[len(prefix) :].rsplit("-", 1)[0]
-        if named != kernel_id:
-            return named, False
-    return kernel_id, True
-
-
-def kernel_labels(
-    extra: Mapping[str, str], kernel_id: str, owner: str, ports: Sequence[int], kernelspec: str
-) -> dict[str, str]:
-    """The kernel container's labels: ``extra``, then ours."""
-    labels = dict(extra)
-    labels.update(
-        {
-            LABEL_MANAGED_BY: MANAGED_BY,
-            LABEL_KERNEL_ID: kernel_id,
-            LABEL_OWNER: owner,
-            LABEL_PORTS: ",".join(map(str, ports)),
-            LABEL_KERNELSPEC: kernelspec,
-        }
-    )
-    return labels
-
-
-def create_args(
-    image: str,
-    command: Sequence[str],
-    name: str,
-    environment: Mapping[str, str],
-    labels: Mapping[str, str],
-    *,
-    publish: tuple[str, Sequence[int]] | None = None,
-    network: str = "",
-    volumes: Sequence[str] = (),
-    mounts: Sequence[Mapping[str, Any]] = (),
-    working_dir: str = "",
-    user: str = "",
-    cpu_limit: float = 0.0,
-    memory_limit: str = "",
-    gpus: str = "",
-    cap_drop: Sequence[str] = (),
-    cap_add: Sequence[str] = (),
-    no_new_privileges: bool = False,
-    pids_limit: int = 0,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Keyword arguments of ``containers.create`` (no I/O).
-
-    ``publish`` is (ip, ports): each port published on the same host port of ip; unset
-    options are left out; ``extra`` overrides everything.
-    """
-    args: dict[str, Any] = {
-        "image": image,
-        "command": list(command),
-        "name": name,
-        "environment": dict(environment),
-        "labels": dict(labels),
-        "detach": True,
-    }
-    if publish is not None:
-        ip, ports = publish
-        args["ports"] = {f"{p}/tcp": (ip, p) for p in ports}
-    optional = {
-        "network": network,
-        "volumes": list(volumes),
-        "mounts": [dict(m) for m in mounts],
-        "working_dir": working_dir,
-        "user": user,
-        "nano_cpus": int(cpu_limit * 1e9),
-        "mem_limit": memory_limit,
-        "device_requests": parse_gpus(gpus),
-        "cap_drop": list(cap_drop),
-        "cap_add": list(cap_add),
-        "security_opt": ["no-new-privileges:true"] if no_new_privileges else [],
-        "pids_limit": pids_limit,
-    }
-    args.update({k: v for k, v in optional.items() if v})
-    args.update(extra or {})
-    return args
-
-
-def connection_archive(dirname: str, content: bytes, uid: int, gid: int) -> bytes:
-    """A tar of ``dirname/`` (0700) holding ``connection.json`` (0600), owned by uid:gid.
-
-    The file is writable by its owner on purpose: ipykernel rewrites its connection file
-    at start and exits on a read-only one.
-    """
-    now = time.time()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        folder = tarfile.TarInfo(dirname)
-        folder.type, folder.mode = tarfile.DIRTYPE, 0o700
-        entry = tarfile.TarInfo(f"{dirname}/connection.json")
-        entry.size, entry.mode = len(content), 0o600
-        for info in (folder, entry):
-            info.uid, info.gid, info.mtime = uid, gid, now
-        tar.addfile(folder)
-        tar.addfile(entry, io.BytesIO(content))
-    return buf.getvalue()
-
-
-def lookup_id(table: bytes, name: str) -> tuple[int, int] | None:
-    """(id, primary gid) of ``name`` in an /etc/passwd or /etc/group text."""
-    for line in table.decode(errors="replace").splitlines():
-        fields = line.split(":")
-        if len(fields) >= 3 and fields[0] == name and fields[2].isdigit():
-            gid = fields[3] if len(fields) > 3 and fields[3].isdigit() else fields[2]
-            return int(fields[2]), int(gid)
-    return None
-
-
-def signal_number(name: str | None) -> signal.Signals:
-    """The signal named ``name`` ('SIGQUIT', 'QUIT' or '3'); SIGTERM when unknown."""
-    text = (name or "").upper()
-    try:
-        if text.isdigit():
-            return signal.Signals(int(text))
-        return signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
-    except (KeyError, ValueError):
-        return signal.SIGTERM
-
-
-def host_path_of(
-    path: str, volumes: Sequence[str], mounts: Sequence[dict[str, Any]], working_dir: str = ""
-) -> str | None:
-    """The existing host file a container sees at ``path`` through a bind mount, or None.
-
-    ``volumes`` are 'SOURCE:TARGET[:MODE]' strings and ``mounts`` Docker API mounts; only
-    binds of absolute host paths count. A relative ``path`` is taken from
-    ``working_dir`` (None without it); ``..`` never leaves a mount.
-    """
-    if path.startswith("~"):
-        return None
-    if not path.startswith("/"):
-        if not working_dir:
+    def daemon_ssh_settings(self) -> SSHSettings | None:
+        """For an ``ssh://`` daemon: our SSH settings for its host (key, password reference,
+        ssh_known_hosts, host-key policy), never docker-py's ~/.ssh defaults."""
+        url = urlparse(self.docker_host)
+        if url.scheme != "ssh" or not url.hostname:
             return None
-        path = posixpath.join(working_dir, path)
-    path = posixpath.normpath(path)
-    binds = [(v.split(":")[0], v.split(":")[1]) for v in volumes if v.startswith("/")]
-    binds += [
-        (str(m["Source"]), str(m["Target"]))
-        for m in mounts
-        if m.get("Type") == "bind" and str(m.get("Source", "")).startswith("/")
-    ]
-    for source, target in sorted(binds, key=lambda bind: len(bind[1]), reverse=True):
-        inside = posixpath.relpath(path, posixpath.normpath(target))
-        if inside == ".." or inside.startswith("../"):
-            continue
-        local = Path(source, inside).resolve()
-        return local.as_posix() if local.exists() else None
-    return None
+        server = format_server(url.username or getpass.getuser(), url.hostname, url.port or 22)
+        return self.settings.ssh_settings(server)
+
+    def _close_client(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def _host_key(self, client: docker.DockerClient) -> str:
+        """'localhost' for a daemon of this machine, else 'docker:<daemon id>'."""
+        if self.is_local_daemon():
+            return LOCAL_HOST
+        return f"docker:{client.info()['ID']}"
+
+    def _failed(self, msg: str) -> KernelStartError:
+        return KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+
+    # ------------------------------------------------------------------ hooks
+
+    async def check_engine(self) -> None:
+        """Raise :class:`EngineUnavailableError` when the daemon does not answer its ping
+        within ``connect_timeout`` (the client is then closed)."""
+        client = await self._docker()
+        try:
+            await self.executor.run(ping, client, self.settings.connect_timeout)
+            self._daemon_key = await self.executor.run(self._host_key, client)
+        except ENGINE_ERRORS as exc:
+            self._close_client()
+            msg = f"Docker daemon {self.docker_host or '(local)'} is unreachable: {exc}"
+            raise EngineUnavailableError(msg, target=self.target) from exc
+
+    async def start_given_up(self) -> None:
+        """Close the daemon's client :meth:`check_engine` opened (a later start opens
+        another). Never raises."""
+        try:
+            self._close_client()
+        except Exception as exc:  # a client that fails to close is dropped anyway
+            self.client = None
+            self.log.debug("Kernel %s: closing the Docker client: %s", self.kernel_id, exc)
+
+    async def preflight(self) -> list[str]:
+        """Warn when the daemon is unreachable or the image is missing; never raises."""
+        image, policy = self.settings.image, self.settings.pull_policy
+        where = self.docker_host or "the local Docker daemon"
+        try:
+            await self.check_engine()
+            client = await self._docker()
+            await self.executor.run(client.images.get, image)
+        except EngineUnavailableError as exc:
+            return [f"{exc}; kernels of this kernelspec start only once it answers"]
+        except docker.errors.ImageNotFound:
+            if policy != "never":
+                return [
+                    f"image {image!r} is not on {where} yet; it is pulled at the first "
+                    f"start (pull_policy={policy!r}), which makes that start slow"
+                ]
+            return [
+                f"image {image!r} is not present on {where} and pull_policy='never': "
+                f"kernels will not start until you 'docker pull {image}' (or build it) "
+                "there, or set pull_policy to 'if-missing'"
+            ]
+        except ENGINE_ERRORS as exc:
+            return [f"cannot check image {image!r} on {where}: {exc}"]
+        finally:
+            self._close_client()
+        return []
+
+    def allocation_host(self) -> str:
+        """This machine for a local daemon, else ``docker:<daemon id>``."""
+        return self._daemon_key or LOCAL_HOST
+
+    def port_sources(self) -> list[PortSource]:
+        """The ports our containers on the daemon hold, and all it publishes."""
+        return [DockerPortSource(self.client)] if self.client is not None else []
+
+    def kernel_bind_ip(self) -> str:
+        return "0.0.0.0"
+
+    def reached_on_own_ports(self) -> bool:
+        return not self.settings.connect_via_container_ip  # published ports: same address
+
+    def server_path(self, path: str) -> str | None:
+        """A container path under a bind mount of a local daemon, as the server's file."""
+        if not self.is_local_daemon():
+            return None
+        settings = self.settings
+        return host_path_of(path, settings.volumes, settings.mounts, settings.working_dir)
+
+    def kernel_connection_file(self) -> str:
+        return posixpath.join(container_kernel_dir(self.kernel_id), "connection.json")
+
+    def relays_container_ip(self) -> bool:
+        """True when clients reach the container's IP through local relays (see
+        ``container_ip_relay``); SSH tunnels keep their local ports by themselves."""
+        settings = self.settings
+        return (
+            settings.connect_via_container_ip
+            and settings.container_ip_relay
+            and not settings.ssh_server
+        )
+
+    async def kernel_address(self) -> tuple[str, dict[str, int]]:
+        """The published ports' address, the container's IP, or its relay's listeners.
+
+        Raises :class:`~provisioners.exceptions.TunnelError` when the relay cannot listen.
+        """
+        ip, ports = self._direct_address()
+        if not ip or not self.relays_container_ip():
+            return ip, ports
+        if self.relay is None:
+            self.relay = self.settings.kernel_relay(
+                self.executor, self.settings.api_timeout, RelayLoop
+            )
+        return await self.relay.follow(ip, ports, f"container {self.container_name}")
+
+    def _direct_address(self) -> tuple[str, dict[str, int]]:
+        """Where the kernel itself listens, as this server reaches it without relays
+        (the container's IP is '' until it is known)."""
+        settings = self.settings
+        ports = {name: int(self.kernel_info[name]) for name in PORT_NAMES}
+        if settings.connect_via_container_ip:
+            return self.container_ip, ports
+        if settings.publish_ip not in ("0.0.0.0", "::"):
+            return settings.publish_ip, ports
+        if self.is_local_daemon():
+            return "127.0.0.1", ports
+        return urlparse(self.docker_host).hostname or "127.0.0.1", ports
+
+    # ------------------------------------------------------------------ start
+
+    def create_args(self, cmd: list[str], env: dict[str, str], name: str) -> dict[str, Any]:
+        """Keyword arguments of ``containers.create`` for this kernel (no I/O)."""
+        s = self.settings
+        ports = [self.kernel_info[n] for n in PORT_NAMES]
+        labels = kernel_labels(s.labels, self.kernel_id, str(s.owner), ports, s.spec_name)
+        if self.pool_id:
+            labels[LABEL_POOL_PREFIX] = s.name_prefix
+        return create_args(
+            s.image,
+            cmd,
+            name,
+            env,
+            labels,
+            publish=None if s.connect_via_container_ip else (s.publish_ip, ports),
+            network=s.network,
+            volumes=s.volumes,
+            mounts=s.mounts,
+            working_dir=s.working_dir,
+            user=s.user,
+            cpu_limit=s.cpu_limit,
+            memory_limit=s.memory_limit,
+            gpus=s.gpus,
+            cap_drop=s.cap_drop,
+            cap_add=s.cap_add,
+            no_new_privileges=s.no_new_privileges,
+            pids_limit=s.pids_limit,
+            extra=s.extra_create_args,
+        )
+
+    async def start_kernel(
+        self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
+    ) -> None:
+        """Create the container, copy the connection file in, start it and wait until the
+        kernel's heartbeat speaks ZMTP. Raises :class:`KernelStartError` naming the image,
+        the container and its last log lines when it exits;
+        :class:`ForwardingRefusedError` when the SSH server refuses the probe's forward."""
+        if kernel_info.get("transport", "tcp") != "tcp":
+            raise self._failed("the docker target needs the tcp transport")
+        image = self.settings.image
+        client = await self._docker()
+        self._maybe_sweep()
+        if self.settings.pull_policy == "always":
+            await self._pull(client)
+        prefix = self.settings.name_prefix
+        name = f"{prefix}{UNSAFE_NAME.sub('-', self.kernel_id)}-{secrets.token_hex(2)}"
+        args = self.create_args(cmd, env, name)
+        container = await self._create(client, args)
+        self.container_id, self.container_name = container.id, name
+        self._dir_id = self.kernel_id
+        self.progress("container created", f"{name} from image {image}")
+        self._pending_create = None
+        self.started = True
+        self._stop_signal = signal_number(container.attrs.get("Config", {}).get("StopSignal"))
+        uid, gid = await self._owner_ids(container)
+        conn_file = self.kernel_connection_file()
+        folder = posixpath.dirname(conn_file)
+        content = connection_file_content(kernel_info)
+        archive = connection_archive(posixpath.basename(folder), content, uid, gid)
+        try:
+            await self.executor.run(container.put_archive, posixpath.dirname(folder), archive)
+            await self.executor.run(container.start)
+            self._started_at = time.monotonic()
+        except ENGINE_ERRORS as exc:
+            msg = f"container {name} from image {image!r} failed to start: {exc}"
+            raise self._failed(msg) from exc
+        self.progress("container started", f"{name} ({container.short_id})")
+        await self._wait_until_listening(client)
+
+    async def _create(self, client: docker.DockerClient, args: dict[str, Any]) -> Any:
+        image, policy = self.settings.image, self.settings.pull_policy
+        for attempt in range(2):
+            # Shielded: if the start is cancelled (launch_timeout) while the daemon creates
+            # the container, remove_kernel still learns its id from the pending call.
+            self._pending_create = self.executor.submit(client.containers.create, **args)
+            try:
+                return await asyncio.shield(self._pending_create)
+            except docker.errors.ImageNotFound as exc:
+                if attempt or policy != "if-missing":
+                    msg = (
+                        f"image {image!r} is not present on the Docker daemon "
+                        f"(pull_policy={policy!r}): {exc.explanation or exc}"
+                    )
+                    raise self._failed(msg) from exc
+                await self._pull(client)
+            except ENGINE_ERRORS as exc:
+                msg = f"cannot create a container from image {image!r}: {exc}"
+                raise self._failed(msg) from exc
+        raise AssertionError("unreachable")
+
+    async def _pull(self, client: docker.DockerClient) -> None:
+        image = self.settings.image
+        repository, tag = docker.utils.parse_repository_tag(image)
+        self.progress("pulling image", image)
+        loop = asyncio.get_running_loop()
+        tracker = PullProgress(image)
+
+        def on_event(event: dict[str, Any]) -> None:
+            line = tracker.update(event)
+            if line:
+                loop.call_soon_threadsafe(self.progress, "pulling image", line)
+
+        try:
+            await self.executor.run(stream_pull, client, repository, tag or "latest", on_event)
+        except ENGINE_ERRORS as exc:
+            policy = self.settings.pull_policy
+            msg = f"cannot pull image {image!r} (pull_policy={policy!r}): {exc}"
+            raise self._failed(msg) from exc
+
+    async def _owner_ids(self, container: Any) -> tuple[int, int]:
+        """uid and gid the kernel runs as, so its connection file is its own."""
+        user = container.attrs.get("Config", {}).get("User") or ""
+        name, _, group = user.partition(":")
+        if name in ("", "root", "0") and not group:
+            return 0, 0
+        uid = gid = None
+        if name.isdigit():
+            uid, gid = int(name), 0
+        else:
+            found = lookup_id(await self.executor.run(read_file, container, "/etc/passwd"), name)
+            if found is not None:
+                uid, gid = found
+        if group.isdigit():
+            gid = int(group)
+        elif group:
+            found = lookup_id(await self.executor.run(read_file, container, "/etc/group"), group)
+            gid = found[0] if found else gid
+        if uid is None:
+            self.log.warning(
+                "Kernel %s: user %r not found in the image; connection file owned by 1000",
+                self.kernel_id,
+                user,
+            )
+            uid = 1000
+        return uid, 1000 if gid is None else gid
+
+    async def _wait_until_listening(self, client: docker.DockerClient) -> None:
+        """Wait until the kernel's heartbeat port speaks ZMTP; fail if the container exits.
+
+        With ``ssh_server`` the heartbeat is probed through the SSH server, as the tunnels
+        will reach it (an sshd refusing to forward fails the start by name). With
+        ``connect_via_container_ip`` the container's IP is resolved first, also behind SSH.
+        """
+        started = time.monotonic()
+        link: SSHLink | None = None
+
+        async def listening() -> bool:
+            nonlocal link
+            if self.settings.connect_via_container_ip and not self.container_ip:
+                try:
+                    self.container_ip = await self._container_ip(client)
+                except ENGINE_ERRORS as exc:
+                    raise self._vanished(exc) from exc
+            ip, ports = self._direct_address()
+            if not ip:
+                return False
+            if not self.settings.ssh_server:
+                return await zmq_listens(ip, ports["hb_port"])
+            if link is None:
+                link = await SSH_EXECUTOR.run(SSHLink.acquire, self.settings.ssh_settings())
+            try:
+                return bool(
+                    await SSH_EXECUTOR.run(forwarded_zmq_listens, link, ip, ports["hb_port"], 1.0)
+                )
+            except ForwardingRefusedError as exc:
+                exc.target, exc.kernel_id = self.target, self.kernel_id
+                raise
+
+        async def check_start() -> None:
+            try:
+                state = await self._state(client)
+            except ENGINE_ERRORS as exc:
+                raise self._vanished(exc) from exc
+            if state.get("Status") not in ("created", "running", "restarting"):
+                await self._raise_exited(client, state)
+            if (
+                not self._direct_address()[0]
+                and time.monotonic() - started > _IP_GRACE
+                and state.get("Running")
+            ):
+                raise self._failed(
+                    f"container {self.container_name} has no IP address on network "
+                    f"{self.settings.network or '(default)'}; connect_via_container_ip "
+                    "needs one"
+                )
+
+        try:
+            await wait_until_listening(listening, check_start)
+        finally:
+            if link is not None:
+                await SSH_EXECUTOR.run(link.release)
+
+    def _vanished(self, exc: Exception) -> KernelStartError:
+        return self._failed(f"container {self.container_name} vanished while starting: {exc}")
+
+    async def _container_ip(self, client: docker.DockerClient) -> str:
+        attrs = await self.executor.run(client.api.inspect_container, self.container_id)
+        networks = attrs.get("NetworkSettings", {}).get("Networks") or {}
+        network = self.settings.network
+        if network in networks:
+            return networks[network].get("IPAddress") or ""
+        return next((n["IPAddress"] for n in networks.values() if n.get("IPAddress")), "")
+
+    async def _state(self, client: docker.DockerClient) -> dict[str, Any]:
+        attrs = await self.executor.run(client.api.inspect_container, self.container_id)
+        return dict(attrs.get("State") or {})
+
+    async def _raise_exited(self, client: docker.DockerClient, state: dict[str, Any]) -> None:
+        try:
+            raw = await self.executor.run(client.api.logs, self.container_id, tail=20)
+            logs = raw.decode(errors="replace").strip()
+        except ENGINE_ERRORS as exc:
+            logs = f"(logs unavailable: {exc})"
+        raise self._failed(
+            f"container {self.container_name} from image {self.settings.image!r} exited with "
+            f"code {state.get('ExitCode')} while the kernel was starting"
+            f"{': ' + state['Error'] if state.get('Error') else ''}; last log lines:\n{logs}"
+        )
+
+    def _maybe_sweep(self) -> None:
+        if self.settings.sweep_on_start:
+            sweep_once(
+                self.allocation_host(),
+                self.docker_host,
+                self.settings.api_timeout,
+                self.log,
+                self.daemon_ssh_settings(),
+            )
+
+    async def sweep_orphans(self) -> list[str]:
+        """Remove our containers on this daemon whose server process is gone."""
+        client = await self._docker()
+        removed = await self.executor.run(sweep_orphans, client, self.log)
+        return [f"container {container_id[:12]}" for container_id in removed]
+
+    async def list_kernels(self) -> list[dict[str, Any]]:
+        """Our kernel containers on this daemon."""
+        client = await self._docker()
+        found = await self.executor.run(
+            client.api.containers,
+            all=True,
+            filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"},
+        )
+        rows = []
+        for item in found:
+            labels = item.get("Labels") or {}
+            name = (item.get("Names") or ["/?"])[0].lstrip("/")
+            kernel_id, warm = listed_kernel_id(labels, name)
+            rows.append(
+                kernel_row(
+                    kernel_id,
+                    target=self.target,
+                    kernelspec=labels.get(LABEL_KERNELSPEC, ""),
+                    where=f"container {name}",
+                    state="warm"
+                    if warm and item.get("State") == "running"
+                    else item.get("State", ""),
+                    owner=labels.get(LABEL_OWNER, ""),
+                    created=float(item.get("Created") or 0),
+                    container=item["Id"][:12],
+                )
+            )
+        return rows
+
+    async def settle_clients(self) -> None:
+        """docker-proxy accepts a client's reconnect once the container starts but may dial
+        it before its network is up, then waits out a TCP SYN retransmission (1 s): a
+        notebook's iopub reconnecting during a restart lost the output of a request sent
+        at once. Report the restart done only after that."""
+        settings = self.settings
+        if settings.connect_via_container_ip or settings.ssh_server or not self._started_at:
+            return
+        wait = self._started_at + _PROXY_SETTLE - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def claim_kernel(self, pool_id: str) -> None:
+        """Rename the warm kernel's container after the kernel id it now serves; raises
+        :class:`ProvisionerError` when the daemon refuses."""
+        if not self.container_id:
+            return
+        client = await self._docker()
+        suffix = self.container_name.rsplit("-", 1)[-1]
+        name = f"{self.settings.name_prefix}{UNSAFE_NAME.sub('-', self.kernel_id)}-{suffix}"
+        try:
+            await self.executor.run(client.api.rename, self.container_id, name)
+        except ENGINE_ERRORS as exc:
+            msg = f"cannot rename warm kernel container {self.container_name} to {name}: {exc}"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        self.container_name = name
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def poll_kernel(self) -> int | None:
+        """None while the container is created, running, paused or restarting; its exit
+        code once stopped, -1 once gone; None when the daemon cannot be asked."""
+        if not self.container_id or self.client is None:
+            return 0
+        try:
+            state = await self._state(self.client)
+        except docker.errors.NotFound:
+            return -1
+        except ENGINE_ERRORS as exc:
+            self.log.debug("Kernel %s: polling the container failed: %s", self.kernel_id, exc)
+            return None
+        if state.get("Status") in ("created", "running", "paused", "restarting"):
+            return None
+        return int(state.get("ExitCode") or 0)
+
+    async def signal_kernel(self, signum: int) -> None:
+        """Send ``signum`` to the container's PID 1 (the kernel); a container already gone
+        or stopped is not an error; raises :class:`ProvisionerError` when the daemon
+        refuses or cannot be reached."""
+        if not self.container_id or self.client is None:
+            return
+        name = signal.Signals(signum).name
+        try:
+            await self.executor.run(self.client.api.kill, self.container_id, signal=name)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # not running
+                return
+            msg = f"cannot send {name} to container {self.container_name}: {exc}"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        except ENGINE_ERRORS as exc:
+            msg = f"cannot send {name} to container {self.container_name}: {exc}"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+
+    async def stop_kernel(self, force: bool) -> None:
+        """The image's stop signal, as ``docker stop`` sends (jupyter_client waits, then
+        kills); SIGKILL with ``force``. Raises as :meth:`signal_kernel`."""
+        # (A kernel that is PID 1 ignores an unhandled SIGTERM.)
+        await self.signal_kernel(signal.SIGKILL if force else self._stop_signal)
+
+    async def remove_kernel(self, restart: bool) -> None:
+        """Remove the container (and its anonymous volumes), also one whose creation was
+        cancelled; raises :class:`ProvisionerError`, keeping its id, when the daemon cannot
+        remove it after one retry. A full stop closes the client and the relay."""
+        if self.relay is not None:
+            await self.relay.pause()  # clients reconnect, and wait, until the next container
+        pending, self._pending_create = self._pending_create, None
+        if pending is not None and not self.container_id:
+            with contextlib.suppress(Exception):
+                timeout = self.settings.api_timeout
+                self.container_id = (await asyncio.wait_for(pending, timeout)).id
+        try:
+            if self.container_id:  # raises, keeping the id, when the daemon cannot remove it
+                await self._remove_container(await self._docker())
+        finally:
+            if not restart:
+                self._close_client()
+                if self.relay is not None:
+                    relay, self.relay = self.relay, None
+                    await relay.close()
+        self.container_id = self.container_name = self.container_ip = ""
+        self.started = False
+
+    async def _remove_container(self, client: docker.DockerClient) -> None:
+        """Remove the container (and its anonymous volumes); one retry, then raise."""
+        for attempt in range(2):
+            try:
+                await self.executor.run(
+                    client.api.remove_container, self.container_id, v=True, force=True
+                )
+            except docker.errors.NotFound:
+                return
+            except ENGINE_ERRORS as exc:
+                if attempt:
+                    daemon = self.docker_host or "(local)"
+                    msg = f"cannot remove container {self.container_name} (daemon {daemon}): {exc}"
+                    raise ProvisionerError(
+                        msg, target=self.target, kernel_id=self.kernel_id
+                    ) from exc
+                await asyncio.sleep(0.5)
+            else:
+                self.log.debug("Kernel %s: container %s removed", self.kernel_id, self.container_id)
+                return
+
+    def kernel_state(self) -> dict[str, Any]:
+        return {
+            "container_id": self.container_id,
+            "container_name": self.container_name,
+            "container_ip": self.container_ip,
+            "docker_host": self.docker_host,
+            "daemon_key": self._daemon_key,
+            "dir_id": self._dir_id,
+        }
+
+    async def load_kernel_state(self, state: dict[str, Any]) -> None:
+        """Reattach to the saved container, writing this server into it as its owner;
+        raises :class:`ProvisionerError` when the daemon cannot inspect it (a container
+        that is gone leaves no kernel)."""
+        self._saved_host = state.get("docker_host", self.docker_host)
+        self._daemon_key = state.get("daemon_key", "")
+        self.container_id = state.get("container_id", "")
+        self.container_name = state.get("container_name", "")
+        self.container_ip = state.get("container_ip", "")
+        self._dir_id = state.get("dir_id") or self.kernel_id
+        self.started = False
+        if not self.container_id:
+            return
+        client = await self._docker()
+        try:
+            current = await self._state(client)
+        except docker.errors.NotFound:
+            self.log.warning("Kernel %s: container %s is gone", self.kernel_id, self.container_name)
+            self.container_id = ""
+            return
+        except ENGINE_ERRORS as exc:
+            msg = f"cannot inspect container {self.container_name}: {exc}"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        self.started = True
+        try:  # labels cannot change: sweeps read the new owner from the container
+            await self.executor.run(
+                client.api.put_archive,
+                self.container_id,
+                container_kernel_dir(self._dir_id),
+                owner_archive(str(self.settings.owner)),
+            )
+        except ENGINE_ERRORS as exc:
+            self.log.warning(
+                "Kernel %s: cannot record this server as its owner in container %s: %s",
+                self.kernel_id,
+                self.container_name,
+                exc,
+            )
+        if self.settings.connect_via_container_ip and current.get("Running"):
+            self.container_ip = await self._container_ip(client)

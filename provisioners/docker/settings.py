@@ -1,24 +1,29 @@
-"""The Docker target's settings and their checks (the provisioner is in :mod:`.provisioner`)."""
+"""The Docker target's settings and their checks; the kernel runs in :mod:`.engine`."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import re
-from urllib.parse import urlparse
 
 import docker
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, default
 
 from ..settings import SharedSettings
-from .engine import CREATE_KEYS, GPUS_SPEC, MANAGED_CREATE_KEYS, OUR_LABELS
+from .daemon import CREATE_KEYS, GPUS_SPEC, MANAGED_CREATE_KEYS, OUR_LABELS, is_local_daemon
 
 
 class DockerSettings(SharedSettings):
     """What a Docker kernelspec may set: the image, the daemon, resources and hardening."""
 
     image = Unicode(
-        "", config=True, help="Image the kernel runs in (required); it needs only a stock kernel."
+        "",
+        config=True,
+        help="""Image the kernel's container runs (required). It needs only a stock kernel
+        (e.g. ipykernel) on its PATH; the kernelspec's argv, or 'command', is its command,
+        and its connection file is copied into the container before it starts. Pulled as
+        'pull_policy' says. Example: 'quay.io/jupyter/scipy-notebook:2024-12-02' or
+        'registry.example.org/team/kernel@sha256:...'.""",
     )
     docker_host = Unicode(
         config=True,
@@ -27,7 +32,12 @@ class DockerSettings(SharedSettings):
         DOCKER_CERT_PATH. For a remote daemon, set ssh_server (tunnels to its loopback) or
         publish_ip.""",
     )
-    api_timeout = Float(30.0, config=True, help="Seconds each Docker API call may take.")
+    api_timeout = Float(
+        30.0,
+        config=True,
+        help="""Seconds each Docker API call may take (create, start, inspect, remove...);
+        a pull streams its progress and is bounded by launch_timeout instead.""",
+    )
     connect_timeout = Float(
         3.0,
         config=True,
@@ -48,7 +58,12 @@ class DockerSettings(SharedSettings):
         interface of the daemon's host: only do that on a trusted network.""",
     )
     network = Unicode(
-        "", config=True, help="Docker network the container joins (default: the daemon's)."
+        "",
+        config=True,
+        help="""Docker network the kernel's container joins, as 'docker run --network'
+        (default: the daemon's default bridge). Needed with 'connect_via_container_ip' when
+        the server runs in a container itself: name the network both share. Example:
+        'jupyter-kernels'.""",
     )
     connect_via_container_ip = Bool(
         False,
@@ -71,40 +86,72 @@ class DockerSettings(SharedSettings):
         Unicode(),
         default_value=[],
         config=True,
-        help="Bind mounts / named volumes as 'SOURCE:TARGET[:MODE]', as in 'docker run -v'.",
+        help="""Bind mounts and named volumes of the kernel's container, each
+        'SOURCE:TARGET[:MODE]' as in 'docker run -v'; SOURCE is a host path (on the
+        daemon's machine) or a volume name, TARGET an absolute path in the container. With
+        a local daemon, the server resolves a kernel's paths under a bind mount to its
+        own files. Example: ['/srv/notebooks:/home/jovyan/work',
+        'datasets:/data:ro'].""",
     )
     mounts = List(
         Dict(),
         default_value=[],
         config=True,
-        help="""Mounts in the Docker API form, e.g. {"Type": "tmpfs", "Target": "/scratch"} or
-        {"Type": "volume", "Source": "data", "Target": "/data", "ReadOnly": true}.""",
+        help="""Mounts of the kernel's container in the Docker API form (each needs a
+        'Target'), for what 'volumes' cannot say: tmpfs, volume options, read-only binds.
+        Example: [{"Type": "tmpfs", "Target": "/scratch"}, {"Type": "volume",
+        "Source": "data", "Target": "/data", "ReadOnly": true}].""",
     )
-    working_dir = Unicode("", config=True, help="Kernel working directory (default: the image's).")
+    working_dir = Unicode(
+        "",
+        config=True,
+        help="""The kernel's working directory in its container, as 'docker run -w'
+        (default: the image's WORKDIR). Relative paths the kernel reports are taken from
+        here. Example: '/home/jovyan/work'.""",
+    )
     user = Unicode(
         "",
         config=True,
-        help="User the kernel runs as, 'name|uid[:group|gid]' (default: the image's user).",
+        help="""User the kernel runs as in its container, 'name|uid[:group|gid]' as
+        'docker run -u' (default: the image's USER). A name must exist in the image's
+        /etc/passwd; the connection file is given to that user. Example: 'jovyan',
+        '1000:100'.""",
     )
-    cpu_limit = Float(0.0, config=True, help="CPUs the kernel may use (e.g. 1.5); 0: no limit.")
+    cpu_limit = Float(
+        0.0,
+        config=True,
+        help="""CPUs the kernel's container may use, as 'docker run --cpus'; fractions are
+        allowed. 0: no limit. Example: 1.5.""",
+    )
     memory_limit = Unicode(
-        "", config=True, help="Memory limit as in 'docker run -m' (e.g. '2g'); '': no limit."
+        "",
+        config=True,
+        help="""Most memory the kernel's container may use, as 'docker run -m': a number
+        with an optional unit (b, k, m, g). Past it the kernel is killed (out of
+        memory). '': no limit. Example: '2g'.""",
     )
     gpus = Unicode(
-        "", config=True, help="GPUs as in 'docker run --gpus': '', 'all', a count, or 'device=0,1'."
+        "",
+        config=True,
+        help="""GPUs given to the kernel's container, as 'docker run --gpus' (the daemon
+        needs the NVIDIA container toolkit): 'all', a count, or 'device=ID,...'. '': none.
+        Example: '1', 'device=0,2'.""",
     )
     cap_drop = List(
         Unicode(),
         default_value=["ALL"],
         config=True,
-        help="""Linux capabilities dropped from the kernel container (default: all of them; a
-        stock ipykernel needs none). [] keeps Docker's default set.""",
+        help="""Linux capabilities dropped from the kernel's container, as 'docker run
+        --cap-drop' (default: all of them; a stock ipykernel needs none). [] keeps
+        Docker's default set. Example: ['ALL'] with cap_add ['NET_RAW'] for ping.""",
     )
     cap_add = List(
         Unicode(),
         default_value=[],
         config=True,
-        help="Linux capabilities given back to the kernel container (e.g. ['NET_RAW']).",
+        help="""Linux capabilities given back to the kernel's container after 'cap_drop',
+        as 'docker run --cap-add'; names without the CAP_ prefix. Example: ['NET_RAW'] to
+        let the kernel ping, ['SYS_PTRACE'] for a debugger that attaches to processes.""",
     )
     no_new_privileges = Bool(
         True,
@@ -115,23 +162,34 @@ class DockerSettings(SharedSettings):
     pids_limit = Int(
         4096,
         config=True,
-        help="""Most processes and threads the kernel container may run (a fork bomb stops
-        there); 0: no limit.""",
+        help="""Most processes and threads the kernel's container may run at once, as
+        'docker run --pids-limit' (a fork bomb stops there; a kernel with many worker
+        threads may need more). 0: no limit. Example: 512.""",
     )
     labels = Dict(
         value_trait=Unicode(),
         default_value={},
         config=True,
-        help="Extra labels for the kernel container (ours, cluster-provisioners.*, win).",
+        help="""Extra labels of the kernel's container, for your own tooling (cost
+        reports, 'docker ps --filter label=...'). Ours (app.kubernetes.io/managed-by and
+        cluster-provisioners.*) are set by the provisioner and refused here. Example:
+        {"team": "data", "cost-center": "42"}.""",
     )
     extra_create_args = Dict(
         default_value={},
         config=True,
-        help="""More keyword arguments of docker-py's containers.create (e.g. {"shm_size": "1g",
-        "init": true}); they override the values derived from the other options.""",
+        help="""More keyword arguments of docker-py's containers.create, for container
+        settings without an option of their own; they override the values derived from
+        the other options. The image, command, environment, labels, ports and name are
+        the provisioner's and refused here. Example: {"shm_size": "1g", "init": true} (a
+        larger /dev/shm for PyTorch data loaders, an init process that reaps zombies).""",
     )
     name_prefix = Unicode(
-        "jupyter-kernel-", config=True, help="Prefix of the container names (then the kernel id)."
+        "jupyter-kernel-",
+        config=True,
+        help="""Prefix of the kernel containers' names: a container is named
+        '<prefix><kernel id>-<4 hex digits>'. Letters, digits and '_.-'. Example:
+        'team-a-kernel-'.""",
     )
     sweep_on_start = Bool(
         True,
@@ -194,7 +252,9 @@ class DockerSettings(SharedSettings):
             raise self.config_error(
                 "name_prefix", "start with a letter or digit; then letters, digits, '_.-'"
             )
-        reachable = self._is_local_daemon() or self.ssh_server or self.connect_via_container_ip
+        reachable = (
+            is_local_daemon(self.docker_host) or self.ssh_server or self.connect_via_container_ip
+        )
         if ipaddress.ip_address(self.publish_ip).is_loopback and not reachable:
             raise self.config_error(
                 "publish_ip",
@@ -202,13 +262,3 @@ class DockerSettings(SharedSettings):
                 "own loopback: set ssh_server to tunnel to it, or publish on an address "
                 "this server reaches (e.g. 0.0.0.0 on a trusted network)",
             )
-
-    def _is_local_daemon(self) -> bool:
-        url = urlparse(self.docker_host or "unix://")
-        if url.scheme in ("unix", "npipe", "http+unix"):
-            return True
-        return url.scheme in ("tcp", "http", "https") and url.hostname in (
-            "localhost",
-            "127.0.0.1",
-            "::1",
-        )

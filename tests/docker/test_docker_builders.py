@@ -11,24 +11,27 @@ import pytest
 
 from provisioners.docker import (
     DockerClusterProvisioner,
+    DockerEngine,
     connection_archive,
     parse_gpus,
     parse_ports_label,
 )
-from provisioners.docker.engine import lookup_id
-from provisioners.owner import ServerIdentity
+from provisioners.docker.daemon import is_local_daemon, lookup_id
+from provisioners.lifecycle.owner import ServerIdentity
 
 PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "hb_port": 4, "control_port": 5}
 
 
-def _provisioner(**config: object) -> DockerClusterProvisioner:
+def _engine(**config: object) -> DockerEngine:
     prov = DockerClusterProvisioner(kernel_id="k-1", image="img:1", **config)
-    prov._kernel_info = dict(PORTS, key=b"secret-key", ip="0.0.0.0")
-    return prov
+    engine = prov.engine
+    assert isinstance(engine, DockerEngine)
+    engine.kernel_info = dict(PORTS, key=b"secret-key", ip="0.0.0.0")
+    return engine
 
 
 def test_create_args_as_data() -> None:
-    prov = _provisioner(
+    prov = _engine(
         user="jovyan",
         working_dir="/work",
         cpu_limit=1.5,
@@ -73,7 +76,7 @@ def test_create_args_as_data() -> None:
 
 
 def test_create_args_container_ip_mode_publishes_nothing() -> None:
-    prov = _provisioner(network="kernels", connect_via_container_ip=True)
+    prov = _engine(network="kernels", connect_via_container_ip=True)
     args = prov.create_args(["k"], {}, "n")
     assert "ports" not in args
     assert args["network"] == "kernels"
@@ -120,5 +123,5 @@ def test_small_parsers() -> None:
     ],
 )
 def test_local_daemon_detection(url: str, local: bool) -> None:
-    prov = _provisioner(docker_host=url, publish_ip="0.0.0.0")
-    assert prov._is_local_daemon() is local
+    engine = _engine(docker_host=url, publish_ip="0.0.0.0")
+    assert engine.is_local_daemon() is is_local_daemon(url) is local

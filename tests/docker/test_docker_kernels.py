@@ -11,10 +11,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from provisioners.base import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.docker import LABEL_OWNER, LABEL_PORTS, DockerClusterProvisioner
-from provisioners.owner import ServerIdentity
+from provisioners.lifecycle.base import PORT_NAMES
+from provisioners.lifecycle.owner import ServerIdentity
 from tests.helpers import count, execute, interrupt_busy_loop, reattached_manager
 
 pytestmark = pytest.mark.docker
@@ -39,7 +39,8 @@ async def test_execute_notebook_and_inspect(docker_kernels, caplog) -> None:
             await client.async_execute_cell(cell, index)
 
         prov = km.provisioner
-        container = tracker.client.containers.get(prov.container_id)
+        engine = prov.engine
+        container = tracker.client.containers.get(engine.container_id)
         attrs = container.attrs
         key = km.session.key.decode()
         # no HMAC key anywhere in `docker inspect`, nor in the container's log
@@ -50,7 +51,7 @@ async def test_execute_notebook_and_inspect(docker_kernels, caplog) -> None:
         # published on 127.0.0.1 only, each port on itself
         info = km.get_connection_info()
         ports = sorted(info[n] for n in PORT_NAMES)
-        assert attrs["Config"]["Labels"][LABEL_PORTS] == ",".join(map(str, prov._ports))
+        assert attrs["Config"]["Labels"][LABEL_PORTS] == ",".join(map(str, engine.ports))
         bindings = attrs["HostConfig"]["PortBindings"]
         assert sorted(int(p.split("/")[0]) for p in bindings) == ports
         for port, bound in bindings.items():
@@ -58,7 +59,7 @@ async def test_execute_notebook_and_inspect(docker_kernels, caplog) -> None:
         published = attrs["NetworkSettings"]["Ports"]
         assert {b["HostIp"] for v in published.values() for b in v} == {"127.0.0.1"}
         # the connection file: the kernel's own, private, in a private directory
-        path = prov.kernel_connection_file()
+        path = engine.kernel_connection_file()
         code, stat = container.exec_run(["stat", "-c", "%a %u", path, path.rsplit("/", 1)[0]])
         assert code == 0
         (file_mode, file_uid), (dir_mode, dir_uid) = (
@@ -82,10 +83,10 @@ async def test_interrupt_restart_shutdown(docker_kernels) -> None:
     km.kernel_spec.interrupt_mode = "message"
     await interrupt_busy_loop(km)  # interrupt_request on the control channel
 
-    first = km.provisioner.container_id
+    first = km.provisioner.engine.container_id
     ports = {n: km.get_connection_info()[n] for n in PORT_NAMES}
     await km.restart_kernel()
-    assert km.provisioner.container_id != first
+    assert km.provisioner.engine.container_id != first
     with pytest.raises(docker.errors.NotFound):
         tracker.client.containers.get(first)
     assert {n: km.get_connection_info()[n] for n in PORT_NAMES} == ports
@@ -108,21 +109,21 @@ async def test_container_ip_mode(docker_kernels, relay: bool) -> None:
         }
     )
     await km.start_kernel()
-    prov = km.provisioner
+    prov = km.provisioner.engine
     info = km.get_connection_info()
-    kernel_ports = [prov._kernel_info[n] for n in PORT_NAMES]
+    kernel_ports = [prov.kernel_info[n] for n in PORT_NAMES]
     if relay:  # local listeners that follow the container across restarts
         assert info["ip"] == "127.0.0.1" != prov.container_ip
-        assert prov._relay.relay.target == (prov.container_ip, kernel_ports)
+        assert prov.relay.relay.target == (prov.container_ip, kernel_ports)
     else:
         assert info["ip"] == prov.container_ip != "127.0.0.1"
         assert [info[n] for n in PORT_NAMES] == kernel_ports
-    attrs = await asyncio.to_thread(prov._client.api.inspect_container, prov.container_id)
+    attrs = await asyncio.to_thread(prov.client.api.inspect_container, prov.container_id)
     assert not attrs["HostConfig"]["PortBindings"]
     out = await execute(km, "import os; print(os.getuid())")
     assert out["stdout"] == "1000\n"
     await km.shutdown_kernel(now=True)
-    assert prov._relay is None
+    assert prov.relay is None
 
 
 async def test_provisioner_info_reconnects(docker_kernels) -> None:
@@ -157,7 +158,7 @@ async def test_kernel_container_is_locked_down_by_default(docker_kernels, docker
     km = make()
     await km.start_kernel()
     try:
-        container = docker_client.containers.get(km.provisioner.runner.container_id)
+        container = docker_client.containers.get(km.provisioner.engine.container_id)
         host = container.attrs["HostConfig"]
         assert host["CapDrop"] == ["ALL"], host["CapDrop"]
         assert "no-new-privileges:true" in (host["SecurityOpt"] or [])

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from provisioners.docker import LABEL_MANAGED_BY, LABEL_OWNER, MANAGED_BY, sweep_orphans
-from provisioners.docker import engine as docker_engine
-from provisioners.owner import ServerIdentity
+from provisioners.docker import daemon as docker_daemon
+from provisioners.lifecycle.owner import ServerIdentity
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, execute, write_kernelspec
 
 pytestmark = pytest.mark.docker
@@ -31,7 +31,7 @@ async def main():
     ksm = KernelSpecManager(kernel_dirs=[sys.argv[1]])
     km = AsyncKernelManager(kernel_name="orphan", kernel_spec_manager=ksm)
     await km.start_kernel(kernel_id=sys.argv[2])
-    print("STARTED", km.provisioner.container_id, flush=True)
+    print("STARTED", km.provisioner.engine.container_id, flush=True)
     await asyncio.sleep(3600)
 
 asyncio.run(main())
@@ -57,10 +57,10 @@ async def test_sigkilled_server_leaves_containers_that_the_sweep_removes(
     labels = {
         LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_OWNER: _dead_owner(),
-        docker_engine.LABEL_KERNEL_ID: stale_id,
+        docker_daemon.LABEL_KERNEL_ID: stale_id,
     }
     stale = client.containers.create(KERNEL_TEST_IMAGE, ["true"], labels=labels)
-    monkeypatch.setattr(docker_engine, "_SWEPT", set())
+    monkeypatch.setattr(docker_daemon, "_SWEPT", set())
     live = make({"sweep_on_start": True})
     await live.start_kernel()
     for _ in range(50):

@@ -19,11 +19,17 @@ import docker
 import pytest
 from websockets.asyncio.client import connect
 
-from provisioners.base import PORT_NAMES
 from provisioners.docker import LABEL_KERNEL_ID
-from tests.core.test_parity import restart_watching_ports, take_ports_after_cleanup
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, execute, write_kernelspec
-from tests.jupyter_server import JupyterServer, ws_execute
+from provisioners.lifecycle.base import PORT_NAMES
+from tests.helpers import (
+    CONTAINER_ARGV,
+    KERNEL_TEST_IMAGE,
+    execute,
+    restart_watching_ports,
+    take_ports_after_cleanup,
+    write_kernelspec,
+)
+from tests.jupyter_server import JupyterServer, wait_for_status, ws_execute
 
 pytestmark = pytest.mark.docker
 
@@ -44,7 +50,7 @@ async def test_newports_restart_on_free_ports_never_shows_port_0(docker_kernels)
     km = make({"port_range": "27000-27999"})
     await km.start_kernel()
     before = [km.get_connection_info()[name] for name in PORT_NAMES]
-    first = km.provisioner.container_id
+    first = km.provisioner.engine.container_id
     held = take_ports_after_cleanup(km)  # docker-proxy would fail: address already in use
     try:
         seen = await restart_watching_ports(km, now=True, newports=True)
@@ -53,7 +59,7 @@ async def test_newports_restart_on_free_ports_never_shows_port_0(docker_kernels)
         assert not set(after) & set(before)
         assert 0 not in seen, "the manager showed port 0 during the restart"
         assert seen <= set(before) | set(after)
-        assert km.provisioner.container_id != first
+        assert km.provisioner.engine.container_id != first
         out = await execute(km, "print('on new ports')", timeout=60)
         assert out["stdout"] == "on new ports\n"
         labels = tracker.containers(km.kernel_id)[0]["Labels"]
@@ -114,16 +120,6 @@ async def test_failed_starts_are_explained_and_the_server_still_shuts_down(
     assert _kernel_containers(docker_client, kernel["id"]) == []
 
 
-async def _wait_for_status(ws: Any, state: str, timeout: float) -> None:
-    async def wait() -> None:
-        while True:
-            msg = json.loads(await ws.recv())
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == state:
-                return
-
-    await asyncio.wait_for(wait(), timeout)
-
-
 async def test_early_death_auto_restart_keeps_the_notebook_working(
     server: JupyterServer, tmp_path: Path
 ) -> None:
@@ -151,7 +147,7 @@ async def test_early_death_auto_restart_keeps_the_notebook_working(
     session = uuid.uuid4().hex
     headers = server.ws_headers()
     async with connect(server.ws_url(kernel_id, session), additional_headers=headers) as ws:
-        await _wait_for_status(ws, "restarting", timeout=30)
+        await wait_for_status(ws, "restarting", timeout=30)
     assert (flag / "died-once").exists()
     # JupyterLab reconnects its websocket as soon as it reads "restarting"
     async with connect(

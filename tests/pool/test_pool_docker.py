@@ -16,19 +16,23 @@ from typing import Any
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
-from jupyter_client.provisioning import KernelProvisionerFactory
 
 from provisioners.exceptions import ProvisionerConfigError
 from provisioners.pool import KernelPools
 from provisioners.targets import provisioner_for
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, execute, reattached_manager
-from tests.pool.conftest import our_containers, ready, wait_for
+from tests.helpers import (
+    CONTAINER_ARGV,
+    KERNEL_TEST_IMAGE,
+    async_wait_for,
+    execute,
+    reattached_manager,
+)
+from tests.helpers.pool import FILL_TIMEOUT, claimed, fill, our_containers, ready
+from tests.security.wire import CURVE, execute_recorded
 
 pytestmark = pytest.mark.docker
 
 DOCKER = "cluster-docker-provisioner"
-#: Long enough for a pool to fill on a loaded 2-core machine.
-FILL_TIMEOUT = 120.0
 
 
 def docker_kernels(
@@ -53,18 +57,6 @@ def docker_kernels(
     return make
 
 
-def fill(km: AsyncKernelManager) -> None:
-    """Create the pool of ``km``'s kernelspec now (as the first provisioner for it does)."""
-    factory = KernelProvisionerFactory.instance()
-    factory.create_provisioner_instance(f"fill-{uuid.uuid4()}", km.kernel_spec, parent=km)
-
-
-def claimed(km: AsyncKernelManager) -> bool:
-    """True when ``km``'s kernel is a claimed warm kernel (not a cold start)."""
-    runner = km.provisioner.runner  # type: ignore[union-attr]
-    return runner is not km.provisioner and runner.kernel_id == km.kernel_id
-
-
 async def test_docker_pool_claims_refills_and_renames(
     docker_client: Any, kernel_manager: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -72,7 +64,7 @@ async def test_docker_pool_claims_refills_and_renames(
     make = docker_kernels(kernel_manager, "pooled", 2)
     first, second = make(), make()
     fill(first)
-    await wait_for(ready("pooled", 2), FILL_TIMEOUT, "2 warm kernels")
+    await async_wait_for(ready("pooled", 2), FILL_TIMEOUT, "2 warm kernels")
 
     await first.start_kernel(kernel_id=str(uuid.uuid4()))
     assert claimed(first), caplog.text
@@ -85,11 +77,11 @@ async def test_docker_pool_claims_refills_and_renames(
     assert first.session.key != second.session.key
     for km in (first, second):
         assert km.session.key == km.get_connection_info()["key"]
-    await wait_for(ready("pooled", 2), FILL_TIMEOUT, "the pool to refill to 2")
+    await async_wait_for(ready("pooled", 2), FILL_TIMEOUT, "the pool to refill to 2")
 
     # the claimed containers carry the real kernel id in their names ...
     for km in (first, second):
-        name = km.provisioner.runner.container_name  # type: ignore[union-attr]
+        name = km.provisioner.engine.container_name  # type: ignore[union-attr]
         assert name.startswith(f"jupyter-kernel-{km.kernel_id}-"), name
         assert docker_client.containers.get(name).status == "running"
     # ... so list shows them under it; unclaimed ones are "warm"
@@ -114,8 +106,11 @@ async def test_docker_pool_claims_refills_and_renames(
     assert cli[first.kernel_id]["state"] == "running", cli
     assert cli[first.kernel_id]["ports"], cli  # the port records moved to the real id
     assert sorted(cli[k]["state"] for k in warm) == ["warm", "warm"], cli
-    # listing (or cleaning up) a pooled kernelspec never fills a pool in that process
-    assert provisioner_for(first.kernel_spec).pool_size == 0
+    # listing (or cleaning up) a pooled kernelspec never fills a pool in that process,
+    # nor does a provisioner built for it here (pools are made at a claim or by the server)
+    pools = KernelPools.instance().pools()
+    assert provisioner_for(first.kernel_spec).pool_size == 2
+    assert KernelPools.instance().pools() == pools
     assert len(our_containers(docker_client)) == 4
 
     for km in (first, second):
@@ -132,11 +127,11 @@ async def test_ten_concurrent_starts_claim_ten_warm_kernels(
     make = docker_kernels(kernel_manager, "pooled10", 10)
     managers = [make() for _ in range(10)]
     fill(managers[0])
-    await wait_for(ready("pooled10", 10), FILL_TIMEOUT * 2, "10 warm kernels")
+    await async_wait_for(ready("pooled10", 10), FILL_TIMEOUT * 2, "10 warm kernels")
     await asyncio.gather(*(km.start_kernel(kernel_id=str(uuid.uuid4())) for km in managers))
     await kernel_pools.drain()  # no refill of 10 more on 2 cores
     assert all(claimed(km) for km in managers), [claimed(km) for km in managers]
-    containers = {km.provisioner.runner.container_id for km in managers}  # type: ignore[union-attr]
+    containers = {km.provisioner.engine.container_id for km in managers}  # type: ignore[union-attr]
     assert len(containers) == 10
     assert len({km.session.key for km in managers}) == 10
     outs = await asyncio.gather(*(execute(km, f"print({i} ** 2)") for i, km in enumerate(managers)))
@@ -151,7 +146,7 @@ async def test_request_inputs_start_cold_and_leave_the_pool_alone(
     make = docker_kernels(kernel_manager, "pooled-cold", 1)
     km = make()
     fill(km)
-    await wait_for(ready("pooled-cold", 1), FILL_TIMEOUT, "a warm kernel")
+    await async_wait_for(ready("pooled-cold", 1), FILL_TIMEOUT, "a warm kernel")
     (pool,) = KernelPools.instance().pools()
     warm_ids = [w.kernel_id for w in pool.ready]
     # what jupyter_server passes: the server's environment plus the request's values
@@ -175,7 +170,7 @@ async def test_a_warm_kernel_that_died_is_never_claimed(
     caplog.set_level(logging.INFO)
     km = docker_kernels(kernel_manager, "pooled-dead", 1)()
     fill(km)
-    await wait_for(ready("pooled-dead", 1), FILL_TIMEOUT, "a warm kernel")
+    await async_wait_for(ready("pooled-dead", 1), FILL_TIMEOUT, "a warm kernel")
     (pool,) = KernelPools.instance().pools()
     dead = pool.ready[0]
     docker_client.api.kill(dead.container_id)  # type: ignore[attr-defined]
@@ -184,7 +179,7 @@ async def test_a_warm_kernel_that_died_is_never_claimed(
     assert f"Warm docker kernel {dead.kernel_id} had exited; removing it" in caplog.text
     assert f"Kernel {km.kernel_id}: cold start, no warm kernel is ready" in caplog.text
     assert (await execute(km, "print('cold')"))["stdout"] == "cold\n"
-    await wait_for(
+    await async_wait_for(
         lambda: not docker_client.api.containers(all=True, filters={"id": dead.container_id}),  # type: ignore[attr-defined]
         30,
         "the dead warm container to be removed",
@@ -198,7 +193,7 @@ async def test_a_claim_the_engine_refuses_starts_cold_and_removes_the_warm_kerne
     caplog.set_level(logging.INFO)
     km = docker_kernels(kernel_manager, "pooled-refused", 1)()
     fill(km)
-    await wait_for(ready("pooled-refused", 1), FILL_TIMEOUT, "a warm kernel")
+    await async_wait_for(ready("pooled-refused", 1), FILL_TIMEOUT, "a warm kernel")
     (pool,) = KernelPools.instance().pools()
     warm: Any = pool.ready[0]
     pool_id, kernel_id = warm.kernel_id, str(uuid.uuid4())
@@ -226,7 +221,7 @@ async def test_a_claimed_kernel_reattaches_in_another_manager(
 ) -> None:
     km = docker_kernels(kernel_manager, "pooled-reattach", 1)()
     fill(km)
-    await wait_for(ready("pooled-reattach", 1), FILL_TIMEOUT, "a warm kernel")
+    await async_wait_for(ready("pooled-reattach", 1), FILL_TIMEOUT, "a warm kernel")
     await km.start_kernel(kernel_id=str(uuid.uuid4()))
     assert claimed(km)
     await KernelPools.instance().drain()
@@ -253,17 +248,17 @@ async def test_first_start_fills_the_pool_and_a_claimed_kernel_restarts_in_place
     assert not claimed(first)
     assert f"Kernel {first.kernel_id}: cold start, no warm kernel is ready" in caplog.text
     await first.shutdown_kernel(now=True)
-    await wait_for(ready("pooled-restart", 1), FILL_TIMEOUT, "a warm kernel")
+    await async_wait_for(ready("pooled-restart", 1), FILL_TIMEOUT, "a warm kernel")
     kernel_id = str(uuid.uuid4())
     await km.start_kernel(kernel_id=kernel_id)
     assert claimed(km)
     await KernelPools.instance().drain()  # no refill needed here
     key = km.session.key
-    runner: Any = km.provisioner.runner  # type: ignore[union-attr]
+    runner: Any = km.provisioner.engine  # type: ignore[union-attr]
     before = runner.container_id
     assert (await execute(km, "x = 1; print(x)"))["stdout"] == "1\n"
     for newports in (False, True):  # as jupyter_client's restarter does; both keep the ports
-        ports = km.provisioner.kernel_port_list  # type: ignore[union-attr]
+        ports = list(runner.ports)
         await km.restart_kernel(now=True, newports=newports)
         assert km.kernel_id == kernel_id and km.session.key == key
         assert km.get_connection_info()["key"] == key
@@ -272,7 +267,7 @@ async def test_first_start_fills_the_pool_and_a_claimed_kernel_restarts_in_place
         assert runner.container_id != before
         assert runner.container_name.startswith(f"jupyter-kernel-{kernel_id}-")
         assert not docker_client.api.containers(all=True, filters={"id": before})
-        assert km.provisioner.kernel_port_list == ports  # type: ignore[union-attr]
+        assert runner.ports == ports
         before = runner.container_id
     await km.shutdown_kernel(now=True)
 
@@ -296,13 +291,13 @@ async def test_security_table_holds_for_a_claimed_kernel(
     monkeypatch.setenv("POOL_SERVER_SECRET", "server-secret-do-not-leak")
     km = docker_kernels(kernel_manager, "pooled-sec", 1)()
     fill(km)
-    await wait_for(ready("pooled-sec", 1), FILL_TIMEOUT, "a warm kernel")
+    await async_wait_for(ready("pooled-sec", 1), FILL_TIMEOUT, "a warm kernel")
     # with the server's environment, as jupyter_server passes it
     await km.start_kernel(kernel_id=str(uuid.uuid4()), env=dict(os.environ))
     assert claimed(km)
     out = await execute(km, SECURITY_CODE)
     assert out["stdout"] == "None\n0o600\n", out
-    runner: Any = km.provisioner.runner  # type: ignore[union-attr]
+    runner: Any = km.provisioner.engine  # type: ignore[union-attr]
     attrs = docker_client.api.inspect_container(runner.container_id)
     shown = json.dumps(attrs)
     key = km.session.key.decode()
@@ -313,7 +308,7 @@ async def test_security_table_holds_for_a_claimed_kernel(
     assert key not in caplog.text, "the HMAC key was logged"
 
     # a hostile kernel id is refused before a warm kernel is taken: the pool keeps it
-    await wait_for(ready("pooled-sec", 1), FILL_TIMEOUT, "the pool to refill")
+    await async_wait_for(ready("pooled-sec", 1), FILL_TIMEOUT, "the pool to refill")
     (pool,) = KernelPools.instance().pools()
     warm_ids = [w.kernel_id for w in pool.ready]
     hostile = docker_kernels(kernel_manager, "pooled-sec", 1)()
@@ -325,8 +320,6 @@ async def test_security_table_holds_for_a_claimed_kernel(
 async def test_curve_pools_and_a_curve_request_against_plain_warm_kernels(
     docker_client: Any, kernel_manager: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tests.security.test_encryption import CURVE, _execute_recorded
-
     caplog.set_level(logging.INFO)
     encrypted = docker_kernels(
         kernel_manager, "pooled-curve", 1, metadata=CURVE, transport_encryption="required"
@@ -334,18 +327,18 @@ async def test_curve_pools_and_a_curve_request_against_plain_warm_kernels(
     plain = docker_kernels(kernel_manager, "pooled-plain", 1, metadata=CURVE)()
     fill(encrypted)
     fill(plain)
-    await wait_for(ready("pooled-curve", 1), FILL_TIMEOUT, "a warm Curve kernel")
-    await wait_for(ready("pooled-plain", 1), FILL_TIMEOUT, "a warm plain kernel")
+    await async_wait_for(ready("pooled-curve", 1), FILL_TIMEOUT, "a warm Curve kernel")
+    await async_wait_for(ready("pooled-plain", 1), FILL_TIMEOUT, "a warm plain kernel")
     (plain_pool,) = [p for p in KernelPools.instance().pools() if p.spec_name == "pooled-plain"]
     assert plain_pool.ready[0].curve_keys is None
 
     # warm kernels with Curve keys: the claimed one runs encrypted with its own keypair
     await encrypted.start_kernel(kernel_id=str(uuid.uuid4()))
     assert claimed(encrypted)
-    runner: Any = encrypted.provisioner.runner  # type: ignore[union-attr]
+    runner: Any = encrypted.provisioner.engine  # type: ignore[union-attr]
     assert runner.curve_keys is not None
     assert encrypted.curve_publickey == runner.curve_keys[0]
-    out, wire = await _execute_recorded(encrypted, "print('curve-' + 'canary')")
+    out, wire = await execute_recorded(encrypted, "print('curve-' + 'canary')")
     assert out["stdout"] == "curve-canary\n", out
     assert wire and b"curve-canary" not in wire and b"execute_request" not in wire
 
@@ -358,13 +351,13 @@ async def test_curve_pools_and_a_curve_request_against_plain_warm_kernels(
         "CurveZMQ encryption" in caplog.text
     )
     assert plain.curve_publickey is not None
-    out, wire = await _execute_recorded(plain, "print('cold-' + 'canary')")
+    out, wire = await execute_recorded(plain, "print('cold-' + 'canary')")
     assert out["stdout"] == "cold-canary\n", out
     assert b"cold-canary" not in wire
     assert len(plain_pool.ready) == 1  # the warm kernel went back to its pool
     # and no refill is kept on top of it: the pool stays at 1
     await asyncio.sleep(KernelPools.instance().refill_delay + 0.5)
-    await wait_for(lambda: plain_pool.starting == 0, FILL_TIMEOUT, "any refill to end")
+    await async_wait_for(lambda: plain_pool.starting == 0, FILL_TIMEOUT, "any refill to end")
     assert len(plain_pool.ready) == 1
     for km in (encrypted, plain):
         await km.shutdown_kernel(now=True)

@@ -13,8 +13,7 @@ import pytest
 
 from provisioners.docker import DockerClusterProvisioner
 from provisioners.exceptions import ForwardingRefusedError, HostKeyError
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, count, execute
-from tests.ssh.conftest import start_sshd
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, count, execute, start_sshd
 
 pytestmark = [pytest.mark.ssh, pytest.mark.docker]
 
@@ -50,12 +49,12 @@ async def test_docker_daemon_over_ssh_with_tunnelled_channels(
     )
     await km.start_kernel()
     try:
-        state = km.provisioner.runner.kernel_state()
+        state = km.provisioner.engine.kernel_state()
         assert state["docker_host"].startswith("ssh://")
         client_side = km.get_connection_info()
         assert client_side["ip"] == "127.0.0.1"
         # the client talks to local tunnel ports, not to the ports published on the host
-        published = {km.provisioner._kernel_info[p] for p in ("shell_port", "iopub_port")}
+        published = {km.provisioner.engine.kernel_info[p] for p in ("shell_port", "iopub_port")}
         assert not published & {client_side["shell_port"], client_side["iopub_port"]}
         out = await execute(km, "import socket; print(socket.gethostname())")
         assert out["stdout"].strip() == state["container_id"][:12]
@@ -92,7 +91,7 @@ async def test_container_ip_through_ssh_tunnels(kernel_manager: Any, sshd: Any) 
     )
     await km.start_kernel()
     try:
-        state = km.provisioner.runner.kernel_state()
+        state = km.provisioner.engine.kernel_state()
         assert state["container_ip"], "the start ended without the container's IP"
         container = docker.from_env().containers.get(state["container_id"])
         assert not any(container.attrs["NetworkSettings"]["Ports"].values())  # nothing published
@@ -146,7 +145,7 @@ async def test_docker_daemon_over_ssh_checks_our_known_hosts(
     )
     await accepting.start_kernel()
     try:
-        assert accepting.provisioner.runner is accepting.provisioner  # not a fallback
+        assert not accepting.provisioner.engine.fallback_for  # not a fallback
         assert (await execute(accepting, "print(1 + 1)"))["stdout"] == "2\n"
     finally:
         await accepting.shutdown_kernel()
