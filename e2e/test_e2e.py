@@ -222,6 +222,26 @@ class KernelSocket:
                         f"the kernel did not answer in {timeout:.0f} s: {exc}"
                     ) from None
 
+    def fresh_kernel_pod(
+        self, gone: str, restart: str, timeout: float, ask: float = 0
+    ) -> tuple[str, float]:
+        """After ``restart``: the pod of the kernel answering on this websocket, which must be
+        a fresh one (``gone``, a variable of the old kernel, undefined). ``ask``: first ask
+        for kernel_info for up to that many seconds, as after an automatic restart. Returns
+        the pod and the seconds the kernel took to answer kernel_info (0 without ``ask``)."""
+        code = f"import socket\nprint({gone!r} in globals(), socket.gethostname())"
+        try:
+            asked = self.until_answering(timeout=ask) if ask else 0.0
+            reply, out = self.execute(code, timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(
+                f"no reply on the websocket kept open across {restart}: {exc}"
+            ) from None
+        assert reply["status"] == "ok", reply
+        fresh, pod = out.split()
+        assert fresh == "False", f"{restart} kept the old kernel's state (or none happened)"
+        return pod, asked
+
     def execute(self, code: str, timeout: float = 120) -> tuple[dict[str, Any], str]:
         """Run code; returns (execute_reply content, everything written to stdout)."""
         return self.request("execute_request", self._execute_content(code), timeout)
@@ -355,36 +375,14 @@ def test_websocket_kept_open_across_restarts() -> None:
             status, _ = api("POST", f"/api/kernels/{kernel_id}/restart")
             assert status == 200, f"POST .../restart answered {status}"
             rest_seconds = time.monotonic() - began
-            try:
-                reply, out = sock.execute(
-                    "import socket\nprint('x' in globals(), socket.gethostname())", timeout=60
-                )
-            except AssertionError as exc:
-                raise AssertionError(
-                    f"no reply on the websocket kept open across a REST restart: {exc}"
-                ) from None
-            assert reply["status"] == "ok", reply
-            fresh, pod = out.split()
-            assert fresh == "False", "the REST restart kept the old kernel's state"
-            pods.append(pod)
+            pods.append(sock.fresh_kernel_pod("x", "a REST restart", timeout=60)[0])
 
             # The kernel process dies; the server's restarter starts a new kernel.
             reply, _ = sock.execute("y = 2")
             assert reply["status"] == "ok", reply
             sock.send_execute("import os\nos._exit(1)")
             sock.wait_for_status("restarting", timeout=60)
-            try:
-                auto_seconds = sock.until_answering(timeout=120)
-                reply, out = sock.execute(
-                    "import socket\nprint('y' in globals(), socket.gethostname())", timeout=30
-                )
-            except AssertionError as exc:
-                raise AssertionError(
-                    f"no reply on the websocket kept open across an automatic restart: {exc}"
-                ) from None
-            assert reply["status"] == "ok", reply
-            fresh, pod = out.split()
-            assert fresh == "False", "the kernel that exited was not restarted"
+            pod, auto_seconds = sock.fresh_kernel_pod("y", "an automatic restart", 30, ask=120)
             pods.append(pod)
             print("kernel pods (start, REST restart, automatic restart):", pods)
             print(

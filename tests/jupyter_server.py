@@ -264,3 +264,59 @@ async def ws_execute(ws: Any, session: str, code: str, timeout: float = 60) -> d
     """Run ``code`` through a notebook's websocket; stdout, stderr and the reply status."""
     out = await ws_request(ws, execute_request(session, code), timeout)
     return {"stdout": out.stdout, "stderr": out.stderr, "status": out.status}
+
+
+async def wait_for_status(ws: Any, state: str, timeout: float) -> None:
+    """Read a kernel's websocket until its iopub status is ``state``; fail after
+    ``timeout`` s saying what came instead."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), max(deadline - time.monotonic(), 0)))
+        except TimeoutError:
+            raise AssertionError(
+                f"no {state!r} status in {timeout:g} s; saw {seen[-20:]}"
+            ) from None
+        current = msg.get("content", {}).get("execution_state", "")
+        if msg.get("msg_type") == "status" and current == state:
+            return
+        seen.append(f"{msg.get('channel')}:{msg.get('msg_type')}:{current}".rstrip(":"))
+
+
+async def until_answering(ws: Any, session: str, timeout: float) -> Output:
+    """Ask the kernel for its info on an open websocket until it answers with its reply
+    and its idle status, as a client must after an automatic restart (requests sent while
+    the kernel was down may be answered later, or not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return await ws_request(
+                ws, message(session, "kernel_info_request", {}), timeout=min(5.0, max(left, 0))
+            )
+        except AssertionError as exc:
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"no kernel_info reply on the open websocket {timeout:g} s after "
+                    f"the restart began: {exc}"
+                ) from None
+
+
+async def delete_kernel(
+    server: JupyterServer, kernel_id: str, *, restart_may_be_pending: bool = False
+) -> tuple[int, Any]:
+    """``DELETE`` the kernel; its status and reply. After an automatic restart
+    (``restart_may_be_pending``), the kernel answers through its kept address a moment
+    before the restart returns (SSH: its launch still checks the new process);
+    jupyter_client fails a shutdown meanwhile (``InvalidStateError``, HTTP 500: an
+    upstream race no client can see coming), so that answer is retried for up to 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        status, reply = await asyncio.to_thread(
+            server.request, "DELETE", f"api/kernels/{kernel_id}"
+        )
+        pending = status == 500 and "InvalidStateError" in server.log()
+        if not (restart_may_be_pending and pending and time.monotonic() < deadline):
+            return status, reply
+        await asyncio.sleep(0.5)

@@ -16,20 +16,11 @@ Nothing here imports the ``provisioners`` package.
 from __future__ import annotations
 
 import base64
-import contextlib
-import copy
 import json
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -40,280 +31,33 @@ import pytest
 import yaml
 from traitlets.config import Config
 
+from tests.chart.helmchart import (
+    CHART,
+    CLUSTER_SCOPED_KINDS,
+    DEFAULT_KERNEL_NAMESPACE,
+    FULLNAME,
+    K8S_VERSIONS,
+    KERNEL_NAMESPACE_RULES,
+    KERNEL_POD_LABELS,
+    NAMESPACE,
+    OWNER_RULES,
+    POOL_RULES,
+    PORT_FORWARD_RULES,
+    RELEASE,
+    SCENARIOS,
+    Rendered,
+    chart_server,
+    default_values,
+    effective_values,
+    http_get,
+    kernel_namespaces,
+    kernelspec_values,
+    load_config,
+    run_helm,
+    values_schema,
+)
+
 pytestmark = pytest.mark.helm
-
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "cluster-provisioners"
-RELEASE = "kernels"
-NAMESPACE = "jupyter"
-FULLNAME = f"{RELEASE}-cluster-provisioners"
-# Oldest Kubernetes minor the chart supports and a current one (kubectl from the layer is 1.33).
-K8S_VERSIONS = ("1.30.0", "1.33.0")
-
-KERNEL_POD_LABELS = {
-    "app.kubernetes.io/managed-by": "cluster-provisioners",
-    "app.kubernetes.io/component": "kernel",
-}
-# What the provisioner does (tests/kubernetes/test_rbac.py records it on the API double).
-KERNEL_NAMESPACE_RULES = {
-    "pods": {"list", "watch", "create", "delete"},
-    "pods/exec": {"create", "get"},
-    "pods/log": {"get"},
-    "secrets": {"create", "delete", "list"},
-    "events": {"watch"},
-}
-PORT_FORWARD_RULES = {"pods/portforward": {"create", "get"}}
-#: Only when a kernelspec keeps a warm pool: a claim relabels the pod and its Secret.
-POOL_RULES = {"pods": {"patch"}, "secrets": {"patch"}}
-#: In the release namespace: is a kernel's server pod still there?
-OWNER_RULES = {"pods": {"get"}}
-DEFAULT_KERNEL_NAMESPACE = f"{NAMESPACE}-{RELEASE}-kernels"
-CLUSTER_SCOPED_KINDS = {"ClusterRole", "ClusterRoleBinding", "Namespace"}
-
-
-def _kernelspec(display_name: str, image: str, **config: Any) -> dict[str, Any]:
-    return {
-        "display_name": display_name,
-        "language": "python",
-        "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "metadata": {
-            "kernel_provisioner": {
-                "provisioner_name": "cluster-kubernetes-provisioner",
-                "config": {"image": image, **config},
-            }
-        },
-    }
-
-
-# Value sets rendered by the tests: the defaults and the main non-default configurations.
-SCENARIOS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "ingress": {
-        "ingress": {
-            "enabled": True,
-            "className": "nginx",
-            "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "3600"},
-            "hosts": [
-                {
-                    "host": "kernels.example.org",
-                    "paths": [{"path": "/kernels", "pathType": "Prefix"}],
-                }
-            ],
-            "tls": [{"secretName": "kernels-tls", "hosts": ["kernels.example.org"]}],
-        },
-        "server": {"baseUrl": "/kernels", "trustXheaders": True},
-    },
-    "namespaces": {
-        "rbac": {"secretNames": ["team-a-ssh-password"]},
-        "kernels": {
-            "namespace": "kernels",
-            # "kernels" again on purpose: it must not produce a second Role.
-            "extraNamespaces": ["team-a", "team-b", "kernels"],
-            "portForward": False,
-            "kernelspecs": {
-                "team-a": _kernelspec(
-                    "Team A", "registry.example.org/team-a/kernel:1", namespace="team-a"
-                )
-            },
-        },
-    },
-    "prepuller": {
-        "prePuller": {"enabled": True, "extraImages": ["registry.example.org/tools/kernel-r:4"]},
-        "kernels": {
-            "portForward": True,
-            "kernelspecs": {
-                "python3-gpu": _kernelspec("Python 3 (GPU)", "registry.example.org/kernel-gpu:1")
-            },
-        },
-    },
-    "pools": {
-        "kernels": {
-            "kernelspecs": {
-                # Its own pool_size, overridden by kernels.pools.sizes (0: no pool).
-                "gpu": _kernelspec("GPU", "registry.example.org/kernel-gpu:1", pool_size=5),
-                # Its own pool_size, not named in kernels.pools.sizes: kept.
-                "small": _kernelspec("Small", "registry.example.org/kernel:1", pool_size=2),
-                "analysis": _kernelspec("Analysis", "registry.example.org/kernel:1"),
-            },
-            "pools": {"sizes": {"python3": 3, "gpu": 0, "analysis": 1}, "maxTotal": 6},
-        },
-    },
-    "existing-secret": {
-        "auth": {"existingSecret": "site-jupyter-token", "existingSecretKey": "jupyter-token"},
-        "serviceAccount": {"create": False, "name": "jupyter-kernels"},
-    },
-}
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def find_helm() -> str | None:
-    """The helm binary to use, or None."""
-    if os.environ.get("HELM"):
-        return shutil.which(os.environ["HELM"]) or None
-    caches = [
-        os.environ.get("CLUSTER_PROVISIONERS_CACHE"),
-        str(Path.home() / ".cache/cluster-provisioners"),
-    ]
-    for cache_dir in caches:
-        if cache_dir and os.access(Path(cache_dir) / "bin/helm", os.X_OK):
-            return str(Path(cache_dir) / "bin/helm")
-    return None
-
-
-@pytest.fixture(scope="session")
-def helm() -> str:
-    path = find_helm()
-    if path is None:
-        reason = (
-            "helm not found ($HELM, $CLUSTER_PROVISIONERS_CACHE/bin/helm, "
-            "~/.cache/cluster-provisioners/bin/helm): run `bash .ci/lib/helm.sh` to install it"
-        )
-        if _truthy(os.environ.get("CI")):
-            pytest.fail(reason + " (CI is set, so a missing helm is a failure)")
-        pytest.skip(reason)
-    return path
-
-
-@pytest.fixture(scope="session")
-def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment for helm: private cache/config/data dirs, no cluster."""
-    home = tmp_path_factory.mktemp("helm-home")
-    env = dict(os.environ)
-    env.update(
-        HELM_CACHE_HOME=str(home / "cache"),
-        HELM_CONFIG_HOME=str(home / "config"),
-        HELM_DATA_HOME=str(home / "data"),
-        KUBECONFIG=str(home / "no-kubeconfig"),
-    )
-    return env
-
-
-def run_helm(helm: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [helm, *args], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Helm-like merge of values (maps merge, everything else replaces; None deletes)."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-@cache
-def default_values() -> dict[str, Any]:
-    return yaml.safe_load((CHART / "values.yaml").read_text())
-
-
-@cache
-def values_schema() -> dict[str, Any]:
-    return json.loads((CHART / "values.schema.json").read_text())
-
-
-def effective_values(scenario: str) -> dict[str, Any]:
-    return deep_merge(default_values(), SCENARIOS[scenario])
-
-
-def kernel_namespaces(values: dict[str, Any]) -> list[str]:
-    first = values["kernels"]["namespace"] or DEFAULT_KERNEL_NAMESPACE
-    out = [first]
-    for ns in values["kernels"]["extraNamespaces"]:
-        if ns not in out:
-            out.append(ns)
-    return out
-
-
-class Rendered:
-    """The manifests of one `helm template` run."""
-
-    def __init__(self, scenario: str, docs: list[dict[str, Any]]):
-        self.scenario = scenario
-        self.values = effective_values(scenario)
-        self.docs = docs
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [d for d in self.docs if d["kind"] == kind]
-
-    def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
-        found = [d for d in self.of_kind(kind) if name is None or d["metadata"]["name"] == name]
-        assert len(found) == 1, (
-            f"{self.scenario}: expected one {kind} {name or ''}, got {len(found)}"
-        )
-        return found[0]
-
-    def pod_specs(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        for doc in self.docs:
-            where = f"{doc['kind']}/{doc['metadata']['name']}"
-            if doc["kind"] in ("Deployment", "DaemonSet", "StatefulSet", "Job"):
-                yield where, doc["spec"]["template"]["spec"]
-            elif doc["kind"] == "Pod":
-                yield where, doc["spec"]
-
-    @property
-    def server_pod(self) -> dict[str, Any]:
-        return self.one("Deployment")["spec"]["template"]
-
-    @property
-    def server_container(self) -> dict[str, Any]:
-        (container,) = [c for c in self.server_pod["spec"]["containers"] if c["name"] == "server"]
-        return container
-
-    def configmap_file(self, key: str) -> str:
-        return self.one("ConfigMap", FULLNAME)["data"][key]
-
-
-@pytest.fixture(scope="session")
-def values_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("values")
-    for name, values in SCENARIOS.items():
-        (directory / f"{name}.yaml").write_text(yaml.safe_dump(values))
-    return directory
-
-
-@pytest.fixture(scope="session")
-def render(helm: str, helm_env: dict[str, str], values_dir: Path):
-    """render(scenario) -> Rendered, cached for the session."""
-    done: dict[str, Rendered] = {}
-
-    def _render(scenario: str) -> Rendered:
-        if scenario not in done:
-            proc = run_helm(
-                helm,
-                helm_env,
-                "template",
-                RELEASE,
-                str(CHART),
-                "--namespace",
-                NAMESPACE,
-                "--kube-version",
-                K8S_VERSIONS[-1],
-                "-f",
-                str(values_dir / f"{scenario}.yaml"),
-            )
-            assert proc.returncode == 0, f"helm template ({scenario}) failed:\n{proc.stderr}"
-            docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
-            done[scenario] = Rendered(scenario, docs)
-        return done[scenario]
-
-    return _render
-
-
-@pytest.fixture(params=sorted(SCENARIOS))
-def scenario(request: pytest.FixtureRequest) -> str:
-    return request.param
 
 
 # --------------------------------------------------------------------------- lint, render, schema
@@ -473,7 +217,7 @@ def test_scenario_values_match_schema(scenario_name: str) -> None:
 
 
 def test_port_forward_kernelspec_needs_port_forward(helm: str, helm_env: dict[str, str]) -> None:
-    spec = _kernelspec("PF", "img:1", connection_mode="port-forward")
+    spec = kernelspec_values("PF", "img:1", connection_mode="port-forward")
     args = [
         "template",
         RELEASE,
@@ -869,18 +613,10 @@ def test_prepuller_pulls_every_kernel_image(render) -> None:
 # --------------------------------------------------------------------------- Jupyter config
 
 
-def _load_config(rendered: Rendered) -> Config:
-    source = rendered.configmap_file("jupyter_server_config.py")
-    config = Config()
-    code = compile(source, "jupyter_server_config.py", "exec")
-    exec(code, {"get_config": lambda: config})
-    return config
-
-
 def test_jupyter_config(render, scenario: str) -> None:
     rendered = render(scenario)
     values = rendered.values
-    c = _load_config(rendered)
+    c = load_config(rendered)
     assert c.ServerApp.ip == "0.0.0.0"
     assert c.ServerApp.open_browser is False
     assert c.ServerApp.port == values["server"]["port"]
@@ -926,7 +662,7 @@ def test_kernelspecs(render, scenario: str) -> None:
     assert provisioner["config"]["image"] == values["kernels"]["image"]
     # A local fallback would run a kernel inside the server pod: never by default.
     assert provisioner["config"]["fallback"] == "none"
-    assert _load_config(rendered).ClusterProvisioner.fallback == "none"
+    assert load_config(rendered).ClusterProvisioner.fallback == "none"
     # Each key is mounted as <name>/kernel.json.
     (volume,) = [v for v in rendered.server_pod["spec"]["volumes"] if v["name"] == "kernelspecs"]
     items = {i["key"]: i["path"] for i in volume["configMap"]["items"]}
@@ -977,7 +713,7 @@ def _template(helm: str, helm_env: dict[str, str], *args: str) -> subprocess.Com
 def test_default_values_render_no_pool(render) -> None:
     rendered = render("default")
     assert _pool_sizes(rendered) == {"python3": None}
-    c = _load_config(rendered)
+    c = load_config(rendered)
     assert c.KernelPools.max_total == 8
     assert "prefill" not in c.KernelPools
     assert "jpserver_extensions" not in c.ServerApp
@@ -995,7 +731,7 @@ def test_pool_sizes_render_into_kernelspecs(render) -> None:
         "pool_size": 3,
     }
     assert python3["provisioner_name"] == "cluster-kubernetes-provisioner"
-    c = _load_config(rendered)
+    c = load_config(rendered)
     assert c.KernelPools.max_total == 6
     # Every kernelspec with a pool (from kernels.pools.sizes or its own config), sorted.
     assert c.KernelPools.prefill == ["analysis", "python3", "small"]
@@ -1041,7 +777,7 @@ def test_pool_size_of_no_kernelspec_fails(helm: str, helm_env: dict[str, str]) -
         helm,
         helm_env,
         "--set-json",
-        f"kernels.kernelspecs.other={json.dumps(_kernelspec('Other', 'img:1'))}",
+        f"kernels.kernelspecs.other={json.dumps(kernelspec_values('Other', 'img:1'))}",
         "--set",
         "server.defaultKernelName=other",
         "--set",
@@ -1079,126 +815,6 @@ def test_pool_needs_a_provisioner(helm: str, helm_env: dict[str, str]) -> None:
 # --------------------------------------------------------------------------- the real server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(
-        url, headers={"Authorization": f"token {token}"} if token else {}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def lay_out_pod(rendered: Rendered, root: Path) -> dict[str, str]:
-    """Write the server container's ConfigMap and Secret volumes under ``root`` as they are
-    mounted in the pod; return its literal environment with absolute paths under ``root``."""
-
-    def local(path: str) -> Path:
-        return root / path.lstrip("/")
-
-    container = rendered.server_container
-    volumes = {v["name"]: v for v in rendered.server_pod["spec"]["volumes"]}
-    for mount in container["volumeMounts"]:
-        volume = volumes[mount["name"]]
-        if "configMap" in volume:
-            source = volume["configMap"]
-            data = rendered.one("ConfigMap", source["name"])["data"]
-            files = {i["path"]: data[i["key"]].encode() for i in source["items"]}
-        elif "secret" in volume:
-            source = volume["secret"]
-            data = rendered.one("Secret", source["secretName"])["data"]
-            files = {i["path"]: base64.b64decode(data[i["key"]]) for i in source["items"]}
-        else:  # emptyDir
-            files = {}
-        local(mount["mountPath"]).mkdir(parents=True, exist_ok=True)
-        for relative, content in files.items():
-            target = local(mount["mountPath"]) / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
-    env = {}
-    for item in container["env"]:
-        if "value" in item:
-            value = item["value"]
-            env[item["name"]] = str(local(value)) if value.startswith("/") else value
-    return env
-
-
-class ChartServer:
-    """A real ``jupyter server`` run with the chart's config, as the pod runs it."""
-
-    def __init__(
-        self, proc: subprocess.Popen[bytes], base: str, env: dict[str, str], log_path: Path
-    ) -> None:
-        self.proc = proc
-        self.base = base
-        self.env = env
-        self.log_path = log_path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@contextlib.contextmanager
-def chart_server(rendered: Rendered, tmp_path: Path) -> Iterator[ChartServer]:
-    """Lay the pod's files out under ``tmp_path``, start the server on a loopback port,
-    wait until it answers, and terminate it on exit (if the test has not stopped it)."""
-    root = tmp_path / "root"
-    pod_env = lay_out_pod(rendered, root)
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
-    run_env.update(pod_env)
-    home = Path(pod_env.get("HOME", str(root / "tmp")))
-    run_env.update(
-        JUPYTER_CONFIG_DIR=str(home / ".jupyter"),
-        JUPYTER_DATA_DIR=str(home / ".local/share/jupyter"),
-        JUPYTER_RUNTIME_DIR=pod_env.get("JUPYTER_RUNTIME_DIR", str(home / "runtime")),
-    )
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}{_load_config(rendered).ServerApp.base_url}"
-    # Loopback only, and a root dir under tmp_path: the command line overrides the config.
-    argv = [
-        sys.executable,
-        "-m",
-        "jupyter_server",
-        "--ServerApp.ip=127.0.0.1",
-        f"--ServerApp.port={port}",
-        "--ServerApp.port_retries=0",
-        f"--ServerApp.root_dir={root / 'tmp'}",
-    ]
-    if os.geteuid() == 0:  # the pod runs as uid 1000; this machine may not
-        argv.append("--allow-root")
-    log_path = tmp_path / "server.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, env=run_env, stdout=log, stderr=subprocess.STDOUT)
-    server = ChartServer(proc, base, pod_env, log_path)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "server exited:\n" + server.log()
-            try:
-                if _get(base + "api")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server did not answer:\n" + server.log()
-            time.sleep(0.3)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def test_jupyter_server_starts_with_rendered_config(render, tmp_path: Path) -> None:
     """Run `jupyter server` (this Python's jupyter_server) with the chart's config file,
     kernelspec files and token file, laid out as in the pod but under tmp_path."""
@@ -1208,10 +824,10 @@ def test_jupyter_server_starts_with_rendered_config(render, tmp_path: Path) -> N
         base = server.base
         assert base.endswith("/kernels/")
         assert Path(server.env["JUPYTER_TOKEN_FILE"]).read_text() == token
-        assert _get(base + "api/kernelspecs")[0] == 403, "kernelspecs served without the token"
-        assert _get(base + "api/terminals", token)[0] == 404, "terminals must be disabled"
-        assert _get(base + "api/kernelspecs", "wrong-token")[0] == 403
-        status, body = _get(base + "api/kernelspecs", token)
+        assert http_get(base + "api/kernelspecs")[0] == 403, "kernelspecs served without the token"
+        assert http_get(base + "api/terminals", token)[0] == 404, "terminals must be disabled"
+        assert http_get(base + "api/kernelspecs", "wrong-token")[0] == 403
+        status, body = http_get(base + "api/kernelspecs", token)
         assert status == 200, body
         listing = json.loads(body)
         assert listing["default"] == "python3"

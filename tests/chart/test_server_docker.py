@@ -8,7 +8,7 @@ with them on 127.0.0.1. A kernel is then started over REST, driven over its webs
 real websocket client speaking the Jupyter message protocol, and deleted; the server is
 stopped with SIGTERM. No container of ours may remain at any of those points.
 
-Needs helm (see test_chart.py) and a Docker engine with the test image; without them the
+Needs helm (see tests/chart/helmchart.py) and a Docker engine with the test image; without them the
 test skips, except under CI where it fails.
 
 Like the rest of tests/chart this module does not import the ``provisioners`` package: the
@@ -33,15 +33,11 @@ from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.provisioning import KernelProvisionerFactory
 from websockets.asyncio.client import connect
 
-from tests.chart import test_chart as chart
+from tests.chart import helmchart as chart
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE
 from tests.jupyter_server import Output, execute_request, http, ws_request
 
 pytestmark = [pytest.mark.docker, pytest.mark.helm]
-
-# Fixtures of test_chart.py, shared rather than redefined.
-helm = chart.helm
-helm_env = chart.helm_env
 
 DOCKER = "cluster-docker-provisioner"
 SPEC_NAME = "python3-docker"
@@ -164,7 +160,7 @@ def _serve_a_docker_kernel(
     assert Path(pod_env["JUPYTER_TOKEN_FILE"]).read_text() == token
     assert "JUPYTER_TOKEN" not in pod_env
     # The Docker kernelspec is served, with its provisioner.
-    status, body = chart._get(base + "api/kernelspecs", token)
+    status, body = chart.http_get(base + "api/kernelspecs", token)
     assert status == 200, body
     listing = json.loads(body)
     assert sorted(listing["kernelspecs"]) == [SPEC_NAME], listing
@@ -202,7 +198,7 @@ def _serve_a_docker_kernel(
     assert status == 204, f"{status} {body!r}\n{server_log()}"
     left = _containers(docker_client, LABEL_KERNEL_ID, kernel_id)
     assert not left, f"container of deleted kernel {kernel_id} remains: {left}"
-    assert chart._get(base + f"api/kernels/{kernel_id}", token)[0] == 404
+    assert chart.http_get(base + f"api/kernels/{kernel_id}", token)[0] == 404
 
     # A kernel still running when the server gets SIGTERM is shut down with it.
     status, body = http("POST", base + "api/kernels", token, {"name": SPEC_NAME})

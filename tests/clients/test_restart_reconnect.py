@@ -25,26 +25,29 @@ blocking client checks that those relays run between the manager's calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
 
-from provisioners import KernelManager
-from provisioners.connection.ports import port_is_listening
-from provisioners.hooks import PORT_NAMES
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
+from tests.helpers import (
+    CONTAINER_ARGV,
+    KERNEL_TEST_IMAGE,
+    restart_with_a_blocking_client,
+    write_kernelspec,
+)
 from tests.jupyter_server import (
     JupyterServer,
-    Output,
+    delete_kernel,
     execute_request,
-    message,
+    until_answering,
+    wait_for_status,
     ws_execute,
     ws_request,
 )
@@ -185,41 +188,26 @@ def test_container_ip_mode_keeps_a_blocking_client_through_a_restart(
     ksm = write_kernelspec(
         tmp_path / "kernels", "docker-ip", case.provisioner, case.config, argv=case.argv
     )
-    km = KernelManager(kernel_name="docker-ip", kernel_spec_manager=ksm)
-    km.start_kernel()
-    try:
-        before = km.get_connection_info()
-        assert before["ip"] == "127.0.0.1", before
-        container_ip = km.provisioner.container_ip  # type: ignore[union-attr]
-        kc = km.blocking_client()
-        kc.start_channels()
-        try:
-            kc.wait_for_ready(timeout=60)
-            assert kc.execute_interactive("x = 1", timeout=30)["content"]["status"] == "ok"
-            time.sleep(1.0)  # idle between calls: nothing runs the caller's loop
-            moving_ips.move_now(str(km.kernel_id))  # no asyncio.run: it unsets the loop
-            km.restart_kernel()
-            after = km.get_connection_info()
-            kept = ("ip", *PORT_NAMES)
-            assert {n: after[n] for n in kept} == {n: before[n] for n in kept}
-            assert km.provisioner.container_ip != container_ip  # type: ignore[union-attr]
-            reply = kc.execute_interactive("print('x' in globals())", timeout=60)
-            assert reply["content"]["status"] == "ok", reply
-        finally:
-            kc.stop_channels()
-    finally:
-        km.shutdown_kernel()
-    local = [int(before[n]) for n in PORT_NAMES]
-    assert [p for p in local if port_is_listening("127.0.0.1", p)] == []
+    restart_with_a_blocking_client(
+        ksm,
+        "docker-ip",
+        kernel_address=lambda km: km.provisioner.container_ip,
+        # no asyncio.run: it unsets the manager's loop
+        before_restart=lambda km: moving_ips.move_now(str(km.kernel_id)),
+    )
 
 
-async def _rest_restarts(
+@contextlib.asynccontextmanager
+async def _open_websocket(
     target: TargetCase,
     tmp_path: Path,
-    rounds: int = ROUNDS,
-    each_round: Callable[[str], Awaitable[None]] | None = None,
-) -> None:
-    with JupyterServer(tmp_path) as server:
+    env: dict[str, str] | None = None,
+    restart_may_be_pending: bool = False,
+) -> AsyncIterator[tuple[JupyterServer, str, str, Any]]:
+    """A Jupyter Server with a kernel of ``target``, and a websocket to it on which the
+    kernel has answered once: ``(server, kernel_id, session, ws)``. The kernel is shut
+    down on exit (``restart_may_be_pending``: after an automatic restart)."""
+    with JupyterServer(tmp_path, env=env) as server:
         kernel_id = await _start(server, target)
         session = uuid.uuid4().hex
         try:
@@ -228,19 +216,32 @@ async def _rest_restarts(
             ) as ws:
                 out = await ws_execute(ws, session, "print('before')")
                 assert out["stdout"] == "before\n", out
-                for round_ in range(rounds):
-                    if each_round is not None:
-                        await each_round(kernel_id)
-                    status, reply = await asyncio.to_thread(
-                        server.request, "POST", f"api/kernels/{kernel_id}/restart"
-                    )
-                    assert status == 200, f"{reply}\n{server.log()}"
-                    out = await ws_execute(ws, session, f"print('run {round_}')", timeout=30)
-                    assert out["stdout"] == f"run {round_}\n", f"restart {round_}: {out}"
-                if each_round is not None:
-                    await each_round(kernel_id)
+                yield server, kernel_id, session, ws
         finally:
-            await _delete(server, kernel_id)
+            status, reply = await delete_kernel(
+                server, kernel_id, restart_may_be_pending=restart_may_be_pending
+            )
+            assert status == 204, f"{reply}\n{server.log()}"
+
+
+async def _rest_restarts(
+    target: TargetCase,
+    tmp_path: Path,
+    rounds: int = ROUNDS,
+    each_round: Callable[[str], Awaitable[None]] | None = None,
+) -> None:
+    async with _open_websocket(target, tmp_path) as (server, kernel_id, session, ws):
+        for round_ in range(rounds):
+            if each_round is not None:
+                await each_round(kernel_id)
+            status, reply = await asyncio.to_thread(
+                server.request, "POST", f"api/kernels/{kernel_id}/restart"
+            )
+            assert status == 200, f"{reply}\n{server.log()}"
+            out = await ws_execute(ws, session, f"print('run {round_}')", timeout=30)
+            assert out["stdout"] == f"run {round_}\n", f"restart {round_}: {out}"
+        if each_round is not None:
+            await each_round(kernel_id)
 
 
 async def _automatic_restart(
@@ -253,29 +254,21 @@ async def _automatic_restart(
     config_dir = tmp_path / "config"
     config_dir.mkdir()
     (config_dir / "jupyter_server_config.json").write_text(json.dumps(config))
-    with JupyterServer(tmp_path, env={"JUPYTER_CONFIG_DIR": str(config_dir)}) as server:
-        kernel_id = await _start(server, target)
-        session = uuid.uuid4().hex
-        try:
-            async with connect(
-                server.ws_url(kernel_id, session), additional_headers=server.ws_headers()
-            ) as ws:
-                out = await ws_execute(ws, session, "print('before')")
-                assert out["stdout"] == "before\n", out
-                if death == "late":
-                    await asyncio.sleep(LATE_DEATH_AFTER)
-                if each_round is not None:
-                    await each_round(kernel_id)
-                await ws.send(json.dumps(execute_request(session, DIE)))
-                await _wait_for_status(ws, "restarting", timeout=60)
-                await _until_answering(ws, session, timeout=90)
-                out = await ws_request(ws, execute_request(session, "print('after')"), 30)
-                assert (out.stdout, out.status) == ("after\n", "ok"), out
-                if each_round is not None:
-                    await each_round(kernel_id)
-            assert logged in server.log(), server.log()
-        finally:
-            await _delete(server, kernel_id, restart_may_be_pending=True)
+    env = {"JUPYTER_CONFIG_DIR": str(config_dir)}
+    opened = _open_websocket(target, tmp_path, env, restart_may_be_pending=True)
+    async with opened as (server, kernel_id, session, ws):
+        if death == "late":
+            await asyncio.sleep(LATE_DEATH_AFTER)
+        if each_round is not None:
+            await each_round(kernel_id)
+        await ws.send(json.dumps(execute_request(session, DIE)))
+        await wait_for_status(ws, "restarting", timeout=60)
+        await until_answering(ws, session, timeout=90)
+        out = await ws_request(ws, execute_request(session, "print('after')"), 30)
+        assert (out.stdout, out.status) == ("after\n", "ok"), out
+        if each_round is not None:
+            await each_round(kernel_id)
+        assert logged in server.log(), server.log()
 
 
 async def _start(server: JupyterServer, target: TargetCase) -> str:
@@ -286,58 +279,3 @@ async def _start(server: JupyterServer, target: TargetCase) -> str:
     )
     assert status == 201, f"{kernel}\n{server.log()}"
     return str(kernel["id"])
-
-
-async def _delete(
-    server: JupyterServer, kernel_id: str, restart_may_be_pending: bool = False
-) -> None:
-    """Shut the kernel down. After an automatic restart, the kernel answers through its
-    kept address a moment before the restart returns (SSH: its launch still checks the
-    new process); jupyter_client fails a shutdown meanwhile (``InvalidStateError``, HTTP
-    500: an upstream race no client can see coming), so that one answer is retried."""
-    deadline = time.monotonic() + 30
-    while True:
-        status, reply = await asyncio.to_thread(
-            server.request, "DELETE", f"api/kernels/{kernel_id}"
-        )
-        pending = status == 500 and "InvalidStateError" in server.log()
-        if not (restart_may_be_pending and pending and time.monotonic() < deadline):
-            break
-        await asyncio.sleep(0.5)
-    assert status == 204, f"{reply}\n{server.log()}"
-
-
-async def _wait_for_status(ws: Any, state: str, timeout: float) -> None:
-    """Read the websocket until the kernel's status is ``state``."""
-    seen: list[str] = []
-
-    async def wait() -> None:
-        while True:
-            msg = json.loads(await ws.recv())
-            current = msg.get("content", {}).get("execution_state", "")
-            seen.append(f"{msg.get('channel')}:{msg.get('msg_type')}:{current}")
-            if msg.get("msg_type") == "status" and current == state:
-                return
-
-    try:
-        await asyncio.wait_for(wait(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"no {state!r} status in {timeout:g} s; saw {seen[-20:]}") from None
-
-
-async def _until_answering(ws: Any, session: str, timeout: float) -> Output:
-    """Ask the kernel for its info on the open websocket until it answers with its reply
-    and its idle status (requests sent while it was down may be answered later, or not)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            return await ws_request(
-                ws, message(session, "kernel_info_request", {}), timeout=min(5.0, max(left, 0))
-            )
-        except AssertionError as exc:
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"no kernel_info reply on the open websocket {timeout:g} s after "
-                    f"the restart began: {exc}"
-                ) from None

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import stat
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from jupyter_client.kernelspec import KernelSpec
-from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory, LocalProvisioner
 from traitlets.config import Config
 
@@ -22,67 +19,9 @@ from provisioners import LocalClusterProvisioner
 from provisioners.base import PORT_NAMES
 from provisioners.manager import AsyncKernelManager as OurAsyncKernelManager
 from provisioners.manager import with_default_provisioner
-from tests.core.test_cli import cli
-from tests.helpers import execute
+from tests.helpers import cli, execute, restart_watching_ports, take_ports_after_cleanup
 
 LOCAL = "cluster-local-provisioner"
-
-
-def bind_ports(ports: list[int]) -> list[socket.socket]:
-    """Listen on ``ports`` of 127.0.0.1 (another process taking them meanwhile)."""
-    held = []
-    for port in ports:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
-        deadline = time.monotonic() + 10  # docker-proxy lets go shortly after removal
-        while True:
-            try:
-                sock.bind(("127.0.0.1", port))
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        sock.listen()
-        held.append(sock)
-    return held
-
-
-def take_ports_after_cleanup(km: AsyncKernelManager) -> list[socket.socket]:
-    """Make the provisioner's restart cleanup end with its old ports taken by others."""
-    held: list[socket.socket] = []
-    provisioner = km.provisioner
-    assert provisioner is not None
-    original = provisioner.cleanup
-    old = [km.get_connection_info()[name] for name in PORT_NAMES]
-
-    async def cleanup(restart: bool = False) -> None:
-        await original(restart=restart)
-        if restart and not held:
-            held.extend(bind_ports(old))
-
-    provisioner.cleanup = cleanup  # type: ignore[method-assign]
-    return held
-
-
-async def restart_watching_ports(km: AsyncKernelManager, **kwargs: Any) -> set[int]:
-    """Restart ``km``; every port value the manager showed meanwhile (sampled each ms)."""
-    seen: set[int] = set()
-    done = asyncio.Event()
-
-    async def sample() -> None:
-        while not done.is_set():
-            seen.update(km.ports)
-            await asyncio.sleep(0.001)
-
-    sampler = asyncio.create_task(sample())
-    try:
-        await km.restart_kernel(**kwargs)
-    finally:
-        done.set()
-        await sampler
-    seen.update(km.ports)
-    return seen
 
 
 async def test_newports_restart_avoids_taken_ports(kernel_manager) -> None:

@@ -5,7 +5,6 @@ Real local kernels; the port cache is the real one in the test's runtime dir.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from pathlib import Path
@@ -18,7 +17,7 @@ from provisioners.base import PORT_NAMES
 from provisioners.connection.ports import LOCAL_HOST, ClusterPortCache
 from provisioners.newports import can_bind
 from provisioners.ssh.remote import _parse_ports
-from tests.helpers import execute
+from tests.helpers import execute, restart_watching_ports, take_ports_after_cleanup
 
 LOCAL = "cluster-local-provisioner"
 
@@ -42,40 +41,6 @@ def _listen(port: int) -> socket.socket:
     return sock
 
 
-def _take_after_cleanup(km: AsyncKernelManager, port: int) -> list[socket.socket]:
-    """Another process takes ``port`` between the restart's cleanup and its start."""
-    held: list[socket.socket] = []
-    provisioner: Any = km.provisioner
-    original = provisioner.cleanup
-
-    async def cleanup(restart: bool = False) -> None:
-        await original(restart=restart)
-        if restart and not held:
-            held.append(_listen(port))
-
-    provisioner.cleanup = cleanup
-    return held
-
-
-async def _restart_watching(km: AsyncKernelManager, **kwargs: Any) -> set[int]:
-    """Restart ``km``; every port value the manager showed meanwhile."""
-    seen: set[int] = set()
-    done = asyncio.Event()
-
-    async def sample() -> None:
-        while not done.is_set():
-            seen.update(km.ports)
-            await asyncio.sleep(0.001)
-
-    sampler = asyncio.create_task(sample())
-    try:
-        await km.restart_kernel(**kwargs)
-    finally:
-        done.set()
-        await sampler
-    return seen | set(km.ports)
-
-
 @pytest.mark.parametrize("newports", [False, True])
 async def test_restart_keeps_the_ports_and_the_cache_records(
     kernel_manager: Any, caplog: pytest.LogCaptureFixture, newports: bool
@@ -89,7 +54,7 @@ async def test_restart_keeps_the_ports_and_the_cache_records(
     assert _records(km) == set(before)
     assert (await execute(km, "print('before')"))["stdout"] == "before\n"
     for _ in range(2):
-        seen = await _restart_watching(km, now=True, newports=newports)
+        seen = await restart_watching_ports(km, now=True, newports=newports)
         assert _ports(km) == before
         assert 0 not in seen and seen == set(before)
         assert _records(km) == set(before)
@@ -109,9 +74,9 @@ async def test_a_taken_port_moves_and_says_so(
     await km.start_kernel()
     before = _ports(km)
     taken = before[PORT_NAMES.index("iopub_port")]
-    held = _take_after_cleanup(km, taken)
+    held = take_ports_after_cleanup(km, [taken])
     try:
-        seen = await _restart_watching(km, now=True, newports=newports)
+        seen = await restart_watching_ports(km, now=True, newports=newports)
         assert held, "the port was taken before the restart's start"
         after = _ports(km)
         kept = [a == b for a, b in zip(before, after, strict=True)]

@@ -122,7 +122,7 @@ def test_launch_kernel(tmp_path: Path, jupyter_dirs: Path) -> None:
 def test_tunnel_to_kernel(tmp_path: Path, jupyter_dirs: Path) -> None:
     """The seed's tunnel example, against a loopback sshd, with a local kernel behind it
     standing in for the remote one (the sshd's host is this machine)."""
-    from tests.ssh.conftest import start_sshd
+    from tests.helpers import start_sshd
 
     sshd = start_sshd(tmp_path / "sshd")
     km = KernelManager()

@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 
 from provisioners.connection.ports import process_start_time, this_hostname
-from tests.helpers import KERNEL_TEST_IMAGE, count, write_kernelspec
-from tests.ssh.conftest import start_sshd
+from tests.helpers import KERNEL_TEST_IMAGE, count, start_sshd, write_kernelspec
 
 pytestmark = [pytest.mark.ssh, pytest.mark.docker]
 

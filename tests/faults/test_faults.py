@@ -3,73 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from provisioners.connection.ports import ClusterPortCache
-from tests.helpers import LEFTOVER_WAIT, count, execute, wait_for_no_leftovers, write_kernelspec
+from tests.helpers import (
+    LEFTOVER_WAIT,
+    ServerProcess,
+    cleanup_cli,
+    count,
+    execute,
+    wait_for_no_leftovers,
+    write_kernelspec,
+)
 from tests.targets import TargetCase, resolve
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-class ServerProcess:
-    """``tests/faults/server.py`` in a subprocess: a server holding ``count`` kernels."""
-
-    def __init__(
-        self, kernel_dir: Path, name: str, count: int, *, independent: bool = False
-    ) -> None:
-        args = [str(kernel_dir), name, str(count)] + (["independent"] if independent else [])
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.server", *args],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=dict(os.environ),
-        )
-        self.kernels: list[dict[str, Any]] = []
-
-    def wait_ready(self, timeout: float = 180) -> ServerProcess:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"server exited early ({self.proc.wait()})")
-            if line.strip() == "ready":
-                return self
-            self.kernels.append(json.loads(line))
-        raise AssertionError("server did not get ready")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(120)
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        return code
-
-
-def cleanup_cli(kernel_dir: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "provisioners", "cleanup", "--kernel-dir", str(kernel_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 async def answers(connection_info: dict[str, Any]) -> bool:

@@ -18,8 +18,14 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 
 from provisioners.connection.ports import ClusterPortCache
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, LOCAL_ARGV, count, execute
-from tests.ssh.conftest import start_sshd
+from tests.helpers import (
+    CONTAINER_ARGV,
+    KERNEL_TEST_IMAGE,
+    LOCAL_ARGV,
+    count,
+    execute,
+    start_sshd,
+)
 
 pytestmark = [pytest.mark.ssh, pytest.mark.docker]
 

@@ -14,8 +14,15 @@ import pytest
 from provisioners.connection.ports import ClusterPortCache, process_start_time
 from provisioners.docker import DockerClusterProvisioner
 from provisioners.local import LocalClusterProvisioner
-from tests.faults.test_faults import ServerProcess, cleanup_cli
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, count, execute, write_kernelspec
+from tests.helpers import (
+    CONTAINER_ARGV,
+    KERNEL_TEST_IMAGE,
+    ServerProcess,
+    cleanup_cli,
+    count,
+    execute,
+    write_kernelspec,
+)
 
 
 async def test_a_kernel_reattached_after_its_server_died_keeps_running(

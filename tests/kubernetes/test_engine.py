@@ -15,8 +15,7 @@ from jupyter_client.manager import AsyncKernelManager
 from provisioners.exceptions import EngineUnavailableError
 from provisioners.k8s.client import KubeApiError
 from provisioners.k8s.portforward import _Deframer, _exit_code
-from tests.helpers import execute
-from tests.kubernetes.conftest import PROVISIONER
+from tests.helpers import KUBERNETES_PROVISIONER, execute
 
 pytestmark = pytest.mark.k8s
 
@@ -46,7 +45,7 @@ async def test_unreachable_api_is_an_engine_error_without_fallback(
     tmp_path: Path, kernel_manager: Callable[..., AsyncKernelManager]
 ) -> None:
     config = {"kubeconfig": dead_kubeconfig(tmp_path), "image": "x", "fallback": "none"}
-    km = kernel_manager(PROVISIONER, config)
+    km = kernel_manager(KUBERNETES_PROVISIONER, config)
     started = time.monotonic()
     with pytest.raises(EngineUnavailableError, match="unreachable"):
         await km.start_kernel()
@@ -57,7 +56,7 @@ async def test_unreachable_api_falls_back_to_a_local_kernel(
     tmp_path: Path, kernel_manager: Callable[..., AsyncKernelManager]
 ) -> None:
     config = {"kubeconfig": dead_kubeconfig(tmp_path), "image": "x", "fallback": "local"}
-    km = kernel_manager(PROVISIONER, config)
+    km = kernel_manager(KUBERNETES_PROVISIONER, config)
     await km.start_kernel()
     assert km.provisioner.runner.target == "local"
     assert (await execute(km, "print('local')"))["stdout"] == "local\n"

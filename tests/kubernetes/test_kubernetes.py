@@ -7,47 +7,35 @@ import contextlib
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
-from provisioners.connection.ports import process_start_time
 from provisioners.exceptions import KernelStartError
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeClient
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner, sweep_orphans
 from provisioners.owner import ServerIdentity
-from tests.helpers import execute, skip_or_fail, write_kernelspec
-from tests.kubernetes.conftest import PROVISIONER, Kube, no_leftovers
+from tests.helpers import KUBERNETES_PROVISIONER, Kube, execute, skip_or_fail, write_kernelspec
+from tests.helpers.kube import dead_identity, get_pod, no_leftovers, provisioner_of
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(180)]
 
 MakeKM = Callable[..., AsyncKernelManager]
 
 
-def provisioner_of(km: AsyncKernelManager) -> KubernetesClusterProvisioner:
-    prov = km.provisioner
-    assert isinstance(prov, KubernetesClusterProvisioner)
-    return prov
-
-
-async def get_pod(api: KubeClient, kube: Kube, name: str) -> dict[str, Any]:
-    return await api.request("GET", f"/api/v1/namespaces/{kube.namespace}/pods/{name}")
-
-
 async def test_kernel_in_a_pod_via_port_forward(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    km = kernel_manager(PROVISIONER, kube.config(connection_mode="port-forward"), **kube.spec())
+    km = kernel_manager(
+        KUBERNETES_PROVISIONER, kube.config(connection_mode="port-forward"), **kube.spec()
+    )
     await km.start_kernel(env={"KERNEL_USERNAME": "alice@example.com"})
     prov = provisioner_of(km)
     assert km.get_connection_info()["ip"] == "127.0.0.1"
@@ -80,7 +68,7 @@ async def test_kernel_in_a_pod_via_pod_ip(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
 ) -> None:
     config = kube.config(connection_mode="pod-ip", pod_ip_relay=False)
-    km = kernel_manager(PROVISIONER, config, **kube.spec())
+    km = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec())
     await km.start_kernel()
     prov = provisioner_of(km)
     ip = km.get_connection_info()["ip"]
@@ -109,7 +97,7 @@ async def _tcp_reachable(host: str, port: int, wait: float = 5.0) -> bool:
 async def test_interrupt_in_signal_mode_execs_kill_in_the_pod(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
 ) -> None:
-    km = kernel_manager(PROVISIONER, kube.config(), **kube.spec(interrupt_mode="signal"))
+    km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(), **kube.spec(interrupt_mode="signal"))
     await km.start_kernel()
     kc = km.client()
     kc.start_channels()
@@ -138,7 +126,7 @@ async def test_interrupt_in_signal_mode_execs_kill_in_the_pod(
 async def test_restart_makes_a_new_pod_on_the_same_ports(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
 ) -> None:
-    km = kernel_manager(PROVISIONER, kube.config(), **kube.spec())
+    km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(), **kube.spec())
     await km.start_kernel()
     prov = provisioner_of(km)
     first_pod, first_ports = prov.pod_name, list(prov._ports)
@@ -159,7 +147,7 @@ async def test_a_bad_image_fails_fast_with_the_pull_error(
     removal goes on in the background, and then nothing is left, port records included."""
     config = kube.config(image="cluster-provisioners.invalid/no-such-image:0")
     config["image_pull_policy"] = "IfNotPresent"
-    km = kernel_manager(PROVISIONER, config, **kube.spec())
+    km = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec())
     started = time.monotonic()
     with pytest.raises(KernelStartError) as info:
         await km.start_kernel()
@@ -198,7 +186,7 @@ async def test_a_server_stopping_after_a_bad_image_leaves_nothing(
     cluster finishes the removal it accepted (pod and Secret), and the port records go
     with the server's process."""
     config = kube.config(image="cluster-provisioners.invalid/no-such-image:0")
-    write_kernelspec(tmp_path, "bad", PROVISIONER, config, **kube.spec())
+    write_kernelspec(tmp_path, "bad", KUBERNETES_PROVISIONER, config, **kube.spec())
     server = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -219,7 +207,7 @@ async def test_a_server_stopping_after_a_bad_image_leaves_nothing(
 async def test_a_restarted_server_reconnects_from_provisioner_info(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
 ) -> None:
-    km = kernel_manager(PROVISIONER, kube.config(), **kube.spec())
+    km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(), **kube.spec())
     await km.start_kernel()
     await execute(km, "marker = 'still here'")
     info = json.loads(json.dumps(await km.provisioner.get_provisioner_info()))
@@ -253,7 +241,7 @@ async def test_a_restarted_server_reconnects_from_provisioner_info(
 async def test_two_concurrent_kernels_share_one_api_client(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
 ) -> None:
-    kms = [kernel_manager(PROVISIONER, kube.config(), **kube.spec()) for _ in range(2)]
+    kms = [kernel_manager(KUBERNETES_PROVISIONER, kube.config(), **kube.spec()) for _ in range(2)]
     await asyncio.gather(*(km.start_kernel() for km in kms))
     provs = [provisioner_of(km) for km in kms]
     assert provs[0]._client is provs[1]._client is not None
@@ -262,18 +250,11 @@ async def test_two_concurrent_kernels_share_one_api_client(
     await asyncio.gather(*(km.shutdown_kernel() for km in kms))
 
 
-def _dead_identity() -> ServerIdentity:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = process_start_time(proc.pid)
-    proc.wait()
-    return ServerIdentity(socket.gethostname(), proc.pid, start or "1")
-
-
 async def test_orphan_sweep_deletes_only_dead_servers_pods(
     kube: Kube, kube_api: KubeClient
 ) -> None:
     ns = kube.namespace
-    dead, alive = str(_dead_identity()), str(ServerIdentity.current())
+    dead, alive = str(dead_identity()), str(ServerIdentity.current())
     elsewhere = "some-other-machine.1.1"  # cannot be checked from here: left alone
     created: list[tuple[str, str]] = []
 
@@ -334,7 +315,7 @@ async def test_an_unschedulable_pod_fails_fast_with_the_schedulers_reason(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
 ) -> None:
     config = kube.config(gpus=1, gpu_resource="example.com/no-such-device")
-    km = kernel_manager(PROVISIONER, config, **kube.spec())
+    km = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec())
     started = time.monotonic()
     with pytest.raises(KernelStartError, match="Unschedulable") as info:
         await km.start_kernel()
@@ -346,7 +327,7 @@ async def test_a_kernel_that_exits_fails_the_start_with_its_log(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
 ) -> None:
     argv = ["python3", "-c", "import sys; print('boom: no kernel here'); sys.exit(3)"]
-    km = kernel_manager(PROVISIONER, kube.config(), **kube.spec(argv=argv))
+    km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(), **kube.spec(argv=argv))
     started = time.monotonic()
     with pytest.raises(KernelStartError) as info:
         await km.start_kernel()
@@ -374,7 +355,7 @@ async def test_forbidden_fails_at_once_and_names_the_rbac_problem(
     if kube.forbid is None:
         pytest.skip("needs an API that can be told to refuse (the API double's deny rules)")
     config = kube.config(connection_mode="port-forward", launch_timeout=20.0)
-    km = kernel_manager(PROVISIONER, config, **kube.spec())
+    km = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec())
     denial = kube.forbid(verb, resource)
     started = time.monotonic()
     try:
@@ -389,7 +370,7 @@ async def test_forbidden_fails_at_once_and_names_the_rbac_problem(
 async def test_a_pod_deleted_behind_our_back_is_a_dead_kernel(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
 ) -> None:
-    km = kernel_manager(PROVISIONER, kube.config(), **kube.spec())
+    km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(), **kube.spec())
     await km.start_kernel()
     assert await km.is_alive()
     prov = provisioner_of(km)
@@ -405,7 +386,7 @@ async def test_a_pod_deleted_behind_our_back_is_a_dead_kernel(
 async def test_host_network_ports_are_read_from_our_pods_annotations(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
 ) -> None:
-    km = kernel_manager(PROVISIONER, kube.config(host_network=True), **kube.spec())
+    km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(host_network=True), **kube.spec())
     await km.start_kernel()
     prov = provisioner_of(km)
     pod = await get_pod(kube_api, kube, prov.pod_name)

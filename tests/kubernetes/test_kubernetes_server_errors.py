@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_kernelspec
+from tests.helpers import KUBERNETES_PROVISIONER, Kube, write_kernelspec
 from tests.jupyter_server import JupyterServer
-from tests.kubernetes.conftest import PROVISIONER, Kube
 
 
 def _both_paths(server: JupyterServer, name: str) -> list[tuple[int, object]]:
@@ -22,11 +21,13 @@ def _both_paths(server: JupyterServer, name: str) -> list[tuple[int, object]]:
 def test_unschedulable_and_forbidden_starts_are_explained(kube: Kube, tmp_path: Path) -> None:
     with JupyterServer(tmp_path) as server:
         unschedulable = kube.config(gpus=1, gpu_resource="example.com/no-such-device")
-        write_kernelspec(server.kernels, "unschedulable", PROVISIONER, unschedulable, **kube.spec())
+        write_kernelspec(
+            server.kernels, "unschedulable", KUBERNETES_PROVISIONER, unschedulable, **kube.spec()
+        )
         write_kernelspec(
             server.kernels,
             "forbidden",
-            PROVISIONER,
+            KUBERNETES_PROVISIONER,
             kube.config(connection_mode="port-forward", launch_timeout=20.0),
             **kube.spec(),
         )

@@ -27,8 +27,8 @@ from jupyter_client.manager import AsyncKernelManager
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeApiError, KubeClient
 from provisioners.k8s.sweep import sweep_orphans
-from tests.kubernetes.conftest import PROVISIONER, Kube
-from tests.kubernetes.test_kubernetes import _dead_identity, get_pod, provisioner_of
+from tests.helpers import KUBERNETES_PROVISIONER, Kube, async_wait_for
+from tests.helpers.kube import dead_identity, get_pod, provisioner_of
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(180)]
 
@@ -45,16 +45,6 @@ async def exists(api: KubeClient, path: str) -> bool:
             return False
         raise
     return True
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.25)
-    return await check()
 
 
 @pytest.fixture
@@ -86,7 +76,7 @@ async def pods(kube: Kube, kube_api: KubeClient) -> AsyncIterator[Callable[..., 
             await kube_api.request("DELETE", path, query=[("gracePeriodSeconds", "0")])
     for ns, name in made:
         path = f"/api/v1/namespaces/{ns}/pods/{name}"
-        await wait_until(lambda path=path: _gone(kube_api, path), 20)
+        await async_wait_for(lambda path=path: _gone(kube_api, path), 20, interval=0.25)
 
 
 async def _gone(api: KubeClient, path: str) -> bool:
@@ -121,7 +111,7 @@ async def test_a_kernel_in_the_servers_namespace_is_collected_with_the_server_po
 ) -> None:
     server = await pods(f"server-gc-{uuid.uuid4().hex[:6]}")
     owner = server_pod_text(server)
-    km = kernel_manager(PROVISIONER, kube.config(server_pod=owner), **kube.spec())
+    km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(server_pod=owner), **kube.spec())
     await km.start_kernel()
     prov = provisioner_of(km)
     pod = await get_pod(kube_api, kube, prov.pod_name)
@@ -137,8 +127,12 @@ async def test_a_kernel_in_the_servers_namespace_is_collected_with_the_server_po
     await kube_api.request("DELETE", server_path, query=[("gracePeriodSeconds", "0")])
     kernel_path = f"/api/v1/namespaces/{ns}/pods/{prov.pod_name}"
     secret_path = f"/api/v1/namespaces/{ns}/secrets/{prov.secret_name}"
-    assert await wait_until(lambda: _gone(kube_api, kernel_path), 30), "kernel pod not collected"
-    assert await wait_until(lambda: _gone(kube_api, secret_path), 15), "Secret not collected"
+    assert await async_wait_for(
+        lambda: _gone(kube_api, kernel_path), 30, "the kernel pod collected", 0.25
+    )
+    assert await async_wait_for(
+        lambda: _gone(kube_api, secret_path), 15, "the Secret collected", 0.25
+    )
     await km.shutdown_kernel(now=True)
 
 
@@ -157,8 +151,8 @@ async def test_sweep_removes_kernels_of_gone_server_pods_never_a_live_ones(
     ns = kube.namespace
     live = await pods(f"server-live-{uuid.uuid4().hex[:6]}")
     ended = await pods(f"server-ended-{uuid.uuid4().hex[:6]}", ("true",))
-    assert await wait_until(
-        lambda: _phase_is(kube_api, ns, ended["metadata"]["name"], "Succeeded"), 30
+    assert await async_wait_for(
+        lambda: _phase_is(kube_api, ns, ended["metadata"]["name"], "Succeeded"), 30, interval=0.25
     )
     live_text, ended_text = server_pod_text(live), server_pod_text(ended)
     owners = {
@@ -176,7 +170,7 @@ async def test_sweep_removes_kernels_of_gone_server_pods_never_a_live_ones(
         body = kernel_pod(kube, tag, OLD_POD_PROCESS, owner, owner_reference=False)
         names[tag] = (await pods(body["metadata"]["name"], body=body))["metadata"]["name"]
     # A kernel started from this very pod: its restarted server process is gone.
-    body = kernel_pod(kube, "restarted", str(_dead_identity()), live_text, owner_reference=False)
+    body = kernel_pod(kube, "restarted", str(dead_identity()), live_text, owner_reference=False)
     names["restarted"] = (await pods(body["metadata"]["name"], body=body))["metadata"]["name"]
 
     log = logging.getLogger("test")
@@ -204,7 +198,7 @@ async def test_cleanup_release_removes_every_kernel_of_the_installation(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM, pods: Any
 ) -> None:
     release = f"jupyter.rel-{uuid.uuid4().hex[:6]}"
-    km = kernel_manager(PROVISIONER, kube.config(release=release), **kube.spec())
+    km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(release=release), **kube.spec())
     await km.start_kernel()
     prov = provisioner_of(km)
     other = kernel_pod(kube, "other", OLD_POD_PROCESS, "", release="jupyter.other")
@@ -221,8 +215,8 @@ async def test_cleanup_release_removes_every_kernel_of_the_installation(
     assert f"removed {kube.namespace}/{prov.pod_name}" in proc.stdout
     assert f"removed {kube.namespace}/{prov.secret_name}" in proc.stdout
     ns = kube.namespace
-    assert await wait_until(
-        lambda: _gone(kube_api, f"/api/v1/namespaces/{ns}/pods/{prov.pod_name}")
+    assert await async_wait_for(
+        lambda: _gone(kube_api, f"/api/v1/namespaces/{ns}/pods/{prov.pod_name}"), 30, interval=0.25
     )
     assert not await exists(kube_api, f"/api/v1/namespaces/{ns}/secrets/{prov.secret_name}")
     await get_pod(kube_api, kube, other_name)  # another installation's kernel stays

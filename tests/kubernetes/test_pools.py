@@ -29,17 +29,8 @@ from provisioners.k8s.client import KubeClient
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
 from provisioners.k8s.sweep import list_kernel_pods, sweep_orphans
 from provisioners.pool.pools import KernelPools
-from tests.helpers import execute, write_kernelspec
-from tests.kubernetes.conftest import (
-    PROVISIONER,
-    Kube,
-    filled,
-    leftovers,
-    new_provisioner,
-    no_leftovers,
-    ready_pool,
-)
-from tests.pool.conftest import wait_for
+from tests.helpers import KUBERNETES_PROVISIONER, Kube, async_wait_for, execute, write_kernelspec
+from tests.helpers.kube import filled, leftovers, new_provisioner, no_leftovers, ready_pool
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]
 
@@ -124,7 +115,7 @@ async def test_pool_fills_a_start_claims_one_and_it_refills(
 ) -> None:
     caplog.set_level(logging.INFO)
     config = kube.config(pool_size=2)
-    km = kernel_manager(PROVISIONER, config, **kube.spec(name="pooled"))
+    km = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec(name="pooled"))
     pool = await filled(km, 2)
     warm = await warm_pods(kube_api, kube)
     assert len(warm) == 2
@@ -146,7 +137,7 @@ async def test_pool_fills_a_start_claims_one_and_it_refills(
     assert row["pod"] == f"{kube.namespace}/{pod_of(km).pod_name}"
     assert row["state"] == "Running"
 
-    other = kernel_manager(PROVISIONER, config, **kube.spec(name="pooled"))
+    other = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec(name="pooled"))
     await other.start_kernel()
     assert pod_of(other).pod_name in warm and pod_of(other).pod_name != pod_of(km).pod_name
     assert other.session.key != km.session.key
@@ -166,7 +157,9 @@ async def test_ten_concurrent_claims_get_ten_pods(
 ) -> None:
     pools.max_total = 10
     config = kube.config(pool_size=10)
-    kms = [kernel_manager(PROVISIONER, config, **kube.spec(name="ten")) for _ in range(10)]
+    kms = [
+        kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec(name="ten")) for _ in range(10)
+    ]
     await filled(kms[0], 10, timeout=240)
     warm = await warm_pods(kube_api, kube)
     assert len(warm) == 10
@@ -190,7 +183,7 @@ async def test_request_inputs_start_cold_and_leave_the_pool_alone(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    km = kernel_manager(PROVISIONER, kube.config(pool_size=1), **kube.spec(name="cold"))
+    km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(pool_size=1), **kube.spec(name="cold"))
     await filled(km, 1)
     warm = await warm_pods(kube_api, kube)
     await km.start_kernel(env={"KERNEL_USERNAME": "x"})
@@ -218,7 +211,9 @@ async def test_request_inputs_start_cold_and_leave_the_pool_alone(
 async def test_restart_of_a_claimed_kernel_keeps_its_id_and_key(
     kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM, pools: KernelPools
 ) -> None:
-    km = kernel_manager(PROVISIONER, kube.config(pool_size=1), **kube.spec(name="restart"))
+    km = kernel_manager(
+        KUBERNETES_PROVISIONER, kube.config(pool_size=1), **kube.spec(name="restart")
+    )
     await filled(km, 1)
     await km.start_kernel()
     claimed = pod_of(km).pod_name
@@ -247,7 +242,9 @@ async def test_a_refused_claim_starts_cold(
     if kube.forbid is None:
         pytest.skip("needs the API double's forbid()")
     caplog.set_level(logging.INFO)
-    km = kernel_manager(PROVISIONER, kube.config(pool_size=1), **kube.spec(name="refused"))
+    km = kernel_manager(
+        KUBERNETES_PROVISIONER, kube.config(pool_size=1), **kube.spec(name="refused")
+    )
     await filled(km, 1)
     (warm,) = await warm_pods(kube_api, kube)
     with kube.forbid("patch", "pods"):
@@ -273,11 +270,13 @@ async def test_a_pool_filling_while_the_api_refuses_pods_backs_off_and_recovers(
     if kube.forbid is None:
         pytest.skip("needs the API double's forbid()")
     caplog.set_level(logging.INFO)
-    km = kernel_manager(PROVISIONER, kube.config(pool_size=1), **kube.spec(name="faulty"))
+    km = kernel_manager(
+        KUBERNETES_PROVISIONER, kube.config(pool_size=1), **kube.spec(name="faulty")
+    )
     with kube.forbid("create", "pods"):
         new_provisioner(km)  # creates the pool, which starts filling
         failed = "a warm kernel failed to start; retrying in"
-        await wait_for(lambda: failed in caplog.text, 60, "a logged warm-start failure")
+        await async_wait_for(lambda: failed in caplog.text, 60, "a logged warm-start failure")
         assert await leftovers(kube_api, kube.namespace) == []
         assert not await warm_pods(kube_api, kube)
     await ready_pool("faulty", 1, timeout=120)
@@ -321,7 +320,7 @@ async def test_the_sweep_removes_the_pools_of_a_sigkilled_server(
 ) -> None:
     kernels = tmp_path / "server-kernels"
     config = kube.config(pool_size=2, sweep_on_start=False)
-    write_kernelspec(kernels, "killed", PROVISIONER, config, **kube.spec())
+    write_kernelspec(kernels, "killed", KUBERNETES_PROVISIONER, config, **kube.spec())
     server = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",

@@ -31,8 +31,8 @@ from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeApiError, KubeClient
 from provisioners.k8s.sweep import list_kernel_pods, sweep_orphans
 from provisioners.pool.pools import KernelPools
-from tests.helpers import execute, skip_or_fail
-from tests.kubernetes.conftest import PROVISIONER, Kube, filled
+from tests.helpers import KUBERNETES_PROVISIONER, Kube, execute, skip_or_fail
+from tests.helpers.kube import filled
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]
 
@@ -119,7 +119,7 @@ async def cycle(
     """Everything the server and the chart's hook do against the API, in one mode."""
     release = f"{kube.namespace}.{RELEASE}"
     config = kube.config(namespace=kernel_ns, connection_mode=mode, server_pod=me, release=release)
-    km = kernel_manager(PROVISIONER, config, **kube.spec(interrupt_mode="signal"))
+    km = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec(interrupt_mode="signal"))
     await km.start_kernel()
     assert (await execute(km, "print(6 * 7)"))["stdout"] == "42\n"
     await km.interrupt_kernel()
@@ -128,7 +128,9 @@ async def cycle(
     await km.shutdown_kernel()
 
     # A warm pool fills, a start claims from it (patching its pod and Secret), then drains.
-    pooled = kernel_manager(PROVISIONER, {**config, "pool_size": 1}, **kube.spec(name="pool"))
+    pooled = kernel_manager(
+        KUBERNETES_PROVISIONER, {**config, "pool_size": 1}, **kube.spec(name="pool")
+    )
     await filled(pooled, 1)
     await pooled.start_kernel()
     assert pooled.provisioner is not None
@@ -138,7 +140,7 @@ async def cycle(
     await KernelPools.instance().drain()
 
     argv = ["python3", "-c", "import sys; print('no kernel'); sys.exit(3)"]
-    failing = kernel_manager(PROVISIONER, config, **kube.spec(argv=argv))
+    failing = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec(argv=argv))
     with pytest.raises(KernelStartError):
         await failing.start_kernel()
 
@@ -146,7 +148,7 @@ async def cycle(
     await sweep_orphans(api, kernel_ns, log, me)  # (the first start may have swept already)
     await list_kernel_pods(api, kernel_ns)
     # The chart's uninstall hook, with a kernel running.
-    km = kernel_manager(PROVISIONER, config, **kube.spec())
+    km = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec())
     await km.start_kernel()
     proc = await asyncio.to_thread(
         subprocess.run,

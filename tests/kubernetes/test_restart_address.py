@@ -23,14 +23,22 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
-from provisioners import KernelManager
-from provisioners.base import PORT_NAMES
-from provisioners.connection.ports import ClusterPortCache, port_is_listening
+from provisioners.connection.ports import ClusterPortCache
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeClient
-from tests.helpers import write_kernelspec
-from tests.jupyter_server import JupyterServer, execute_request, ws_execute
-from tests.kubernetes.conftest import PROVISIONER, Kube
+from tests.helpers import (
+    KUBERNETES_PROVISIONER,
+    Kube,
+    restart_with_a_blocking_client,
+    write_kernelspec,
+)
+from tests.jupyter_server import (
+    JupyterServer,
+    delete_kernel,
+    execute_request,
+    wait_for_status,
+    ws_execute,
+)
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]
 
@@ -62,36 +70,6 @@ async def pods_gone(api: KubeClient, kube: Kube, kernel_id: str, wait: float) ->
         await asyncio.sleep(0.5)
 
 
-async def wait_status(ws: Any, state: str, timeout: float) -> None:
-    """Read the websocket until an iopub status ``state`` arrives."""
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            msg = json.loads(await asyncio.wait_for(ws.recv(), max(left, 0)))
-        except TimeoutError:
-            raise AssertionError(f"no {state!r} status in {timeout:g} s; saw {seen}") from None
-        got = msg.get("content", {}).get("execution_state", "")
-        if msg.get("channel") == "iopub" and got == state:
-            return
-        seen.append(f"{msg.get('channel')}:{msg.get('msg_type')}:{got}".rstrip(":"))
-
-
-async def delete_kernel(server: JupyterServer, kernel_id: str) -> tuple[int, Any]:
-    """DELETE the kernel. A kernel can answer before the restarter's restart has returned,
-    and jupyter_client (8.10) then fails the DELETE with a 500 (it reads the exception of
-    the manager's pending ``ready`` future): retried until the restart is done."""
-    deadline = time.monotonic() + 30
-    while True:
-        status, reply = await asyncio.to_thread(
-            server.request, "DELETE", f"api/kernels/{kernel_id}"
-        )
-        if status != 500 or time.monotonic() > deadline:
-            return status, reply
-        await asyncio.sleep(0.5)
-
-
 def tail(server: JupyterServer, lines: int = 60) -> str:
     return "\n".join(server.log().splitlines()[-lines:])
 
@@ -104,7 +82,7 @@ async def test_an_open_websocket_keeps_its_kernel_across_restarts(
     pods: list[dict[str, Any]] = []
     with JupyterServer(tmp_path) as server:
         settings = kube.config(**config)
-        write_kernelspec(server.kernels, spec_name, PROVISIONER, settings, **kube.spec())
+        write_kernelspec(server.kernels, spec_name, KUBERNETES_PROVISIONER, settings, **kube.spec())
         status, kernel = await asyncio.to_thread(
             server.request, "POST", "api/kernels", {"name": spec_name}
         )
@@ -134,11 +112,11 @@ async def test_an_open_websocket_keeps_its_kernel_across_restarts(
 
                 # the kernel process exits: the restarter starts it again, in a new pod
                 await ws.send(json.dumps(execute_request(session, "import os; os._exit(1)")))
-                await wait_status(ws, "restarting", timeout=60)
+                await wait_for_status(ws, "restarting", timeout=60)
                 await run("print('auto')", "auto\n", "after an automatic restart")
                 pods.append(await kernel_pod(kube_api, kube, kernel_id))
         finally:
-            status, reply = await delete_kernel(server, kernel_id)
+            status, reply = await delete_kernel(server, kernel_id, restart_may_be_pending=True)
         assert status == 204, f"{reply}\n{tail(server)}"
         restarts = re.findall(r"restarting kernel \(1/\d+\), (new|keep) random ports", server.log())
         assert restarts, tail(server)
@@ -156,33 +134,12 @@ def test_a_blocking_client_keeps_the_relay_address_across_a_restart(
     """A synchronous KernelManager (its loop runs only during calls) and a blocking client
     that keeps its channels: the relays run on the engine loop, and follow the restart."""
     config = kube.config(connection_mode="pod-ip")
-    ksm = write_kernelspec(tmp_path / "kernels", "k8s-relay", PROVISIONER, config, **kube.spec())
-    km = KernelManager(kernel_name="k8s-relay", kernel_spec_manager=ksm)
-    km.start_kernel()
-    try:
-        before = km.get_connection_info()
-        assert before["ip"] == "127.0.0.1", before
-        pod_ip = km.provisioner.pod_ip  # type: ignore[union-attr]
-        kc = km.blocking_client()
-        kc.start_channels()
-        try:
-            kc.wait_for_ready(timeout=60)
-            assert kc.execute_interactive("x = 1", timeout=30)["content"]["status"] == "ok"
-            time.sleep(1.0)  # idle between calls: nothing runs the caller's loop
-            km.restart_kernel()
-            after = km.get_connection_info()
-            assert {n: after[n] for n in ("ip", *PORT_NAMES)} == {
-                n: before[n] for n in ("ip", *PORT_NAMES)
-            }
-            assert km.provisioner.pod_ip != pod_ip  # type: ignore[union-attr]
-            reply = kc.execute_interactive("print('x' in globals())", timeout=60)
-            assert reply["content"]["status"] == "ok"
-        finally:
-            kc.stop_channels()
-    finally:
-        km.shutdown_kernel()
-    local = [int(before[n]) for n in PORT_NAMES]
-    assert [p for p in local if port_is_listening("127.0.0.1", p)] == []
+    ksm = write_kernelspec(
+        tmp_path / "kernels", "k8s-relay", KUBERNETES_PROVISIONER, config, **kube.spec()
+    )
+    km = restart_with_a_blocking_client(
+        ksm, "k8s-relay", kernel_address=lambda km: km.provisioner.pod_ip
+    )
     held = ClusterPortCache.instance().held()
     assert [
         port

@@ -16,10 +16,7 @@ import pytest
 
 from provisioners.exceptions import ProvisionerConfigError
 from provisioners.k8s.client import KubeClient
-from tests.helpers import count, execute
-from tests.kubernetes.conftest import PROVISIONER, Kube
-from tests.ssh.conftest import start_sshd
-from tests.ssh.test_password_auth import password_user  # noqa: F401 - fixture
+from tests.helpers import KUBERNETES_PROVISIONER, Kube, count, execute, start_sshd
 
 pytestmark = [pytest.mark.k8s, pytest.mark.ssh, pytest.mark.timeout(180)]
 
@@ -28,7 +25,7 @@ async def test_ssh_password_from_a_kubernetes_secret(
     kernel_manager: Any,
     kube: Kube,
     kube_api: KubeClient,
-    password_user: tuple[str, str],  # noqa: F811 - fixture
+    password_user: tuple[str, str],
     tmp_path: Path,
 ) -> None:
     user, password = password_user
@@ -47,7 +44,7 @@ async def test_ssh_password_from_a_kubernetes_secret(
             ssh_known_hosts=str(sshd.known_hosts_path),
             ssh_password=f"secret:{name}/password",
         )
-        km = kernel_manager(PROVISIONER, config, **kube.spec())
+        km = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec())
         await km.start_kernel()
         try:
             out = await execute(km, "print('through a tunnel, password from a Secret')")
@@ -59,7 +56,9 @@ async def test_ssh_password_from_a_kubernetes_secret(
         count("secret references used", "kubernetes")
 
         missing = kernel_manager(
-            PROVISIONER, {**config, "ssh_password": f"secret:{name}/nokey"}, **kube.spec()
+            KUBERNETES_PROVISIONER,
+            {**config, "ssh_password": f"secret:{name}/nokey"},
+            **kube.spec(),
         )
         with pytest.raises(ProvisionerConfigError, match="nokey") as info:
             await missing.start_kernel()

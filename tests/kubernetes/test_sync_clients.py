@@ -25,8 +25,8 @@ from provisioners.base import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache, port_is_listening
 from provisioners.k8s.client import KubeClient
 from provisioners.k8s.loop import THREAD_NAME, EngineLoop
-from tests.helpers import write_kernelspec
-from tests.kubernetes.conftest import PROVISIONER, Kube, no_leftovers
+from tests.helpers import KUBERNETES_PROVISIONER, Kube, write_kernelspec
+from tests.helpers.kube import no_leftovers
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(240)]
 
@@ -103,7 +103,9 @@ def sync_kernelspec(tmp_path: Path, kube: Kube) -> Iterator[Callable[..., Any]]:
 
     def make(name: str = "k8s-sync", **config: Any) -> Any:
         config = kube.config(connection_mode="port-forward", **config)
-        return write_kernelspec(tmp_path / "kernels", name, PROVISIONER, config, **kube.spec())
+        return write_kernelspec(
+            tmp_path / "kernels", name, KUBERNETES_PROVISIONER, config, **kube.spec()
+        )
 
     yield make
 

@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 
 from provisioners.pool import KernelPools
-from tests.helpers import LOCAL_ARGV, execute
-from tests.pool.conftest import ready, wait_for
-from tests.pool.test_pool_docker import claimed, fill
+from tests.helpers import LOCAL_ARGV, async_wait_for, execute
+from tests.helpers.pool import claimed, fill, ready
 
 
 async def test_local_pool_claims_and_a_request_cwd_starts_cold(
@@ -28,13 +27,13 @@ async def test_local_pool_claims_and_a_request_cwd_starts_cold(
 
     warm, cold = make(), make()
     fill(warm)
-    await wait_for(ready("local", 1), 60, "a warm local kernel")
+    await async_wait_for(ready("local", 1), 60, "a warm local kernel")
     # the server's own working dir: claims
     await warm.start_kernel(kernel_id=str(uuid.uuid4()), cwd=os.getcwd())
     assert claimed(warm), caplog.text
     out = await execute(warm, "import os; print(os.getcwd())")
     assert out["stdout"] == os.getcwd() + "\n"
-    await wait_for(ready("local", 1), 60, "the pool to refill")
+    await async_wait_for(ready("local", 1), 60, "the pool to refill")
     (pool,) = KernelPools.instance().pools()
     warm_ids = [w.kernel_id for w in pool.ready]
 
@@ -67,12 +66,14 @@ async def test_max_total_caps_warm_kernels_across_kernelspecs(
     def held() -> int:
         return sum(p.held for p in kernel_pools.pools())
 
-    await wait_for(lambda: sum(len(p.ready) for p in kernel_pools.pools()) == 3, 60, "3 warm")
+    await async_wait_for(lambda: sum(len(p.ready) for p in kernel_pools.pools()) == 3, 60, "3 warm")
     await asyncio.sleep(1)
     assert held() == 3
     # a claim frees room under the cap: the pools refill to 3 in all, not more
     await a.start_kernel(kernel_id=str(uuid.uuid4()))
-    await wait_for(lambda: sum(len(p.ready) for p in kernel_pools.pools()) == 3, 60, "3 again")
+    await async_wait_for(
+        lambda: sum(len(p.ready) for p in kernel_pools.pools()) == 3, 60, "3 again"
+    )
     assert held() == 3
     assert (await execute(a, "print('capped')"))["stdout"] == "capped\n"
     await a.shutdown_kernel(now=True)

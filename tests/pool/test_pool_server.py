@@ -21,16 +21,15 @@ import pytest
 import websockets
 from jupyter_core.paths import jupyter_runtime_dir
 
-from provisioners.docker import LABEL_KERNELSPEC, LABEL_MANAGED_BY, LABEL_OWNER, MANAGED_BY
+from provisioners.docker import LABEL_OWNER
 from provisioners.owner import ServerIdentity
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, async_wait_for, write_kernelspec
+from tests.helpers.pool import FILL_TIMEOUT, our_port_records, run_pooled_script, spec_containers
 from tests.jupyter_server import JupyterServer, ws_execute
-from tests.pool.conftest import our_port_records, wait_for
 
 pytestmark = pytest.mark.docker
 
 DOCKER = "cluster-docker-provisioner"
-FILL_TIMEOUT = 120.0
 #: Asks the kernel for the key it signs with, and whether it sees the request's inputs.
 KEY_CODE = """\
 import os
@@ -38,12 +37,6 @@ from ipykernel.kernelapp import IPKernelApp
 print(IPKernelApp.instance().session.key.decode())
 print(os.environ.get("JPY_SESSION_NAME"))
 """
-
-
-def spec_containers(client: docker.DockerClient, spec_name: str) -> list[dict[str, Any]]:
-    """Our containers (any state) of kernelspec ``spec_name``."""
-    labels = [f"{LABEL_MANAGED_BY}={MANAGED_BY}", f"{LABEL_KERNELSPEC}={spec_name}"]
-    return list(client.api.containers(all=True, filters={"label": labels}))
 
 
 @pytest.fixture
@@ -93,7 +86,7 @@ def kernel_containers(
 
 async def warm_ready(server: JupyterServer, n: int, times: int = 1) -> None:
     """Wait for the server's log to say ``times`` times that ``n`` warm kernels are ready."""
-    await wait_for(
+    await async_wait_for(
         lambda: server.log().count(f"ready ({n} of {n})") >= times,
         FILL_TIMEOUT,
         f"{n} warm kernels ready in the server's log ({times} times)",
@@ -232,23 +225,6 @@ asyncio.run(main())
 """
 
 
-async def run_pooled_script(
-    script: str, kernel_dir: Path, spec: str, pool_size: int, *args: str
-) -> subprocess.CompletedProcess[str]:
-    """Write Docker kernelspec ``spec`` with a pool of ``pool_size`` into ``kernel_dir``
-    and run ``script`` (argv: ``kernel_dir``, ``spec``, ``args``) in a process of its own."""
-    config = {"image": KERNEL_TEST_IMAGE, "sweep_on_start": False, "pool_size": pool_size}
-    write_kernelspec(kernel_dir, spec, DOCKER, config, argv=CONTAINER_ARGV)
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", script, str(kernel_dir), spec, *args],
-        capture_output=True,
-        text=True,
-        timeout=FILL_TIMEOUT * 2 + 120,
-        env=dict(os.environ),
-    )
-
-
 async def test_a_process_exiting_drains_its_pools(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
@@ -269,7 +245,7 @@ async def test_a_server_stopped_while_its_pool_fills_leaves_nothing(
     spec = f"srvearly-{uuid.uuid4().hex[:8]}"
     server = pool_server(tmp_path, spec, pool_size=3)
     if stop_at == "container created":
-        await wait_for(lambda: stop_at in server.log(), FILL_TIMEOUT, "a warm container")
+        await async_wait_for(lambda: stop_at in server.log(), FILL_TIMEOUT, "a warm container")
     assert server.stop(signal.SIGTERM) is not None, server.log()
     assert server.proc is not None
     left = spec_containers(docker_client, spec)

@@ -12,30 +12,25 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.pool.test_pool_server import FILL_TIMEOUT, run_pooled_script, spec_containers
+from tests.helpers.pool import FILL_TIMEOUT, run_pooled_script, spec_containers
 
 pytestmark = pytest.mark.docker
 
 #: argv: the kernelspec dir, the kernelspec name, the fill timeout. Prints one JSON line.
 SYNC_CLIENT = """
-import json, sys, time
+import json, sys
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from provisioners.pool import KernelPools
+from tests.helpers import wait_for
 
 kernel_dir, spec, fill_timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
 ksm = KernelSpecManager(kernel_dirs=[kernel_dir])
 
-def wait_until(check, what):
-    deadline = time.monotonic() + fill_timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
 first = KernelManager(kernel_name=spec, kernel_spec_manager=ksm)
 first.start_kernel()  # the first provisioner of the kernelspec: a cold start, the pool fills
 (pool,) = KernelPools.instance().pools()
-wait_until(lambda: len(pool.ready) == 1, "the pool did not fill")
+wait_for(lambda: len(pool.ready) == 1, fill_timeout, "the pool to fill", 0.1)
 warm_kernels, warm_ids = list(pool.ready), [warm.kernel_id for warm in pool.ready]
 
 km = KernelManager(kernel_name=spec, kernel_spec_manager=ksm)
@@ -57,7 +52,7 @@ result = {
     "claimed": any(runner is warm for warm in warm_kernels),
     "first_run": run("x = 6 * 7; print(x)"),
 }
-wait_until(lambda: len(pool.ready) == 1, "the pool did not refill")
+wait_for(lambda: len(pool.ready) == 1, fill_timeout, "the pool to refill", 0.1)
 result["refilled"] = [warm.kernel_id for warm in pool.ready] != warm_ids
 km.restart_kernel()
 kc.wait_for_ready(timeout=60)

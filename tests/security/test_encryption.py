@@ -1,8 +1,9 @@
 """Transport encryption (CurveZMQ) on every target: checked on the wire, never degraded.
 
-Each test runs once per target (see conftest.py). A :class:`WireRecorder` relays the
-kernel's channels and keeps every byte: with encryption neither the code sent nor the
-output received may show in them; without it both do, so the check can fail.
+Each test runs once per target (``target``, tests/engine_fixtures.py). A
+:class:`WireRecorder` relays the kernel's channels and keeps every byte: with encryption
+neither the code sent nor the output received may show in them; without it both do, so
+the check can fail.
 """
 
 from __future__ import annotations
@@ -12,21 +13,17 @@ import logging
 import os
 import sys
 import uuid
-from contextlib import ExitStack
 from pathlib import Path
 
 import docker
 import pytest
 
-from provisioners.base import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.exceptions import TransportEncryptionError
-from tests.core.test_cli import cli
-from tests.helpers import CONTAINER_ARGV, count, execute, skip_or_fail, wait_for_no_leftovers
-from tests.security.wire import WireRecorder
+from tests.helpers import CONTAINER_ARGV, cli, count, skip_or_fail, wait_for_no_leftovers
+from tests.security.wire import CURVE, execute_recorded
 from tests.targets import TargetCase, resolve
 
-CURVE = {"supported_encryption": ["curve"]}
 #: A kernel that cannot encrypt: it drops the Curve keys from its connection file, as
 #: ipykernel < 7.4 ignores them, then runs ipykernel in plain text.
 PLAINTEXT_KERNEL = (
@@ -40,20 +37,6 @@ PLAINTEXT_KERNEL = (
 BASE_IMAGE = os.environ.get(
     "CLUSTER_PROVISIONERS_TEST_BASE_IMAGE", "cluster-provisioners/kernel-test-base:bookworm"
 )
-
-
-async def _execute_recorded(km, code: str) -> tuple[dict, bytes]:
-    """Run ``code`` with every channel relayed through recorders; output and wire bytes."""
-    info = km.get_connection_info()
-    with ExitStack() as stack:
-        relays = {
-            name: stack.enter_context(WireRecorder(info["ip"], info[name])) for name in PORT_NAMES
-        }
-        # a client of the manager (it judges liveness), pointed at the recorders
-        kc = km.client(ip="127.0.0.1", **{n: r.port for n, r in relays.items()})
-        out = await execute(kc, code)
-        wire = relays["shell_port"].recorded() + relays["iopub_port"].recorded()
-    return out, wire
 
 
 @pytest.mark.parametrize("policy", ["manager-auto", "kernelspec-required", "disabled"])
@@ -73,7 +56,7 @@ async def test_encryption_on_the_wire(
     # the output is built at run time: it is not in the code
     code = f"print({output[::-1]!r}[::-1])  # {code_marker}"
     try:
-        out, wire = await _execute_recorded(km, code)
+        out, wire = await execute_recorded(km, code)
         assert out["stdout"] == output + "\n", out
         assert wire, "the recorder saw no traffic"
         if not encrypted:
@@ -88,7 +71,7 @@ async def test_encryption_on_the_wire(
         assert secret not in await resolve(target.inspect(km)), f"key shows in {target.name}"
         await km.restart_kernel()  # the manager's keypair is reused
         assert km.curve_publickey == public
-        out, wire = await _execute_recorded(km, code)
+        out, wire = await execute_recorded(km, code)
         assert out["stdout"] == output + "\n"
         assert output.encode() not in wire and code_marker.encode() not in wire
         assert secret not in await resolve(target.inspect(km))
@@ -162,7 +145,7 @@ async def test_local_fallback_stays_encrypted(kernel_manager) -> None:
     try:
         assert isinstance(km.provisioner.runner, LocalClusterProvisioner)
         assert km.curve_publickey is not None
-        out, wire = await _execute_recorded(km, "print('fallback' + '-canary')")
+        out, wire = await execute_recorded(km, "print('fallback' + '-canary')")
         assert out["stdout"] == "fallback-canary\n"
         assert b"fallback-canary" not in wire
     finally:

@@ -1,6 +1,6 @@
 """What a kernel may see and what input may do, on every target.
 
-Each test runs once per target (see conftest.py). Counts of the cases tried are
+Each test runs once per target (``target``, tests/engine_fixtures.py). Counts of the cases tried are
 collected by ``tests/security/summary.py`` and printed at the end of the run.
 """
 

@@ -1,10 +1,21 @@
-"""A TCP relay that records every byte passing between a client and a kernel's port."""
+"""A TCP relay that records every byte passing between a client and a kernel's port,
+and a kernel's code run with all its channels recorded."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+from contextlib import ExitStack
+from typing import Any
+
+from jupyter_client.manager import AsyncKernelManager
+
+from provisioners.lifecycle.base import PORT_NAMES
+from tests.helpers import execute
+
+#: Kernelspec metadata of a kernel that supports CurveZMQ.
+CURVE = {"supported_encryption": ["curve"]}
 
 
 class WireRecorder:
@@ -69,3 +80,18 @@ class WireRecorder:
             for sock in (src, dst):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+async def execute_recorded(km: AsyncKernelManager, code: str) -> tuple[dict[str, Any], bytes]:
+    """Run ``code`` with every channel relayed through recorders; output and wire bytes."""
+    info = km.get_connection_info()
+    with ExitStack() as stack:
+        relays = {
+            name: stack.enter_context(WireRecorder(str(info["ip"]), int(info[name])))
+            for name in PORT_NAMES
+        }
+        # a client of the manager (it judges liveness), pointed at the recorders
+        kc = km.client(ip="127.0.0.1", **{n: r.port for n, r in relays.items()})
+        out = await execute(kc, code)
+        wire = relays["shell_port"].recorded() + relays["iopub_port"].recorded()
+    return out, wire

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +10,9 @@ import pytest
 
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.exceptions import ProvisionerConfigError, SSHAuthenticationError
-from tests.helpers import count, execute, skip_or_fail
-from tests.ssh.conftest import start_sshd
+from tests.helpers import count, execute, start_sshd
 
 pytestmark = pytest.mark.ssh
-USER = "cp-ssh-pw-test"
-
-
-@pytest.fixture
-def password_user() -> Iterator[tuple[str, str]]:
-    """A system user with a random password, removed afterwards."""
-    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("chpasswd"):
-        skip_or_fail("ssh", "creating a password user needs root, useradd and chpasswd")
-    password = secrets.token_urlsafe(18)
-    subprocess.run(["userdel", USER], capture_output=True, check=False)
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", USER], check=True)
-    try:
-        subprocess.run(["chpasswd"], input=f"{USER}:{password}", text=True, check=True)
-        yield USER, password
-    finally:
-        subprocess.run(["userdel", USER], capture_output=True, check=False)
 
 
 def _secret_file(path: Path, secret: str, mode: int) -> Path:

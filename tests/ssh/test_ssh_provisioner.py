@@ -28,14 +28,15 @@ from provisioners.exceptions import (
 )
 from provisioners.owner import ServerIdentity
 from provisioners.ssh import SSHClusterProvisioner, sweep_orphans
-from tests.helpers import execute, write_kernelspec
-from tests.ssh.conftest import (
+from tests.helpers import (
     SSH_PROVISIONER,
-    async_wait_until,
-    execute_info,
-    pid_alive,
+    ServerProcess,
+    async_wait_for,
+    execute,
     start_sshd,
+    write_kernelspec,
 )
+from tests.helpers.ssh import execute_info, pid_alive
 
 pytestmark = pytest.mark.ssh
 
@@ -115,7 +116,7 @@ async def test_execute_interrupt_restart_shutdown(
         await km.restart_kernel()
         new_pid = kernel_pid(km)
         assert new_pid != pid
-        assert await async_wait_until(lambda: not pid_alive(pid))
+        assert await async_wait_for(lambda: not pid_alive(pid))
         assert km.get_connection_info() == info
         await kc.wait_for_ready(timeout=30)  # its channels reconnected to the new kernel
         reply = await kc.execute_interactive("import os; os.getpid()", timeout=30)
@@ -415,8 +416,6 @@ async def test_a_first_start_sweeps_dead_servers_kernels_but_keeps_reattached_on
     """A server with two SSH kernels is SIGKILLed. This process reattaches one of them
     (it becomes that kernel's owner), then starts a kernel of its own on the host: that
     first start sweeps the other, orphaned kernel and keeps the reattached one."""
-    from tests.faults.test_faults import ServerProcess
-
     kernel_dir = tmp_path / "kernels"
     write_kernelspec(kernel_dir, "victim", SSH_PROVISIONER, ssh_config)
     victim = ServerProcess(kernel_dir, "victim", 2).wait_ready()
@@ -431,7 +430,7 @@ async def test_a_first_start_sweeps_dead_servers_kernels_but_keeps_reattached_on
     km = kernel_manager(SSH_PROVISIONER, ssh_config)
     await km.start_kernel()
     try:
-        assert await async_wait_until(lambda: not pid_alive(orphan_pid), timeout=10)
+        assert await async_wait_for(lambda: not pid_alive(orphan_pid), timeout=10)
         assert not Path(orphan_dir).exists()
         assert sorted(p.name for p in remote_runtime.iterdir()) == sorted(
             Path(d).name for d in (reattached.engine.kernel_dir, km.provisioner.engine.kernel_dir)

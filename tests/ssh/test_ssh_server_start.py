@@ -17,8 +17,7 @@ import pytest
 
 from provisioners.connection.ports import ClusterPortCache
 from tests.engines.sshd import _children
-from tests.helpers import write_kernelspec
-from tests.ssh.conftest import SSH_PROVISIONER, wait_until
+from tests.helpers import SSH_PROVISIONER, wait_for, write_kernelspec
 
 pytestmark = pytest.mark.ssh
 TOKEN = "reattach-test-token"
@@ -70,7 +69,7 @@ async def test_a_kernel_dying_at_start_through_jupyter_server_leaves_nothing(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        up = wait_until(
+        up = wait_for(
             lambda: server.poll() is not None or _request_ok(f"{base}/api/status"), timeout=60
         )
         assert up and server.poll() is None, _tail(tmp_path)
@@ -86,7 +85,7 @@ async def test_a_kernel_dying_at_start_through_jupyter_server_leaves_nothing(
         # nothing left: no remote kernel directory, no port record, no SSH session
         assert list(remote_runtime.iterdir()) == []
         assert ClusterPortCache.instance().held() in ({}, {"localhost": {}})
-        assert wait_until(lambda: not _children(sshd.proc.pid), timeout=10)
+        assert wait_for(lambda: not _children(sshd.proc.pid), timeout=10)
         assert _request(f"{base}/api/kernels")[1] == []
     finally:
         server.terminate()

@@ -21,7 +21,8 @@ from provisioners.connection.ports import port_is_listening
 from provisioners.connection.sshlink import ENV_ACCEPT_UNKNOWN, SSHLink, SSHSettings
 from provisioners.connection.tunnels import KERNEL_PORT_NAMES, KernelTunnels
 from provisioners.exceptions import HostKeyError, SSHAuthenticationError, SSHUnreachableError
-from tests.ssh.conftest import LOCAL_PROVISIONER, async_wait_until, execute_info, start_sshd
+from tests.helpers import LOCAL_PROVISIONER, async_wait_for, start_sshd
+from tests.helpers.ssh import execute_info
 
 pytestmark = pytest.mark.ssh
 
@@ -69,7 +70,7 @@ async def test_tunnel_to_kernel_drives_all_five_channels(
         out = await execute_info(through(info, ports), "print(6 * 7, input())")
         assert out == {"stdout": "42 through stdin\n", "error": None, "status": "ok"}
         # the client closed its channels: every relay ends
-        assert await async_wait_until(lambda: ports.server.active_connections == 0)
+        assert await async_wait_for(lambda: ports.server.active_connections == 0)
     finally:
         await asyncio.to_thread(ports.close)
     assert not any(port_is_listening("127.0.0.1", port) for port in ports)
@@ -182,7 +183,7 @@ async def test_agent_authentication(
     sock = tmp_path / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
     try:
-        assert await async_wait_until(sock.exists)
+        assert await async_wait_for(sock.exists)
         env = {"SSH_AUTH_SOCK": str(sock), "PATH": "/usr/bin:/bin"}
         subprocess.run(["ssh-add", "-q", str(sshd.user_key_path)], env=env, check=True, timeout=10)
         monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))

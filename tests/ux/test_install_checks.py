@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import KERNEL_TEST_IMAGE
-from tests.ux.test_progress import _cli_env
+from tests.helpers import KERNEL_TEST_IMAGE, cli_env
 
 
 def install(tmp_path: Path, target: str, *settings: str) -> subprocess.CompletedProcess[str]:
@@ -19,7 +18,7 @@ def install(tmp_path: Path, target: str, *settings: str) -> subprocess.Completed
     for setting in settings:
         args += ["--set", setting]
     return subprocess.run(
-        args, capture_output=True, text=True, timeout=120, env=_cli_env(), check=False
+        args, capture_output=True, text=True, timeout=120, env=cli_env(), check=False
     )
 
 

@@ -12,9 +12,8 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from tests.helpers import CONTAINER_ARGV, write_kernelspec
+from tests.helpers import CONTAINER_ARGV, cli_env, write_kernelspec
 from tests.targets import TargetCase
-from tests.ux.test_progress import _cli_env
 
 #: What the WHERE column names for each target.
 WHERE = {"local": " pid ", "docker": "container ", "ssh": " pid ", "kubernetes": "pod "}
@@ -23,7 +22,7 @@ WHERE = {"local": " pid ", "docker": "container ", "ssh": " pid ", "kubernetes":
 def list_kernels(kernels: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "provisioners", "list", "--kernel-dir", str(kernels), *extra],
-        capture_output=True, text=True, timeout=120, env=_cli_env(), check=False,
+        capture_output=True, text=True, timeout=120, env=cli_env(), check=False,
     )  # fmt: skip
 
 

@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 
 from provisioners.progress import RECORD_ATTRIBUTE, ProgressStep
-from tests.helpers import write_kernelspec
+from tests.helpers import cli_env, write_kernelspec
 from tests.targets import TargetCase
 
-REPO = Path(__file__).resolve().parents[2]
 #: Steps each target reports, besides the base's "starting" and "ready".
 ENGINE_STEPS = {
     "local": [],
@@ -24,11 +23,6 @@ ENGINE_STEPS = {
     "ssh": ["kernel directory created", "uploaded", "kernel process started", "tunnels open"],
     "kubernetes": ["pod created", "pod running"],
 }
-
-
-def _cli_env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
 
 
 def _spec_dir(tmp_path: Path, target: TargetCase) -> Path:
@@ -79,7 +73,7 @@ def test_run_shows_steps_then_output(target: TargetCase, tmp_path: Path) -> None
     """Not on a terminal: one plain line per step on stderr, then the kernel's output."""
     result = subprocess.run(
         _run(_spec_dir(tmp_path, target)),
-        capture_output=True, text=True, timeout=240, env=_cli_env(), check=False,
+        capture_output=True, text=True, timeout=240, env=cli_env(), check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "42"
@@ -97,7 +91,7 @@ def test_run_quiet_shows_no_steps(tmp_path: Path) -> None:
 
     result = subprocess.run(
         _run(_spec_dir(tmp_path, local_case()), "--quiet"),
-        capture_output=True, text=True, timeout=120, env=_cli_env(), check=False,
+        capture_output=True, text=True, timeout=120, env=cli_env(), check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "42"
@@ -112,7 +106,7 @@ def test_run_on_a_terminal_draws_a_status_line(tmp_path: Path) -> None:
     command = _run(_spec_dir(tmp_path, local_case()))
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=_cli_env()
+        command, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=cli_env()
     )
     os.close(follower)
     output = b""

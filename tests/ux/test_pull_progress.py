@@ -21,8 +21,13 @@ import docker
 import pytest
 
 from provisioners.docker.pull import PullProgress
-from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, skip_or_fail, write_kernelspec
-from tests.ux.test_progress import _cli_env
+from tests.helpers import (
+    CONTAINER_ARGV,
+    KERNEL_TEST_IMAGE,
+    cli_env,
+    skip_or_fail,
+    write_kernelspec,
+)
 
 REGISTRY = Path("/usr/bin/docker-registry")
 
@@ -93,7 +98,7 @@ def test_run_shows_pull_progress(docker_client, registry: str, tmp_path: Path) -
         command = [sys.executable, "-m", "provisioners", "run", "--kernel-dir", str(kernels)]
         command += ["--kernel", "pulled", "-c", "print(6 * 7)"]
         result = subprocess.run(
-            command, capture_output=True, text=True, timeout=240, env=_cli_env(), check=False
+            command, capture_output=True, text=True, timeout=240, env=cli_env(), check=False
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "42"
