@@ -1,19 +1,16 @@
 """The local fallback: when it may run, what it passes on, and how the user learns of it.
 
 A fallback kernel replaces a remote one: it gets the environment policy of the target it
-replaces (never the server's whole environment), it is refused inside a Kubernetes pod
-unless the kernelspec asks for it, its port records name the target it replaces (so
-``jupyter-provisioners list`` shows it), and an IPython kernel prints a notice in the
-output of its first execution.
+replaces (never the server's whole environment), it is refused where this server may run
+in a Kubernetes pod (:func:`provisioners.podenv.maybe_in_pod`) unless the kernelspec asks
+for it, its port records name the target it replaces (so ``jupyter-provisioners list``
+shows it), and an IPython kernel prints a notice in the output of its first execution.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-#: Where Kubernetes mounts a pod's service-account token.
-SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 #: What a local process needs to run at all, and that carries no secret; a container's
 #: image or a remote login gives its kernel the same.
 PROCESS_BASICS = ("PATH", "LANG", "LC_ALL")
@@ -29,12 +26,6 @@ def _notice(*_args):
     print(message, file=sys.stderr, flush=True)
 ip.events.register('pre_run_cell', _notice)
 """
-
-
-def in_kubernetes_pod() -> bool:
-    """True when this server runs inside a Kubernetes pod (the API's service env or the
-    service-account token is there)."""
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or SERVICE_ACCOUNT_TOKEN.exists()
 
 
 def refusal_in_pod(target: str, cause: str) -> str:
