@@ -22,17 +22,19 @@ from tests.helpers import LEFTOVER_WAIT, execute, wait_for_no_leftovers, write_k
 from tests.helpers.pool import our_port_records
 from tests.targets import TargetCase
 
-#: Exits at once (code 3) while the marker file exists, else runs ipykernel.
+#: Runs ipykernel; while the marker file exists, the kernel dies 1.5 s after it starts
+#: (after its start succeeded: the restarter, not the start, sees it die).
 _DIE_IF_MARKED = (
-    "import os, sys\n"
-    "if os.path.exists({marker!r}): sys.exit(3)\n"
+    "import os, threading\n"
+    "if os.path.exists({marker!r}): threading.Timer(1.5, os._exit, (3,)).start()\n"
     "from ipykernel.kernelapp import launch_new_instance\n"
     "launch_new_instance()\n"
 )
 
 
 def _dying_spec(target: TargetCase, host_dir: Path) -> tuple[list[str], dict[str, Any], Path]:
-    """argv and config of a kernel that dies at start while a marker file exists."""
+    """argv and config of a kernel that dies soon after each start while a marker file
+    exists."""
     config = dict(target.config)
     seen_dir = str(host_dir)
     if target.name == "docker":
@@ -60,7 +62,7 @@ async def test_a_kernel_the_restarter_gives_up_on_is_removed(
         km.add_restart_callback(gave_up.set, "dead")
         assert (await execute(km, "print('alive')"))["stdout"] == "alive\n"
         assert our_port_records(), "the kernel's ports are recorded while it runs"
-        marker.touch()  # from now on every restart dies at once
+        marker.touch()  # from now on every restarted kernel dies soon
         client = km.client()
         client.start_channels()
         client.execute("import os; os._exit(1)")
