@@ -95,6 +95,10 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         self._teardown_lock = asyncio.Lock()
         self._claimed = False
         self._given_up_cleanup: asyncio.Task[None] | None = None
+        #: A restart failed because the engine was unreachable: the kernel keeps its
+        #: address and counts as exited, so the manager's restarter starts it again.
+        self._awaiting_engine = False
+        self._restart_launch = False  # the coming launch_kernel is a restart's
 
     @property
     def executor(self) -> EngineExecutor:
@@ -114,7 +118,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
 
     @property
     def has_process(self) -> bool:
-        return not self._stopped and self.engine.has_kernel()
+        return not self._stopped and (self.engine.has_kernel() or self._awaiting_engine)
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Pick the engine, allocate ports, build connection info, command and env."""
@@ -143,6 +147,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             # a port moved: clients connect anew; after the kernel's own death no client
             # waits for the restart to return (see _let_clients_reconnect)
             self._settle_clients = engine.ports == kept and not self._exited_before_restart
+            self._restart_launch = True
         else:
             claim = type(self).claim_warm_kernel
             if claim is not None and await claim(self, kwargs):
@@ -190,12 +195,15 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             self._claimed = False
             return self.connection_info
         env = kwargs.pop("env", {})
+        restarting, self._restart_launch = self._restart_launch, False
         # a restart after a failed removal: the previous kernel must go first
         if self._pending_removal is not None and not await self.retry_removal():
             msg = (
                 f"cannot start {engine.target} kernel {self.kernel_id}: what its previous "
                 f"start left could not be removed yet: {self._removal_error}"
             )
+            if restarting:
+                msg += self._await_engine()
             raise KernelStartError(msg, target=engine.target, kernel_id=self.kernel_id)
         try:
             engine.progress("starting", f"on the {engine.target} engine")
@@ -210,15 +218,26 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
                 self._settle_clients = False
                 await self._let_clients_reconnect()
             engine.progress("ready", "the kernel's channels are reachable")
+            if self._awaiting_engine:
+                self._awaiting_engine = False
+                self.log.info("Kernel %s: the engine answers again; restarted", self.kernel_id)
         except BaseException as exc:
-            self.log.warning(
-                "Kernel %s (%s): start failed, removing what was created: %s",
-                self.kernel_id,
-                engine.target,
-                _describe(exc),
-            )
+            engine_down = restarting and isinstance(exc, EngineUnavailableError)
+            if not (engine_down and self._awaiting_engine):  # said once while it is down
+                self.log.warning(
+                    "Kernel %s (%s): start failed, removing what was created: %s",
+                    self.kernel_id,
+                    engine.target,
+                    _describe(exc),
+                )
             engine.start_failed = True  # the error is reported before the removal is done
-            await self._teardown(restart=False)
+            await self._teardown(restart=engine_down)  # a restart keeps the address
+            if engine_down:
+                msg = f"cannot restart {engine.target} kernel {self.kernel_id}: {exc}"
+                msg += self._await_engine()
+                raise EngineUnavailableError(
+                    msg, target=engine.target, kernel_id=self.kernel_id
+                ) from exc
             if not isinstance(exc, Exception):
                 raise
             if isinstance(exc, asyncio.TimeoutError):
@@ -233,6 +252,21 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
                 raise
             raise error from exc
         return self.connection_info
+
+    def _await_engine(self) -> str:
+        """A restart failed on an unreachable engine: keep the kernel (its ports, tunnels
+        and relays, so open websockets keep their address), let it count as exited, and
+        let the manager's restarter start it again until the engine answers. Returns what
+        the error adds for the person who asked."""
+        self._awaiting_engine = True
+        km: Any = self.parent
+        if getattr(km, "autorestart", False) and hasattr(km, "start_restarter"):
+            km.start_restarter()  # jupyter_client stopped it for the restart
+            return (
+                "; the kernel keeps its address and its restarter starts it again once "
+                "the engine answers (or restart it then)"
+            )
+        return "; restart the kernel once the engine answers"
 
     async def post_launch(self, **kwargs: Any) -> None:
         """Hear from the manager's restarter when it gives up on the kernel (its restarts
@@ -263,6 +297,8 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
     async def poll(self) -> int | None:
         if not self.has_process:
             return 0
+        if self._awaiting_engine and not self.engine.has_kernel():
+            return 1  # its restart failed on the engine: the restarter tries again
         return await self.engine.poll_kernel()
 
     async def wait(self) -> int | None:
@@ -664,6 +700,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
                 restart = False  # a full stop pending stays a full stop
             if not restart:
                 self._stopped = True
+                self._awaiting_engine = False
                 if self.engine.tunnels is not None:
                     tunnels, self.engine.tunnels = self.engine.tunnels, None
                     await self._best_effort("closing the SSH tunnels", tunnels.close())

@@ -3,7 +3,7 @@
 Jupyter Server creates a websocket's ZMQ streams when the client connects and re-creates
 them only when it reconnects; JupyterLab's and ``GatewayClient``'s websockets stay open,
 so they keep talking to the address the kernel had when they connected. A restart, REST
-or automatic, must therefore keep the kernel's address (:mod:`provisioners.newports`).
+or automatic, must therefore keep the kernel's address (:mod:`provisioners.lifecycle.newports`).
 
 - REST: the server answers ``POST /api/kernels/<id>/restart`` once the provisioner has
   launched the new kernel. A request sent at that moment must still get its reply, its
@@ -191,7 +191,7 @@ def test_container_ip_mode_keeps_a_blocking_client_through_a_restart(
     restart_with_a_blocking_client(
         ksm,
         "docker-ip",
-        kernel_address=lambda km: km.provisioner.container_ip,
+        kernel_address=lambda km: km.provisioner.engine.container_ip,
         # no asyncio.run: it unsets the manager's loop
         before_restart=lambda km: moving_ips.move_now(str(km.kernel_id)),
     )

@@ -22,9 +22,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-from provisioners import leftovers
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.exceptions import KernelStartError
+from provisioners.lifecycle import leftovers
 from tests.faults.proxy import SocketProxy
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, LEFTOVER_WAIT, count, execute
 from tests.targets import resolve
@@ -113,7 +113,7 @@ async def test_docker_daemon_gone_during_shutdown(
     remaining = await eventually(left)
     count("orphans after recovery", "docker", len(remaining))
     assert remaining == []
-    assert km.provisioner._client is None, "the Docker API session is still open"
+    assert km.provisioner.engine.client is None, "the Docker API session is still open"
 
 
 @pytest.mark.docker
@@ -127,7 +127,7 @@ async def test_docker_daemon_restarted_under_a_kernel(
     )
     await km.start_kernel()
     kernel_id = km.kernel_id
-    first = km.provisioner.runner.kernel_state()["container_id"]
+    first = km.provisioner.engine.kernel_state()["container_id"]
     assert (await execute(km, "x = 41"))["status"] == "ok"
 
     docker_proxy.cut()  # as dockerd restarting: its socket is gone, its containers stop
@@ -138,7 +138,7 @@ async def test_docker_daemon_restarted_under_a_kernel(
 
     docker_proxy.restore()
     await km.restart_kernel(now=True)
-    second = km.provisioner.runner.kernel_state()["container_id"]
+    second = km.provisioner.engine.kernel_state()["container_id"]
     assert second and second != first
     assert (await execute(km, "print('restarted')"))["stdout"] == "restarted\n"
     await km.shutdown_kernel()
@@ -149,7 +149,7 @@ async def test_docker_daemon_restarted_under_a_kernel(
     remaining = [f"container {c.name}" for c in found] + held_ports() + pending_removals()
     count("orphans after recovery", "docker", len(remaining))
     assert remaining == []
-    assert km.provisioner._client is None, "the Docker API session is still open"
+    assert km.provisioner.engine.client is None, "the Docker API session is still open"
 
 
 def kube_open_sessions() -> list[str]:
@@ -182,7 +182,7 @@ async def test_kubernetes_api_refuses_the_delete(
     await km.start_kernel()
     kernel_id = km.kernel_id
     assert (await execute(km, "print('up')"))["stdout"] == "up\n"
-    pod = km.provisioner.runner.kernel_state()["pod"]
+    pod = km.provisioner.engine.kernel_state()["pod"]
     graces = asyncio.create_task(deletion_graces(kube, pod))
     await asyncio.sleep(0.5)  # the watch is established
 
@@ -213,7 +213,7 @@ async def test_kubernetes_pods_are_never_force_deleted(kernel_manager: Any, kube
     forced delete (0) drops the object while the kubelet may still run the kernel."""
     km = kernel_manager("cluster-kubernetes-provisioner", kube.config(), **kube.spec())
     await km.start_kernel()
-    pod = km.provisioner.runner.kernel_state()["pod"]
+    pod = km.provisioner.engine.kernel_state()["pod"]
     graces = asyncio.create_task(deletion_graces(kube, pod))
     await asyncio.sleep(0.5)  # the watch is established
     await km.shutdown_kernel(now=True)
@@ -305,3 +305,65 @@ async def test_ssh_connection_dropped_during_shutdown(
     remaining = await eventually(left)
     count("orphans after recovery", "ssh", len(remaining))
     assert remaining == []
+
+
+@pytest.mark.docker
+async def test_a_restart_while_the_daemon_is_down_recovers_by_itself(
+    tmp_path: Path, docker_client: Any, docker_proxy: SocketProxy
+) -> None:
+    """A restart asked while the daemon is gone fails saying why; the kernel keeps its
+    address, and its restarter starts it again once the daemon answers (JupyterLab's
+    notebook stayed 'Restarting' until a second restart)."""
+    from jupyter_client.ioloop import AsyncIOLoopKernelManager
+    from traitlets.config import Config
+
+    from tests.helpers import write_kernelspec
+
+    ksm = write_kernelspec(
+        tmp_path / "kernels",
+        "down",
+        "cluster-docker-provisioner",
+        docker_config(docker_proxy),
+        argv=CONTAINER_ARGV,
+    )
+    config = Config({"KernelRestarter": {"time_to_dead": 0.5}})
+    km = AsyncIOLoopKernelManager(kernel_name="down", kernel_spec_manager=ksm, config=config)
+    await km.start_kernel()
+    try:
+        address = {k: v for k, v in km.get_connection_info().items() if k.endswith("_port")}
+        first = km.provisioner.engine.kernel_state()["container_id"]
+        assert (await execute(km, "x = 41"))["status"] == "ok"
+
+        docker_proxy.cut()  # as dockerd restarting: its socket is gone, its containers stop
+        docker_client.api.kill(first)
+        count("faults injected", "docker")
+        with pytest.raises(Exception, match="restarter starts it again") as failed:
+            await km.restart_kernel(now=True)
+        assert "unreachable" in str(failed.value) or "could not be removed" in str(failed.value)
+
+        docker_proxy.restore()  # no second restart: the restarter recovers the kernel
+
+        async def answers() -> bool:
+            try:
+                return (await execute(km, "print('back')", timeout=5))["stdout"] == "back\n"
+            except Exception:
+                return False
+
+        deadline = time.monotonic() + LEFTOVER_WAIT
+        while not await answers():
+            assert time.monotonic() < deadline, "the restarter did not start the kernel again"
+            await asyncio.sleep(1)
+        assert km.provisioner.engine.kernel_state()["container_id"] != first
+        kept = {k: v for k, v in km.get_connection_info().items() if k.endswith("_port")}
+        assert kept == address, "the kernel moved: open websockets would lose it"
+    finally:
+        km.stop_restarter()
+        await km.shutdown_kernel(now=True)
+    assert await eventually(lambda: _docker_left(docker_client, km.kernel_id)) == []
+
+
+async def _docker_left(client: Any, kernel_id: str) -> list[str]:
+    found = client.containers.list(
+        all=True, filters={"label": f"cluster-provisioners.kernel-id={kernel_id}"}
+    )
+    return [f"container {c.name}" for c in found] + held_ports() + pending_removals()
