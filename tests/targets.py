@@ -46,7 +46,7 @@ def local_case() -> TargetCase:
     def inspect(km: AsyncKernelManager) -> str:
         import psutil
 
-        proc = psutil.Process(km.provisioner.runner.pid)
+        proc = psutil.Process(km.provisioner.engine.pid)
         return json.dumps({"cmdline": proc.cmdline(), "environ": proc.environ()})
 
     def leftovers(kernel_id: str) -> list[str]:
@@ -67,7 +67,7 @@ def local_case() -> TargetCase:
 
 def docker_case(client: Any) -> TargetCase:
     def inspect(km: AsyncKernelManager) -> str:
-        container = client.containers.get(km.provisioner.runner.kernel_state()["container_id"])
+        container = client.containers.get(km.provisioner.engine.kernel_state()["container_id"])
         return json.dumps(container.attrs)
 
     def leftovers(kernel_id: str) -> list[str]:
@@ -77,7 +77,7 @@ def docker_case(client: Any) -> TargetCase:
         return [f"container {c.name}" for c in found]
 
     def names(km: AsyncKernelManager) -> list[str]:
-        return [km.provisioner.runner.kernel_state()["container_name"]]
+        return [km.provisioner.engine.kernel_state()["container_name"]]
 
     return TargetCase(
         "docker",
@@ -107,7 +107,7 @@ def ssh_case(sshd: Any, remote_runtime: Path) -> TargetCase:
     def inspect(km: AsyncKernelManager) -> str:
         import psutil
 
-        state = km.provisioner.runner.kernel_state()
+        state = km.provisioner.engine.kernel_state()
         proc = psutil.Process(state["pid"])
         launcher = Path(state["kernel_dir"]) / "launch.sh"
         return json.dumps(
@@ -127,7 +127,7 @@ def ssh_case(sshd: Any, remote_runtime: Path) -> TargetCase:
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
     def names(km: AsyncKernelManager) -> list[str]:
-        return [Path(km.provisioner.runner.kernel_state()["kernel_dir"]).name]
+        return [Path(km.provisioner.engine.kernel_state()["kernel_dir"]).name]
 
     return TargetCase("ssh", "cluster-ssh-provisioner", argv, config, inspect, leftovers, names)
 
@@ -138,7 +138,7 @@ def kubernetes_case(kube: Any) -> TargetCase:
     from provisioners.k8s.client import KubeClient
 
     async def inspect(km: AsyncKernelManager) -> str:
-        state = km.provisioner.runner.kernel_state()
+        state = km.provisioner.engine.kernel_state()
         client = await KubeClient.connect(kube.kubeconfig)
         try:
             pod = await client.request(
@@ -175,7 +175,7 @@ def kubernetes_case(kube: Any) -> TargetCase:
             for kind in ("pods", "secrets"):
                 items = await client.request("GET", f"/api/v1/namespaces/{kube.namespace}/{kind}")
                 found += [item["metadata"]["name"] for item in items.get("items") or []]
-            state = km.provisioner.runner.kernel_state()
+            state = km.provisioner.engine.kernel_state()
             pod = await client.request(
                 "GET", f"/api/v1/namespaces/{kube.namespace}/pods/{state['pod']}"
             )

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from provisioners import ClusterProvisioner, LocalClusterProvisioner
+from provisioners import ClusterProvisioner
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.exceptions import (
     EngineUnavailableError,
@@ -21,6 +21,7 @@ from provisioners.exceptions import (
     ProvisionerConfigError,
     ProvisionerError,
 )
+from provisioners.lifecycle.engine import Engine
 from tests.helpers import execute, write_kernelspec
 
 BAD_CONFIGS = [
@@ -50,30 +51,29 @@ async def test_bad_config_is_named_and_starts_nothing(
     assert {p.pid for p in psutil.Process().children(recursive=True)} == before
 
 
-class _Stub(ClusterProvisioner):
-    """A target whose engine hooks are scripted by the test."""
+class _StubEngine(Engine):
+    """An engine whose hooks are scripted by the test (through its provisioner)."""
 
     target: ClassVar[str] = "stub"
-    unreachable = False
-    fail_stage = ""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, settings: Any, kernel_id: str) -> None:
+        super().__init__(settings, kernel_id)
         self.proc: subprocess.Popen[bytes] | None = None
         self.removed = False
 
     async def check_engine(self) -> None:
-        if self.unreachable:
+        if self.settings.unreachable:
             raise EngineUnavailableError("no engine socket at /nonexistent/stub.sock")
 
     async def start_kernel(self, cmd: list[str], env: dict[str, str], kernel_info, **kw) -> None:
-        if self.fail_stage == "before-create":
+        stage = self.settings.fail_stage
+        if stage == "before-create":
             raise KernelStartError("image 'nope:latest' not found", target="stub")
         self.proc = subprocess.Popen(["sleep", "60"])
-        self._started = True
-        if self.fail_stage == "after-create":
+        self.started = True
+        if stage == "after-create":
             raise KernelStartError("container exited: boom", target="stub")
-        if self.fail_stage == "hang":
+        if stage == "hang":
             await asyncio.sleep(3600)
 
     async def poll_kernel(self) -> int | None:
@@ -88,8 +88,17 @@ class _Stub(ClusterProvisioner):
             self.proc.kill()
             self.proc.wait()
             self.proc = None
-        self._started = False
+        self.started = False
         self.removed = True
+
+
+class _Stub(ClusterProvisioner):
+    """A target whose engine is scripted by the test."""
+
+    target: ClassVar[str] = "stub"
+    engine_class: ClassVar[type[Engine]] = _StubEngine
+    unreachable = False
+    fail_stage = ""
 
 
 def _manager(tmp_path: Path, stub: _Stub | None = None, **config: Any) -> AsyncKernelManager:
@@ -108,7 +117,7 @@ async def test_unreachable_engine_falls_back_to_local(
     with caplog.at_level(logging.WARNING):
         await km.start_kernel()
     try:
-        assert isinstance(km.provisioner.runner, LocalClusterProvisioner)
+        assert km.provisioner.engine.fallback_for
         assert "stub engine is unreachable" in caplog.text
         assert "/nonexistent/stub.sock" in caplog.text
         assert (await execute(km, "print('fell back')"))["stdout"] == "fell back\n"
@@ -134,6 +143,7 @@ async def test_failed_start_never_falls_back_and_cleans_up(tmp_path: Path, stage
         await km.start_kernel()
     if stage == "hang":
         assert "launch_timeout=1" in str(info.value)
-    assert stub.runner is stub  # a start failure is not an unreachable engine
-    assert stub.removed and stub.proc is None
+    assert not stub.engine.fallback_for  # a start failure is not an unreachable engine
+    engine = stub.engine
+    assert isinstance(engine, _StubEngine) and engine.removed and engine.proc is None
     assert ClusterPortCache.instance().held() == {}

@@ -41,13 +41,13 @@ async def test_execute_interrupt_restart_shutdown(kernel_manager, jupyter_dirs: 
 
     await interrupt_busy_loop(km, settle=1.0)  # interrupt stops a busy loop
 
-    pid = km.provisioner.runner.pid
+    pid = km.provisioner.engine.pid
     await km.restart_kernel()
-    assert km.provisioner.runner.pid != pid
+    assert km.provisioner.engine.pid != pid
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert km.get_connection_info()["shell_port"] == info["shell_port"]  # ports kept
     out = await execute(km, "import os; print(os.getpid())")
-    assert int(out["stdout"]) == km.provisioner.runner.pid
+    assert int(out["stdout"]) == km.provisioner.engine.pid
 
     conn_file = km.connection_file
     await km.shutdown_kernel()

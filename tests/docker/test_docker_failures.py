@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from provisioners import LocalClusterProvisioner
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.docker import LABEL_OWNER
 from provisioners.exceptions import (
@@ -54,7 +53,7 @@ async def test_unreachable_daemon_falls_back_to_local(kernel_manager, caplog) ->
     )
     await km.start_kernel()
     try:
-        assert isinstance(km.provisioner.runner, LocalClusterProvisioner)
+        assert km.provisioner.engine.fallback_for
         assert "docker engine is unreachable" in caplog.text
         assert NO_DAEMON in caplog.text
         assert (await execute(km, "print('local')"))["stdout"] == "local\n"

@@ -53,7 +53,7 @@ async def test_a_kernel_reattached_after_its_server_died_keeps_running(
         me = (socket.gethostname(), os.getpid(), process_start_time(os.getpid()))
         for record in ours.values():
             assert (record["hostname"], record["pid"], record["start"]) == me
-            assert record["kernel_pid"] == fresh.runner.pid
+            assert record["kernel_pid"] == fresh.engine.pid
         assert await fresh.poll() is None
         assert connection_file.exists()
         out = await execute(dict(fresh.connection_info), "print('still here')", timeout=30)

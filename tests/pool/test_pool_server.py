@@ -22,7 +22,7 @@ import websockets
 from jupyter_core.paths import jupyter_runtime_dir
 
 from provisioners.docker import LABEL_OWNER
-from provisioners.owner import ServerIdentity
+from provisioners.lifecycle.owner import ServerIdentity
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, async_wait_for, write_kernelspec
 from tests.helpers.pool import FILL_TIMEOUT, our_port_records, run_pooled_script, spec_containers
 from tests.jupyter_server import JupyterServer, ws_execute

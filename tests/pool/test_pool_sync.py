@@ -35,7 +35,7 @@ warm_kernels, warm_ids = list(pool.ready), [warm.kernel_id for warm in pool.read
 
 km = KernelManager(kernel_name=spec, kernel_spec_manager=ksm)
 km.start_kernel()
-runner = km.provisioner.runner
+runner = km.provisioner.engine
 kc = km.client()
 kc.start_channels()
 kc.wait_for_ready(timeout=30)
@@ -57,7 +57,7 @@ result["refilled"] = [warm.kernel_id for warm in pool.ready] != warm_ids
 km.restart_kernel()
 kc.wait_for_ready(timeout=60)
 result["after_restart"] = run("print('x' in dir())")
-result["same_kernel_id"] = km.provisioner.runner.kernel_id == km.kernel_id
+result["same_kernel_id"] = km.provisioner.engine.kernel_id == km.kernel_id
 kc.stop_channels()
 km.shutdown_kernel(now=True)
 first.shutdown_kernel(now=True)

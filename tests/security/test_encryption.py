@@ -131,7 +131,6 @@ async def test_docker_kernel_without_curve_support_fails(kernel_manager, docker_
 
 async def test_local_fallback_stays_encrypted(kernel_manager) -> None:
     """A kernel that falls back to a local process keeps the kernelspec's encryption."""
-    from provisioners.local import LocalClusterProvisioner
     from tests.helpers import LOCAL_ARGV
 
     config = {
@@ -143,7 +142,7 @@ async def test_local_fallback_stays_encrypted(kernel_manager) -> None:
     km = kernel_manager("cluster-docker-provisioner", config, argv=LOCAL_ARGV, metadata=CURVE)
     await km.start_kernel()
     try:
-        assert isinstance(km.provisioner.runner, LocalClusterProvisioner)
+        assert km.provisioner.engine.fallback_for
         assert km.curve_publickey is not None
         out, wire = await execute_recorded(km, "print('fallback' + '-canary')")
         assert out["stdout"] == "fallback-canary\n"

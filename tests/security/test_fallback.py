@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from provisioners import LocalClusterProvisioner
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.exceptions import EngineUnavailableError
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, count, execute, write_kernelspec
@@ -56,7 +55,7 @@ async def test_fallback_kernel_gets_its_targets_env_policy(
     km = kernel_manager(provisioner, config, argv=CONTAINER_ARGV, env={"FROM_SPEC": "spec"})
     await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
     try:
-        assert isinstance(km.provisioner.runner, LocalClusterProvisioner)
+        assert km.provisioner.engine.fallback_for
         out = await execute(km, "import os, json; print(json.dumps(dict(os.environ)))")
         kernel_env = json.loads(out["stdout"])
         for name in SERVER_SECRETS:
@@ -95,7 +94,7 @@ async def test_fallback_inside_a_pod_is_refused_unless_asked_for(
     allowed = kernel_manager(provisioner, {**config, "fallback_in_pod": True}, argv=CONTAINER_ARGV)
     await allowed.start_kernel()
     try:
-        assert isinstance(allowed.provisioner.runner, LocalClusterProvisioner)
+        assert allowed.provisioner.engine.fallback_for
         assert (await execute(allowed, "print('asked for')"))["stdout"] == "asked for\n"
     finally:
         await allowed.shutdown_kernel()

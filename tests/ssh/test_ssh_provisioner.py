@@ -26,7 +26,7 @@ from provisioners.exceptions import (
     KernelStartError,
     SSHAuthenticationError,
 )
-from provisioners.owner import ServerIdentity
+from provisioners.lifecycle.owner import ServerIdentity
 from provisioners.ssh import SSHClusterProvisioner, sweep_orphans
 from tests.helpers import (
     SSH_PROVISIONER,
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.ssh
 
 
 def kernel_pid(km: AsyncKernelManager) -> int:
-    pid = km.provisioner.runner.pid
+    pid = km.provisioner.engine.pid
     assert pid is not None
     return pid
 
@@ -80,7 +80,7 @@ async def test_execute_interrupt_restart_shutdown(
     km = kernel_manager(SSH_PROVISIONER, ssh_config, interrupt_mode="signal")
     await km.start_kernel()
     provisioner = km.provisioner
-    assert isinstance(provisioner, SSHClusterProvisioner) and provisioner.runner is provisioner
+    assert isinstance(provisioner, SSHClusterProvisioner) and not provisioner.engine.fallback_for
     pid = kernel_pid(km)
     kernel_dir = Path(provisioner.engine.kernel_dir)
     assert kernel_dir.parent == remote_runtime
@@ -200,7 +200,7 @@ async def test_unknown_host_key_refused_then_accepted_with_the_switch(
     strict = kernel_manager(SSH_PROVISIONER, dict(ssh_config, ssh_known_hosts=str(empty)))
     with pytest.raises(HostKeyError, match="not in"):
         await strict.start_kernel()
-    assert not strict.has_kernel and strict.provisioner.runner is strict.provisioner  # no fallback
+    assert not strict.has_kernel and not strict.provisioner.engine.fallback_for  # no fallback
     assert list(remote_runtime.iterdir()) == []
 
     accepting = kernel_manager(
@@ -241,7 +241,7 @@ async def test_auth_failure_is_fast_and_never_falls_back(
         await km.start_kernel()
     assert time.monotonic() - started < ssh_config["ssh_connect_timeout"]
     assert str(wrong) in str(failed.value)
-    assert not km.has_kernel and km.provisioner.runner is km.provisioner
+    assert not km.has_kernel and not km.provisioner.engine.fallback_for
     assert list(remote_runtime.iterdir()) == []
 
 
@@ -329,7 +329,7 @@ async def test_unreachable_host_falls_back_to_a_local_kernel(
     km = kernel_manager(SSH_PROVISIONER, dict(ssh_config, port=port))
     await km.start_kernel()
     try:
-        assert km.provisioner.runner.target == "local"
+        assert km.provisioner.engine.target == "local"
         assert (await execute(km, "print('local')"))["stdout"] == "local\n"
         assert SSHLink.active() == []  # the local kernel is not tunnelled
     finally:

@@ -60,10 +60,21 @@ async def test_list_shows_each_kernel(target: TargetCase, tmp_path: Path) -> Non
         table = list_kernels(kernels)
         assert table.returncode == 0, table.stderr
         header, *lines = table.stdout.splitlines()
-        columns = ["KERNEL", "ID", "KERNELSPEC", "TARGET", "WHERE", "FALLBACK", "AGE", "SERVER"]
+        columns = [
+            "KERNEL",
+            "ID",
+            "KERNELSPEC",
+            "TARGET",
+            "STATE",
+            "WHERE",
+            "FALLBACK",
+            "AGE",
+            "SERVER",
+        ]
         assert header.split() == columns
         line = next(line for line in lines if line.startswith(km.kernel_id))
         assert " listed " in line and f" {target.name} " in line and line.endswith("alive")
+        assert row["state"] and f" {row['state']} " in line  # the table shows the state
     finally:
         await km.shutdown_kernel()
     gone = list_kernels(kernels, "--json")
