@@ -27,6 +27,7 @@ from kubernetes_asyncio.client import ApiClient, Configuration
 from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
 
 from ..exceptions import EngineUnavailableError, ProvisionerError
+from ..podenv import SERVICE_ACCOUNT_DIR, incluster_config_usable
 from .loop import KUBERNETES_EXECUTOR
 
 __all__ = [
@@ -38,12 +39,12 @@ __all__ = [
     "KubeApiError",
     "KubeClient",
     "NotFound",
+    "Unauthorized",
     "acquire_client",
     "close_clients",
     "release_client",
     "resource_path",
 ]
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 #: API answers worth another try of an idempotent request (0: the server was not reached).
 TRANSIENT_STATUSES = frozenset({0, 429, 500, 502, 503, 504})
 _RETRY_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
@@ -54,8 +55,9 @@ log = logging.getLogger(__name__)
 class KubeApiError(ProvisionerError):
     """The API server refused a request (``status`` is 0 when it could not be reached).
 
-    Built as the named subclass of its status (:class:`NotFound`, :class:`Forbidden`,
-    :class:`Conflict`, :class:`Gone`) where there is one, so callers catch by name.
+    Built as the named subclass of its status (:class:`Unauthorized`, :class:`NotFound`,
+    :class:`Forbidden`, :class:`Conflict`, :class:`Gone`) where there is one, so callers
+    catch by name.
     """
 
     #: The HTTP status this class stands for (0: any other).
@@ -74,6 +76,11 @@ class KubeApiError(ProvisionerError):
     def transient(self) -> bool:
         """Whether the same idempotent request may succeed if tried again."""
         return self.status in TRANSIENT_STATUSES
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether the API server was not reached at all (no answer, no connection)."""
+        return self.status == 0
 
     @classmethod
     def from_body(cls, status: int, body: bytes | str, fallback: str = "") -> KubeApiError:
@@ -98,6 +105,12 @@ class NotFound(KubeApiError):
     code = 404
 
 
+class Unauthorized(KubeApiError):
+    """401: the credentials were refused (an expired or revoked token)."""
+
+    code = 401
+
+
 class Forbidden(KubeApiError):
     """403: the service account's role does not allow the request."""
 
@@ -117,7 +130,7 @@ class Gone(KubeApiError):
 
 
 _BY_STATUS: dict[int, type[KubeApiError]] = {
-    c.code: c for c in (NotFound, Forbidden, Conflict, Gone)
+    c.code: c for c in (Unauthorized, NotFound, Forbidden, Conflict, Gone)
 }
 
 
@@ -133,13 +146,6 @@ def resource_path(
     if subresource:
         path += f"/{subresource}"
     return path
-
-
-def in_cluster() -> bool:
-    """True when this process runs in a pod with a service account token."""
-    return (
-        bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (SERVICE_ACCOUNT_DIR / "token").exists()
-    )
 
 
 def default_namespace() -> str:
@@ -160,7 +166,7 @@ def resolve_kubeconfig(path: str) -> str:
         return os.path.expanduser(path)
     if os.environ.get("KUBECONFIG"):
         return os.environ["KUBECONFIG"]
-    if in_cluster():
+    if incluster_config_usable():
         return ""
     return os.path.expanduser("~/.kube/config")
 
@@ -384,8 +390,10 @@ class KubeClient:
         """The API's own message for a refused request to ``path`` ('' if none)."""
         try:
             await self.request_text(path, query, timeout=self.timeout)
-        except KubeApiError as exc:
-            return str(exc) if exc.status in (401, 403) else ""
+        except (Unauthorized, Forbidden) as exc:
+            return str(exc)
+        except KubeApiError:
+            return ""
         return ""
 
 

@@ -27,7 +27,7 @@ import aiohttp
 
 from ..connection.relay import LocalRelay
 from ..exceptions import TunnelError
-from .client import KubeApiError, KubeClient
+from .client import KubeApiError, KubeClient, NotFound, resource_path
 from .loop import KUBERNETES_EXECUTOR
 
 #: Offered in this order; the server picks the first it speaks.
@@ -81,7 +81,7 @@ class PortForwarder(LocalRelay):
 
     @property
     def path(self) -> str:
-        return f"/api/v1/namespaces/{self.namespace}/pods/{self.pod}/portforward"
+        return resource_path("pods", self.namespace, self.pod, "portforward")
 
     def retarget(self, pod: str) -> None:
         """Send new connections to pod ``pod`` (open ones keep their websocket)."""
@@ -114,7 +114,7 @@ class PortForwarder(LocalRelay):
 
     async def _open(self, pod: str, remote: int) -> aiohttp.ClientWebSocketResponse:
         return await self.client.websocket(
-            f"/api/v1/namespaces/{self.namespace}/pods/{pod}/portforward",
+            resource_path("pods", self.namespace, pod, "portforward"),
             [("ports", str(remote))],
             PORTFORWARD_PROTOCOLS,
             self.connect_timeout,
@@ -162,7 +162,8 @@ class PortForwarder(LocalRelay):
             # ZMQ reconnects every 0.1 s: warn once per pod and status, not each time; a 404
             # (the pod is gone: a client reconnecting during a restart) is no news.
             seen = (pod, exc.status)
-            level = logging.DEBUG if exc.status == 404 or seen in self._warned else logging.WARNING
+            quiet = isinstance(exc, NotFound) or seen in self._warned
+            level = logging.DEBUG if quiet else logging.WARNING
             self._warned.add(seen)
             self.log.log(level, "Port-forward to pod %s port %s failed: %s", pod, remote, exc)
         except Exception as exc:
@@ -282,7 +283,7 @@ async def pod_exec(
     query += [("stdout", "true"), ("stderr", "true")]
     if container:
         query.append(("container", container))
-    path = f"/api/v1/namespaces/{namespace}/pods/{pod}/exec"
+    path = resource_path("pods", namespace, pod, "exec")
     ws = await client.websocket(path, query, EXEC_PROTOCOLS, timeout)
     out: dict[int, bytearray] = {1: bytearray(), 2: bytearray(), 3: bytearray()}
 

@@ -13,7 +13,7 @@ from ..exceptions import ProvisionerError
 from ..lifecycle.engine import kernel_row
 from ..lifecycle.owner import ServerPod, owner_is_gone
 from . import manifests as m
-from .client import KubeApiError, KubeClient
+from .client import KubeApiError, KubeClient, NotFound, resource_path
 
 #: (kubeconfig, context, namespace) already swept for orphans by this process.
 _SWEPT: set[tuple[str, str, str]] = set()
@@ -38,12 +38,12 @@ async def sweep_orphans(
     left alone: a live server's kernels never go. Returns the deleted names.
     """
     client = api if isinstance(api, KubeClient) else KubeClient(api, in_cluster=False)
-    base = f"/api/v1/namespaces/{namespace}"
     selector = [("labelSelector", m.KERNEL_SELECTOR)]
     me = ServerPod.parse(server_pod)
     checked: dict[str, bool] = {}
     deleted: list[str] = []
-    pods = (await client.request("GET", f"{base}/pods", query=selector)).get("items") or []
+    path = resource_path("pods", namespace)
+    pods = (await client.request("GET", path, query=selector)).get("items") or []
     live_uids: set[str] = set()
     for pod in pods:
         meta = pod.get("metadata") or {}
@@ -54,11 +54,14 @@ async def sweep_orphans(
         name = meta["name"]
         with contextlib.suppress(KubeApiError):
             await client.request(
-                "DELETE", f"{base}/pods/{name}", query=[("gracePeriodSeconds", "1")]
+                "DELETE",
+                resource_path("pods", namespace, name),
+                query=[("gracePeriodSeconds", "1")],
             )
             deleted.append(name)
             log.warning("Deleted orphaned kernel pod %s/%s (%s)", namespace, name, why)
-    secrets = (await client.request("GET", f"{base}/secrets", query=selector)).get("items") or []
+    path = resource_path("secrets", namespace)
+    secrets = (await client.request("GET", path, query=selector)).get("items") or []
     for secret in secrets:
         meta = secret.get("metadata") or {}
         owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
@@ -66,7 +69,7 @@ async def sweep_orphans(
             continue
         name = meta["name"]
         with contextlib.suppress(KubeApiError):
-            await client.request("DELETE", f"{base}/secrets/{name}")
+            await client.request("DELETE", resource_path("secrets", namespace, name))
             deleted.append(name)
             log.info("Deleted orphaned kernel secret %s/%s", namespace, name)
     return deleted
@@ -97,12 +100,12 @@ async def _pod_gone(
     client: KubeClient, owner: ServerPod, log: logging.Logger | logging.LoggerAdapter[Any]
 ) -> bool:
     """True when the API says pod ``owner`` is absent, replaced (another uid) or ended."""
-    path = f"/api/v1/namespaces/{owner.namespace}/pods/{owner.name}"
+    path = resource_path("pods", owner.namespace, owner.name)
     try:
         pod = await client.request("GET", path)
+    except NotFound:
+        return True
     except KubeApiError as exc:
-        if exc.status == 404:
-            return True
         log.info("Cannot check the server pod %s (%s): its kernels are kept", owner, exc)
         return False
     if (pod.get("metadata") or {}).get("uid") != owner.uid:
@@ -118,19 +121,16 @@ async def remove_release(
 ) -> list[str]:
     """Delete every kernel pod and Secret of installation ``release`` in ``namespace``
     (the chart's uninstall hook); returns the deleted names."""
-    base = f"/api/v1/namespaces/{namespace}"
     label = f"{m.LABEL_RELEASE}={m.sanitize_label_value(release)}"
     selector = [("labelSelector", f"{m.KERNEL_SELECTOR},{label}")]
     deleted: list[str] = []
     for kind, query in (("pods", [("gracePeriodSeconds", "1")]), ("secrets", [])):
-        items = (await client.request("GET", f"{base}/{kind}", query=selector)).get("items") or []
+        path = resource_path(kind, namespace)
+        items = (await client.request("GET", path, query=selector)).get("items") or []
         for item in items:
             name = item["metadata"]["name"]
-            try:
-                await client.request("DELETE", f"{base}/{kind}/{name}", query=query)
-            except KubeApiError as exc:
-                if exc.status != 404:
-                    raise
+            with contextlib.suppress(NotFound):
+                await client.request("DELETE", resource_path(kind, namespace, name), query=query)
             deleted.append(name)
             log.info("Deleted kernel %s %s/%s of %s", kind[:-1], namespace, name, release)
     return deleted
@@ -157,7 +157,7 @@ async def sweep_once(
 async def list_kernel_pods(client: KubeClient, namespace: str) -> list[dict[str, Any]]:
     """Our kernel pods in ``namespace``, as :func:`~provisioners.lifecycle.base.kernel_row` rows."""
     pods = await client.request(
-        "GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", m.KERNEL_SELECTOR)]
+        "GET", resource_path("pods", namespace), query=[("labelSelector", m.KERNEL_SELECTOR)]
     )
     rows = []
     for pod in pods.get("items", []):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..connection.ports import PortSource
-from .client import KubeApiError, KubeClient
+from .client import Forbidden, Gone, KubeApiError, KubeClient, Unauthorized, resource_path
 from .loop import EngineLoop
 from .manifests import INIT_CONTAINER, KERNEL_CONTAINER, KERNEL_SELECTOR, ports_held_on_node
 
@@ -69,7 +69,7 @@ class PodReflector:
 
     @property
     def path(self) -> str:
-        return f"/api/v1/namespaces/{self.namespace}/pods"
+        return resource_path("pods", self.namespace)
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start watching and wait for the first list; raise its error if it fails."""
@@ -149,7 +149,7 @@ class PodReflector:
                 raise
             except Exception as exc:
                 self.error = exc
-                if isinstance(exc, KubeApiError) and exc.status == 410:
+                if isinstance(exc, Gone):
                     relist = True
                     continue
                 if not self._loaded.is_set():
@@ -190,7 +190,7 @@ async def pod_events(
     client: KubeClient, namespace: str, pod: str, timeout_seconds: int = 300
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield the events about pod ``pod`` (existing ones first), until cancelled."""
-    path = f"/api/v1/namespaces/{namespace}/events"
+    path = resource_path("events", namespace)
     selector = f"involvedObject.kind=Pod,involvedObject.name={pod}"
     seen: set[str] = set()
     delay = 0.5
@@ -210,10 +210,10 @@ async def pod_events(
             delay = 0.5
         except asyncio.CancelledError:
             raise
-        except KubeApiError as exc:
-            if exc.status in (401, 403):
-                log.debug("Cannot watch events of pod %s: %s", pod, exc)
-                return
+        except (Unauthorized, Forbidden) as exc:
+            log.debug("Cannot watch events of pod %s: %s", pod, exc)
+            return
+        except KubeApiError:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 

@@ -15,7 +15,8 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 
 from provisioners.connection.ports import ClusterPortCache, process_start_time
 from provisioners.k8s import manifests as m
-from provisioners.k8s.client import KubeApiError, KubeClient
+from provisioners.k8s.client import KubeApiError, KubeClient, resource_path
+from provisioners.k8s.engine import PodEngine
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
 from provisioners.k8s.watch import describe_progress
 from provisioners.lifecycle import leftovers as removals
@@ -32,7 +33,7 @@ async def reachable(kubeconfig: str, namespace: str) -> str:
     except Exception as exc:
         return str(exc)
     try:
-        await client.request("GET", f"/api/v1/namespaces/{namespace}/pods", retries=0)
+        await client.request("GET", resource_path("pods", namespace), retries=0)
     except KubeApiError as exc:
         return str(exc)
     finally:
@@ -49,7 +50,7 @@ async def leftovers(client: KubeClient, namespace: str, kernel_id: str = "") -> 
     selector = m.KERNEL_SELECTOR if kernel_id else f"{m.KERNEL_SELECTOR},{m.LABEL_OWNER}={owner}"
     found = []
     for kind in ("pods", "secrets"):
-        path = f"/api/v1/namespaces/{namespace}/{kind}"
+        path = resource_path(kind, namespace)
         data = await client.request("GET", path, query=[("labelSelector", selector)])
         for item in data.get("items") or []:
             md = item["metadata"]
@@ -116,9 +117,16 @@ def provisioner_of(km: AsyncKernelManager) -> KubernetesClusterProvisioner:
     return prov
 
 
+def pod_of(km: AsyncKernelManager) -> PodEngine:
+    """The engine that runs ``km``'s pod (a claimed warm kernel's, or its own)."""
+    engine = provisioner_of(km).engine
+    assert isinstance(engine, PodEngine)
+    return engine
+
+
 async def get_pod(api: KubeClient, kube: Kube, name: str) -> dict[str, Any]:
     """Pod ``name`` of the test namespace."""
-    return await api.request("GET", f"/api/v1/namespaces/{kube.namespace}/pods/{name}")
+    return await api.request("GET", resource_path("pods", kube.namespace, name))
 
 
 def dead_identity() -> ServerIdentity:

@@ -58,7 +58,7 @@ async def test_unreachable_api_falls_back_to_a_local_kernel(
     config = {"kubeconfig": dead_kubeconfig(tmp_path), "image": "x", "fallback": "local"}
     km = kernel_manager(KUBERNETES_PROVISIONER, config)
     await km.start_kernel()
-    assert km.provisioner.runner.target == "local"
+    assert km.provisioner.engine.target == "local"
     assert (await execute(km, "print('local')"))["stdout"] == "local\n"
     await km.shutdown_kernel()
 

@@ -19,10 +19,11 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 from provisioners.exceptions import KernelStartError
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeClient
+from provisioners.k8s.engine import PodEngine
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner, sweep_orphans
-from provisioners.owner import ServerIdentity
+from provisioners.lifecycle.owner import ServerIdentity
 from tests.helpers import KUBERNETES_PROVISIONER, Kube, execute, skip_or_fail, write_kernelspec
-from tests.helpers.kube import dead_identity, get_pod, no_leftovers, provisioner_of
+from tests.helpers.kube import dead_identity, get_pod, no_leftovers, pod_of, provisioner_of
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(180)]
 
@@ -37,7 +38,6 @@ async def test_kernel_in_a_pod_via_port_forward(
         KUBERNETES_PROVISIONER, kube.config(connection_mode="port-forward"), **kube.spec()
     )
     await km.start_kernel(env={"KERNEL_USERNAME": "alice@example.com"})
-    prov = provisioner_of(km)
     assert km.get_connection_info()["ip"] == "127.0.0.1"
     code = "import os; print(6 * 7, os.getuid(), os.environ['KERNEL_USERNAME'])"
     result = await execute(km, code)
@@ -45,12 +45,12 @@ async def test_kernel_in_a_pod_via_port_forward(
     assert result["stdout"].split() == ["42", "1000", "alice@example.com"]
 
     key = km.session.key.decode()
-    pod = await get_pod(kube_api, kube, prov.pod_name)
+    pod = await get_pod(kube_api, kube, pod_of(km).pod_name)
     assert key not in json.dumps(pod), "the HMAC key is in the pod"
     assert key not in caplog.text, "the HMAC key was logged"
     assert pod["metadata"]["labels"][m.LABEL_MANAGED_BY] == m.MANAGED_BY
     assert pod["metadata"]["labels"][m.LABEL_USERNAME] != "alice@example.com"  # sanitized
-    secret_path = f"/api/v1/namespaces/{kube.namespace}/secrets/{prov.secret_name}"
+    secret_path = f"/api/v1/namespaces/{kube.namespace}/secrets/{pod_of(km).secret_name}"
     secret = await kube_api.request("GET", secret_path)
     assert secret["metadata"]["ownerReferences"][0]["uid"] == pod["metadata"]["uid"]
     # The kernel's own copy of the connection file: private to it and rewritable.
@@ -70,9 +70,8 @@ async def test_kernel_in_a_pod_via_pod_ip(
     config = kube.config(connection_mode="pod-ip", pod_ip_relay=False)
     km = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec())
     await km.start_kernel()
-    prov = provisioner_of(km)
     ip = km.get_connection_info()["ip"]
-    assert ip == prov.pod_ip and ip not in ("", "127.0.0.1")
+    assert ip == pod_of(km).pod_ip and ip not in ("", "127.0.0.1")
     if not await _tcp_reachable(ip, km.get_connection_info()["shell_port"]):
         await km.shutdown_kernel(now=True)
         skip_or_fail("k8s", f"pod IP {ip} is not routable from this machine")
@@ -129,11 +128,11 @@ async def test_restart_makes_a_new_pod_on_the_same_ports(
     km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(), **kube.spec())
     await km.start_kernel()
     prov = provisioner_of(km)
-    first_pod, first_ports = prov.pod_name, list(prov._ports)
+    first_pod, first_ports = pod_of(km).pod_name, list(prov.engine.ports)
     await execute(km, "x = 1")
     await km.restart_kernel()
-    assert prov.pod_name != first_pod
-    assert list(prov._ports) == first_ports
+    assert pod_of(km).pod_name != first_pod
+    assert list(prov.engine.ports) == first_ports
     result = await execute(km, "print('x' in globals())")
     assert result["stdout"] == "False\n", result
     await km.shutdown_kernel()
@@ -165,7 +164,7 @@ STOPS_AFTER_A_BAD_IMAGE = """
 import asyncio, sys
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
-from provisioners import leftovers
+from provisioners.lifecycle import leftovers
 
 async def main():
     ksm = KernelSpecManager(kernel_dirs=[sys.argv[1]])
@@ -211,7 +210,7 @@ async def test_a_restarted_server_reconnects_from_provisioner_info(
     await km.start_kernel()
     await execute(km, "marker = 'still here'")
     info = json.loads(json.dumps(await km.provisioner.get_provisioner_info()))
-    pod = provisioner_of(km).pod_name
+    pod = pod_of(km).pod_name
     # "Restart the server": a new manager and provisioner that only know the saved info.
     km2 = AsyncKernelManager(kernel_name=km.kernel_name, kernel_spec_manager=km.kernel_spec_manager)
     km2.kernel_id = km.kernel_id
@@ -219,7 +218,8 @@ async def test_a_restarted_server_reconnects_from_provisioner_info(
         km.kernel_id, km2.kernel_spec, parent=km2
     )
     await prov2.load_provisioner_info(info)
-    assert isinstance(prov2, KubernetesClusterProvisioner) and prov2.pod_name == pod
+    assert isinstance(prov2, KubernetesClusterProvisioner) and isinstance(prov2.engine, PodEngine)
+    assert prov2.engine.pod_name == pod
     assert await prov2.poll() is None
     km2.provisioner = prov2
     km2.load_connection_info(prov2.connection_info)
@@ -243,8 +243,8 @@ async def test_two_concurrent_kernels_share_one_api_client(
 ) -> None:
     kms = [kernel_manager(KUBERNETES_PROVISIONER, kube.config(), **kube.spec()) for _ in range(2)]
     await asyncio.gather(*(km.start_kernel() for km in kms))
-    provs = [provisioner_of(km) for km in kms]
-    assert provs[0]._client is provs[1]._client is not None
+    engines = [pod_of(km) for km in kms]
+    assert engines[0].client is engines[1].client is not None
     results = await asyncio.gather(*(execute(km, "print(1 + 1)") for km in kms))
     assert [r["stdout"] for r in results] == ["2\n", "2\n"]
     await asyncio.gather(*(km.shutdown_kernel() for km in kms))
@@ -373,8 +373,7 @@ async def test_a_pod_deleted_behind_our_back_is_a_dead_kernel(
     km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(), **kube.spec())
     await km.start_kernel()
     assert await km.is_alive()
-    prov = provisioner_of(km)
-    path = f"/api/v1/namespaces/{kube.namespace}/pods/{prov.pod_name}"
+    path = f"/api/v1/namespaces/{kube.namespace}/pods/{pod_of(km).pod_name}"
     await kube_api.request("DELETE", path, query=[("gracePeriodSeconds", "0")])
     deadline = time.monotonic() + 15
     while await km.is_alive():
@@ -389,7 +388,7 @@ async def test_host_network_ports_are_read_from_our_pods_annotations(
     km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(host_network=True), **kube.spec())
     await km.start_kernel()
     prov = provisioner_of(km)
-    pod = await get_pod(kube_api, kube, prov.pod_name)
+    pod = await get_pod(kube_api, kube, pod_of(km).pod_name)
     assert pod["spec"]["hostNetwork"] is True
     node = pod["spec"]["nodeName"]
     assert (await execute(km, "print('on the node')"))["stdout"] == "on the node\n"
@@ -400,9 +399,9 @@ async def test_host_network_ports_are_read_from_our_pods_annotations(
     )
     await other.check_engine()
     try:
-        assert other.port_host() == f"kubernetes-node:{node}"
-        (source,) = other.port_sources()
-        assert set(prov._ports) <= source.ports_in_use(other.port_host())
+        assert other.engine.allocation_host() == f"kubernetes-node:{node}"
+        (source,) = other.engine.port_sources()
+        assert set(prov.engine.ports) <= source.ports_in_use(other.engine.allocation_host())
     finally:
         await other.cleanup()
     await km.shutdown_kernel()

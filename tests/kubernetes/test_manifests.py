@@ -16,6 +16,7 @@ from jupyter_client.kernelspec import KernelSpec
 
 from provisioners.exceptions import ProvisionerConfigError
 from provisioners.k8s import manifests as m
+from provisioners.k8s.engine import PodEngine
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
 from provisioners.k8s.watch import kernel_exit_code, kernel_running, start_problem
 
@@ -492,15 +493,19 @@ def test_the_key_is_only_in_the_secret(tmp_path: Path) -> None:
     names = ["shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"]
     info: dict[str, Any] = dict(zip(names, PORTS, strict=True))
     info.update(transport="tcp", ip="0.0.0.0", key=key.encode(), signature_scheme="hmac-sha256")
-    prov._kernel_info = info
-    prov.pod_name = "kernel-0123abcd"
-    prov.secret_name = m.secret_name_for(prov.pod_name)
+    engine = prov.engine
+    assert isinstance(engine, PodEngine)
+    engine.kernel_info = info
+    engine.pod_name = "kernel-0123abcd"
+    engine.secret_name = m.secret_name_for(engine.pod_name)
     env = {"KERNEL_USERNAME": "bob", "EXTRA": "1"}
-    cmd = prov.format_command(list(prov.kernel_spec.argv), [])
-    pod, secret = prov.build_manifests(cmd, env, info)
+    cmd = engine.format_command(list(prov.kernel_spec.argv), [])
+    pod, secret = engine.build_manifests(cmd, env, info)
     validate(pod)
     validate(secret)
-    owned = prov._secret(info, {"metadata": {"name": prov.pod_name, "uid": "0000-1111"}})
+    owned = engine.secret_manifest(
+        info, {"metadata": {"name": engine.pod_name, "uid": "0000-1111"}}
+    )
     validate(owned)  # the Secret as sent: owned by the created pod
     assert owned["metadata"]["ownerReferences"][0]["uid"] == "0000-1111"
     assert key not in json.dumps(pod)

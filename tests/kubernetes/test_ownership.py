@@ -25,10 +25,10 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 
 from provisioners.k8s import manifests as m
-from provisioners.k8s.client import KubeApiError, KubeClient
+from provisioners.k8s.client import KubeApiError, KubeClient, NotFound
 from provisioners.k8s.sweep import sweep_orphans
 from tests.helpers import KUBERNETES_PROVISIONER, Kube, async_wait_for
-from tests.helpers.kube import dead_identity, get_pod, provisioner_of
+from tests.helpers.kube import dead_identity, get_pod, pod_of
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(180)]
 
@@ -40,10 +40,8 @@ OLD_POD_PROCESS = "server-7c9d-old.7.12345"
 async def exists(api: KubeClient, path: str) -> bool:
     try:
         await api.request("GET", path, retries=0)
-    except KubeApiError as exc:
-        if exc.status == 404:
-            return False
-        raise
+    except NotFound:
+        return False
     return True
 
 
@@ -113,7 +111,7 @@ async def test_a_kernel_in_the_servers_namespace_is_collected_with_the_server_po
     owner = server_pod_text(server)
     km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(server_pod=owner), **kube.spec())
     await km.start_kernel()
-    prov = provisioner_of(km)
+    prov = pod_of(km)
     pod = await get_pod(kube_api, kube, prov.pod_name)
     meta = pod["metadata"]
     assert meta["annotations"][m.ANNOTATION_OWNER_POD] == owner
@@ -200,7 +198,7 @@ async def test_cleanup_release_removes_every_kernel_of_the_installation(
     release = f"jupyter.rel-{uuid.uuid4().hex[:6]}"
     km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(release=release), **kube.spec())
     await km.start_kernel()
-    prov = provisioner_of(km)
+    prov = pod_of(km)
     other = kernel_pod(kube, "other", OLD_POD_PROCESS, "", release="jupyter.other")
     other_name = (await pods(other["metadata"]["name"], body=other))["metadata"]["name"]
 

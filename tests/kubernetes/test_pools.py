@@ -26,11 +26,18 @@ from jupyter_client.manager import AsyncKernelManager
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeClient
-from provisioners.k8s.provisioner import KubernetesClusterProvisioner
 from provisioners.k8s.sweep import list_kernel_pods, sweep_orphans
 from provisioners.pool.pools import KernelPools
 from tests.helpers import KUBERNETES_PROVISIONER, Kube, async_wait_for, execute, write_kernelspec
-from tests.helpers.kube import filled, leftovers, new_provisioner, no_leftovers, ready_pool
+from tests.helpers.kube import (
+    filled,
+    leftovers,
+    new_provisioner,
+    no_leftovers,
+    pod_of,
+    provisioner_of,
+    ready_pool,
+)
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]
 
@@ -59,19 +66,6 @@ async def pools(kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM) -> Asy
     await no_leftovers(kube_api, kube.namespace)
     left = own_port_owners() - before
     assert not left, f"port records of warm or claimed kernels left: {left}"
-
-
-def provisioner_of(km: AsyncKernelManager) -> KubernetesClusterProvisioner:
-    prov = km.provisioner
-    assert isinstance(prov, KubernetesClusterProvisioner)
-    return prov
-
-
-def pod_of(km: AsyncKernelManager) -> KubernetesClusterProvisioner:
-    """The provisioner that runs ``km``'s pod: the claimed warm one, or its own."""
-    runner = provisioner_of(km).runner
-    assert isinstance(runner, KubernetesClusterProvisioner)
-    return runner
 
 
 async def object_meta(api: KubeClient, kube: Kube, kind: str, name: str) -> dict[str, Any]:
@@ -188,8 +182,8 @@ async def test_request_inputs_start_cold_and_leave_the_pool_alone(
     warm = await warm_pods(kube_api, kube)
     await km.start_kernel(env={"KERNEL_USERNAME": "x"})
     assert "cold start, not from the pool: the request sets KERNEL_USERNAME" in caplog.text
-    prov = provisioner_of(km)
-    assert prov.runner is prov and prov.pod_name not in warm
+    prov = pod_of(km)
+    assert not prov.fallback_for and prov.pod_name not in warm
     assert prov.pod_name.startswith("kernel-") and not prov.pod_name.startswith("kernel-pool-")
     meta = await object_meta(kube_api, kube, "pods", prov.pod_name)
     assert meta["labels"][m.LABEL_KERNEL_ID] == m.sanitize_label_value(km.kernel_id)
@@ -251,8 +245,8 @@ async def test_a_refused_claim_starts_cold(
         await km.start_kernel()
     assert f"cannot claim warm kernel pod {kube.namespace}/{warm}" in caplog.text
     assert "starting cold" in caplog.text
-    prov = provisioner_of(km)
-    assert prov.runner is prov and prov.pod_name != warm
+    prov = pod_of(km)
+    assert not prov.fallback_for and prov.pod_name != warm
     assert (await execute(km, "print('cold')"))["stdout"] == "cold\n"
     await km.shutdown_kernel()
 
@@ -274,7 +268,7 @@ async def test_a_pool_filling_while_the_api_refuses_pods_backs_off_and_recovers(
         KUBERNETES_PROVISIONER, kube.config(pool_size=1), **kube.spec(name="faulty")
     )
     with kube.forbid("create", "pods"):
-        new_provisioner(km)  # creates the pool, which starts filling
+        pools.ensure(new_provisioner(km))  # creates the pool, which starts filling
         failed = "a warm kernel failed to start; retrying in"
         await async_wait_for(lambda: failed in caplog.text, 60, "a logged warm-start failure")
         assert await leftovers(kube_api, kube.namespace) == []
@@ -292,7 +286,7 @@ SERVER = """
 import asyncio, sys
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
-from provisioners.owner import ServerIdentity
+from provisioners.lifecycle.owner import ServerIdentity
 from provisioners.pool.pools import KernelPools
 
 async def full():
@@ -306,7 +300,7 @@ async def main():
     await full()
     claimed = AsyncKernelManager(kernel_name="killed", kernel_spec_manager=ksm)
     await claimed.start_kernel()
-    assert claimed.provisioner.runner is not claimed.provisioner, "not claimed"
+    assert claimed.provisioner.engine.claimed_from, "not claimed"
     await full()
     print("STARTED", ServerIdentity.current(), claimed.kernel_id, flush=True)
     await asyncio.sleep(3600)

@@ -138,7 +138,7 @@ def test_a_blocking_client_keeps_the_relay_address_across_a_restart(
         tmp_path / "kernels", "k8s-relay", KUBERNETES_PROVISIONER, config, **kube.spec()
     )
     km = restart_with_a_blocking_client(
-        ksm, "k8s-relay", kernel_address=lambda km: km.provisioner.pod_ip
+        ksm, "k8s-relay", kernel_address=lambda km: km.provisioner.engine.pod_ip
     )
     held = ClusterPortCache.instance().held()
     assert [

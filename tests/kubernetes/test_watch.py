@@ -9,7 +9,7 @@ import pytest
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeClient
 from provisioners.k8s.watch import PodReflector
-from provisioners.owner import ServerIdentity
+from provisioners.lifecycle.owner import ServerIdentity
 from tests.helpers import Kube
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(60)]
