@@ -40,6 +40,7 @@ from ..exceptions import (
 )
 from ..executor import EngineExecutor
 from ..lifecycle.engine import PORT_NAMES, Engine, kernel_row
+from ..lifecycle.failed_start import exited_while_starting
 from .daemon import (
     ENGINE_ERRORS,
     LABEL_KERNELSPEC,
@@ -480,11 +481,9 @@ class DockerEngine(Engine):
             logs = raw.decode(errors="replace").strip()
         except ENGINE_ERRORS as exc:
             logs = f"(logs unavailable: {exc})"
-        raise self._failed(
-            f"container {self.container_name} from image {self.settings.image!r} exited with "
-            f"code {state.get('ExitCode')} while the kernel was starting"
-            f"{': ' + state['Error'] if state.get('Error') else ''}; last log lines:\n{logs}"
-        )
+        error = f": {state['Error']}" if state.get("Error") else ""
+        where = f"container {self.container_name}, image {self.settings.image!r}{error}"
+        raise self._failed(exited_while_starting(state.get("ExitCode"), where, logs))
 
     def _maybe_sweep(self) -> None:
         if self.settings.sweep_on_start:

@@ -69,3 +69,12 @@ def forget_failed_start(kernel_manager: Any, kernel_id: str, log: logging.Logger
         return
     pending.pop(kernel_id, None)
     log.debug("Kernel %s: failed start removed from the pending kernels", kernel_id)
+
+
+def exited_while_starting(code: object, where: str, log_tail: str) -> str:
+    """The error text for a kernel that exited while it started: a short first line with
+    the exit code (what a notebook's dialog shows first), where it ran on the next, then
+    the end of the kernel's own log (or that it wrote nothing)."""
+    tail = log_tail.strip() or "(the kernel wrote nothing to its log)"
+    exited = "exited" if code is None else f"exited with code {code}"
+    return f"The kernel {exited} while starting.\n{where}\n--- last lines of its log ---\n{tail}"

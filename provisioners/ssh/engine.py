@@ -36,6 +36,7 @@ from ..connection.sshprobe import forwarded_zmq_listens
 from ..exceptions import ForwardingRefusedError, KernelStartError, ProvisionerError, TunnelError
 from ..executor import EngineExecutor
 from ..lifecycle.engine import Engine, kernel_row
+from ..lifecycle.failed_start import exited_while_starting
 from .remote import (
     RemoteListeningPorts,
     alive_function,
@@ -293,10 +294,8 @@ class SSHEngine(Engine):
             status, _, log = result.stdout.partition("\n")
             if status.strip() == "gone":
                 self._exit_reported = True
-                raise self._start_error(
-                    f"the kernel exited on {where} while starting (pid {pid}); "
-                    f"the last lines of its log:\n{log.rstrip() or '(empty)'}"
-                )
+                where_pid = f"pid {pid} on {where}"  # not our child: its exit code is not kept
+                raise self._start_error(exited_while_starting(None, where_pid, log))
 
         # as before the probe loop was shared: probe, then (after each failed probe and a
         # pause) check that the kernel still runs before probing again

@@ -41,9 +41,23 @@ async def test_container_exiting_at_start_reports_its_log(docker_kernels) -> Non
     km = make({"command": ["python3", "-c", "import sys; print('boom'); sys.exit(3)"]})
     with pytest.raises(KernelStartError, match="boom") as failure:
         await km.start_kernel()
-    assert "exited with code 3" in str(failure.value)
+    # a short first line (what a notebook's dialog shows first), then the log's end
+    first, where, heading, *tail = str(failure.value).splitlines()
+    assert first == "The kernel exited with code 3 while starting."
+    assert "cluster-provisioners/kernel-test" in where and heading.startswith("--- last lines")
+    assert tail == ["boom"]
     assert tracker.containers(km.kernel_id) == []
     assert ClusterPortCache.instance().held() == {}
+
+
+@pytest.mark.docker
+async def test_a_silent_kernel_exit_says_its_log_is_empty(docker_kernels) -> None:
+    make, tracker = docker_kernels
+    km = make({"command": ["python3", "-c", "import sys; sys.exit(3)"]})
+    with pytest.raises(KernelStartError, match="exited with code 3") as failure:
+        await km.start_kernel()
+    assert str(failure.value).endswith("(the kernel wrote nothing to its log)")
+    assert tracker.containers(km.kernel_id) == []
 
 
 async def test_unreachable_daemon_falls_back_to_local(kernel_manager, caplog) -> None:

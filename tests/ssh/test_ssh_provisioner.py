@@ -294,6 +294,7 @@ async def test_a_kernel_dying_at_start_fails_the_start_with_its_log(
         await km.start_kernel()
     assert time.monotonic() - started < 15
     assert said in str(failure.value) and "last lines of its log" in str(failure.value)
+    assert str(failure.value).splitlines()[0] == "The kernel exited while starting."
     assert list(remote_runtime.iterdir()) == []
 
 
