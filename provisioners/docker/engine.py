@@ -41,6 +41,8 @@ from ..exceptions import (
 from ..executor import EngineExecutor
 from ..lifecycle.engine import PORT_NAMES, Engine, kernel_row
 from ..lifecycle.failed_start import exited_while_starting
+from ..lifecycle.fallback import while_unreachable
+from ..podenv import maybe_in_pod
 from .daemon import (
     ENGINE_ERRORS,
     LABEL_KERNELSPEC,
@@ -188,7 +190,11 @@ class DockerEngine(Engine):
             client = await self._docker()
             await self.executor.run(client.images.get, image)
         except EngineUnavailableError as exc:
-            return [f"{exc}; kernels of this kernelspec start only once it answers"]
+            settings = self.settings
+            consequence = while_unreachable(
+                settings.fallback, settings.fallback_in_pod, maybe_in_pod()
+            )
+            return [f"{exc}; {consequence}"]
         except docker.errors.ImageNotFound:
             if policy != "never":
                 return [

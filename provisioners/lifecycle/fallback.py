@@ -28,6 +28,23 @@ ip.events.register('pre_run_cell', _notice)
 """
 
 
+def while_unreachable(fallback: str, fallback_in_pod: bool, in_pod: bool) -> str:
+    """What happens to a kernelspec's kernels while its engine is unreachable, as a
+    ``kernelspec install`` warning says it (``fallback``, ``fallback_in_pod`` settings;
+    ``in_pod``: this server may run in a Kubernetes pod)."""
+    if fallback != "local":
+        return "until it answers, kernels of this kernelspec fail to start (fallback='none')"
+    if in_pod and not fallback_in_pod:
+        return (
+            "until it answers, kernels of this kernelspec fail to start: the local fallback "
+            "is refused in a Kubernetes pod (fallback_in_pod=false)"
+        )
+    return (
+        "until it answers, kernels of this kernelspec start as local processes of the "
+        "Jupyter server instead (fallback='local'; set fallback='none' to fail instead)"
+    )
+
+
 def refusal_in_pod(target: str, cause: str) -> str:
     """The error text when a fallback would run inside this server's pod."""
     return (

@@ -52,7 +52,17 @@ def test_docker_unreachable_daemon_only_warns(tmp_path: Path) -> None:
     result = install(tmp_path, "docker", f"docker_host=unix://{socket}", "image=any/image:1")
     assert result.returncode == 0, result.stderr
     assert "warning: kernelspec checked" in result.stderr and "unreachable" in result.stderr
+    assert "start as local processes" in result.stderr  # fallback='local' is the default
     assert installed(tmp_path)["metadata"]["kernel_provisioner"]["config"]["docker_host"]
+    strict = install(
+        tmp_path / "strict",
+        "docker",
+        f"docker_host=unix://{socket}",
+        "image=any/image:1",
+        "fallback=none",
+    )
+    assert strict.returncode == 0, strict.stderr
+    assert "fail to start (fallback='none')" in strict.stderr
 
 
 @pytest.mark.k8s
