@@ -71,10 +71,10 @@ def docker_case(client: Any) -> TargetCase:
         return json.dumps(container.attrs)
 
     def leftovers(kernel_id: str) -> list[str]:
-        found = client.containers.list(
+        found = client.api.containers(
             all=True, filters={"label": f"cluster-provisioners.kernel-id={kernel_id}"}
         )
-        return [f"container {c.name}" for c in found]
+        return [f"container {c['Names'][0].lstrip('/')}" for c in found]
 
     def names(km: AsyncKernelManager) -> list[str]:
         return [km.provisioner.engine.kernel_state()["container_name"]]

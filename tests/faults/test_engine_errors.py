@@ -105,10 +105,14 @@ async def test_docker_daemon_gone_during_shutdown(
     docker_proxy.restore()
 
     async def left() -> list[str]:
-        found = docker_client.containers.list(
+        found = docker_client.api.containers(
             all=True, filters={"label": f"cluster-provisioners.kernel-id={kernel_id}"}
         )
-        return [f"container {c.name}" for c in found] + held_ports() + pending_removals()
+        return (
+            [f"container {c['Names'][0].lstrip('/')}" for c in found]
+            + held_ports()
+            + pending_removals()
+        )
 
     remaining = await eventually(left)
     count("orphans after recovery", "docker", len(remaining))
@@ -143,10 +147,14 @@ async def test_docker_daemon_restarted_under_a_kernel(
     assert (await execute(km, "print('restarted')"))["stdout"] == "restarted\n"
     await km.shutdown_kernel()
 
-    found = docker_client.containers.list(
+    found = docker_client.api.containers(
         all=True, filters={"label": f"cluster-provisioners.kernel-id={kernel_id}"}
     )
-    remaining = [f"container {c.name}" for c in found] + held_ports() + pending_removals()
+    remaining = (
+        [f"container {c['Names'][0].lstrip('/')}" for c in found]
+        + held_ports()
+        + pending_removals()
+    )
     count("orphans after recovery", "docker", len(remaining))
     assert remaining == []
     assert km.provisioner.engine.client is None, "the Docker API session is still open"
@@ -363,7 +371,11 @@ async def test_a_restart_while_the_daemon_is_down_recovers_by_itself(
 
 
 async def _docker_left(client: Any, kernel_id: str) -> list[str]:
-    found = client.containers.list(
+    found = client.api.containers(
         all=True, filters={"label": f"cluster-provisioners.kernel-id={kernel_id}"}
     )
-    return [f"container {c.name}" for c in found] + held_ports() + pending_removals()
+    return (
+        [f"container {c['Names'][0].lstrip('/')}" for c in found]
+        + held_ports()
+        + pending_removals()
+    )
