@@ -31,7 +31,7 @@ from jupyter_client.manager import AsyncKernelManager
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import timed_start
-from provisioners.lifecycle.base import PORT_NAMES
+from provisioners.connection.files import PORT_NAMES
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
 
@@ -75,8 +75,9 @@ async def timed_pod_start(
     ready, km = await timed_start(ksm, name, timeout=60)
     prov = km.provisioner
     assert isinstance(prov, KubernetesClusterProvisioner)
-    running = prov.timings["running"] - prov.timings["start"]
-    listening = prov.timings["listening"] - prov.timings["start"]
+    timings: dict[str, float] = getattr(prov.engine, "timings", {})
+    running = timings["running"] - timings["start"]
+    listening = timings["listening"] - timings["start"]
     return running, listening, ready, km
 
 
@@ -96,7 +97,8 @@ def direct_client(km: AsyncKernelManager) -> AsyncKernelClient:
     prov = km.provisioner
     assert isinstance(prov, KubernetesClusterProvisioner)
     info: dict[str, Any] = dict(km.get_connection_info())
-    info.update({n: int(prov._kernel_info[n]) for n in PORT_NAMES}, ip=prov.pod_ip)
+    engine: Any = prov.engine
+    info.update({n: int(engine.kernel_info[n]) for n in PORT_NAMES}, ip=engine.pod_ip)
     kc = AsyncKernelClient()
     kc.load_connection_info(info)
     return kc

@@ -62,11 +62,10 @@ async def target_config(target: str) -> AsyncIterator[dict[str, Any]]:
 
 
 def claimed(km: AsyncKernelManager) -> bool:
-    """Whether ``km``'s kernel is a claimed warm kernel: its provisioner runs it through
-    the warm kernel's provisioner (a cold start runs it itself)."""
+    """Whether ``km``'s kernel is a claimed warm kernel (its engine was swapped in)."""
     prov = km.provisioner
     assert isinstance(prov, ClusterProvisioner)
-    return prov.runner is not prov and not prov.runner.fallback_for
+    return bool(prov.engine.claimed_from)
 
 
 def pool_of(spec_name: str) -> WarmPool | None:
@@ -77,9 +76,11 @@ def prefill(ksm: KernelSpecManager, spec_name: str) -> None:
     """Create the kernelspec's pool (it starts filling), as the server extension does."""
     km = AsyncKernelManager(kernel_name=spec_name, kernel_spec_manager=ksm)
     spec = ksm.get_kernel_spec(spec_name)
-    KernelProvisionerFactory.instance(parent=km).create_provisioner_instance(
+    template = KernelProvisionerFactory.instance(parent=km).create_provisioner_instance(
         f"prefill-{uuid.uuid4()}", spec, parent=km
     )
+    assert isinstance(template, ClusterProvisioner)
+    KernelPools.instance().ensure(template)
 
 
 async def filled(spec_name: str, timeout: float = FILL_TIMEOUT) -> float:

@@ -16,7 +16,7 @@ from jupyter_client.provisioning import KernelProvisionerFactory, LocalProvision
 from traitlets.config import Config
 
 from provisioners import LocalClusterProvisioner
-from provisioners.lifecycle.base import PORT_NAMES
+from provisioners.connection.files import PORT_NAMES
 from provisioners.manager import AsyncKernelManager as OurAsyncKernelManager
 from provisioners.manager import with_default_provisioner
 from tests.helpers import cli, execute, restart_watching_ports, take_ports_after_cleanup

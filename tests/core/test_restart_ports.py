@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
+from provisioners.connection.files import PORT_NAMES
 from provisioners.connection.ports import LOCAL_HOST, ClusterPortCache
-from provisioners.lifecycle.base import PORT_NAMES
 from provisioners.lifecycle.newports import can_bind
 from provisioners.ssh.remote import _parse_ports
 from tests.helpers import execute, restart_watching_ports, take_ports_after_cleanup

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from provisioners.connection.files import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache, FilePortStore
 from provisioners.docker import DockerPortSource
 from provisioners.exceptions import PortsExhaustedError
-from provisioners.lifecycle.base import PORT_NAMES
 from tests.helpers import execute
 
 pytestmark = pytest.mark.docker

@@ -11,9 +11,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from provisioners.connection.files import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.docker import LABEL_OWNER, LABEL_PORTS, DockerClusterProvisioner
-from provisioners.lifecycle.base import PORT_NAMES
 from provisioners.lifecycle.owner import ServerIdentity
 from tests.helpers import count, execute, interrupt_busy_loop, reattached_manager
 

@@ -19,8 +19,8 @@ import docker
 import pytest
 from websockets.asyncio.client import connect
 
+from provisioners.connection.files import PORT_NAMES
 from provisioners.docker import LABEL_KERNEL_ID
-from provisioners.lifecycle.base import PORT_NAMES
 from tests.helpers import (
     CONTAINER_ARGV,
     KERNEL_TEST_IMAGE,

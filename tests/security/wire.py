@@ -11,7 +11,7 @@ from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 
-from provisioners.lifecycle.base import PORT_NAMES
+from provisioners.connection.files import PORT_NAMES
 from tests.helpers import execute
 
 #: Kernelspec metadata of a kernel that supports CurveZMQ.
