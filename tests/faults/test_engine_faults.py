@@ -60,7 +60,7 @@ async def test_pod_deleted_behind_our_back_then_restart(kernel_manager, kube) ->
 
     km = kernel_manager("cluster-kubernetes-provisioner", kube.config(), argv=CONTAINER_ARGV)
     await km.start_kernel()
-    first_pod = km.provisioner.runner.kernel_state()["pod"]
+    first_pod = km.provisioner.engine.kernel_state()["pod"]
     client = await KubeClient.connect(kube.kubeconfig)
     try:
         await client.request(
@@ -74,7 +74,7 @@ async def test_pod_deleted_behind_our_back_then_restart(kernel_manager, kube) ->
             assert time.monotonic() < deadline, "poll() never noticed the pod was deleted"
             await asyncio.sleep(0.2)
         await km.restart_kernel(now=True)
-        second_pod = km.provisioner.runner.kernel_state()["pod"]
+        second_pod = km.provisioner.engine.kernel_state()["pod"]
         assert second_pod != first_pod
         assert (await execute(km, "print('new pod')"))["stdout"] == "new pod\n"
     finally:
@@ -96,7 +96,7 @@ async def test_ssh_connection_dropped_under_a_running_kernel(kernel_manager, ssh
     try:
         await kc.wait_for_ready(timeout=60)
         assert (await kc.execute_interactive("x = 41", timeout=30))["content"]["status"] == "ok"
-        pid = km.provisioner.runner.kernel_state()["pid"]
+        pid = km.provisioner.engine.kernel_state()["pid"]
         sessions = psutil.Process(sshd.proc.pid).children()
         assert sessions, "no SSH session to drop"
         for session in sessions:  # the per-connection sshd processes: the link drops
@@ -105,7 +105,7 @@ async def test_ssh_connection_dropped_under_a_running_kernel(kernel_manager, ssh
         await asyncio.sleep(0.5)
         reply = await kc.execute_interactive("assert x == 41; print('same kernel')", timeout=60)
         assert reply["content"]["status"] == "ok"
-        assert km.provisioner.runner.kernel_state()["pid"] == pid
+        assert km.provisioner.engine.kernel_state()["pid"] == pid
     finally:
         kc.stop_channels()
         await km.shutdown_kernel()

@@ -21,10 +21,10 @@ from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 from provisioners import KernelManager
+from provisioners.connection.files import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache, port_is_listening
 from provisioners.k8s.client import KubeClient
 from provisioners.k8s.loop import THREAD_NAME, EngineLoop
-from provisioners.lifecycle.base import PORT_NAMES
 from tests.helpers import KUBERNETES_PROVISIONER, Kube, write_kernelspec
 from tests.helpers.kube import no_leftovers
 
