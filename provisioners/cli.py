@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -21,6 +23,9 @@ from .lifecycle.owner import ServerIdentity, owner_alive
 from .manager import AsyncKernelManager
 from .progress import ProgressRenderer
 from .targets import ENTRY_POINTS, TARGETS, load_target, our_kernelspecs, provisioner_for
+
+#: The first ipykernel release that takes CurveZMQ keys from its connection file.
+CURVE_IPYKERNEL = (7, 4)
 
 PYTHON_ARGV = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
@@ -60,13 +65,27 @@ def _kernel_argv(
     return value
 
 
+def local_ipykernel_has_curve() -> bool:
+    """Whether this Python's ipykernel takes CurveZMQ keys from its connection file (7.4+)."""
+    try:
+        version = importlib.metadata.version("ipykernel")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    return release >= CURVE_IPYKERNEL
+
+
 def build_kernelspec(args: argparse.Namespace) -> dict[str, Any]:
     """The kernel.json for ``kernelspec install``, its config validated by the provisioner."""
     config: dict[str, Any] = json.loads(args.config_json) if args.config_json else {}
     config.update(dict(args.set or []))
     if args.image:
         config["image"] = args.image
-    if args.encrypt:
+    encrypt = args.encrypt
+    if encrypt is None:  # a local kernel of this Python: encrypted when its ipykernel can
+        explicit = "transport_encryption" in config or args.kernel_argv
+        encrypt = args.target == "local" and not explicit and local_ipykernel_has_curve()
+    if encrypt:
         config["transport_encryption"] = "required"
     entry_point = TARGETS[args.target][0]
     remote = args.target != "local"
@@ -79,7 +98,7 @@ def build_kernelspec(args: argparse.Namespace) -> dict[str, Any]:
         "interrupt_mode": args.interrupt_mode,
         "metadata": {"kernel_provisioner": {"provisioner_name": entry_point, "config": config}},
     }
-    if args.encrypt:  # the kernel (ipykernel >= 7.4) takes Curve keys from its connection file
+    if encrypt:  # the kernel (ipykernel >= 7.4) takes Curve keys from its connection file
         spec["metadata"]["supported_encryption"] = ["curve"]
     kernel_spec = KernelSpec(**{k: v for k, v in spec.items() if k != "metadata"})
     kernel_spec.metadata = spec["metadata"]
@@ -407,9 +426,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     install.add_argument(
         "--encrypt",
-        action="store_true",
-        help="encrypt the kernel's channels with CurveZMQ (needs ipykernel >= 7.4); "
-        "a kernel that cannot is an error, never plain text",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="encrypt the kernel's channels with CurveZMQ (needs ipykernel >= 7.4); a "
+        "kernel that cannot is an error, never plain text. Default: on for a local "
+        "kernelspec of this Python when its ipykernel can, off otherwise",
     )
     install.add_argument("--user", action="store_true", help="install for this user only")
     install.add_argument("--prefix", help="install under this prefix")

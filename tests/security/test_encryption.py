@@ -151,6 +151,37 @@ async def test_local_fallback_stays_encrypted(kernel_manager) -> None:
         await km.shutdown_kernel()
 
 
+def test_kernelspec_install_encrypts_a_local_kernel_by_default(tmp_path: Path) -> None:
+    """A first-time user's local kernelspec runs with CurveZMQ (this Python's ipykernel
+    can), so ipykernel's plain-TCP warning does not greet them; --no-encrypt opts out."""
+    kernel_dir = tmp_path / "share" / "jupyter" / "kernels"
+    warning = "running over TCP without encryption"
+    for name, flags, encrypted in (("py-default", [], True), ("py-off", ["--no-encrypt"], False)):
+        result = cli("kernelspec", "install", name, "--prefix", str(tmp_path), *flags)
+        assert result.returncode == 0, result.stderr
+        spec = json.loads((kernel_dir / name / "kernel.json").read_text())
+        config = spec["metadata"]["kernel_provisioner"]["config"]
+        assert (config.get("transport_encryption") == "required") is encrypted, spec
+        assert ("supported_encryption" in spec["metadata"]) is encrypted, spec
+        run = cli("run", "--kernel-dir", str(kernel_dir), "--kernel", name, "-c", "print(7)")
+        assert run.returncode == 0 and run.stdout.strip().endswith("7"), run.stderr
+        assert (warning in run.stderr + run.stdout) is not encrypted, run.stderr
+    remote = cli(
+        "kernelspec",
+        "install",
+        "py-remote",
+        "--prefix",
+        str(tmp_path),
+        "--target",
+        "ssh",
+        "--set",
+        "host=127.0.0.1",
+    )
+    assert remote.returncode == 0, remote.stderr  # its interpreter is not this one: opt-in
+    spec = json.loads((kernel_dir / "py-remote" / "kernel.json").read_text())
+    assert "transport_encryption" not in spec["metadata"]["kernel_provisioner"]["config"]
+
+
 def test_kernelspec_install_encrypt(tmp_path: Path) -> None:
     result = cli("kernelspec", "install", "py-curve", "--prefix", str(tmp_path), "--encrypt")
     assert result.returncode == 0, result.stderr
