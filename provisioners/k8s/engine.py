@@ -35,6 +35,7 @@ from ..connection.relay import KernelRelay
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from ..executor import EngineExecutor
 from ..lifecycle.engine import Engine
+from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.leftovers import RemovalPending
 from ..secrets import kube_secret_ref
 from . import manifests as m
@@ -474,7 +475,13 @@ class PodEngine(Engine):
 
     async def _fail(self, problem: StartProblem) -> NoReturn:
         """Raise the start failure for ``problem``, with the container's log tail."""
-        msg = f"kernel pod {self.namespace}/{self.pod_name} failed to start: {problem}"
+        pod = f"pod {self.namespace}/{self.pod_name}"
+        if problem.exit_code is not None and problem.container:  # the kernel exited
+            tail = await self._log_tail(problem.container)
+            where = f"{pod}, container {problem.container!r} ({problem.reason})"
+            msg = exited_while_starting(problem.exit_code, where, tail)
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id)
+        msg = f"kernel {pod} failed to start: {problem}"
         if problem.wants_logs and problem.container:
             tail = await self._log_tail(problem.container)
             if tail:

@@ -265,6 +265,8 @@ class StartProblem:
     message: str
     container: str = ""
     wants_logs: bool = False
+    #: The container's exit code when it exited (None while it never ran or still waits).
+    exit_code: int | None = None
 
     def __str__(self) -> str:
         where = f"container {self.container!r}: " if self.container else ""
@@ -304,7 +306,7 @@ def start_problem(
             message = f"exited with code {code}"
             if done.get("message"):
                 message += f": {done['message']}"
-            return StartProblem(reason, message, name, wants_logs=True)
+            return StartProblem(reason, message, name, wants_logs=True, exit_code=code)
     phase = status.get("phase")
     if phase in ("Failed", "Succeeded"):
         return StartProblem(f"Pod{phase}", str(status.get("message") or status.get("reason") or ""))

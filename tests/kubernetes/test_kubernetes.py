@@ -334,6 +334,7 @@ async def test_a_kernel_that_exits_fails_the_start_with_its_log(
     assert time.monotonic() - started < 10
     text = str(info.value)
     assert "exited with code 3" in text and "boom: no kernel here" in text, text
+    assert text.splitlines()[0] == "The kernel exited with code 3 while starting.", text
 
 
 @pytest.mark.parametrize(
