@@ -104,17 +104,7 @@ async def test_docker_daemon_gone_during_shutdown(
 
     docker_proxy.restore()
 
-    async def left() -> list[str]:
-        found = docker_client.api.containers(
-            all=True, filters={"label": f"cluster-provisioners.kernel-id={kernel_id}"}
-        )
-        return (
-            [f"container {c['Names'][0].lstrip('/')}" for c in found]
-            + held_ports()
-            + pending_removals()
-        )
-
-    remaining = await eventually(left)
+    remaining = await eventually(lambda: docker_left(docker_client, kernel_id))
     count("orphans after recovery", "docker", len(remaining))
     assert remaining == []
     assert km.provisioner.engine.client is None, "the Docker API session is still open"
@@ -147,14 +137,7 @@ async def test_docker_daemon_restarted_under_a_kernel(
     assert (await execute(km, "print('restarted')"))["stdout"] == "restarted\n"
     await km.shutdown_kernel()
 
-    found = docker_client.api.containers(
-        all=True, filters={"label": f"cluster-provisioners.kernel-id={kernel_id}"}
-    )
-    remaining = (
-        [f"container {c['Names'][0].lstrip('/')}" for c in found]
-        + held_ports()
-        + pending_removals()
-    )
+    remaining = await docker_left(docker_client, kernel_id)
     count("orphans after recovery", "docker", len(remaining))
     assert remaining == []
     assert km.provisioner.engine.client is None, "the Docker API session is still open"
@@ -367,10 +350,11 @@ async def test_a_restart_while_the_daemon_is_down_recovers_by_itself(
     finally:
         km.stop_restarter()
         await km.shutdown_kernel(now=True)
-    assert await eventually(lambda: _docker_left(docker_client, km.kernel_id)) == []
+    assert await eventually(lambda: docker_left(docker_client, km.kernel_id)) == []
 
 
-async def _docker_left(client: Any, kernel_id: str) -> list[str]:
+async def docker_left(client: Any, kernel_id: str) -> list[str]:
+    """What is left of Docker kernel ``kernel_id``: containers, port records, removals."""
     found = client.api.containers(
         all=True, filters={"label": f"cluster-provisioners.kernel-id={kernel_id}"}
     )
