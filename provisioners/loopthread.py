@@ -43,6 +43,9 @@ class LoopThread:
         self.loop = asyncio.new_event_loop()
         self.users: set[int] = set()
         self.pid = os.getpid()
+        #: Set on the loop thread once the loop stopped running work (it drains, then
+        #: closes): work handed over from then on is refused, never left pending.
+        self._stopped = False
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._main, name=self.thread_name, daemon=True)
         self.thread.start()
@@ -107,6 +110,12 @@ class LoopThread:
         tasks: list[asyncio.Task[T]] = []
 
         def start() -> None:
+            if self._stopped:  # the loop drains and closes: a task now would never end
+                coro.close()
+                error = RuntimeError(f"{self.thread_name} stopped")
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    finished.set_result((False, error))
+                return
             task = self.loop.create_task(coro)
             tasks.append(task)
             task.add_done_callback(lambda t: _report(t, finished))
@@ -154,6 +163,7 @@ class LoopThread:
         self.loop.call_soon(self._ready.set)
         try:
             self.loop.run_forever()
+            self._stopped = True
             self.loop.run_until_complete(self._drain())
         finally:
             self.loop.close()

@@ -34,6 +34,9 @@ from .loop import KUBERNETES_EXECUTOR
 PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "portforward.k8s.io")
 EXEC_PROTOCOLS = ("v4.channel.k8s.io",)
 _CHUNK = 256 * 1024
+#: Seconds between two tries to reach a kernel that does not listen yet.
+_RETRY = 0.05
+BINARY = aiohttp.WSMsgType.BINARY
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +141,13 @@ class PortForwarder(LocalRelay):
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int
     ) -> None:
-        pod, remote = self.pod, self.remote_ports[index]
+        remote = self.remote_ports[index]
         ws: aiohttp.ClientWebSocketResponse | None = None
         try:
-            ws = await self._take_spare(pod, remote) or await self._open(pod, remote)
+            ws, frames, greeting = await self._reach_kernel(remote)
+            writer.write(greeting)
             upstream = asyncio.create_task(_tcp_to_ws(reader, ws))
-            downstream = asyncio.create_task(_ws_to_tcp(ws, writer))
+            downstream = asyncio.create_task(_ws_to_tcp(ws, writer, frames))
             try:
                 done, _ = await asyncio.wait(
                     {upstream, downstream}, return_when=asyncio.FIRST_COMPLETED
@@ -155,23 +159,66 @@ class PortForwarder(LocalRelay):
             for task in done:
                 error = task.exception()
                 if isinstance(error, PortForwardError):
-                    self.log.debug("Port-forward to %s:%s: %s", pod, remote, error)
+                    self.log.debug("Port-forward to %s:%s: %s", self.pod, remote, error)
         except asyncio.CancelledError:
             raise
         except KubeApiError as exc:
-            # ZMQ reconnects every 0.1 s: warn once per pod and status, not each time; a 404
-            # (the pod is gone: a client reconnecting during a restart) is no news.
-            seen = (pod, exc.status)
+            # warn once per pod and status, not at each of ZMQ's reconnects; a 404 (the
+            # pod is gone: a client reconnecting during a restart) is no news.
+            seen = (self.pod, exc.status)
             quiet = isinstance(exc, NotFound) or seen in self._warned
             level = logging.DEBUG if quiet else logging.WARNING
             self._warned.add(seen)
-            self.log.log(level, "Port-forward to pod %s port %s failed: %s", pod, remote, exc)
+            self.log.log(level, "Port-forward to pod %s port %s failed: %s", self.pod, remote, exc)
         except Exception as exc:
-            self.log.debug("Port-forward to %s:%s ended: %r", pod, remote, exc)
+            self.log.debug("Port-forward to %s:%s ended: %r", self.pod, remote, exc)
         finally:
             if ws is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(ws.close(), 2)
+
+    async def _reach_kernel(
+        self, remote: int
+    ) -> tuple[aiohttp.ClientWebSocketResponse, _Deframer, bytes]:
+        """A websocket to ``remote`` of the current pod whose kernel has sent its first
+        bytes (its ZMTP greeting), with them; tried again while the pod refuses, is not
+        there yet (a restart) or the stream fails, for up to ``connect_timeout``.
+
+        The client's connection stays open meanwhile: a client that reconnected during a
+        restart (its iopub subscriber, its shell) reaches the new kernel as soon as the
+        kernel listens, at once on every channel, instead of at ZMQ's next reconnect,
+        when a request sent meanwhile may already have run (its output lost).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        while True:
+            pod = self.pod
+            ws: aiohttp.ClientWebSocketResponse | None = None
+            try:
+                ws = await self._take_spare(pod, remote) or await self._open(pod, remote)
+                frames = _Deframer()
+                left = max(_RETRY, deadline - loop.time())
+                while (msg := await asyncio.wait_for(ws.receive(), left)).type == BINARY:
+                    channel, payload = frames.feed(msg.data)
+                    if channel == 0 and payload:
+                        return ws, frames, payload
+                    if payload:  # the error channel: the kernel refused (not listening yet)
+                        break
+            except (KubeApiError, asyncio.TimeoutError) as exc:
+                # a pod not there yet, an answer worth another try, a kernel silent so far
+                retry = not isinstance(exc, KubeApiError) or isinstance(exc, NotFound)
+                retry = retry or (isinstance(exc, KubeApiError) and exc.transient)
+                if loop.time() >= deadline or not retry:
+                    await _close(ws)
+                    raise
+            except BaseException:
+                await _close(ws)
+                raise
+            await _close(ws)
+            if loop.time() >= deadline:
+                msg_ = f"pod {pod} port {remote} did not answer within {self.connect_timeout:g} s"
+                raise PortForwardError(msg_, target="kubernetes")
+            await asyncio.sleep(_RETRY)
 
     async def probe(self, index: int, timeout: float = 2.0) -> bool:
         """True when a ZMQ socket answers on ``remote_ports[index]`` of the pod.
@@ -199,6 +246,13 @@ class PortForwarder(LocalRelay):
                     return channel == 0 and payload[0] == 0xFF
             return False
         finally:
+            await asyncio.wait_for(ws.close(), 2)
+
+
+async def _close(ws: aiohttp.ClientWebSocketResponse | None) -> None:
+    """Close ``ws`` (if any) within 2 s; never raises."""
+    if ws is not None:
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(ws.close(), 2)
 
 
@@ -241,8 +295,9 @@ async def _tcp_to_ws(reader: asyncio.StreamReader, ws: aiohttp.ClientWebSocketRe
         await ws.send_bytes(b"\x00" + data)
 
 
-async def _ws_to_tcp(ws: aiohttp.ClientWebSocketResponse, writer: asyncio.StreamWriter) -> None:
-    frames = _Deframer()
+async def _ws_to_tcp(
+    ws: aiohttp.ClientWebSocketResponse, writer: asyncio.StreamWriter, frames: _Deframer
+) -> None:
     error = b""
     async for msg in ws:
         if msg.type != aiohttp.WSMsgType.BINARY:

@@ -57,6 +57,8 @@ PROVISIONER_INFO_VERSION = 1
 WarmClaim = Callable[["ClusterProvisioner", dict[str, Any]], Awaitable[bool]]
 #: Seconds between two checks that a restarted kernel is still alive while it is probed.
 _DEATH_CHECK = 0.5
+#: Longest wait for an engine to release what a start that failed early opened.
+_GIVE_UP_WAIT = 10.0
 
 
 class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore[misc,metaclass]
@@ -126,13 +128,26 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             return await self._pre_launch(**kwargs)
         except BaseException as exc:
             if not self.engine.has_kernel():
-                await asyncio.shield(self.engine.start_given_up())
+                await self._give_up_start()
             if not isinstance(exc, Exception):
                 raise
             error = self._start_failed(exc)
             if error is exc:
                 raise
             raise error from exc
+
+    async def _give_up_start(self) -> None:
+        """Let the engine release what a start that failed early opened; bounded, so that
+        the start's error is reported even when the engine does not answer."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.engine.start_given_up()), _GIVE_UP_WAIT)
+        except asyncio.TimeoutError:
+            self.log.warning(
+                "Kernel %s: the %s engine did not release the failed start's session within %g s",
+                self.kernel_id,
+                self.engine.target,
+                _GIVE_UP_WAIT,
+            )
 
     async def _pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         start_clock = time.monotonic()
@@ -550,7 +565,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
                 self.target,
                 exc,
             )
-            await self.engine.start_given_up()
+            await self._give_up_start()
             return self._local_fallback(str(exc))
         return self.engine
 
