@@ -37,7 +37,13 @@ def test_install_run_list_cleanup(tmp_path: Path) -> None:
     spec = json.loads((kernel_dir / "kernel.json").read_text())
     stanza = spec["metadata"]["kernel_provisioner"]
     assert stanza["provisioner_name"] == "cluster-local-provisioner"
-    assert stanza["config"] == {"port_range": "27000-27999", "env": {"GREETING": "hi there"}}
+    # a local kernelspec of this Python is encrypted by default (its ipykernel can)
+    assert stanza["config"] == {
+        "port_range": "27000-27999",
+        "env": {"GREETING": "hi there"},
+        "transport_encryption": "required",
+    }
+    assert spec["metadata"]["supported_encryption"] == ["curve"]
 
     code_file = tmp_path / "job.py"
     code_file.write_text("import os\nprint(os.environ['GREETING'])\nprint(6 * 7)\n")
