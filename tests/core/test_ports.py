@@ -1,4 +1,8 @@
-"""The cluster-aware port cache: no port handed out twice, across threads and processes."""
+"""The cluster-aware port cache: no port handed out twice, across threads and processes.
+
+The fixed ranges here (620xx-623xx) lie outside both the kernels' default range
+(20000-29999) and Linux's ephemeral range, so no kernel of another test holds them.
+"""
 
 from __future__ import annotations
 
@@ -76,12 +80,12 @@ def test_threads_never_share_a_port(tmp_path: Path) -> None:
 
 def test_release_returns_ports(tmp_path: Path) -> None:
     cache = ClusterPortCache(FilePortStore(tmp_path))
-    ports = cache.allocate(5, "a", port_range="25000-25004")
-    assert sorted(ports) == list(range(25000, 25005))
-    with pytest.raises(PortsExhaustedError, match="25000-25004"):
-        cache.allocate(1, "b", port_range="25000-25004")
+    ports = cache.allocate(5, "a", port_range="62000-62004")
+    assert sorted(ports) == list(range(62000, 62005))
+    with pytest.raises(PortsExhaustedError, match="62000-62004"):
+        cache.allocate(1, "b", port_range="62000-62004")
     assert sorted(cache.release("a")) == sorted(ports)
-    assert sorted(cache.allocate(5, "b", port_range="25000-25004")) == sorted(ports)
+    assert sorted(cache.allocate(5, "b", port_range="62000-62004")) == sorted(ports)
 
 
 def test_ports_of_a_sigkilled_holder_come_back(tmp_path: Path) -> None:
@@ -89,7 +93,7 @@ def test_ports_of_a_sigkilled_holder_come_back(tmp_path: Path) -> None:
         "import sys,time\n"
         "from provisioners.connection.ports import ClusterPortCache, FilePortStore\n"
         f"c = ClusterPortCache(FilePortStore({str(tmp_path)!r}))\n"
-        "print(c.allocate(5, 'victim', port_range='25010-25014'), flush=True)\n"
+        "print(c.allocate(5, 'victim', port_range='62010-62014'), flush=True)\n"
         "time.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -99,10 +103,10 @@ def test_ports_of_a_sigkilled_holder_come_back(tmp_path: Path) -> None:
         assert len(json.loads(line)) == 5
         cache = ClusterPortCache(FilePortStore(tmp_path))
         with pytest.raises(PortsExhaustedError):
-            cache.allocate(1, "other", port_range="25010-25014")
+            cache.allocate(1, "other", port_range="62010-62014")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        assert len(cache.allocate(5, "other", port_range="25010-25014")) == 5
+        assert len(cache.allocate(5, "other", port_range="62010-62014")) == 5
     finally:
         proc.kill()
         proc.wait()
@@ -113,17 +117,17 @@ def test_ports_of_a_sigkilled_holder_come_back(tmp_path: Path) -> None:
 def test_engine_sources_and_bound_ports_are_skipped(tmp_path: Path) -> None:
     class Held(PortSource):
         def ports_in_use(self, host: str) -> set[int]:
-            return {25020, 25021} if host == "node-a" else set()
+            return {62020, 62021} if host == "node-a" else set()
 
     cache = ClusterPortCache(FilePortStore(tmp_path))
-    got = cache.allocate(3, "k", host="node-a", port_range="25020-25024", sources=[Held()])
-    assert set(got) == {25022, 25023, 25024}
+    got = cache.allocate(3, "k", host="node-a", port_range="62020-62024", sources=[Held()])
+    assert set(got) == {62022, 62023, 62024}
     # on localhost a port some process is bound to is never handed out
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 25100))
+        sock.bind(("127.0.0.1", 62100))
         sock.listen()
-        got = cache.allocate(1, "k2", port_range="25100-25101")
-        assert got == [25101]
+        got = cache.allocate(1, "k2", port_range="62100-62101")
+        assert got == [62101]
 
 
 @pytest.mark.parametrize("text", ["", "40000", "a-b", "50000-40000", "80-90", "1000-70000"])
@@ -140,7 +144,7 @@ def test_a_local_kernel_outliving_its_killed_server_is_reclaimed(tmp_path: Path)
         "from provisioners.connection.ports import (\n"
         "    ClusterPortCache, FilePortStore, process_start_time)\n"
         f"c = ClusterPortCache(FilePortStore({str(tmp_path)!r}))\n"
-        "c.allocate(5, 'kernel-hung', port_range='25200-25204')\n"
+        "c.allocate(5, 'kernel-hung', port_range='62200-62204')\n"
         "kernel = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
         "c.annotate('kernel-hung', kernel_pid=kernel.pid,"
         " kernel_start=process_start_time(kernel.pid))\n"
@@ -188,8 +192,8 @@ def test_records_of_another_machine_are_never_reclaimed_here(tmp_path: Path) -> 
         "localhost": {
             str(port): {"owner": owner, "hostname": host, "pid": dead.pid, "start": "1", "t": 0}
             for port, owner, host in [
-                *((p, "kernel-elsewhere", "another-machine") for p in range(25300, 25305)),
-                *((p, "kernel-ours", socket.gethostname()) for p in range(25305, 25310)),
+                *((p, "kernel-elsewhere", "another-machine") for p in range(62300, 62305)),
+                *((p, "kernel-ours", socket.gethostname()) for p in range(62305, 62310)),
             ]
         }
     }
@@ -197,17 +201,17 @@ def test_records_of_another_machine_are_never_reclaimed_here(tmp_path: Path) -> 
     for owner in ("kernel-elsewhere", "kernel-ours"):
         (tmp_path / f"{owner}.json").write_text("{}")
     cache = ClusterPortCache(FilePortStore(tmp_path))
-    got = cache.allocate(5, "kernel-new", port_range="25300-25309", check_local_bind=False)
-    assert sorted(got) == list(range(25305, 25310))
+    got = cache.allocate(5, "kernel-new", port_range="62300-62309", check_local_bind=False)
+    assert sorted(got) == list(range(62305, 62310))
     held = cache.held("localhost")["localhost"]
     assert {p for p, r in held.items() if r["owner"] == "kernel-elsewhere"} == set(
-        range(25300, 25305)
+        range(62300, 62305)
     )
     assert all(r["hostname"] == socket.gethostname() for p, r in held.items() if p in got)
     assert (tmp_path / "kernel-elsewhere.json").exists()
     assert not (tmp_path / "kernel-ours.json").exists()
     with pytest.raises(PortsExhaustedError):
-        cache.allocate(1, "kernel-more", port_range="25300-25309", check_local_bind=False)
+        cache.allocate(1, "kernel-more", port_range="62300-62309", check_local_bind=False)
 
 
 def test_a_zombie_holder_is_not_alive(tmp_path: Path) -> None:
