@@ -61,6 +61,24 @@ class SharedSettings(LoggingConfigurable):
         Off: there a local kernel would run next to the pod's service-account token and
         the server's secrets, so the start is refused instead.""",
     )
+    persist_kernels = Bool(
+        False,
+        config=True,
+        help="""Let the kernel outlive its server. When the server stops (a SIGTERM from a
+        rollout, an upgrade, an eviction, a person restarting it) the kernel is detached
+        instead of shut down, and the next server of the same installation adopts it under
+        the same kernel id, with its connection info and keys; after a server that died
+        (SIGKILL, OOM) too. Needs the 'provisioners.persist' server extension
+        (c.ServerApp.jpserver_extensions). Docker, SSH and Kubernetes kernels only: a local
+        kernel is the server's child process and ends with it.""",
+    )
+    adoption_grace = Float(
+        900.0,
+        config=True,
+        help="""Seconds a persisted kernel whose server stopped or died waits for a server to
+        adopt it. After that the orphan sweep removes it, as it removes at once the kernels
+        of a server that did not persist them.""",
+    )
     launch_timeout = Float(
         60.0,
         config=True,

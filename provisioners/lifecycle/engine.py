@@ -279,6 +279,30 @@ class Engine:
     async def load_kernel_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`kernel_state` (and reattach to the engine)."""
 
+    async def adoptable_kernels(self) -> list[dict[str, Any]]:
+        """Running kernels on this engine that this server may adopt: of the settings'
+        kernelspec (and, where the engine knows one, installation: a chart release and
+        namespace), not warm, started with ``persist_kernels``, whose owner record is
+        detached or names a server known to be gone (:func:`.owner.adoptable`).
+
+        Each as a kernel's saved state: ``{"kernel_id", "kernel_info" (the kernel's own
+        connection file, key and Curve keys as text), "ports", "port_host", "state" (as
+        :meth:`kernel_state` gives it)}``. Raises :class:`EngineUnavailableError` when the
+        engine cannot be reached; a kernel whose record cannot be read is left out and
+        logged (without its key).
+        """
+        return []
+
+    async def detach_kernel(self) -> None:
+        """This server stops and the kernel lives on: write :func:`.owner.detached_mark`
+        as its owner record (so the next server adopts it and sweeps wait
+        ``adoption_grace``), and let go of what this server holds for it (relays,
+        port-forwards, links) without stopping or removing the kernel.
+
+        Best-effort: may raise on an engine error; the lifecycle logs it and the kernel is
+        then adopted, or swept, as a gone server's.
+        """
+
     async def sweep_orphans(self) -> list[str]:
         """Remove what kernels of dead servers left on this engine; return what was removed.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -56,6 +57,47 @@ def owner_is_gone(text: str) -> bool:
     """True when the owner label ``text`` names a server process of this machine that ended."""
     identity = ServerIdentity.parse(text)
     return identity is not None and identity.is_gone()
+
+
+#: The owner record of a kernel that a stopping server detached (or that a sweep found
+#: persisted, its server dead): ``detached.EPOCH``, when the wait for adoption began.
+DETACHED_PREFIX = "detached."
+
+
+def detached_mark(at: float | None = None) -> str:
+    """The owner record of a kernel detached (or found orphaned while persisted) now."""
+    return f"{DETACHED_PREFIX}{int(time.time() if at is None else at)}"
+
+
+def detached_since(text: str) -> float | None:
+    """When the owner record ``text`` was marked detached; None when it is not a mark."""
+    if not text.startswith(DETACHED_PREFIX):
+        return None
+    stamp = text[len(DETACHED_PREFIX) :]
+    return float(stamp) if stamp.isdigit() else None
+
+
+def adoptable(text: str) -> bool:
+    """True when a persisted kernel with owner record ``text`` may be adopted: detached,
+    or its server process is known to have ended."""
+    return detached_since(text) is not None or owner_is_gone(text)
+
+
+def sweep_verdict(text: str, persisted: bool, grace: float, now: float | None = None) -> str:
+    """What an orphan sweep does with a kernel whose owner record is ``text``:
+
+    - ``"keep"``: its server runs (or cannot be told from here), or it is detached and
+      still inside its ``grace`` seconds of waiting for adoption;
+    - ``"mark"``: persisted and its server died: write :func:`detached_mark` now, so that
+      the grace starts (and the kernel is adoptable);
+    - ``"remove"``: its server died without persisting it, or its grace is over.
+    """
+    since = detached_since(text)
+    if since is not None:
+        return "remove" if (time.time() if now is None else now) - since >= grace else "keep"
+    if not owner_is_gone(text):
+        return "keep"
+    return "mark" if persisted else "remove"
 
 
 def owner_alive(text: str) -> bool | None:
