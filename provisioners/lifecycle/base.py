@@ -59,6 +59,8 @@ WarmClaim = Callable[["ClusterProvisioner", dict[str, Any]], Awaitable[bool]]
 _DEATH_CHECK = 0.5
 #: Longest wait for an engine to release what a start that failed early opened.
 _GIVE_UP_WAIT = 10.0
+#: Longest wait for an engine to mark one kernel detached as its server stops.
+_DETACH_WAIT = 5.0
 
 
 class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore[misc,metaclass]
@@ -433,6 +435,71 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             self.connection_info = await self._connect()
         else:
             self.connection_info = cast(KernelConnectionInfo, connection)
+
+    # ------------------------------------------------------------------ persistence
+
+    @property
+    def persists(self) -> bool:
+        """True when the kernel outlives this server (``persist_kernels``, on an engine
+        whose kernels can; never a local process, nor the local fallback)."""
+        return (
+            self.persist_kernels
+            and self.engine.persists
+            and not self.engine.fallback_for
+            and not self.engine.pool_id
+        )
+
+    async def detach(self) -> bool:
+        """This server stops and the kernel lives on: close its SSH tunnels, mark it
+        detached on the engine (:meth:`Engine.detach_kernel`) and forget it, without
+        stopping or removing it. Its port records stay for the adopting server. Returns
+        False (and does nothing) for a kernel that does not persist; never raises for an
+        engine error (logged: the kernel is then adopted, or swept, as a gone server's).
+        """
+        engine = self.engine
+        if self._stopped or not engine.has_kernel() or not self.persists:
+            return False
+        async with self._teardown_lock:
+            self._stopped = True
+            if engine.tunnels is not None:
+                tunnels, engine.tunnels = engine.tunnels, None
+                await self._best_effort("closing the SSH tunnels", tunnels.close())
+            await self._best_effort(
+                "detaching", asyncio.wait_for(engine.detach_kernel(), _DETACH_WAIT)
+            )
+        self.log.info(
+            "Kernel %s: detached; it runs on in its %s for the next server to adopt",
+            self.kernel_id,
+            engine.target,
+        )
+        return True
+
+    async def adoptable_kernels(self) -> list[dict[str, Any]]:
+        """The kernels of this kernelspec that a stopped or dead server left for adoption
+        (:meth:`Engine.adoptable_kernels`), each as the provisioner info that
+        :meth:`load_provisioner_info` takes, with its ``kernel_id``. Nothing unless
+        ``persist_kernels`` is on. Raises :class:`EngineUnavailableError` when the engine
+        cannot be reached."""
+        if not self.persist_kernels or not self.engine.persists:
+            return []
+        found = []
+        for record in await self.engine.adoptable_kernels():
+            kernel_info = dict(record["kernel_info"])
+            found.append(
+                {
+                    "kernel_id": record["kernel_id"],
+                    "version": PROVISIONER_INFO_VERSION,
+                    "target": self.target,
+                    "runner": self.engine.target,
+                    "fallback_cause": "",
+                    "connection_info": {},
+                    "kernel_info": kernel_info,
+                    "ports": list(record.get("ports") or []),
+                    "port_host": record.get("port_host", LOCAL_HOST),
+                    "state": dict(record.get("state") or {}),
+                }
+            )
+        return found
 
     # ------------------------------------------------------------------ maintenance
 

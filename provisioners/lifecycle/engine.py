@@ -44,6 +44,8 @@ class Engine:
 
     #: Short engine name used in logs, errors, labels and the CLI.
     target: ClassVar[str] = "base"
+    #: Whether this engine's kernels can outlive their server (``persist_kernels``).
+    persists: ClassVar[bool] = True
     #: The engine's own bounded thread pool: every blocking call of this engine (and the
     #: port allocation for its host) runs there, never in asyncio's default one.
     executor: ClassVar[EngineExecutor] = EngineExecutor("base", max_workers=4)

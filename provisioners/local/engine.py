@@ -28,6 +28,8 @@ class LocalEngine(Engine):
     """A kernel as a local subprocess, with ports from the cluster-aware cache."""
 
     target: ClassVar[str] = "local"
+    #: A local kernel is this server's child process: it ends with the server.
+    persists: ClassVar[bool] = False
     executor: ClassVar[EngineExecutor] = LOCAL_EXECUTOR
 
     def __init__(self, settings: Any, kernel_id: str) -> None:
