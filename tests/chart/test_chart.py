@@ -316,7 +316,8 @@ def test_rbac_is_namespaced_and_exact(render, scenario: str) -> None:
             expected = {k: set(v) for k, v in KERNEL_NAMESPACE_RULES.items()}
             if values["kernels"]["portForward"]:
                 expected.update(PORT_FORWARD_RULES)
-            if any(size and size > 0 for size in _pool_sizes(rendered).values()):
+            pooled = any(size and size > 0 for size in _pool_sizes(rendered).values())
+            if pooled or values["kernels"]["persist"]:  # relabel a claim / mark a detach
                 for resource, verbs in POOL_RULES.items():
                     expected[resource] |= verbs
         if ns == NAMESPACE:
@@ -716,7 +717,10 @@ def test_default_values_render_no_pool(render) -> None:
     c = load_config(rendered)
     assert c.KernelPools.max_total == 8
     assert "prefill" not in c.KernelPools
-    assert "jpserver_extensions" not in c.ServerApp
+    # kernels.persist (on by default) enables only the persistence extension
+    assert c.ServerApp.jpserver_extensions == {"provisioners.persist": True}
+    assert c.ClusterProvisioner.persist_kernels is True
+    assert c.ClusterProvisioner.adoption_grace == 900
     assert "provisioners.pool" not in rendered.configmap_file("jupyter_server_config.py")
 
 
@@ -735,11 +739,15 @@ def test_pool_sizes_render_into_kernelspecs(render) -> None:
     assert c.KernelPools.max_total == 6
     # Every kernelspec with a pool (from kernels.pools.sizes or its own config), sorted.
     assert c.KernelPools.prefill == ["analysis", "python3", "small"]
-    assert c.ServerApp.jpserver_extensions == {"provisioners.pool": True}
+    extensions = {"provisioners.persist": True, "provisioners.pool": True}
+    assert c.ServerApp.jpserver_extensions == extensions
     text = rendered.configmap_file("jupyter_server_config.py")
     assert "c.KernelPools.max_total = 6\n" in text
     assert 'c.KernelPools.prefill = ["analysis","python3","small"]\n' in text
-    assert 'c.ServerApp.jpserver_extensions = {"provisioners.pool": True}\n' in text
+    assert (
+        f"c.ServerApp.jpserver_extensions = {json.dumps(extensions).replace('true', 'True')}\n"
+        in text
+    )
 
 
 def test_pools_without_prefill_still_drain(helm: str, helm_env: dict[str, str]) -> None:
@@ -764,7 +772,41 @@ def test_pools_without_prefill_still_drain(helm: str, helm_env: dict[str, str]) 
     exec(config_map["data"]["jupyter_server_config.py"], {"get_config": lambda: config})
     assert config.KernelPools.prefill == []
     assert config.KernelPools.max_total == 0
-    assert config.ServerApp.jpserver_extensions == {"provisioners.pool": True}
+    assert config.ServerApp.jpserver_extensions["provisioners.pool"] is True
+
+
+def test_persistence_off_and_sessions_on_a_volume(helm: str, helm_env: dict[str, str]) -> None:
+    """kernels.persist=false: no persistence extension, no patch verbs; a sessions claim
+    puts the sessions database on that volume."""
+    proc = _template(
+        helm,
+        helm_env,
+        "--set",
+        "kernels.persist=false",
+        "--set",
+        "server.sessions.existingClaim=server-sessions",
+    )
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    config_map = next(
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and "data" in d and "jupyter_server_config.py" in d["data"]
+    )
+    config = Config()
+    exec(config_map["data"]["jupyter_server_config.py"], {"get_config": lambda: config})
+    assert "jpserver_extensions" not in config.ServerApp
+    assert "persist_kernels" not in config.ClusterProvisioner
+    path = config.SessionManager.database_filepath
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "sessions"]
+    assert path.startswith(mount["mountPath"] + "/")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "sessions"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "server-sessions"}
+    assert pod["terminationGracePeriodSeconds"] == 30
+    for role in (d for d in docs if d["kind"] == "Role"):
+        assert all("patch" not in rule["verbs"] for rule in role["rules"])
 
 
 def test_pool_size_of_no_kernelspec_fails(helm: str, helm_env: dict[str, str]) -> None:

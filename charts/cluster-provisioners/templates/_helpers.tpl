@@ -237,3 +237,14 @@ subjects:
     name: {{ include "cluster-provisioners.serviceAccountName" $root }}
     namespace: {{ $root.Release.Namespace }}
 {{- end }}
+
+{{/*
+A dict of booleans as a Python dict literal: {"a": True, "b": False}.
+*/}}
+{{- define "cluster-provisioners.pyDict" -}}
+{{- $items := list }}
+{{- range $key, $value := . }}
+{{- $items = append $items (printf "%s: %s" (toJson $key) (ternary "True" "False" (eq (toString $value) "true"))) }}
+{{- end }}
+{{- printf "{%s}" (join ", " $items) }}
+{{- end }}
