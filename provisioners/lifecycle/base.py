@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from jupyter_client.provisioning import KernelProvisionerBase
 
+from .. import metrics
 from ..connection import curve
 from ..connection.files import PORT_NAMES, KernelConnectionInfo, json_safe, with_bytes
 from ..connection.ports import LOCAL_HOST, ClusterPortCache
@@ -77,7 +78,8 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
     def __init__(self, **kwargs: Any) -> None:
         try:
             spec_name = self._configure(dict(kwargs))
-        except ProvisionerConfigError:
+        except ProvisionerConfigError as exc:
+            metrics.start_refused(exc)
             # Raised inside the manager's start: the server must not keep the kernel.
             kernel_id = str(kwargs.get("kernel_id") or "")
             forget_failed_start(kwargs.get("parent"), kernel_id, logging.getLogger(__name__))
@@ -126,9 +128,11 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Pick the engine, allocate ports, build connection info, command and env."""
+        metrics.start_begun(self, restart=self._restarting)
         try:
             return await self._pre_launch(**kwargs)
         except BaseException as exc:
+            metrics.start_ended(self, exc)
             if not self.engine.has_kernel():
                 await self._give_up_start()
             if not isinstance(exc, Exception):
@@ -210,6 +214,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         engine = self.engine
         if self._claimed:  # a warm kernel, running and answering since before the request
             self._claimed = False
+            metrics.start_ended(self)
             return self.connection_info
         env = kwargs.pop("env", {})
         restarting, self._restart_launch = self._restart_launch, False
@@ -239,6 +244,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
                 self._awaiting_engine = False
                 self.log.info("Kernel %s: the engine answers again; restarted", self.kernel_id)
         except BaseException as exc:
+            metrics.start_ended(self, exc)
             engine_down = restarting and isinstance(exc, EngineUnavailableError)
             if not (engine_down and self._awaiting_engine):  # said once while it is down
                 self.log.warning(
@@ -268,6 +274,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             if error is exc:
                 raise
             raise error from exc
+        metrics.start_ended(self)
         return self.connection_info
 
     def _await_engine(self) -> str:
@@ -364,6 +371,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         and is retried (see :mod:`.leftovers`) until it is gone.
         """
         await self._teardown(restart=restart)
+        metrics.kernel_gone(self, restart=restart)
         self._restarting = restart
 
     def resolve_path(self, path_str: str) -> str | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
 from ..connection.ports import ClusterPortCache
 from ..settings import is_request_input, requested_env_names
 from .pools import KernelPools
@@ -31,52 +32,69 @@ if TYPE_CHECKING:
 
 def cold_reason(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> str:
     """Why the request in ``kwargs`` cannot be served by a warm kernel ('' if it can)."""
+    return _cold(provisioner, kwargs)[1]
+
+
+def _cold(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> tuple[str, str]:
+    """:func:`cold_reason` with its miss reason (:data:`provisioners.metrics.MISS_REASONS`)."""
     requested = requested_env_names(kwargs.get("env"))
     passed = {
         name for name in requested if provisioner.inherit_server_env or is_request_input(name)
     }
     missing = sorted(passed - set(provisioner.pool_optional_env))
     if missing:
-        return f"the request sets {', '.join(missing)}, which a warm kernel was started without"
+        names = ", ".join(missing)
+        return "request_env", f"the request sets {names}, which a warm kernel was started without"
     cwd = kwargs.get("cwd")
     if cwd and provisioner.engine.uses_request_cwd() and os.path.abspath(cwd) != os.getcwd():
-        return f"the request's working directory {cwd!r} is not the warm kernels' one"
+        return "cwd", f"the request's working directory {cwd!r} is not the warm kernels' one"
     if kwargs.get("extra_arguments"):
-        return "the request passes extra arguments to the kernel's command"
+        return "arguments", "the request passes extra arguments to the kernel's command"
     if getattr(provisioner.parent, "transport", "tcp") != "tcp":
-        return "warm kernels use the tcp transport"
-    return ""
+        return "transport", "warm kernels use the tcp transport"
+    return "", ""
 
 
 def warm_mismatch(provisioner: ClusterProvisioner, warm: Engine) -> str:
     """Why ``warm`` does not give what the request asks for ('' when it does)."""
+    return _mismatch(provisioner, warm)[1]
+
+
+def _mismatch(provisioner: ClusterProvisioner, warm: Engine) -> tuple[str, str]:
+    """:func:`warm_mismatch` with its miss reason."""
     wants_curve = provisioner.select_curve_keys() is not None
     if wants_curve and warm.curve_keys is None:
-        return "the request asks for CurveZMQ encryption and the warm kernels have none"
+        return (
+            "encryption",
+            "the request asks for CurveZMQ encryption and the warm kernels have none",
+        )
     if warm.kernel_bind_ip() != provisioner.engine.kernel_bind_ip():
-        return "the warm kernels listen on another address"
-    return ""
+        return "address", "the warm kernels listen on another address"
+    return "", ""
 
 
 async def claim_warm_kernel(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> bool:
     """Hand a ready warm kernel to ``provisioner``; False when the start must be cold."""
     if provisioner.pool_size <= 0 or provisioner.pool_id:
         return False
-    log, kernel_id = provisioner.log, provisioner.kernel_id
-    reason = cold_reason(provisioner, kwargs)
-    if reason:
+    log, kernel_id, spec = provisioner.log, provisioner.kernel_id, provisioner.spec_name
+    miss, reason = _cold(provisioner, kwargs)
+    if miss:
         log.info("Kernel %s: cold start, not from the pool: %s", kernel_id, reason)
+        metrics.record_miss(spec, miss)
         return False
     pools = KernelPools.instance(config=provisioner.config)
     pools.ensure(provisioner)  # the kernelspec's pool is created at its first claim
     warm = await pools.take(provisioner)
     if warm is None:
         log.info("Kernel %s: cold start, no warm kernel is ready", kernel_id)
+        metrics.record_miss(spec, "empty")
         return False
-    reason = warm_mismatch(provisioner, warm)
-    if reason:
+    miss, reason = _mismatch(provisioner, warm)
+    if miss:
         await pools.give_back(provisioner, warm)
         log.info("Kernel %s: cold start, not from the pool: %s", kernel_id, reason)
+        metrics.record_miss(spec, miss)
         return False
     pool_id = warm.kernel_id
     try:
@@ -98,8 +116,10 @@ async def claim_warm_kernel(provisioner: ClusterProvisioner, kwargs: dict[str, A
             exc,
         )
         await pools.retire(provisioner, warm)
+        metrics.record_miss(spec, "claim_failed")
         return False
     provisioner.claim_warm_engine(warm)
+    metrics.record_claim(spec)
     skipped = sorted(requested_env_names(kwargs.get("env")) & set(provisioner.pool_optional_env))
     provisioner.progress(
         "claimed",

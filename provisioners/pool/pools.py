@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from traitlets import Float, Int, List, Unicode
 from traitlets.config import SingletonConfigurable
 
+from .. import metrics
 from .warm import PoolLoop, WarmPool, pool_key
 
 if TYPE_CHECKING:
@@ -110,6 +111,13 @@ class KernelPools(SingletonConfigurable):
         with self._lock:
             return list(self._pools.values())
 
+    def counts(self) -> list[tuple[str, int, int, int]]:
+        """``(kernelspec, ready, starting, pool_size)`` of each open pool (from any thread:
+        what the metrics read when scraped)."""
+        return [
+            (p.spec_name, len(p.ready), p.starting, p.size) for p in self.pools() if not p.closed
+        ]
+
     # ------------------------------------------------------------------ claims
 
     async def take(self, provisioner: ClusterProvisioner) -> Engine | None:
@@ -169,6 +177,14 @@ class KernelPools(SingletonConfigurable):
             asyncio.run(asyncio.wait_for(self.drain(), self.drain_timeout))
         except Exception as exc:
             self.log.warning("Draining the kernel pools at exit failed: %s", exc)
+
+
+def _pool_counts() -> list[tuple[str, int, int, int]]:
+    """The pools' counts for the metrics; none before a pool exists."""
+    return KernelPools.instance().counts() if KernelPools.initialized() else []
+
+
+metrics.set_pool_source(_pool_counts)
 
 
 async def _drain_all(pools: list[WarmPool]) -> None:
