@@ -9,6 +9,7 @@ connection-file archive, GPU requests, uid/gid lookups and stop-signal names.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import posixpath
@@ -26,10 +27,11 @@ import docker
 import requests
 from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
 
+from ..connection.files import PORT_NAMES
 from ..connection.ports import PortSource
 from ..connection.sshconnect import SSHSettings
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
-from ..lifecycle.owner import owner_is_gone
+from ..lifecycle.owner import adoptable, detached_mark, detached_since, sweep_verdict
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "cluster-provisioners"
@@ -40,6 +42,11 @@ LABEL_KERNELSPEC = "cluster-provisioners.kernelspec"
 #: On a warm (pool) kernel's container: its name prefix. Labels cannot change, so once
 #: the kernel is claimed its id is read from the container's new name.
 LABEL_POOL_PREFIX = "cluster-provisioners.pool.name-prefix"
+#: On a kernel started with ``persist_kernels``: "true". It outlives its server, and waits
+#: ``adoption_grace`` seconds (the label below, read by sweeps without settings) for the
+#: next server to adopt it.
+LABEL_PERSIST = "cluster-provisioners.persist"
+LABEL_GRACE = "cluster-provisioners.adoption-grace"
 OUR_LABELS = (
     LABEL_MANAGED_BY,
     LABEL_KERNEL_ID,
@@ -47,7 +54,12 @@ OUR_LABELS = (
     LABEL_PORTS,
     LABEL_KERNELSPEC,
     LABEL_POOL_PREFIX,
+    LABEL_PERSIST,
+    LABEL_GRACE,
 )
+#: The adoption grace of a persisted container without a readable grace label (the
+#: ``adoption_grace`` setting's default).
+DEFAULT_GRACE = 900.0
 
 #: ``extra_create_args`` keys we set ourselves; the traits are the way to change them.
 MANAGED_CREATE_KEYS = frozenset(
@@ -153,7 +165,8 @@ def owner_archive(owner: str) -> bytes:
 
 
 def _moved_owner(client: docker.DockerClient, container_id: str, kernel_id: str) -> str:
-    """The owner a reattaching server wrote into the container ('' when none)."""
+    """The owner record written into the container after its creation ('' when none): a
+    reattaching server's identity, or a detached mark (see :func:`owner_archive`)."""
     path = posixpath.join(container_kernel_dir(kernel_id), "owner")
     try:
         stream, _ = client.api.get_archive(container_id, path)
@@ -164,12 +177,53 @@ def _moved_owner(client: docker.DockerClient, container_id: str, kernel_id: str)
         return ""
 
 
-def sweep_orphans(client: docker.DockerClient, log: Log | None = None) -> list[str]:
+def write_owner(client: docker.DockerClient, container_id: str, dir_id: str, owner: str) -> None:
+    """Write ``owner`` (a server's identity or a detached mark) as the owner record of the
+    kernel container ``container_id``, whose kernel directory is named after ``dir_id``.
+    Raises the daemon's errors (:data:`ENGINE_ERRORS`)."""
+    client.api.put_archive(container_id, container_kernel_dir(dir_id), owner_archive(owner))
+
+
+def current_owner(client: docker.DockerClient, item: Mapping[str, Any]) -> str:
+    """The owner record of a listed kernel container: the one written into it since
+    (:func:`write_owner`), else its owner label."""
+    labels = item.get("Labels") or {}
+    moved = _moved_owner(client, item["Id"], labels.get(LABEL_KERNEL_ID, ""))
+    return moved or labels.get(LABEL_OWNER, "")
+
+
+def is_persisted(item: Mapping[str, Any]) -> bool:
+    """True when a listed kernel container can outlive its server: started with
+    ``persist_kernels``, running, and no unclaimed warm kernel (a pool's own)."""
+    labels = item.get("Labels") or {}
+    name = (item.get("Names") or ["/?"])[0]
+    return (
+        labels.get(LABEL_PERSIST) == "true"
+        and item.get("State") == "running"
+        and not listed_kernel_id(labels, name)[1]
+    )
+
+
+def record_grace(labels: Mapping[str, str]) -> float:
+    """The adoption grace a container was started with (its label), else the default."""
+    try:
+        return float(labels.get(LABEL_GRACE, DEFAULT_GRACE))
+    except ValueError:
+        return DEFAULT_GRACE
+
+
+def sweep_orphans(
+    client: docker.DockerClient, log: Log | None = None, grace: float | None = None
+) -> list[str]:
     """Remove our kernel containers whose owning server process is gone.
 
-    Only owners on this machine can be checked; a live server's containers (and those
-    of servers on other machines) are never touched, nor those a live server reattached
-    (the owner it wrote into the container, see :func:`owner_archive`). Returns the
+    The owner record is the one a server wrote into the container after its creation (a
+    reattach, an adoption, a detach: see :func:`write_owner`), else the owner label. Only
+    owners on this machine can be checked: a live server's containers (and those of
+    servers on other machines) are never touched. A persisted kernel (:func:`is_persisted`)
+    whose server died is marked detached instead, and kept; a detached one is removed once
+    ``grace`` seconds (default: its own ``adoption-grace`` label) have passed since its
+    mark, or at once when it no longer runs (there is nothing to adopt). Returns the
     removed container ids.
     """
     log = log or logging.getLogger(__name__)
@@ -177,12 +231,31 @@ def sweep_orphans(client: docker.DockerClient, log: Log | None = None) -> list[s
     found = client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"})
     for item in found:
         labels = item.get("Labels") or {}
-        owner = labels.get(LABEL_OWNER, "")
-        if not owner or not owner_is_gone(owner):
+        if not labels.get(LABEL_OWNER):
             continue
-        moved = _moved_owner(client, item["Id"], labels.get(LABEL_KERNEL_ID, ""))
-        if moved and not owner_is_gone(moved):
-            continue  # reattached by a server that is not known to be gone
+        owner = current_owner(client, item)
+        wait = record_grace(labels) if grace is None else grace
+        verdict = sweep_verdict(owner, is_persisted(item), wait)
+        if detached_since(owner) is not None and item.get("State") != "running":
+            verdict = "remove"
+        kernel_id = labels.get(LABEL_KERNEL_ID, "?")
+        if verdict == "keep":
+            continue
+        if verdict == "mark":
+            try:
+                write_owner(client, item["Id"], labels.get(LABEL_KERNEL_ID, ""), detached_mark())
+            except ENGINE_ERRORS as exc:
+                log.warning("Could not mark kernel container %s detached: %s", item["Id"][:12], exc)
+                continue
+            log.info(
+                "Kernel container %s (kernel %s) persists: its server %s is gone; it waits "
+                "%g s for a server to adopt it",
+                item["Id"][:12],
+                kernel_id,
+                owner,
+                wait,
+            )
+            continue
         try:
             client.api.remove_container(item["Id"], v=True, force=True)
         except docker.errors.NotFound:
@@ -191,23 +264,95 @@ def sweep_orphans(client: docker.DockerClient, log: Log | None = None) -> list[s
             log.warning("Could not remove orphaned kernel container %s: %s", item["Id"][:12], exc)
             continue
         log.info(
-            "Removed orphaned kernel container %s (kernel %s, owner %s gone)",
+            "Removed orphaned kernel container %s (kernel %s, owner %s %s)",
             item["Id"][:12],
-            (item.get("Labels") or {}).get(LABEL_KERNEL_ID, "?"),
+            kernel_id,
             owner,
+            "not adopted in time" if detached_since(owner) is not None else "gone",
         )
         removed.append(item["Id"])
     return removed
 
 
+def adoptable_containers(
+    client: docker.DockerClient, spec_name: str, log: Log | None = None
+) -> list[dict[str, Any]]:
+    """Our running, persisted kernel containers of kernelspec ``spec_name`` whose owner
+    record is :func:`~provisioners.lifecycle.owner.adoptable` (detached, or a server known
+    to be gone), each as ``{"kernel_id", "dir_id", "container_id", "container_name",
+    "networks", "kernel_info"}`` (``kernel_info``: the kernel's own connection file, key
+    and Curve keys as text). A container whose connection file cannot be read is left out
+    and logged, without its content. Raises the daemon's errors (:data:`ENGINE_ERRORS`).
+    """
+    log = log or logging.getLogger(__name__)
+    wanted = [f"{LABEL_MANAGED_BY}={MANAGED_BY}", f"{LABEL_PERSIST}=true"]
+    if spec_name:
+        wanted.append(f"{LABEL_KERNELSPEC}={spec_name}")
+    found = client.api.containers(filters={"label": wanted})  # running ones
+    records = []
+    for item in found:
+        labels = item.get("Labels") or {}
+        if labels.get(LABEL_KERNELSPEC, "") != spec_name or not is_persisted(item):
+            continue
+        if not adoptable(current_owner(client, item)):
+            continue
+        name = (item.get("Names") or ["/?"])[0].lstrip("/")
+        kernel_id = listed_kernel_id(labels, name)[0]
+        dir_id = labels.get(LABEL_KERNEL_ID, "")
+        path = posixpath.join(container_kernel_dir(dir_id), "connection.json")
+        info = _connection_file(client, item["Id"], path)
+        if info is None:
+            log.warning(
+                "Kernel %s: cannot read its connection file in container %s; not adopted",
+                kernel_id,
+                name,
+            )
+            continue
+        networks = (item.get("NetworkSettings") or {}).get("Networks") or {}
+        records.append(
+            {
+                "kernel_id": kernel_id,
+                "dir_id": dir_id,
+                "container_id": item["Id"],
+                "container_name": name,
+                "networks": {k: (v or {}).get("IPAddress") or "" for k, v in networks.items()},
+                "kernel_info": info,
+            }
+        )
+    return records
+
+
+def _connection_file(
+    client: docker.DockerClient, container_id: str, path: str
+) -> dict[str, Any] | None:
+    """The kernel's connection file at ``path`` in the container, if it holds a key and
+    the five ports; None otherwise."""
+    try:
+        stream, _ = client.api.get_archive(container_id, path)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            member = tar.extractfile(posixpath.basename(path))
+            info = json.loads(member.read()) if member is not None else None
+    except (*ENGINE_ERRORS, tarfile.TarError, KeyError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("key"), str):
+        return None
+    if not all(isinstance(info.get(name), int) and info[name] > 0 for name in PORT_NAMES):
+        return None
+    return info
+
+
 def _sweep_quietly(
-    docker_host: str, timeout: float, log: Log, ssh: SSHSettings | None = None
+    docker_host: str,
+    timeout: float,
+    log: Log,
+    ssh: SSHSettings | None = None,
+    grace: float | None = None,
 ) -> None:
     """Run :func:`sweep_orphans` on a client of its own; log instead of raising."""
     try:
         client = connect_docker(docker_host, timeout=timeout, connect_timeout=timeout, ssh=ssh)
         try:
-            sweep_orphans(client, log)
+            sweep_orphans(client, log, grace)
         finally:
             client.close()
     except (*ENGINE_ERRORS, ProvisionerError) as exc:
@@ -220,15 +365,17 @@ def sweep_once(
     timeout: float,
     log: Log,
     ssh: SSHSettings | None = None,
+    grace: float | None = None,
 ) -> None:
-    """Sweep the daemon ``key`` (its port host) in a thread, the first time per process."""
+    """Sweep the daemon ``key`` (its port host) in a thread, the first time per process
+    (``grace``: the adoption grace, see :func:`sweep_orphans`)."""
     with _SWEPT_LOCK:
         if key in _SWEPT:
             return
         _SWEPT.add(key)
     threading.Thread(
         target=_sweep_quietly,
-        args=(docker_host, timeout, log, ssh),
+        args=(docker_host, timeout, log, ssh, grace),
         name="docker-orphan-sweep",
         daemon=True,
     ).start()
@@ -291,10 +438,18 @@ def listed_kernel_id(labels: Mapping[str, str], name: str) -> tuple[str, bool]:
 
 
 def kernel_labels(
-    extra: Mapping[str, str], kernel_id: str, owner: str, ports: Sequence[int], kernelspec: str
+    extra: Mapping[str, str],
+    kernel_id: str,
+    owner: str,
+    ports: Sequence[int],
+    kernelspec: str,
+    persist_grace: float | None = None,
 ) -> dict[str, str]:
-    """The kernel container's labels: ``extra``, then ours."""
+    """The kernel container's labels: ``extra``, then ours; with ``persist_grace`` (the
+    ``adoption_grace`` of a kernel started with ``persist_kernels``) the persist marker."""
     labels = dict(extra)
+    if persist_grace is not None:
+        labels.update({LABEL_PERSIST: "true", LABEL_GRACE: f"{persist_grace:g}"})
     labels.update(
         {
             LABEL_MANAGED_BY: MANAGED_BY,

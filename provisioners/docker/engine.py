@@ -42,6 +42,7 @@ from ..executor import EngineExecutor
 from ..lifecycle.engine import PORT_NAMES, Engine, kernel_row
 from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.fallback import while_unreachable
+from ..lifecycle.owner import detached_mark
 from ..podenv import maybe_in_pod
 from .daemon import (
     ENGINE_ERRORS,
@@ -52,6 +53,7 @@ from .daemon import (
     MANAGED_BY,
     UNSAFE_NAME,
     DockerPortSource,
+    adoptable_containers,
     connect_docker,
     connection_archive,
     container_kernel_dir,
@@ -61,12 +63,12 @@ from .daemon import (
     kernel_labels,
     listed_kernel_id,
     lookup_id,
-    owner_archive,
     ping,
     read_file,
     signal_number,
     sweep_once,
     sweep_orphans,
+    write_owner,
 )
 from .pull import PullProgress, stream_pull
 
@@ -279,7 +281,8 @@ class DockerEngine(Engine):
         """Keyword arguments of ``containers.create`` for this kernel (no I/O)."""
         s = self.settings
         ports = [self.kernel_info[n] for n in PORT_NAMES]
-        labels = kernel_labels(s.labels, self.kernel_id, str(s.owner), ports, s.spec_name)
+        grace = s.adoption_grace if s.persist_kernels else None
+        labels = kernel_labels(s.labels, self.kernel_id, str(s.owner), ports, s.spec_name, grace)
         if self.pool_id:
             labels[LABEL_POOL_PREFIX] = s.name_prefix
         return create_args(
@@ -499,13 +502,67 @@ class DockerEngine(Engine):
                 self.settings.api_timeout,
                 self.log,
                 self.daemon_ssh_settings(),
+                self.settings.adoption_grace,
             )
 
     async def sweep_orphans(self) -> list[str]:
-        """Remove our containers on this daemon whose server process is gone."""
+        """Remove our containers on this daemon whose server process is gone; persisted
+        ones are marked detached and removed only when ``adoption_grace`` has passed
+        unadopted (:func:`.daemon.sweep_orphans`). Raises the daemon's errors."""
         client = await self._docker()
-        removed = await self.executor.run(sweep_orphans, client, self.log)
+        grace = self.settings.adoption_grace
+        removed = await self.executor.run(sweep_orphans, client, self.log, grace)
         return [f"container {container_id[:12]}" for container_id in removed]
+
+    async def adoptable_kernels(self) -> list[dict[str, Any]]:
+        """Running kernel containers of this kernelspec on this daemon, started with
+        ``persist_kernels``, not warm, whose owner record is detached or names a server
+        known to be gone; each with its own connection file (read from the container),
+        ports, port host and the state :meth:`load_kernel_state` reattaches with. A template
+        engine (no container of its own) closes its client after. Raises
+        :class:`EngineUnavailableError` when the daemon cannot be reached or listed."""
+        await self.check_engine()
+        try:
+            found = await self.executor.run(
+                adoptable_containers, await self._docker(), self.settings.spec_name, self.log
+            )
+        except ENGINE_ERRORS as exc:
+            msg = f"cannot list the kernel containers of {self.docker_host or '(local)'}: {exc}"
+            raise EngineUnavailableError(msg, target=self.target) from exc
+        finally:
+            if not self.container_id:  # a template, asked every adopt_interval: let go
+                self._close_client()
+        records = []
+        for item in found:
+            info = item["kernel_info"]
+            state = {
+                "container_id": item["container_id"],
+                "container_name": item["container_name"],
+                "container_ip": self._listed_ip(item["networks"]),
+                "docker_host": self.docker_host,
+                "daemon_key": self._daemon_key,
+                "dir_id": item["dir_id"],
+            }
+            records.append(
+                {
+                    "kernel_id": item["kernel_id"],
+                    "kernel_info": info,
+                    "ports": [int(info[name]) for name in PORT_NAMES],
+                    "port_host": self.allocation_host(),
+                    "state": state,
+                }
+            )
+        return records
+
+    def _listed_ip(self, networks: dict[str, str]) -> str:
+        """The container's IP as :meth:`_container_ip` picks it ('' without container-IP
+        mode: the state of a kernel reached on published ports has none)."""
+        if not self.settings.connect_via_container_ip:
+            return ""
+        network = self.settings.network
+        if network in networks:
+            return networks[network]
+        return next((ip for ip in networks.values() if ip), "")
 
     async def list_kernels(self) -> list[dict[str, Any]]:
         """Our kernel containers on this daemon."""
@@ -651,6 +708,29 @@ class DockerEngine(Engine):
                 self.log.debug("Kernel %s: container %s removed", self.kernel_id, self.container_id)
                 return
 
+    async def detach_kernel(self) -> None:
+        """Write a detached mark as the container's owner record (the next server adopts
+        it; sweeps wait ``adoption_grace``), then close this server's relay and client
+        without stopping or removing the container. Raises :class:`ProvisionerError` when
+        the daemon refuses the mark (the relay and client are closed all the same)."""
+        try:
+            if self.container_id:
+                client = await self._docker()
+                await self.executor.run(
+                    write_owner, client, self.container_id, self._dir_id, detached_mark()
+                )
+                self.log.debug(
+                    "Kernel %s: container %s marked detached", self.kernel_id, self.container_name
+                )
+        except ENGINE_ERRORS as exc:
+            msg = f"cannot mark container {self.container_name} detached: {exc}"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        finally:
+            if self.relay is not None:
+                relay, self.relay = self.relay, None
+                await relay.close()
+            self._close_client()
+
     def kernel_state(self) -> dict[str, Any]:
         return {
             "container_id": self.container_id,
@@ -685,12 +765,9 @@ class DockerEngine(Engine):
             msg = f"cannot inspect container {self.container_name}: {exc}"
             raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
         self.started = True
-        try:  # labels cannot change: sweeps read the new owner from the container
+        try:  # labels cannot change: sweeps read the new owner (over a detached mark) here
             await self.executor.run(
-                client.api.put_archive,
-                self.container_id,
-                container_kernel_dir(self._dir_id),
-                owner_archive(str(self.settings.owner)),
+                write_owner, client, self.container_id, self._dir_id, str(self.settings.owner)
             )
         except ENGINE_ERRORS as exc:
             self.log.warning(
