@@ -26,6 +26,7 @@ import aiohttp
 from kubernetes_asyncio.client import ApiClient, Configuration
 from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
 
+from .. import metrics
 from ..exceptions import EngineUnavailableError, ProvisionerError
 from ..podenv import SERVICE_ACCOUNT_DIR, incluster_config_usable
 from .loop import KUBERNETES_EXECUTOR
@@ -194,6 +195,7 @@ class KubeClient:
             if path:
                 if not any(Path(p).expanduser().exists() for p in path.split(os.pathsep) if p):
                     msg = f"no kubeconfig at {path!r} and not running in a cluster"
+                    metrics.record_engine_error("kubernetes", "unreachable")
                     raise EngineUnavailableError(msg, target="kubernetes")
                 await load_kube_config(
                     config_file=path,
@@ -205,6 +207,7 @@ class KubeClient:
                 load_incluster_config(client_configuration=cfg)
         except (ConfigException, OSError, ValueError, KeyError, TypeError) as exc:
             msg = f"cannot load the Kubernetes configuration ({path or 'in-cluster'}): {exc}"
+            metrics.record_engine_error("kubernetes", "unreachable")
             raise EngineUnavailableError(msg, target="kubernetes") from exc
         return cls(ApiClient(configuration=cfg), in_cluster=not path, timeout=timeout)
 
@@ -292,17 +295,30 @@ class KubeClient:
                 error = KubeApiError.from_body(status, data, f"{method} {path}: HTTP {status}")
             retryable = error.transient
             if not retryable or attempt == attempts - 1:
-                raise error
+                raise counted(error)
             log.debug("%s %s failed (%s); retrying in %.1f s", method, path, error, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def request_text(
-        self, path: str, query: Iterable[tuple[str, str]] = (), timeout: float | None = None
+        self,
+        path: str,
+        query: Iterable[tuple[str, str]] = (),
+        timeout: float | None = None,
+        *,
+        count: bool = True,
     ) -> str:
-        """GET a plain-text resource (a container log); raise :class:`KubeApiError`."""
-        timeout = timeout or self.timeout
+        """GET a plain-text resource (a container log); raise :class:`KubeApiError`
+        (counted in the engine errors metric unless ``count`` is False)."""
+        try:
+            return await self._get_text(path, query, timeout or self.timeout)
+        except KubeApiError as exc:
+            if count:
+                counted(exc)
+            raise
+
+    async def _get_text(self, path: str, query: Iterable[tuple[str, str]], timeout: float) -> str:
         client_timeout = aiohttp.ClientTimeout(total=timeout)
         try:
             resp = await asyncio.wait_for(
@@ -326,11 +342,22 @@ class KubeClient:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.timeout, sock_read=timeout_seconds + 30
         )
-        resp = await asyncio.wait_for(self._send("GET", path, query, None, timeout), self.timeout)
+        try:
+            sent = self._send("GET", path, query, None, timeout)
+            resp = await asyncio.wait_for(sent, self.timeout)
+        except KubeApiError as exc:
+            counted(exc)
+            raise
+        except asyncio.TimeoutError:
+            metrics.record_engine_error("kubernetes", "timeout")
+            raise
         try:
             if resp.status != 200:
                 body = await asyncio.wait_for(resp.read(), self.timeout)
-                raise KubeApiError.from_body(resp.status, body, f"watch {path}: HTTP {resp.status}")
+                error = KubeApiError.from_body(
+                    resp.status, body, f"watch {path}: HTTP {resp.status}"
+                )
+                raise counted(error)
             while True:
                 line = await resp.content.readline()
                 if not line:
@@ -338,7 +365,8 @@ class KubeClient:
                 if line.strip():
                     yield json.loads(line)
         except aiohttp.ClientError as exc:
-            raise KubeApiError(0, "Unreachable", f"watch {path}: {_describe(exc)}") from exc
+            error = KubeApiError(0, "Unreachable", f"watch {path}: {_describe(exc)}")
+            raise counted(error) from exc
         finally:
             resp.close()
 
@@ -380,21 +408,33 @@ class KubeClient:
             msg = f"websocket {path}: HTTP {exc.status} {exc.message}"
             if exc.status in (401, 403):  # the handshake drops the Status: ask again plainly
                 msg = await self._refusal(path, query) or msg
-            raise KubeApiError(exc.status, "Handshake", msg) from exc
+            raise counted(KubeApiError(exc.status, "Handshake", msg)) from exc
         except asyncio.TimeoutError as exc:
-            raise KubeApiError(0, "Timeout", f"websocket {path}: no answer") from exc
+            raise counted(KubeApiError(0, "Timeout", f"websocket {path}: no answer")) from exc
         except aiohttp.ClientError as exc:
-            raise KubeApiError(0, "Unreachable", f"websocket {path}: {_describe(exc)}") from exc
+            error = KubeApiError(0, "Unreachable", f"websocket {path}: {_describe(exc)}")
+            raise counted(error) from exc
 
     async def _refusal(self, path: str, query: list[tuple[str, str]]) -> str:
-        """The API's own message for a refused request to ``path`` ('' if none)."""
+        """The API's own message for a refused request to ``path`` ('' if none); the
+        refusal itself is counted once, by :meth:`websocket`."""
         try:
-            await self.request_text(path, query, timeout=self.timeout)
+            await self.request_text(path, query, timeout=self.timeout, count=False)
         except (Unauthorized, Forbidden) as exc:
             return str(exc)
         except KubeApiError:
             return ""
         return ""
+
+
+def counted(error: KubeApiError) -> KubeApiError:
+    """``error``, counted in the engine API errors metric (the one place that counts
+    a failed request, so each is counted once)."""
+    timed_out = error.reason == "Timeout"
+    metrics.record_engine_error(
+        "kubernetes", metrics.http_error_kind(error.status, timed_out=timed_out)
+    )
+    return error
 
 
 def _describe(exc: BaseException) -> str:
