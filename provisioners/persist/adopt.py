@@ -20,13 +20,14 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 from ..exceptions import ProvisionerError
 from ..lifecycle.base import ClusterProvisioner
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 
 async def detach_kernels(mkm: Any, timeout: float = 20.0) -> list[str]:
     """Detach every kernel of ``mkm`` whose provisioner persists it, and drop it from the
     manager (without a shutdown, so the server's ``cleanup_kernels`` leaves it running).
     Bounded by ``timeout`` in all; returns the detached kernel ids."""
+    log = getattr(mkm, "log", _log)
     chosen = []
     for kernel_id in list(getattr(mkm, "_kernels", {})):
         km = mkm._kernels.get(kernel_id)
@@ -58,7 +59,7 @@ def _forget(mkm: Any, kernel_id: str, km: Any) -> None:
         try:
             mkm.stop_watching_activity(kernel_id)
         except Exception as exc:  # the kernel's iopub stream may be closed already
-            log.debug("Kernel %s: stop watching activity: %s", kernel_id, exc)
+            _log.debug("Kernel %s: stop watching activity: %s", kernel_id, exc)
     mkm.remove_kernel(kernel_id)
     for name in ("_kernel_connections", "_kernel_ports", "_pending_kernel_tasks"):
         getattr(mkm, name, {}).pop(kernel_id, None)
@@ -70,6 +71,7 @@ async def adopt_kernels(mkm: Any) -> list[str]:
     ``mkm``'s kernelspec manager whose provisioner persists kernels. Returns the adopted
     kernel ids; an engine that cannot be reached, or a kernel that cannot be adopted, is
     logged and skipped (the next round tries again)."""
+    log = getattr(mkm, "log", _log)
     adopted: list[str] = []
     specs = await _kernelspecs(mkm)
     for spec_name, spec in specs.items():
@@ -164,7 +166,7 @@ async def _kernelspecs(mkm: Any) -> dict[str, Any]:
         try:
             specs[name] = await asyncio.to_thread(ksm.get_kernel_spec, name)
         except Exception as exc:
-            log.debug("kernelspec %r unreadable: %s", name, exc)
+            _log.debug("kernelspec %r unreadable: %s", name, exc)
     return specs
 
 
