@@ -59,12 +59,21 @@ def http(
 class JupyterServer:
     """``python -m jupyter_server`` on a free port with a token; a context manager."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        env: dict[str, str] | None = None,
+        *,
+        args: list[str] | None = None,
+        port: int | None = None,
+        token: str | None = None,
+    ) -> None:
         self.root = root
         self.kernels = root / "data" / "kernels"
         self.kernels.mkdir(parents=True, exist_ok=True)
-        self.token = uuid.uuid4().hex
-        self.port = free_port()
+        self.token = token or uuid.uuid4().hex
+        self.port = port or free_port()
+        self.args = list(args or [])
         self.base = f"http://127.0.0.1:{self.port}/"
         self.log_path = root / "server.log"
         self.extra_env = env or {}
@@ -89,6 +98,7 @@ class JupyterServer:
                     "--ip=127.0.0.1",
                     "--allow-root",
                     f"--ServerApp.root_dir={self.root}",
+                    *self.args,
                 ],
                 env=env,
                 stdout=log,
