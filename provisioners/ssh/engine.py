@@ -8,8 +8,10 @@ Each kernel gets a 0700 directory ``<remote_runtime_dir>/cluster-kernel-<kernel 
 holding its connection file (0600, uploaded over SFTP), its launcher script (the env as
 quoted ``export`` lines and the quoted argv: no value ever reaches a command line), its
 owner (the server identity, for :func:`~provisioners.ssh.remote.sweep_host`), its pid
-and its log. The kernel starts with ``setsid nohup`` so it survives the SSH session; it
-is polled and signalled by pid (and start time, against pid reuse) over SSH. Every
+and its log; with ``persist_kernels`` also ``persist`` (the adoption grace). The kernel
+starts with ``setsid nohup`` in a session of its own, so it survives the SSH session
+and link that started it (and the server: :meth:`SSHEngine.detach_kernel`); it is
+polled and signalled by pid (and start time, against pid reuse) over SSH. Every
 remote command is a POSIX sh script run by ``/bin/sh -c`` (see :meth:`SSHLink.sh`) in
 which every value is quoted with :func:`shlex.quote`.
 
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import paramiko
 
-from ..connection.files import connection_file_content
+from ..connection.files import PORT_NAMES, connection_file_content
 from ..connection.ports import PortSource
 from ..connection.readiness import wait_until_listening
 from ..connection.sshlink import SSH_EXECUTOR, CommandResult, SSHLink
@@ -37,8 +39,12 @@ from ..exceptions import ForwardingRefusedError, KernelStartError, ProvisionerEr
 from ..executor import EngineExecutor
 from ..lifecycle.engine import Engine, kernel_row
 from ..lifecycle.failed_start import exited_while_starting
+from ..lifecycle.owner import detached_mark
 from .remote import (
+    OWNER_FILE,
+    PERSIST_FILE,
     RemoteListeningPorts,
+    adoptable_remote_kernels,
     alive_function,
     exit_report_script,
     expand_home,
@@ -49,6 +55,7 @@ from .remote import (
     remove_script,
     shell_quote,
     sweep_host,
+    write_owner_script,
 )
 
 if TYPE_CHECKING:
@@ -66,6 +73,9 @@ _NO_DIR = 4
 #: between two tries (each failed try is followed by a check that the kernel still runs).
 _PROBE_TIMEOUT = 1.0
 _PROBE_INTERVAL = 0.2
+#: Longest a detach may take (closing the tunnels, writing the detached mark): a stopping
+#: server detaches every kernel well inside its termination grace.
+_DETACH_TIMEOUT = 4.0
 #: Hosts (host, port, user, runtime dir) this process has swept for orphans.
 _SWEPT: set[tuple[str, int, str, str]] = set()
 _SWEPT_LOCK = threading.Lock()
@@ -100,6 +110,9 @@ class SSHEngine(Engine):
         self.group = False
         self._stopping = False
         self._exit_reported = False
+        #: This server let go of the kernel (:meth:`detach_kernel`): it is no longer
+        #: polled, signalled or removed from here.
+        self.detached = False
 
     # ------------------------------------------------------------------ SSH plumbing
 
@@ -208,7 +221,7 @@ class SSHEngine(Engine):
             self.log.debug("Kernel %s: the server-side cwd is not used remotely", self.kernel_id)
         where = self._where
         spec_file = shell_quote(kernel_dir + "/kernelspec")
-        owner_file = shell_quote(kernel_dir + "/owner")
+        owner_file = shell_quote(posixpath.join(kernel_dir, OWNER_FILE))
         prepare = (
             "umask 077\n"
             f"[ -d {shell_quote(cwd)} ] || exit {_NO_CWD}\n"
@@ -218,6 +231,9 @@ class SSHEngine(Engine):
             f"printf '%s\\n' {shell_quote(self.settings.owner)} > {owner_file}\n"
             f"printf '%s\\n' {shell_quote(self.settings.spec_name)} > {spec_file}\n"
         )
+        if self.settings.persist_kernels:  # the kernel outlives its server: see the sweep
+            persist_file = shell_quote(posixpath.join(kernel_dir, PERSIST_FILE))
+            prepare += f"printf '%s\\n' {self.settings.adoption_grace:g} > {persist_file}\n"
         result = await self._run(prepare)
         if result.returncode == _NO_CWD:
             raise self._start_error(f"remote working directory {cwd!r} does not exist on {where}")
@@ -341,6 +357,8 @@ class SSHEngine(Engine):
         exit status is not known); an exit nobody asked for is logged with its log's end."""
         if self.pid is None:
             return 0
+        if self.detached:  # not ours to watch any more: it runs as far as we know
+            return None
         report = not (self._stopping or self._exit_reported) and is_kernel_dir(self.kernel_dir)
         log_file = shell_quote(self.kernel_dir + "/kernel.log")
         log_tail = f"; tail -n 20 -- {log_file}" if report else ""
@@ -370,7 +388,7 @@ class SSHEngine(Engine):
         """Signal the remote process (its group for INT, TERM and KILL). Raises
         :class:`ProvisionerError` for an unknown signal and :class:`TunnelError` when the
         host cannot be reached."""
-        if self.pid is None:
+        if self.pid is None or self.detached:
             return
         try:
             name = signal.Signals(signum).name.removeprefix("SIG")
@@ -393,12 +411,15 @@ class SSHEngine(Engine):
         self._stopping = True
 
     async def remove_kernel(self, restart: bool) -> None:
-        """Kill the process group if it still runs and remove the kernel's directory.
+        """Kill the process group if it still runs and remove the kernel's directory
+        (nothing for a detached kernel: it is another server's, or the sweep's).
 
         Raises :class:`ProvisionerError`, keeping the pid and directory for a retry, when
         the host cannot be reached. The SSH link is kept for a restart only.
         """
         try:
+            if self.detached:  # another server adopts it, or the sweep removes it
+                return
             if self.pid is not None or self.kernel_dir:
                 script = remove_script(self.pid, self.start_tick, self.group, self.kernel_dir)
                 try:
@@ -420,6 +441,103 @@ class SSHEngine(Engine):
             if not restart:
                 await self._release_link()
 
+    # ------------------------------------------------------------------ persistence
+
+    async def detach_kernel(self) -> None:
+        """Let the kernel outlive this server: close its SSH tunnels if still open, write
+        :func:`~provisioners.lifecycle.owner.detached_mark` as its owner file (and the
+        ``persist`` file if it started without one), release this engine's SSH link. The
+        kernel process is not touched: it runs in a session of its own (``setsid
+        nohup``), so closing the link that started it does not end it.
+
+        From then on this engine neither polls, signals nor removes the kernel. Bounded by
+        a few seconds; raises :class:`TunnelError` (or ``TimeoutError``) when the mark
+        cannot be written: the kernel is then adopted, or swept, as a gone server's.
+        """
+        self.detached = True
+        try:
+            if self.tunnels is not None:  # the lifecycle closes them first; a bare detach too
+                tunnels, self.tunnels = self.tunnels, None
+                try:
+                    await asyncio.wait_for(tunnels.close(), _DETACH_TIMEOUT)
+                except (TimeoutError, *_REMOTE_ERRORS) as exc:
+                    self.log.debug("Kernel %s: closing its tunnels: %s", self.kernel_id, exc)
+            if self.pid is None or not is_kernel_dir(self.kernel_dir):
+                return
+            # a kernel started before persist_kernels was set becomes adoptable too
+            persist_file = shell_quote(posixpath.join(self.kernel_dir, PERSIST_FILE))
+            script = (
+                f"[ -e {persist_file} ] || "
+                f"printf '%s\\n' {self.settings.adoption_grace:g} > {persist_file}\n"
+            ) + write_owner_script(self.kernel_dir, detached_mark())
+            timeout = min(self.settings.command_timeout, _DETACH_TIMEOUT)
+            result = await asyncio.wait_for(self._run(script, timeout=timeout), _DETACH_TIMEOUT)
+            if result.returncode != 0:
+                msg = (
+                    f"cannot mark kernel {self.kernel_id} detached on {self._where}: "
+                    f"{result.stderr.strip() or result.returncode}"
+                )
+                raise TunnelError(msg, target=self.target, kernel_id=self.kernel_id)
+            self.log.debug(
+                "Kernel %s detached: pid %s on %s lives on for the next server",
+                self.kernel_id,
+                self.pid,
+                self.settings.host,
+            )
+        finally:
+            try:
+                await asyncio.wait_for(self._release_link(), _DETACH_TIMEOUT)
+            except (TimeoutError, *_REMOTE_ERRORS) as exc:
+                self.log.debug("Kernel %s: releasing the SSH link: %s", self.kernel_id, exc)
+
+    async def adoptable_kernels(self) -> list[dict[str, Any]]:
+        """This kernelspec's persisted kernels on the host that run and whose owner file is
+        a detached mark or names a gone server, each with its connection file (read over
+        SFTP, never logged) and the state :meth:`load_kernel_state` reattaches.
+
+        Raises :class:`SSHUnreachableError` (an :class:`EngineUnavailableError`) when the
+        host cannot be reached, :class:`TunnelError` when a login or command fails.
+        """
+        settings = self.settings
+        found = await self.executor.run(
+            adoptable_remote_kernels,
+            settings.ssh_settings(),
+            remote_runtime_dir=settings.remote_runtime_dir,
+            command_timeout=settings.command_timeout,
+            kernelspec=settings.spec_name,
+            log=self.log,
+        )
+        records = []
+        for kernel, info in found:
+            try:
+                ports = [int(info[name]) for name in PORT_NAMES]
+            except (KeyError, TypeError, ValueError):
+                self.log.warning(
+                    "SSH kernel %s on %s is not adoptable: its connection file lacks ports",
+                    kernel.kernel_dir,
+                    settings.host,
+                )
+                continue
+            state = {
+                "host": settings.host,
+                "port": settings.port,
+                "user": settings.user,
+                "kernel_dir": kernel.kernel_dir,
+                "pid": kernel.pid,
+                "start": "" if kernel.start == "-" else kernel.start,
+                "group": kernel.group,
+            }
+            records.append(
+                {
+                    "kernel_id": kernel.kernel_id,
+                    "kernel_info": info,
+                    "ports": ports,
+                    "port_host": self.allocation_host(),
+                    "state": state,
+                }
+            )
+        return records
+
     # ------------------------------------------------------------------ maintenance
 
     async def _sweep_once(self) -> None:
@@ -436,13 +554,17 @@ class SSHEngine(Engine):
             self.log.warning("Sweeping orphaned SSH kernels on %s failed: %s", settings.host, exc)
 
     async def sweep_orphans(self) -> list[str]:
-        """Kill the kernels of dead servers on this host and remove their directories."""
+        """Kill the kernels of dead servers on this host and remove their directories;
+        mark persisted ones detached, and remove those whose adoption grace is over (see
+        :func:`~provisioners.ssh.remote.sweep_host`: a kernel's grace is the one recorded
+        at its start, this kernelspec's ``adoption_grace`` for a kernel without one)."""
         settings = self.settings
         removed = await self.executor.run(
             sweep_host,
             settings.ssh_settings(),
             remote_runtime_dir=settings.remote_runtime_dir,
             command_timeout=settings.command_timeout,
+            grace=settings.adoption_grace,
             log=self.log,
         )
         return [f"ssh kernel {settings.host}:{kernel_dir}" for kernel_dir in removed]
@@ -488,21 +610,17 @@ class SSHEngine(Engine):
         self.start_tick = str(state.get("start") or "")
         self.group = bool(state.get("group"))
         self.started = self.pid is not None
+        self.detached = False
         if self.started:
             await self._get_link()
             await self._take_ownership()
 
     async def _take_ownership(self) -> None:
-        """Name this server as the reattached kernel's owner, so sweeps keep it."""
+        """Name this server as the reattached (or adopted) kernel's owner, replacing a
+        detached mark or a gone server's identity, so sweeps keep it."""
         if not is_kernel_dir(self.kernel_dir):
             return
-        owner_file = shell_quote(self.kernel_dir + "/owner")
-        script = (
-            f"[ -d {shell_quote(self.kernel_dir)} ] || exit 0\n"
-            f"printf '%s\\n' {shell_quote(self.settings.owner)} > {owner_file}.new && "
-            f"mv -f -- {owner_file}.new {owner_file}\n"
-        )
-        result = await self._run(script)
+        result = await self._run(write_owner_script(self.kernel_dir, str(self.settings.owner)))
         if result.returncode != 0:
             self.log.warning(
                 "Kernel %s: cannot record this server as its owner on %s: %s",

@@ -2,18 +2,24 @@
 
 Each kernel of the SSH target lives in a 0700 directory
 ``<remote_runtime_dir>/cluster-kernel-<kernel id>`` holding ``owner`` (the server
-identity), ``pid`` (pid, start time against pid reuse, and whether it leads a process
-group), ``connection.json``, ``launch.sh`` and ``kernel.log``. This module builds the
+identity, or a detached mark: :mod:`provisioners.lifecycle.owner`), ``pid`` (pid, start
+time against pid reuse, and whether it leads a process group), ``kernelspec``,
+``connection.json``, ``launch.sh``, ``kernel.log`` and, for a kernel started with
+``persist_kernels``, ``persist`` (its adoption grace in seconds). This module builds the
 POSIX sh scripts that test, signal and remove such a kernel (every value quoted with
 :func:`shlex.quote`), reads the ports in use on the host, and finds a host's kernel
-directories: :func:`list_remote_kernels` lists them and :func:`sweep_host` (or
+directories: :func:`list_remote_kernels` lists them, :func:`adoptable_remote_kernels`
+reads the persisted ones a server may adopt, and :func:`sweep_host` (or
 :func:`sweep_orphans`, configured by keywords) removes those whose owner (a server
-process of this machine) has ended. Only directories with our prefix are ever removed.
+process of this machine) has ended, or marks them detached when they persist (see
+:func:`~provisioners.lifecycle.owner.sweep_verdict`). Only directories with our prefix
+are ever removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import posixpath
 import re
@@ -22,9 +28,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import paramiko
+
 from ..connection.ports import PortSource
 from ..connection.sshlink import SSHLink, SSHSettings
-from ..lifecycle.owner import owner_is_gone
+from ..lifecycle.owner import adoptable, detached_mark, sweep_verdict
+from ..settings import SharedSettings
 from .settings import DEFAULT_REMOTE_RUNTIME_DIR, SSHTargetSettings
 
 __all__ = [
@@ -32,6 +41,7 @@ __all__ = [
     "KERNEL_DIR_PREFIX",
     "RemoteKernel",
     "RemoteListeningPorts",
+    "adoptable_remote_kernels",
     "list_remote_kernels",
     "sweep_host",
     "sweep_orphans",
@@ -41,6 +51,13 @@ logger = logging.getLogger(__name__)
 
 #: Name prefix of the per-kernel directories in the remote runtime directory.
 KERNEL_DIR_PREFIX = "cluster-kernel-"
+#: The file in a kernel's directory naming its owner (a server identity or a detached mark).
+OWNER_FILE = "owner"
+#: The file in a kernel's directory that marks it persisted (``persist_kernels``); it
+#: holds the kernel's adoption grace in seconds.
+PERSIST_FILE = "persist"
+#: A persisted kernel's grace when its ``persist`` file names none.
+DEFAULT_ADOPTION_GRACE = float(SharedSettings.adoption_grace.default_value)
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -100,6 +117,17 @@ def remove_script(pid: int | None, start: str, group: bool, kernel_dir: str) -> 
     if kernel_dir and is_kernel_dir(kernel_dir):
         lines.append(f"rm -rf -- {shell_quote(kernel_dir)}")
     return "\n".join(lines) + "\n"
+
+
+def write_owner_script(kernel_dir: str, owner: str) -> str:
+    """Replace the owner file of ``kernel_dir`` with ``owner`` (atomically), if the
+    directory still exists (a kernel removed meanwhile is not recreated)."""
+    owner_file = shell_quote(posixpath.join(kernel_dir, OWNER_FILE))
+    return (
+        f"[ -d {shell_quote(kernel_dir)} ] || exit 0\n"
+        f"printf '%s\\n' {shell_quote(owner)} > {owner_file}.new && "
+        f"mv -f -- {owner_file}.new {owner_file}\n"
+    )
 
 
 def exit_report_script(pid: int, start: str, log_file: str, lines: int = 20) -> str:
@@ -177,6 +205,10 @@ class RemoteKernel:
     kernelspec: str = ""
     #: When the kernel directory was made (epoch seconds; 0 when unknown).
     created: float = 0.0
+    #: Started with ``persist_kernels`` (a ``persist`` file), and the adoption grace it
+    #: names (None when it names none).
+    persisted: bool = False
+    grace: float | None = None
 
     @property
     def kernel_id(self) -> str:
@@ -194,27 +226,37 @@ def _host_link(ssh: SSHSettings) -> Iterator[SSHLink]:
 
 
 def _remote_kernels(link: SSHLink, remote_runtime_dir: str, timeout: float) -> list[RemoteKernel]:
-    """Our kernel directories under ``remote_runtime_dir`` with owner, pid and liveness."""
+    """Our kernel directories under ``remote_runtime_dir`` with owner, pid and liveness
+    (with a known start tick, a reused pid or a zombie counts as gone)."""
     home = link.sh('printf "%s" "$HOME"', timeout=timeout).stdout.strip()
     runtime = posixpath.normpath(expand_home(remote_runtime_dir, home))
     listing = (
+        "alive() {\n"
+        '  case "$1" in ""|*[!0-9]*) return 1;; esac\n'
+        '  case "$2" in ""|-) kill -0 "$1" 2>/dev/null; return;; esac\n'
+        "  s=$(sed 's/.*) //' /proc/$1/stat 2>/dev/null) || return 1\n"
+        '  [ -n "$s" ] || return 1; w=$2; set -- $s\n'
+        '  [ "$1" != Z ] && [ "${20}" = "$w" ]\n'
+        "}\n"
         f"for d in {shell_quote(runtime)}/{KERNEL_DIR_PREFIX}*; do\n"
         '  [ -d "$d" ] || continue\n'
-        '  o=$(head -n 1 "$d/owner" 2>/dev/null); p=$(head -n 1 "$d/pid" 2>/dev/null)\n'
+        f'  o=$(head -n 1 "$d/{OWNER_FILE}" 2>/dev/null); p=$(head -n 1 "$d/pid" 2>/dev/null)\n'
         '  k=$(head -n 1 "$d/kernelspec" 2>/dev/null); t=$(stat -c %Y "$d" 2>/dev/null)\n'
-        "  a=0; P=${p%% *}\n"
-        '  case "$P" in ""|*[!0-9]*) ;; *) kill -0 "$P" 2>/dev/null && a=1;; esac\n'
-        '  printf \'%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n\' "$d" "$o" "$p" "$a" "$k" "$t"\n'
+        f'  g=; [ -f "$d/{PERSIST_FILE}" ] && g="p $(head -n 1 "$d/{PERSIST_FILE}" 2>/dev/null)"\n'
+        '  a=0; set -- $p; alive "${1:-}" "${2:-}" && a=1\n'
+        "  printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' "
+        '"$d" "$o" "$p" "$a" "$k" "$t" "$g"\n'
         "done\n"
     )
     found = []
     for line in link.sh(listing, timeout=timeout).stdout.splitlines():
-        kernel_dir, owner, pid_line, alive, kernelspec, created = ([*line.split("\t")] + [""] * 6)[
-            :6
-        ]
+        kernel_dir, owner, pid_line, alive, kernelspec, created, persist = (
+            [*line.split("\t")] + [""] * 7
+        )[:7]
         if not is_kernel_dir(kernel_dir):
             continue
         fields = pid_line.split()  # "PID START GROUP", as the launch wrote it
+        grace_text = persist[2:].strip()  # "p GRACE" when the persist file exists
         found.append(
             RemoteKernel(
                 kernel_dir=kernel_dir,
@@ -225,9 +267,20 @@ def _remote_kernels(link: SSHLink, remote_runtime_dir: str, timeout: float) -> l
                 alive=alive == "1",
                 kernelspec=kernelspec,
                 created=float(created) if created.isdigit() else 0.0,
+                persisted=persist.startswith("p"),
+                grace=_grace(grace_text),
             )
         )
     return found
+
+
+def _grace(text: str) -> float | None:
+    """The adoption grace a ``persist`` file names, or None when it names none."""
+    try:
+        grace = float(text)
+    except ValueError:
+        return None
+    return grace if grace >= 0 else None
 
 
 def list_remote_kernels(
@@ -244,17 +297,43 @@ def sweep_host(
     remote_runtime_dir: str,
     command_timeout: float,
     dry_run: bool = False,
+    grace: float | None = None,
     log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
 ) -> list[str]:
-    """Kill the kernels and remove the directories on the host ``ssh`` names whose owner
-    (a server process of this machine) has ended; return the directories removed (or,
-    with ``dry_run``, that would be). Blocking: call it in a thread from async code.
+    """Sweep the kernels on the host ``ssh`` names by their owner record
+    (:func:`~provisioners.lifecycle.owner.sweep_verdict`): kill and remove those whose
+    owner (a server process of this machine) has ended without persisting them, and the
+    detached ones whose adoption grace is over; mark the persisted kernels of an ended
+    owner detached (their grace starts now). Return the directories removed (or, with
+    ``dry_run``, that would be; nothing is then marked either).
+
+    A kernel's grace is the one its ``persist`` file recorded at its start, else
+    ``grace``, else the default. Blocking: call it in a thread from async code.
     """
     log = log or logger
     with _host_link(ssh) as link:
         removed: list[str] = []
         for kernel in _remote_kernels(link, remote_runtime_dir, command_timeout):
-            if not kernel.owner or not owner_is_gone(kernel.owner):
+            if not kernel.owner:
+                continue
+            kernel_grace = _first_set(kernel.grace, grace, DEFAULT_ADOPTION_GRACE)
+            verdict = sweep_verdict(kernel.owner, kernel.persisted, kernel_grace)
+            if verdict == "mark":
+                if not dry_run:
+                    link.sh(
+                        write_owner_script(kernel.kernel_dir, detached_mark()),
+                        timeout=command_timeout,
+                    )
+                log.info(
+                    "Persisted SSH kernel %s on %s outlived its server (%s): detached, "
+                    "adoptable for %g s",
+                    kernel.kernel_dir,
+                    ssh.host,
+                    kernel.owner,
+                    kernel_grace,
+                )
+                continue
+            if verdict != "remove":
                 continue
             if not dry_run:
                 script = remove_script(kernel.pid, kernel.start, kernel.group, kernel.kernel_dir)
@@ -267,6 +346,54 @@ def sweep_host(
             )
             removed.append(kernel.kernel_dir)
         return removed
+
+
+def _first_set(*values: float | None) -> float:
+    return next(float(v) for v in values if v is not None)
+
+
+def adoptable_remote_kernels(
+    ssh: SSHSettings,
+    *,
+    remote_runtime_dir: str,
+    command_timeout: float,
+    kernelspec: str,
+    log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+) -> list[tuple[RemoteKernel, dict[str, Any]]]:
+    """The kernels of ``kernelspec`` on the host ``ssh`` names that a server may adopt:
+    running, persisted, their owner detached or gone
+    (:func:`~provisioners.lifecycle.owner.adoptable`); each with its connection file (read
+    over SFTP; never logged). A kernel whose connection file cannot be read is left out
+    and logged. Blocking: call it in a thread from async code.
+    """
+    log = log or logger
+    with _host_link(ssh) as link:
+        found: list[tuple[RemoteKernel, dict[str, Any]]] = []
+        for kernel in _remote_kernels(link, remote_runtime_dir, command_timeout):
+            if not (
+                kernel.alive
+                and kernel.persisted
+                and kernel.pid is not None
+                and kernel.kernelspec == kernelspec
+                and adoptable(kernel.owner)
+            ):
+                continue
+            path = posixpath.join(kernel.kernel_dir, "connection.json")
+            try:
+                with link.sftp(command_timeout) as sftp, sftp.open(path, "rb") as remote:
+                    info = json.loads(remote.read())
+                if not isinstance(info, dict):
+                    raise ValueError("not a JSON object")
+            except (paramiko.SSHException, OSError, EOFError, ValueError) as exc:  # no content
+                log.warning(
+                    "SSH kernel %s on %s is not adoptable: its connection file cannot be read (%s)",
+                    kernel.kernel_dir,
+                    ssh.host,
+                    type(exc).__name__,
+                )
+                continue
+            found.append((kernel, info))
+        return found
 
 
 def sweep_orphans(

@@ -72,7 +72,8 @@ class SSHTargetSettings(SharedSettings):
         config=True,
         help="""Remote directory (absolute or '~/...') in which each kernel gets a private
         0700 directory 'cluster-kernel-<kernel id>' holding its connection file, launcher,
-        owner, pid and log; created when missing. Sweeps and 'list' look here.""",
+        owner, pid and log (and, with persist_kernels, a 'persist' file); created when
+        missing. Sweeps, adoption and 'list' look here.""",
     )
     command_timeout = Float(
         30.0,
@@ -85,7 +86,10 @@ class SSHTargetSettings(SharedSettings):
         config=True,
         help="""Kill the kernels of dead servers of this machine on the host and remove their
         directories (in remote_runtime_dir), once per process, when the first kernel starts
-        there. Kernels of running servers, and of other machines, are never touched.""",
+        there. A kernel started with persist_kernels is marked detached instead, and
+        removed only once its adoption_grace (recorded at its start) is over without a
+        server adopting it. Kernels of running servers, and of other machines, are never
+        touched.""",
     )
 
     @default("ssh_server")
