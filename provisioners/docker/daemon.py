@@ -213,7 +213,10 @@ def record_grace(labels: Mapping[str, str]) -> float:
 
 
 def sweep_orphans(
-    client: docker.DockerClient, log: Log | None = None, grace: float | None = None
+    client: docker.DockerClient,
+    log: Log | None = None,
+    grace: float | None = None,
+    spec_name: str = "",
 ) -> list[str]:
     """Remove our kernel containers whose owning server process is gone.
 
@@ -223,7 +226,9 @@ def sweep_orphans(
     servers on other machines) are never touched. A persisted kernel (:func:`is_persisted`)
     whose server died is marked detached instead, and kept; a detached one is removed once
     ``grace`` seconds (default: its own ``adoption-grace`` label) have passed since its
-    mark, or at once when it no longer runs (there is nothing to adopt). Returns the
+    mark, or at once when it no longer runs (there is nothing to adopt). With
+    ``spec_name``, ``grace`` (a server's setting) applies to that kernelspec's containers
+    only: the others keep the grace of their own kernelspec, their label. Returns the
     removed container ids.
     """
     log = log or logging.getLogger(__name__)
@@ -234,7 +239,8 @@ def sweep_orphans(
         if not labels.get(LABEL_OWNER):
             continue
         owner = current_owner(client, item)
-        wait = record_grace(labels) if grace is None else grace
+        own = not spec_name or labels.get(LABEL_KERNELSPEC) == spec_name
+        wait = grace if grace is not None and own else record_grace(labels)
         verdict = sweep_verdict(owner, is_persisted(item), wait)
         if detached_since(owner) is not None and item.get("State") != "running":
             verdict = "remove"
@@ -347,12 +353,13 @@ def _sweep_quietly(
     log: Log,
     ssh: SSHSettings | None = None,
     grace: float | None = None,
+    spec_name: str = "",
 ) -> None:
     """Run :func:`sweep_orphans` on a client of its own; log instead of raising."""
     try:
         client = connect_docker(docker_host, timeout=timeout, connect_timeout=timeout, ssh=ssh)
         try:
-            sweep_orphans(client, log, grace)
+            sweep_orphans(client, log, grace, spec_name)
         finally:
             client.close()
     except (*ENGINE_ERRORS, ProvisionerError) as exc:
@@ -366,16 +373,17 @@ def sweep_once(
     log: Log,
     ssh: SSHSettings | None = None,
     grace: float | None = None,
+    spec_name: str = "",
 ) -> None:
     """Sweep the daemon ``key`` (its port host) in a thread, the first time per process
-    (``grace``: the adoption grace, see :func:`sweep_orphans`)."""
+    (``grace`` and ``spec_name``: a server's adoption grace, see :func:`sweep_orphans`)."""
     with _SWEPT_LOCK:
         if key in _SWEPT:
             return
         _SWEPT.add(key)
     threading.Thread(
         target=_sweep_quietly,
-        args=(docker_host, timeout, log, ssh, grace),
+        args=(docker_host, timeout, log, ssh, grace, spec_name),
         name="docker-orphan-sweep",
         daemon=True,
     ).start()

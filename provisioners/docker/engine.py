@@ -503,15 +503,17 @@ class DockerEngine(Engine):
                 self.log,
                 self.daemon_ssh_settings(),
                 self.settings.adoption_grace,
+                self.settings.spec_name,
             )
 
     async def sweep_orphans(self) -> list[str]:
         """Remove our containers on this daemon whose server process is gone; persisted
-        ones are marked detached and removed only when ``adoption_grace`` has passed
-        unadopted (:func:`.daemon.sweep_orphans`). Raises the daemon's errors."""
+        ones are marked detached and removed only when ``adoption_grace`` (this
+        kernelspec's; another's own) has passed unadopted (:func:`.daemon.sweep_orphans`).
+        Raises the daemon's errors."""
         client = await self._docker()
-        grace = self.settings.adoption_grace
-        removed = await self.executor.run(sweep_orphans, client, self.log, grace)
+        grace, spec_name = self.settings.adoption_grace, self.settings.spec_name
+        removed = await self.executor.run(sweep_orphans, client, self.log, grace, spec_name)
         return [f"container {container_id[:12]}" for container_id in removed]
 
     async def adoptable_kernels(self) -> list[dict[str, Any]]:

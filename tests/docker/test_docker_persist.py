@@ -120,11 +120,19 @@ def fresh_server(kernel_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncMult
     )
 
 
+#: Published ports; the container's IP through local relays, as a non-root user.
+MODES = {
+    "published": {},
+    "container-ip-relay": {"network": "bridge", "connect_via_container_ip": True, "user": "jovyan"},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 async def test_a_detached_kernel_is_adopted_by_a_fresh_server_with_its_state(
-    docker_kernels: Any, monkeypatch: pytest.MonkeyPatch
+    docker_kernels: Any, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     make, tracker = docker_kernels
-    km = make({"persist_kernels": True, "adoption_grace": 600})
+    km = make({"persist_kernels": True, "adoption_grace": 600, **MODES[mode]})
     await km.start_kernel()
     assert (await execute(km, "x = 6 * 7; print('set')"))["stdout"] == "set\n"
     engine = km.provisioner.engine
@@ -136,6 +144,7 @@ async def test_a_detached_kernel_is_adopted_by_a_fresh_server_with_its_state(
     # the server stops: the kernel is detached, not shut down
     assert await km.provisioner.detach()
     assert not km.has_kernel
+    assert engine.relay is None and engine.client is None  # let go of, not stopped
     (item,) = tracker.containers(km.kernel_id)
     assert item["State"] == "running"
     assert owner_record(tracker.client, item).startswith(DETACHED_PREFIX)
@@ -153,6 +162,9 @@ async def test_a_detached_kernel_is_adopted_by_a_fresh_server_with_its_state(
     assert await adopt_kernels(mkm) == [km.kernel_id]
     adopted = mkm.get_kernel(km.kernel_id)
     assert adopted.session.key == key
+    if mode == "container-ip-relay":  # reached through a relay of its own again
+        assert adopted.provisioner.engine.relay is not None
+        assert adopted.get_connection_info()["ip"] == "127.0.0.1"
     out = await execute(dict(adopted.get_connection_info()), "print(x)")
     assert out["stdout"] == "42\n", out
     # adoption took ownership back: this live server's, no longer adoptable nor swept
@@ -179,6 +191,9 @@ async def test_the_sweep_keeps_a_detached_kernel_for_its_grace_then_removes_it(
     template = provisioner_for(km.kernel_spec)
     assert not any(item["Id"][:12] in r for r in await template.sweep_orphans())
     assert item["Id"] not in await asyncio.to_thread(sweep_orphans, tracker.client, LOG)
+    # a server of another kernelspec applies its own (here: no) grace to its own only
+    other = await asyncio.to_thread(sweep_orphans, tracker.client, LOG, 0.0, "another-spec")
+    assert item["Id"] not in other
     assert [c["State"] for c in tracker.containers(km.kernel_id)] == ["running"]
 
     await asyncio.sleep(max(0.0, since + grace + 1 - time.time()))
