@@ -17,7 +17,9 @@
 #   2. installs charts/cluster-provisioners with helm (from a temporary copy whose kubeVersion
 #      is E2E_CHART_KUBE_VERSION, if set: the chart asks for >= 1.25) and runs `helm test`;
 #   3. port-forwards the chart's Service and runs e2e/test_e2e.py against it, plus a notebook
-#      run through a local KernelManager using the provisioner's port-forward path;
+#      run through a local KernelManager using the provisioner's port-forward path; then
+#      e2e/test_persist.py: kernels that outlive a `helm upgrade`, a deleted server pod and
+#      a SIGKILLed server;
 #   4. existing cluster: uninstalls the release (its uninstall hook removes the kernels),
 #      checks that no kernel pod is left and deletes the namespace (kind: deletes the cluster).
 #
@@ -273,12 +275,19 @@ export E2E_RELEASE=$release
 export E2E_KERNEL_NAMESPACE=$kernel_namespace
 export E2E_KERNEL_IMAGE=$kernel_image
 export E2E_KUBECTL=$KUBECTL
+# For e2e/test_persist.py, which upgrades the release and restarts its server.
+export E2E_HELM=$HELM
+export E2E_CHART=$chart
+export E2E_SERVER_IMAGE=$server_image
+export E2E_IMAGE_IMPORT=$import
+export E2E_HELM_ARGS=${E2E_HELM_ARGS:-}
 
 # ---------------------------------------------------------------- tests
-say "running e2e/test_e2e.py"
+say "running e2e/test_e2e.py, then e2e/test_persist.py (which restarts the server)"
 cd "$repo"
 # shellcheck disable=SC2086  # E2E_PYTEST_ARGS is a list of words
-"$python" -m pytest e2e/test_e2e.py -v -rs -p no:cacheprovider ${E2E_PYTEST_ARGS:-}
+"$python" -m pytest e2e/test_e2e.py e2e/test_persist.py -v -s -rs -p no:cacheprovider \
+    ${E2E_PYTEST_ARGS:-}
 
 # ---------------------------------------------------------------- uninstall
 if [[ -n $existing && ${E2E_KEEP:-0} != 1 ]]; then

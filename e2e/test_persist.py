@@ -1,0 +1,351 @@
+"""Kernels outlive the chart's server on a real cluster (issue 21); e2e/run.sh sets it up.
+
+Three kernels run through the chart's server: one busy printing in a loop, one idle
+holding a variable, one claimed from a warm pool. Then, one after the other: a `helm
+upgrade` with a new server image tag and a changed value, a deleted server pod, and a
+SIGKILL of the server process. After each, the new server lists the same three kernels,
+the idle one still holds its variable and the busy one has gone on counting; a Jupyter
+Server in gateway mode (a JupyterHub user's server) keeps its notebook's websocket open
+through all three and it answers again with no action. Each disruption's stop time and
+API downtime are printed (`-s`) and the downtime is held to 15 s.
+
+Needs run.sh's environment (E2E_KUBECONFIG, E2E_KUBECTL, E2E_HELM, E2E_CHART, E2E_NAMESPACE,
+E2E_RELEASE, E2E_TOKEN, E2E_SERVER_IMAGE, E2E_IMAGE_IMPORT): every test skips without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.jupyter_server import (
+    JupyterServer,
+    execute_request,
+    http,
+    until_answering,
+    ws_execute,
+    ws_request,
+)
+
+ENV = {
+    name: os.environ.get(f"E2E_{name}", "")
+    for name in (
+        "KUBECONFIG",
+        "KUBECTL",
+        "HELM",
+        "CHART",
+        "NAMESPACE",
+        "RELEASE",
+        "TOKEN",
+        "SERVER_IMAGE",
+        "IMAGE_IMPORT",
+        "HELM_ARGS",
+    )
+}
+MISSING = [name for name in ("KUBECONFIG", "KUBECTL", "HELM", "CHART", "TOKEN") if not ENV[name]]
+pytestmark = [
+    pytest.mark.k8s,
+    pytest.mark.timeout(1500),
+    pytest.mark.skipif(
+        bool(MISSING), reason=f"run through e2e/run.sh (E2E_{', E2E_'.join(MISSING)} unset)"
+    ),
+]
+FULLNAME = (
+    ENV["RELEASE"]
+    if "cluster-provisioners" in ENV["RELEASE"]
+    else f"{ENV['RELEASE']}-cluster-provisioners"
+)
+DOWNTIME_GOAL = 15.0
+COUNTER = (
+    "import threading, time\n"
+    "ticks = 0\n"
+    "def _tick():\n"
+    "    global ticks\n"
+    "    while True:\n"
+    "        ticks += 1\n"
+    "        print('tick', ticks, flush=True)\n"
+    "        time.sleep(0.5)\n"
+    "threading.Thread(target=_tick, daemon=True).start()\n"
+)
+
+
+def kubectl(*args: str, check: bool = True, timeout: float = 300) -> str:
+    proc = subprocess.run(
+        [ENV["KUBECTL"], "-n", ENV["NAMESPACE"], *args],
+        env={**os.environ, "KUBECONFIG": ENV["KUBECONFIG"]},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr}")
+    return proc.stdout
+
+
+def helm_upgrade(*sets: str) -> None:
+    args = [
+        ENV["HELM"],
+        "upgrade",
+        ENV["RELEASE"],
+        ENV["CHART"],
+        "-n",
+        ENV["NAMESPACE"],
+        "--reuse-values",
+        "--wait",
+        "--timeout",
+        "5m",
+        *shlex.split(ENV["HELM_ARGS"]),
+    ]
+    for item in sets:
+        args += ["--set", item]
+    proc = subprocess.run(
+        args,
+        env={**os.environ, "KUBECONFIG": ENV["KUBECONFIG"]},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def server_pod() -> dict[str, Any]:
+    pods = json.loads(
+        kubectl("get", "pods", "-l", "app.kubernetes.io/component=server", "-o", "json")
+    )["items"]
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    assert len(live) == 1, [p["metadata"]["name"] for p in pods]
+    return live[0]
+
+
+class Forward:
+    """`kubectl port-forward` of the server's Service on one local port, restarted after
+    each disruption (a port-forward ends with the pod it picked)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.stop()
+        self.proc = subprocess.Popen(
+            [
+                ENV["KUBECTL"],
+                "-n",
+                ENV["NAMESPACE"],
+                "port-forward",
+                f"service/{FULLNAME}",
+                f"{self.port}:8888",
+            ],
+            env={**os.environ, "KUBECONFIG": ENV["KUBECONFIG"]},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        try:
+            status, raw = http(method, self.url + path, ENV["TOKEN"], body, timeout=10)
+        except OSError:
+            return 0, None
+        return status, json.loads(raw) if raw else None
+
+    def watch(self) -> None:
+        """In a thread: ask ``GET /api/kernels`` every 0.25 s, recording each answer's
+        time; restart the port-forward while the server does not answer."""
+        self.answers: list[float] = []
+        self.watching = True
+
+        def loop() -> None:
+            while self.watching:
+                if self.proc is None or self.proc.poll() is not None:
+                    self.start()
+                status, _ = self.request("GET", "/api/kernels")
+                if status == 200:
+                    self.answers.append(time.monotonic())
+                elif status == 0:
+                    self.start()
+                time.sleep(0.25)
+
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+
+    def longest_gap(self, since: float) -> float:
+        """The longest time without an answer from the server after ``since``."""
+        times = [t for t in self.answers if t >= since]
+        before = [t for t in self.answers if t < since]
+        if before:
+            times.insert(0, before[-1])
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+    def wait_for_kernels(self, ids: set[str], timeout: float = 300) -> None:
+        """Return once the server lists every kernel of ``ids``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, kernels = self.request("GET", "/api/kernels")
+            if status == 200 and ids <= {k["id"] for k in kernels}:
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"the server did not list kernels {ids} within {timeout:g} s")
+
+
+@pytest.fixture
+def forward() -> Iterator[Forward]:
+    fwd = Forward()
+    fwd.start()
+    fwd.watch()
+    try:
+        yield fwd
+    finally:
+        fwd.watching = False
+        fwd.thread.join(10)
+        fwd.stop()
+
+
+def _sigkill_server() -> None:
+    """SIGKILL the server process of the server pod (its container restarts in place)."""
+    name = server_pod()["metadata"]["name"]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            if (
+                f"POD_NAME={name}".encode() in environ
+                and b"jupyter" in (proc / "cmdline").read_bytes()
+            ):
+                os.kill(int(proc.name), signal.SIGKILL)
+                return
+    raise AssertionError(f"no server process of pod {name} on this machine")
+
+
+def _disrupt(what: str) -> tuple[float, float]:
+    """Disrupt the server; returns (seconds its stop took, seconds of preparation that
+    precede the disruption itself: a new image tag imported before the upgrade)."""
+    prepared = 0.0
+    if what == "helm upgrade":
+        t0 = time.monotonic()
+        tag = f"{ENV['SERVER_IMAGE'].rsplit(':', 1)[0]}:e2e-upgrade"
+        subprocess.run(["docker", "tag", ENV["SERVER_IMAGE"], tag], check=True)
+        if ENV["IMAGE_IMPORT"] not in ("", "none"):
+            importer = [*shlex.split(ENV["IMAGE_IMPORT"]), tag]
+            subprocess.run(importer, check=True, capture_output=True)
+        prepared = time.monotonic() - t0
+        t1 = time.monotonic()
+        helm_upgrade("image.tag=e2e-upgrade", "server.logLevel=DEBUG")
+        return time.monotonic() - t1, prepared
+    t1 = time.monotonic()
+    if what == "server pod deleted":
+        kubectl("delete", "pod", server_pod()["metadata"]["name"], "--wait=true")
+        return time.monotonic() - t1, prepared
+    _sigkill_server()
+    return 0.0, prepared
+
+
+async def _ws(url: str, token: str, kernel_id: str, session: str) -> Any:
+    from websockets.asyncio.client import connect
+
+    ws_url = (
+        url.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels?session_id={session}"
+    )
+    return await connect(
+        ws_url, additional_headers={"Authorization": f"token {token}"}, max_size=None
+    )
+
+
+async def test_kernels_survive_upgrade_pod_deletion_and_sigkill(
+    forward: Forward, tmp_path: Path
+) -> None:
+    await asyncio.to_thread(
+        helm_upgrade, "kernels.pools.sizes.python3=1"
+    )  # a pool to claim the third kernel from
+    await asyncio.to_thread(forward.wait_for_kernels, set())
+    ids: dict[str, str] = {}
+    for role in ("busy", "idle", "pooled"):
+        status, model = await asyncio.to_thread(
+            forward.request, "POST", "/api/kernels", {"name": "python3"}
+        )
+        assert status == 201, model
+        ids[role] = model["id"]
+    pods = json.loads(
+        await asyncio.to_thread(
+            kubectl, "get", "pods", "-A", "-l", "app.kubernetes.io/component=kernel", "-o", "json"
+        )
+    )["items"]
+    names = {
+        p["metadata"]["labels"].get("cluster-provisioners/kernel-id"): p["metadata"]["name"]
+        for p in pods
+    }
+    assert any("pool" in names.get(kid, "") for kid in ids.values()), names
+
+    user = JupyterServer(
+        tmp_path / "user",
+        args=[f"--gateway-url={forward.url}", f"--GatewayClient.auth_token={ENV['TOKEN']}"],
+    )
+    session = uuid.uuid4().hex
+    with user:
+        for role, kernel_id in ids.items():
+            ws = await _ws(forward.url, ENV["TOKEN"], kernel_id, session)
+            async with ws:
+                code = COUNTER if role == "busy" else f"value = '{role}-' + {kernel_id!r}"
+                assert (await ws_execute(ws, session, code))["status"] == "ok"
+        notebook = await _ws(user.base.rstrip("/"), user.token, ids["idle"], session)
+        async with notebook:
+            report = []
+            last_ticks = 0
+            for what in ("helm upgrade", "server pod deleted", "server SIGKILLed"):
+                t0 = time.monotonic()
+                stopped, prepared = await asyncio.to_thread(_disrupt, what)
+                await asyncio.to_thread(forward.wait_for_kernels, set(ids.values()))
+                downtime = forward.longest_gap(t0 + prepared)
+                report.append(
+                    f"{what}: the old server's stop took {stopped:.1f} s; the API did not "
+                    f"answer for {downtime:.1f} s at most"
+                )
+                print(report[-1])
+                for role, kernel_id in ids.items():
+                    ws = await _ws(forward.url, ENV["TOKEN"], kernel_id, session)
+                    async with ws:
+                        await until_answering(ws, session, timeout=60)
+                        if role == "busy":
+                            out = await ws_execute(ws, session, "print(ticks)")
+                            ticks = int(out["stdout"])
+                            assert ticks > last_ticks, (what, ticks, last_ticks)
+                            last_ticks = ticks
+                        else:
+                            out = await ws_execute(ws, session, "print(value)")
+                            assert out["stdout"] == f"{role}-{kernel_id}\n", (what, out)
+                # the gateway-mode notebook answers on the websocket it kept open
+                await until_answering(notebook, session, timeout=60)
+                out = await ws_request(notebook, execute_request(session, "print(value)"))
+                assert out.stdout == f"idle-{ids['idle']}\n", (what, out)
+                if what != "server SIGKILLed":  # a SIGKILL's downtime includes kubelet's backoff
+                    assert downtime <= DOWNTIME_GOAL, report
+        print("\n".join(report))
+        for kernel_id in ids.values():
+            forward.request("DELETE", f"/api/kernels/{kernel_id}")
