@@ -32,6 +32,7 @@ from ..connection.ports import PortSource
 from ..connection.sshconnect import SSHSettings
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from ..lifecycle.owner import adoptable, detached_mark, detached_since, sweep_verdict
+from ..settings import SharedSettings
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "cluster-provisioners"
@@ -57,9 +58,8 @@ OUR_LABELS = (
     LABEL_PERSIST,
     LABEL_GRACE,
 )
-#: The adoption grace of a persisted container without a readable grace label (the
-#: ``adoption_grace`` setting's default).
-DEFAULT_GRACE = 900.0
+#: The adoption grace of a persisted container without a readable grace label.
+DEFAULT_GRACE = float(SharedSettings.class_traits()["adoption_grace"].default_value)
 
 #: ``extra_create_args`` keys we set ourselves; the traits are the way to change them.
 MANAGED_CREATE_KEYS = frozenset(
