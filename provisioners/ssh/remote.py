@@ -32,7 +32,7 @@ import paramiko
 
 from ..connection.ports import PortSource
 from ..connection.sshlink import SSHLink, SSHSettings
-from ..lifecycle.owner import adoptable, detached_mark, sweep_verdict
+from ..lifecycle.owner import adoptable, detached_mark, detached_since, sweep_verdict
 from ..settings import SharedSettings
 from .settings import DEFAULT_REMOTE_RUNTIME_DIR, SSHTargetSettings
 
@@ -303,8 +303,9 @@ def sweep_host(
     """Sweep the kernels on the host ``ssh`` names by their owner record
     (:func:`~provisioners.lifecycle.owner.sweep_verdict`): kill and remove those whose
     owner (a server process of this machine) has ended without persisting them, and the
-    detached ones whose adoption grace is over; mark the persisted kernels of an ended
-    owner detached (their grace starts now). Return the directories removed (or, with
+    detached ones whose adoption grace is over (or whose process ended: nothing is left
+    to adopt); mark the persisted kernels of an ended owner detached (their grace starts
+    now). Return the directories removed (or, with
     ``dry_run``, that would be; nothing is then marked either).
 
     A kernel's grace is the one its ``persist`` file recorded at its start, else
@@ -318,6 +319,8 @@ def sweep_host(
                 continue
             kernel_grace = _first_set(kernel.grace, grace, DEFAULT_ADOPTION_GRACE)
             verdict = sweep_verdict(kernel.owner, kernel.persisted, kernel_grace)
+            if not kernel.alive and (verdict == "mark" or detached_since(kernel.owner) is not None):
+                verdict = "remove"  # nothing left to adopt: its process has ended
             if verdict == "mark":
                 if not dry_run:
                     link.sh(

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
 
 from provisioners.connection.files import PORT_NAMES
 from provisioners.connection.sshlink import SSHLink
@@ -30,12 +34,20 @@ from tests.helpers import (
     write_kernelspec,
 )
 from tests.helpers.ssh import pid_alive
+from tests.jupyter_server import JupyterServer, ws_execute
 
 pytestmark = pytest.mark.ssh
 
 
 def owner_of(kernel_dir: Path) -> str:
     return (kernel_dir / "owner").read_text().strip()
+
+
+def server_pid(owner: str) -> int:
+    """The pid of the server an owner file names."""
+    identity = ServerIdentity.parse(owner)
+    assert identity is not None, owner
+    return identity.pid
 
 
 async def adopt(record: dict[str, Any], kernel_spec: Any, config: dict[str, Any]) -> Any:
@@ -102,32 +114,40 @@ async def test_detach_then_adopt_in_a_fresh_provisioner(
 async def test_sweep_keeps_a_detached_kernel_for_its_grace_then_removes_it(
     kernel_manager: Any, ssh_config: dict[str, Any], remote_runtime: Path
 ) -> None:
+    """A detached kernel is kept for its grace and removed after it; one whose process
+    ended is removed at once (nothing is left to adopt)."""
     grace = 3.0
     config = dict(ssh_config, persist_kernels=True, adoption_grace=grace)
-    km = kernel_manager(SSH_PROVISIONER, config)
-    await km.start_kernel()
+    km, ended = kernel_manager(SSH_PROVISIONER, config), kernel_manager(SSH_PROVISIONER, config)
+    await asyncio.gather(km.start_kernel(), ended.start_kernel())
     pid, kernel_dir = km.provisioner.engine.pid, Path(km.provisioner.engine.kernel_dir)
+    ended_pid, ended_dir = ended.provisioner.engine.pid, ended.provisioner.engine.kernel_dir
     assert (kernel_dir / "persist").read_text().strip() == "3"
-    assert await km.provisioner.detach() is True
+    assert await km.provisioner.detach() is True and await ended.provisioner.detach() is True
     mark = owner_of(kernel_dir)
     since = detached_since(mark)
     assert since is not None
+    os.kill(ended_pid, signal.SIGKILL)
+    assert await async_wait_for(lambda: not pid_alive(ended_pid), timeout=10)
 
     # inside the grace: kept, by a kernelspec's sweep and by the module function (which
     # has no settings: it reads the grace recorded in the kernel's 'persist' file)
     maintenance = SSHClusterProvisioner(
         kernel_id="maintenance", kernel_spec=km.kernel_spec, **config
     )
-    assert await maintenance.sweep_orphans() == []
+    assert await maintenance.sweep_orphans() == [f"ssh kernel 127.0.0.1:{ended_dir}"]
     assert await asyncio.to_thread(sweep_orphans, **ssh_config) == []
     assert pid_alive(pid) and owner_of(kernel_dir) == mark  # the grace is not restarted
+    assert [p.name for p in remote_runtime.iterdir()] == [kernel_dir.name]
 
     await asyncio.sleep(max(0.0, since + grace - time.time()) + 0.2)
     assert await asyncio.to_thread(sweep_orphans, **ssh_config) == [str(kernel_dir)]
     assert await async_wait_for(lambda: not pid_alive(pid), timeout=10)
     assert list(remote_runtime.iterdir()) == []
-    # the detached manager (a server that stopped) holds nothing more to remove
-    await km.shutdown_kernel(now=True)
+    # the detached managers (of a server that stopped) hold nothing more to remove; they
+    # release the port records a stopped server's process would take with it
+    for manager in (km, ended):
+        await manager.shutdown_kernel(now=True)
 
 
 async def test_a_killed_servers_persisted_kernel_is_marked_then_adopted(
@@ -180,3 +200,72 @@ async def test_a_killed_servers_persisted_kernel_is_marked_then_adopted(
     finally:
         await remove(fresh)
     assert not pid_alive(kept_pid) and list(remote_runtime.iterdir()) == []
+
+
+def persist_server(root: Path) -> JupyterServer:
+    """A Jupyter Server with the persist extension, its sessions in a database under
+    ``root`` (what survives a restart of a laptop's server)."""
+    config = root / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "ServerApp": {"jpserver_extensions": {"provisioners.persist": True}},
+        "SessionManager": {"database_filepath": str(root / "sessions.db")},
+    }
+    (config / "jupyter_server_config.json").write_text(json.dumps(settings))
+    return JupyterServer(root, env={"JUPYTER_CONFIG_DIR": str(config)})
+
+
+async def run_code(server: JupyterServer, kernel_id: str, code: str) -> dict[str, str]:
+    session = uuid.uuid4().hex
+    async with connect(
+        server.ws_url(kernel_id, session), additional_headers=server.ws_headers()
+    ) as ws:
+        return await ws_execute(ws, session, code, timeout=60)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_an_ssh_kernel_and_its_session_survive_a_jupyter_server_restart(
+    ssh_config: dict[str, Any], remote_runtime: Path, tmp_path: Path, stop: signal.Signals
+) -> None:
+    """A laptop's Jupyter Server with an SSH kernel is restarted (SIGTERM: it detaches the
+    kernel; SIGKILL: it dies): the next server adopts the kernel under its id, with its
+    session and its variables, before it answers a request."""
+    first = persist_server(tmp_path)
+    config = dict(ssh_config, persist_kernels=True)
+    write_kernelspec(first.kernels, "kept", SSH_PROVISIONER, config)
+    pid = 0
+    try:
+        with first:
+            body = {"path": "work.ipynb", "type": "notebook", "kernel": {"name": "kept"}}
+            status, model = first.request("POST", "api/sessions", body)
+            assert status == 201, model
+            kernel_id, session_id = model["kernel"]["id"], model["id"]
+            out = await run_code(first, kernel_id, "kept_value = 'S-' + str(6 * 7)")
+            assert out["status"] == "ok", out
+            (kernel_dir,) = remote_runtime.iterdir()
+            pid = int((kernel_dir / "pid").read_text().split()[0])
+            first.stop(stop)
+        assert pid_alive(pid)
+        owner = owner_of(kernel_dir)
+        if stop == signal.SIGTERM:
+            assert "Detached 1 kernel" in first.log(), first.log()
+            assert detached_since(owner) is not None
+        else:  # the dead server's identity: adoptable as it is
+            assert first.proc is not None and server_pid(owner) == first.proc.pid
+
+        second = persist_server(tmp_path)
+        with second:
+            status, kernels = second.request("GET", "api/kernels")
+            assert status == 200 and [k["id"] for k in kernels] == [kernel_id], second.log()
+            status, sessions = second.request("GET", "api/sessions")
+            assert [(s["id"], s["kernel"]["id"]) for s in sessions] == [(session_id, kernel_id)]
+            assert second.proc is not None and server_pid(owner_of(kernel_dir)) == second.proc.pid
+            out = await run_code(second, kernel_id, "print(kept_value)")
+            assert out["stdout"] == "S-42\n", out
+            status, _ = second.request("DELETE", f"api/kernels/{kernel_id}")
+            assert status == 204
+        assert not pid_alive(pid) and list(remote_runtime.iterdir()) == []
+    finally:
+        if pid and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
