@@ -15,6 +15,13 @@ follow the kernel to its next pod on a restart (:class:`~..connection.relay.Kern
 outside it, through the API server's port-forward websocket (:mod:`.portforward`).
 :mod:`.sweep` removes what dead servers left and lists our pods. Every hook that talks
 to the API runs on the engine loop (:mod:`.loop`).
+
+With ``persist_kernels`` the pod and Secret carry the persist label and the adoption
+grace, and the pod no ownerReference to the server pod (it outlives it). A stopping server
+detaches the kernel (:meth:`PodEngine.detach_kernel`: a detached mark as owner record,
+local listeners closed, pod untouched); the next one finds it
+(:meth:`PodEngine.adoptable_kernels`, the connection file read back from the Secret) and
+takes it over in :meth:`PodEngine.load_kernel_state`.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import signal
 import time
 import uuid
@@ -37,6 +45,7 @@ from ..executor import EngineExecutor
 from ..lifecycle.engine import Engine
 from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.leftovers import RemovalPending
+from ..lifecycle.owner import ServerPod, detached_mark
 from ..secrets import kube_secret_ref
 from . import manifests as m
 from .client import (
@@ -52,7 +61,7 @@ from .client import (
 )
 from .loop import KUBERNETES_EXECUTOR, EngineLoop, on_engine_loop
 from .portforward import PortForwarder, pod_exec
-from .sweep import list_kernel_pods, sweep_once, sweep_orphans
+from .sweep import list_kernel_pods, owner_status, sweep_once, sweep_orphans
 from .watch import (
     HeldPorts,
     PodReflector,
@@ -74,6 +83,8 @@ _PROGRESS_REASONS = frozenset({"Scheduled", "Pulling", "Pulled", "Created", "Sta
 MERGE_PATCH = "application/merge-patch+json"
 #: Seconds between two probes of the shell port (and checks of the pod) while it boots.
 _PROBE_INTERVAL = 0.05
+#: Longest wait for each patch of a detach: a server's stop must end inside its grace.
+_DETACH_PATCH_TIMEOUT = 2.0
 
 
 class PodEngine(Engine):
@@ -99,6 +110,9 @@ class PodEngine(Engine):
         self.secret_name = ""
         #: perf_counter() stamps of the last start: 'start', 'created', 'running', 'listening'.
         self.timings: dict[str, float] = {}
+        #: Detached (:meth:`detach_kernel`): the pod runs on for another server; nothing of
+        #: this engine touches it any more (a removal only lets go of what is local).
+        self._detached = False
 
     @property
     def namespace(self) -> str:
@@ -195,7 +209,9 @@ class PodEngine(Engine):
         assert self._client is not None
         s = self.settings
         key = (s.kubeconfig, s.context, self.namespace)
-        await sweep_once(key, self._client, self.namespace, self.log, s.server_pod)
+        await sweep_once(
+            key, self._client, self.namespace, self.log, s.server_pod, s.adoption_grace
+        )
 
     # ------------------------------------------------------------------ hooks: engine
 
@@ -222,12 +238,15 @@ class PodEngine(Engine):
 
     @on_engine_loop
     async def sweep_orphans(self) -> list[str]:
-        """Delete our pods and Secrets in the namespace whose server pod or process is gone."""
+        """Delete our pods and Secrets in the namespace whose server pod or process is gone;
+        persisted kernels are marked detached instead, and removed once their adoption
+        grace is over (see :func:`.sweep.sweep_orphans`)."""
         await self._attach()
         try:
             assert self._client is not None
+            s = self.settings
             removed = await sweep_orphans(
-                self._client, self.namespace, self.log, self.settings.server_pod
+                self._client, self.namespace, self.log, s.server_pod, s.adoption_grace
             )
         finally:
             await self._detach()
@@ -309,6 +328,8 @@ class PodEngine(Engine):
             owner_reference=s.owner_references,
             release=s.release,
             pool=self.pool_id,
+            persist=s.persist_kernels,
+            adoption_grace=s.adoption_grace,
             env=dict(env),
             image_pull_policy=s.image_pull_policy,
             image_pull_secrets=tuple(s.image_pull_secrets),
@@ -355,11 +376,16 @@ class PodEngine(Engine):
         labels = m.kernel_labels(self.kernel_id, str(s.owner), pool=self.pool_id)
         if s.release:
             labels[m.LABEL_RELEASE] = m.sanitize_label_value(s.release)
+        persist_labels, persist_annotations = m.persist_metadata(
+            s.persist_kernels, s.adoption_grace
+        )
+        labels.update(persist_labels)
         content = connection_file_content(kernel_info, ip="0.0.0.0")
         secret = m.secret_manifest(self.secret_name, self.namespace, content, labels, owner)
-        secret["metadata"]["annotations"] = m.kernel_annotations(
-            self.kernel_id, str(s.owner), owner_pod=s.server_pod
-        )
+        secret["metadata"]["annotations"] = {
+            **m.kernel_annotations(self.kernel_id, str(s.owner), owner_pod=s.server_pod),
+            **persist_annotations,
+        }
         return secret
 
     # ------------------------------------------------------------------ hooks: start
@@ -732,6 +758,11 @@ class PodEngine(Engine):
         :class:`ProvisionerError` (keeping the pod's name) when the API refuses."""
         name = self.pod_name
         failed, self.start_failed = self.start_failed, False
+        if self._detached:  # the pod is another server's now: only let go of ours
+            self.pod_name = self.pod_uid = self.pod_ip = self.secret_name = ""
+            self.started = False
+            await self._let_go()
+            return
         if self._relay is not None:
             await self._relay.pause()  # clients reconnect, and wait, until the next pod runs
         try:
@@ -754,13 +785,20 @@ class PodEngine(Engine):
             self.started = False
         finally:
             if not restart:
-                if self._forwarder is not None:
-                    await self._forwarder.stop()
-                    self._forwarder = None
-                if self._relay is not None:
-                    relay, self._relay = self._relay, None
-                    await relay.close()
-                await self._detach()
+                await self._let_go()
+
+    async def _let_go(self) -> None:
+        """Close the port-forward's listeners and the relay, and let go of the API client
+        (and the engine loop); the pod is not touched."""
+        try:
+            if self._forwarder is not None:
+                forwarder, self._forwarder = self._forwarder, None
+                await forwarder.stop()
+            if self._relay is not None:
+                relay, self._relay = self._relay, None
+                await relay.close()
+        finally:
+            await self._detach()
 
     async def _confirm_removed(self, name: str, restart: bool, failed: bool) -> None:
         """Wait until the deleted pod ``name`` is gone; after a ``failed`` start, do not
@@ -807,6 +845,7 @@ class PodEngine(Engine):
         then let go). A pod gone (or replaced) leaves the engine without a kernel."""
         if not state.get("pod"):
             return
+        self._detached = False
         self._namespace = state.get("namespace") or ""
         await self._attach(state.get("mode", ""))
         try:
@@ -822,6 +861,195 @@ class PodEngine(Engine):
             self.log.warning("Kernel %s: pod %s is gone", self.kernel_id, self.pod_name)
             self.started = False
             return
+        try:
+            await self._take_ownership(pod)
+        except BaseException:
+            self.pod_name = self.pod_uid = self.secret_name = ""
+            await self._detach()  # not reattached: let go of the client (and the loop)
+            raise
         self.pod_ip = (pod.get("status") or {}).get("podIP", "") or state.get("pod_ip", "")
         self.started = kernel_exit_code(pod) is None
         self.log.info("Kernel %s: reattached to pod %s", self.kernel_id, self.pod_name)
+
+    async def _take_ownership(self, pod: dict[str, Any]) -> None:
+        """Make this server the owner of the reattached pod and its Secret (owner label and
+        annotations, overwriting a detached mark), so that sweeps see a live owner.
+
+        Raises :class:`ProvisionerError` naming the pod when the API refuses."""
+        s = self.settings
+        owner, owner_pod = str(s.owner), s.server_pod
+        annotations = pod["metadata"].get("annotations") or {}
+        if (
+            annotations.get(m.ANNOTATION_OWNER) == owner
+            and annotations.get(m.ANNOTATION_OWNER_POD, "") == owner_pod
+        ):
+            return  # ours already (a reconnect of this very server)
+        body = m.owner_patch(owner, owner_pod)
+        for kind, name in (("pods", self.pod_name), ("secrets", self.secret_name)):
+            try:
+                await self._patch(resource_path(kind, self.namespace, name), body)
+            except NotFound:
+                if kind == "pods":
+                    break  # gone meanwhile: the reflector says so at the next poll
+            except KubeApiError as exc:
+                forbidden = isinstance(exc, Forbidden)
+                what = "Forbidden (grant 'patch' on pods and secrets)" if forbidden else exc
+                msg = (
+                    f"cannot take over kernel pod {self.namespace}/{self.pod_name}"
+                    f"{'' if kind == 'pods' else f' (its Secret {name})'}: {what}"
+                )
+                raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        previous = annotations.get(m.ANNOTATION_OWNER, "?")
+        self.log.info(
+            "Kernel %s: pod %s/%s taken over (its owner was %s)",
+            self.kernel_id,
+            self.namespace,
+            self.pod_name,
+            previous,
+        )
+
+    # ------------------------------------------------------------------ hooks: persistence
+
+    @on_engine_loop
+    async def detach_kernel(self) -> None:
+        """Write :func:`detached_mark` as the owner record of the pod and its Secret (owner
+        label, owner and owner-pod annotations; the pod also loses its ownerReferences, so
+        the server pod's deletion does not collect it), then close this server's
+        port-forward listeners and relay for it and let go of the API client, leaving the
+        pod and Secret running. Each patch waits at most :data:`_DETACH_PATCH_TIMEOUT`.
+        Raises :class:`ProvisionerError` naming the pod when the API refused or did not
+        answer (what this server held is let go even then)."""
+        if not self.pod_name or self._detached:
+            return
+        self._detached = True
+        error: BaseException | None = None
+        try:
+            if self._client is None:
+                await self._attach(self._mode)
+            await asyncio.wait_for(self._mark_detached(), _DETACH_PATCH_TIMEOUT + 0.5)
+        except (ProvisionerError, KubeApiError, asyncio.TimeoutError) as exc:
+            error = exc
+        finally:
+            await self._let_go()
+        if error is not None:
+            why = "no answer in time" if isinstance(error, asyncio.TimeoutError) else error
+            msg = f"cannot mark kernel pod {self.namespace}/{self.pod_name} detached: {why}"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from error
+        self.log.info(
+            "Kernel %s: pod %s/%s detached", self.kernel_id, self.namespace, self.pod_name
+        )
+
+    async def _mark_detached(self) -> None:
+        """Patch the detached mark onto the pod and its Secret (a Secret gone is no error)."""
+        assert self._client is not None
+        client, mark = self._client, detached_mark()
+
+        async def patch(kind: str, name: str, body: dict[str, Any]) -> None:
+            path = resource_path(kind, self.namespace, name)
+            try:
+                await client.request(
+                    "PATCH",
+                    path,
+                    body=body,
+                    content_type=MERGE_PATCH,
+                    timeout=_DETACH_PATCH_TIMEOUT,
+                )
+            except NotFound:
+                if kind == "pods":
+                    raise
+
+        await asyncio.gather(
+            patch("pods", self.pod_name, m.owner_patch(mark, mark, drop_owner_references=True)),
+            patch("secrets", self.secret_name, m.owner_patch(mark, mark)),
+        )
+
+    @on_engine_loop
+    async def adoptable_kernels(self) -> list[dict[str, Any]]:
+        """Running, persisted, claimed (not warm) kernel pods of this kernelspec in the
+        namespace (of the settings' release, or of none when it is unset) whose owner
+        record is a detached mark or names a server pod or process that is gone; each
+        with its connection file read from its Secret (a pod whose Secret cannot be read
+        is logged and left out). Raises :class:`EngineUnavailableError` when the API
+        cannot be reached, :class:`ProvisionerError` when it refuses the list."""
+        await self._attach()
+        try:
+            return await self._adoptable()
+        except KubeApiError as exc:
+            if exc.unreachable:
+                msg = f"Kubernetes API unreachable: {exc}"
+                raise EngineUnavailableError(msg, target=self.target) from exc
+            msg = f"cannot list kernel pods in namespace {self.namespace!r}: {exc}"
+            raise ProvisionerError(msg, target=self.target) from exc
+        finally:
+            await self._detach()
+
+    async def _adoptable(self) -> list[dict[str, Any]]:
+        assert self._client is not None
+        s = self.settings
+        selector = f"{m.KERNEL_SELECTOR},{m.LABEL_PERSIST}=true"
+        if s.release:
+            selector += f",{m.LABEL_RELEASE}={m.sanitize_label_value(s.release)}"
+        path = resource_path("pods", self.namespace)
+        pods = await self._client.request("GET", path, query=[("labelSelector", selector)])
+        me = ServerPod.parse(s.server_pod)
+        checked: dict[str, bool] = {}
+        found = []
+        for pod in pods.get("items") or []:
+            meta = pod.get("metadata") or {}
+            labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+            if annotations.get(m.ANNOTATION_KERNELSPEC) != s.spec_name:
+                continue
+            if not m.is_persisted(meta) or (not s.release and m.LABEL_RELEASE in labels):
+                continue  # a warm kernel, or an installation's kernel seen from outside it
+            if meta.get("deletionTimestamp") or not kernel_running(pod):
+                continue
+            status, _, _ = await owner_status(self._client, meta, me, checked, self.log)
+            if status != "live":
+                record = await self._adoption_record(pod)
+                if record is not None:
+                    found.append(record)
+        return found
+
+    async def _adoption_record(self, pod: dict[str, Any]) -> dict[str, Any] | None:
+        """The saved state of the kernel in ``pod`` (its connection file from its Secret),
+        or None, logged without the file's content, when the Secret cannot be read."""
+        assert self._client is not None
+        meta = pod["metadata"]
+        name = meta["name"]
+        kernel_id = (meta.get("annotations") or {}).get(m.ANNOTATION_KERNEL_ID, "")
+        secret = m.secret_name_for(name)
+        try:
+            data = await self._client.request(
+                "GET", resource_path("secrets", self.namespace, secret)
+            )
+            raw = base64.b64decode((data.get("data") or {})[m.CONNECTION_KEY])
+            kernel_info = json.loads(raw)
+            ports = [int(kernel_info[n]) for n in PORT_NAMES]
+        except (KubeApiError, KeyError, TypeError, ValueError) as exc:
+            what = f"{type(exc).__name__}" if not isinstance(exc, KubeApiError) else str(exc)
+            self.log.warning(
+                "Kernel %s: pod %s/%s not adoptable: its Secret %s cannot be read (%s)",
+                kernel_id,
+                self.namespace,
+                name,
+                secret,
+                what,
+            )
+            return None
+        if not kernel_id or not isinstance(kernel_info, dict):
+            return None
+        state = {
+            "namespace": self.namespace,
+            "pod": name,
+            "uid": meta.get("uid", ""),
+            "secret": secret,
+            "pod_ip": (pod.get("status") or {}).get("podIP", ""),
+            "mode": self._mode,
+        }
+        return {
+            "kernel_id": kernel_id,
+            "kernel_info": kernel_info,
+            "ports": ports,
+            "port_host": self.allocation_host(),
+            "state": state,
+        }

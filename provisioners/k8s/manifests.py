@@ -16,6 +16,7 @@ import base64
 import copy
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,13 @@ ANNOTATION_USERNAME = f"{PREFIX}/username"
 ANNOTATION_OWNER_POD = f"{PREFIX}/owner-pod"
 #: The installation (the chart's ``<namespace>.<release>``) whose server started the kernel.
 LABEL_RELEASE = f"{PREFIX}/release"
+#: On the pod and Secret of a kernel started with ``persist_kernels`` (value ``"true"``): it
+#: outlives its server, and the next server of its installation adopts it.
+LABEL_PERSIST = f"{PREFIX}/persist"
+#: Seconds a persisted kernel whose server stopped or died waits for adoption before an
+#: orphan sweep removes it (the starting server's ``adoption_grace``, kept on the record so
+#: that a sweep without that server's settings reads it).
+ANNOTATION_ADOPTION_GRACE = f"{PREFIX}/adoption-grace"
 #: Selects every kernel pod and Secret this package created.
 KERNEL_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_COMPONENT}={COMPONENT_KERNEL}"
 
@@ -122,6 +130,11 @@ class KernelPod:
     release: str = ""
     #: A warm kernel's ``pool-...`` id ('' for any other kernel): the :data:`LABEL_POOL` label.
     pool: str = ""
+    #: Started with ``persist_kernels``: the :data:`LABEL_PERSIST` label, the adoption grace
+    #: annotation, and no ownerReference to the server pod (the kernel outlives it).
+    persist: bool = False
+    #: Seconds the kernel waits for adoption once its server is gone (with ``persist``).
+    adoption_grace: float | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
@@ -208,6 +221,54 @@ def claim_patch(kernel_id: str) -> dict[str, Any]:
             "annotations": {ANNOTATION_KERNEL_ID: str(kernel_id)},
         }
     }
+
+
+def persist_metadata(
+    persist: bool, adoption_grace: float | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The labels and annotations that mark a kernel started with ``persist_kernels``
+    (both empty when ``persist`` is off)."""
+    if not persist:
+        return {}, {}
+    annotations = {}
+    if adoption_grace is not None:
+        annotations[ANNOTATION_ADOPTION_GRACE] = f"{float(adoption_grace):g}"
+    return {LABEL_PERSIST: "true"}, annotations
+
+
+def is_persisted(meta: Mapping[str, Any]) -> bool:
+    """True when the object with metadata ``meta`` is a kernel started with
+    ``persist_kernels`` and is not an unclaimed warm kernel (those never wait for adoption)."""
+    labels = meta.get("labels") or {}
+    return labels.get(LABEL_PERSIST) == "true" and LABEL_POOL not in labels
+
+
+def adoption_grace_of(meta: Mapping[str, Any], default: float) -> float:
+    """The adoption grace recorded on the object with metadata ``meta`` (``default`` when
+    absent or not a non-negative number)."""
+    text = (meta.get("annotations") or {}).get(ANNOTATION_ADOPTION_GRACE, "")
+    try:
+        grace = float(text)
+    except ValueError:
+        return default
+    return grace if math.isfinite(grace) and grace >= 0 else default
+
+
+def owner_patch(
+    owner: str, owner_pod: str = "", *, drop_owner_references: bool = False
+) -> dict[str, Any]:
+    """The merge patch (RFC 7386) that makes ``owner`` a kernel pod's or Secret's owner
+    record: owner label and annotation, and owner-pod annotation (removed when
+    ``owner_pod`` is ''). A detach writes a detached mark as both; an adoption writes the
+    adopting server. ``drop_owner_references`` also removes the pod's ownerReferences
+    (a kernel pod's only one is its server pod, which the kernel now outlives)."""
+    meta: dict[str, Any] = {
+        "labels": {LABEL_OWNER: sanitize_label_value(owner)},
+        "annotations": {ANNOTATION_OWNER: str(owner), ANNOTATION_OWNER_POD: owner_pod or None},
+    }
+    if drop_owner_references:
+        meta["ownerReferences"] = None
+    return {"metadata": meta}
 
 
 def kernel_annotations(
@@ -425,12 +486,15 @@ def pod_manifest(spec: KernelPod) -> dict[str, Any]:
     labels.update(kernel_labels(spec.kernel_id, spec.owner, spec.username, spec.pool))
     if spec.release:
         labels[LABEL_RELEASE] = sanitize_label_value(spec.release)
+    persist_labels, persist_annotations = persist_metadata(spec.persist, spec.adoption_grace)
+    labels.update(persist_labels)
     annotations = {str(k): str(v) for k, v in spec.annotations.items()}
     annotations.update(
         kernel_annotations(
             spec.kernel_id, spec.owner, spec.ports, spec.kernelspec, spec.username, spec.owner_pod
         )
     )
+    annotations.update(persist_annotations)
     sched = spec.scheduling
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -472,7 +536,9 @@ def pod_manifest(spec: KernelPod) -> dict[str, Any]:
         },
         "spec": pod_spec,
     }
-    server = server_pod_reference(spec.owner_pod, spec.namespace) if spec.owner_reference else None
+    # a persisted kernel outlives its server pod: the collector must not delete it with it
+    owned = spec.owner_reference and not spec.persist
+    server = server_pod_reference(spec.owner_pod, spec.namespace) if owned else None
     if server is not None:
         pod["metadata"]["ownerReferences"] = [server]
     if spec.template:

@@ -377,7 +377,7 @@ class KubernetesSettings(SharedSettings):
             raise self.config_error("api_timeout", "must be > 0")
         if self.server_pod and ServerPod.parse(self.server_pod) is None:
             raise self.config_error("server_pod", "use 'namespace/name/uid'")
-        ours = set(m.kernel_labels("x", "x", "x", "x")) | {m.LABEL_RELEASE}
+        ours = set(m.kernel_labels("x", "x", "x", "x")) | {m.LABEL_RELEASE, m.LABEL_PERSIST}
         if ours & set(self.labels):
             raise self.config_error("labels", f"{sorted(ours & set(self.labels))} are ours")
         try:

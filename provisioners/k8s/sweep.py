@@ -1,4 +1,5 @@
-"""Sweeping orphans (kernel pods and Secrets whose server pod or process is gone), removing
+"""Sweeping orphans (kernel pods and Secrets whose server pod or process is gone; a
+persisted kernel is marked detached and removed only after its adoption grace), removing
 an installation's kernels, and listing."""
 
 from __future__ import annotations
@@ -11,9 +12,21 @@ from typing import Any
 
 from ..exceptions import ProvisionerError
 from ..lifecycle.engine import kernel_row
-from ..lifecycle.owner import ServerPod, owner_is_gone
+from ..lifecycle.owner import (
+    DETACHED_PREFIX,
+    ServerPod,
+    detached_mark,
+    detached_since,
+    owner_is_gone,
+    sweep_verdict,
+)
+from ..settings import SharedSettings
 from . import manifests as m
 from .client import KubeApiError, KubeClient, NotFound, resource_path
+
+MERGE_PATCH = "application/merge-patch+json"
+#: The adoption grace of a kernel that recorded none, when the sweep has no settings.
+_DEFAULT_GRACE = float(SharedSettings.adoption_grace.default_value)
 
 #: (kubeconfig, context, namespace) already swept for orphans by this process.
 _SWEPT: set[tuple[str, str, str]] = set()
@@ -25,6 +38,7 @@ async def sweep_orphans(
     namespace: str,
     log: logging.Logger | logging.LoggerAdapter[Any],
     server_pod: str = "",
+    grace: float | None = None,
 ) -> list[str]:
     """Delete kernel pods and Secrets in ``namespace`` whose owning server is gone.
 
@@ -35,23 +49,32 @@ async def sweep_orphans(
     server); one started from this very pod, or without that annotation, when its server
     process is known to have ended (:func:`owner_is_gone`: a restarted container). When
     the owner cannot be checked (Forbidden, unreachable, another machine) the kernel is
-    left alone: a live server's kernels never go. Returns the deleted names.
+    left alone: a live server's kernels never go.
+
+    A kernel started with ``persist_kernels`` is not removed with its server: the sweep
+    marks it detached (the owner record becomes :func:`detached_mark`, which makes it
+    adoptable and starts its grace), and removes a detached kernel only once its adoption
+    grace is over (:func:`sweep_verdict`). The grace is the one recorded on the pod at its
+    start, else ``grace``, else the setting's default. Returns the deleted names.
     """
     client = api if isinstance(api, KubeClient) else KubeClient(api, in_cluster=False)
+    default_grace = _DEFAULT_GRACE if grace is None else grace
     selector = [("labelSelector", m.KERNEL_SELECTOR)]
     me = ServerPod.parse(server_pod)
     checked: dict[str, bool] = {}
     deleted: list[str] = []
     path = resource_path("pods", namespace)
     pods = (await client.request("GET", path, query=selector)).get("items") or []
-    live_uids: set[str] = set()
+    kept_uids: set[str] = set()
     for pod in pods:
         meta = pod.get("metadata") or {}
-        why = await _orphaned(client, meta, me, checked, log)
-        if not why:
-            live_uids.add(meta.get("uid", ""))
-            continue
+        verdict, why = await kernel_verdict(client, meta, me, checked, log, default_grace)
         name = meta["name"]
+        if verdict == "mark":
+            await _mark_detached(client, namespace, name, log, why)
+        if verdict != "remove":
+            kept_uids.add(meta.get("uid", ""))
+            continue
         with contextlib.suppress(KubeApiError):
             await client.request(
                 "DELETE",
@@ -65,8 +88,11 @@ async def sweep_orphans(
     for secret in secrets:
         meta = secret.get("metadata") or {}
         owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
-        if owners & live_uids or not await _orphaned(client, meta, me, checked, log):
+        if owners & kept_uids:
             continue
+        verdict, _ = await kernel_verdict(client, meta, me, checked, log, default_grace)
+        if verdict == "keep":
+            continue  # ("mark": its pod is gone, nothing is left to adopt)
         name = meta["name"]
         with contextlib.suppress(KubeApiError):
             await client.request("DELETE", resource_path("secrets", namespace, name))
@@ -75,25 +101,93 @@ async def sweep_orphans(
     return deleted
 
 
-async def _orphaned(
+async def kernel_verdict(
     client: KubeClient,
     meta: dict[str, Any],
     me: ServerPod | None,
     checked: dict[str, bool],
     log: logging.Logger | logging.LoggerAdapter[Any],
-) -> str:
-    """Why the kernel object with metadata ``meta`` is an orphan ('' when it is not)."""
+    default_grace: float = _DEFAULT_GRACE,
+) -> tuple[str, str]:
+    """What a sweep does with the kernel object of metadata ``meta`` (``"keep"``,
+    ``"mark"`` or ``"remove"``, as :func:`sweep_verdict` says), and why."""
+    persisted = m.is_persisted(meta)
+    grace = m.adoption_grace_of(meta, default_grace)
+    status, text, why = await owner_status(client, meta, me, checked, log)
+    if status == "detached":
+        verdict = sweep_verdict(text, persisted, grace)
+        return (
+            verdict,
+            f"detached at {text.removeprefix(DETACHED_PREFIX)}, not adopted within {grace:g} s",
+        )
+    if status == "gone":
+        return ("mark" if persisted else "remove"), why
+    return "keep", ""
+
+
+async def owner_status(
+    client: KubeClient,
+    meta: dict[str, Any],
+    me: ServerPod | None,
+    checked: dict[str, bool],
+    log: logging.Logger | logging.LoggerAdapter[Any],
+) -> tuple[str, str, str]:
+    """The owner record of the kernel object with metadata ``meta``: ``("detached", mark,
+    "")`` when a detached mark, ``("gone", owner, why)`` when its server pod or process is
+    known to be gone, else ``("live", owner, "")`` (alive, or cannot be told)."""
     annotations = meta.get("annotations") or {}
     process = annotations.get(m.ANNOTATION_OWNER, "")
-    owner = ServerPod.parse(annotations.get(m.ANNOTATION_OWNER_POD, ""))
+    owner_pod = annotations.get(m.ANNOTATION_OWNER_POD, "")
+    label = (meta.get("labels") or {}).get(m.LABEL_OWNER, "")
+    for text in (process, owner_pod, label):
+        if detached_since(text) is not None:
+            return "detached", text, ""
+    owner = ServerPod.parse(owner_pod)
     if owner is not None and (me is None or owner.uid != me.uid):
         key = str(owner)
         if key not in checked:
             checked[key] = await _pod_gone(client, owner, log)
-        return f"owner pod {owner.namespace}/{owner.name} is gone" if checked[key] else ""
+        if checked[key]:
+            return "gone", owner_pod, f"owner pod {owner.namespace}/{owner.name} is gone"
+        return "live", owner_pod, ""
     if process and owner_is_gone(process):
-        return f"owner {process} is gone"
-    return ""
+        return "gone", process, f"owner {process} is gone"
+    return "live", process, ""
+
+
+async def _mark_detached(
+    client: KubeClient,
+    namespace: str,
+    name: str,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    why: str,
+) -> None:
+    """Write a detached mark as the owner record of pod ``name`` and its Secret: the
+    kernel is adoptable from now on, and its adoption grace starts."""
+    mark = detached_mark()
+    for kind, item, drop in (
+        ("pods", name, True),
+        ("secrets", m.secret_name_for(name), False),
+    ):
+        body = m.owner_patch(mark, mark, drop_owner_references=drop)
+        try:
+            await client.request(
+                "PATCH",
+                resource_path(kind, namespace, item),
+                body=body,
+                content_type=MERGE_PATCH,
+            )
+        except NotFound:
+            continue
+        except KubeApiError as exc:
+            log.warning("Cannot mark kernel %s %s/%s detached: %s", kind[:-1], namespace, item, exc)
+            return
+    log.warning(
+        "Kernel pod %s/%s persists (%s): marked detached, adoptable for its grace",
+        namespace,
+        name,
+        why,
+    )
 
 
 async def _pod_gone(
@@ -142,6 +236,7 @@ async def sweep_once(
     namespace: str,
     log: logging.Logger | logging.LoggerAdapter[Any],
     server_pod: str = "",
+    grace: float | None = None,
 ) -> None:
     """Sweep ``namespace`` the first time this process sees ``key``; log a failure."""
     with _SWEPT_LOCK:
@@ -149,7 +244,7 @@ async def sweep_once(
             return
         _SWEPT.add(key)
     try:
-        await sweep_orphans(client, namespace, log, server_pod)
+        await sweep_orphans(client, namespace, log, server_pod, grace)
     except (KubeApiError, ProvisionerError) as exc:
         log.warning("Orphan sweep in namespace %s failed: %s", namespace, exc)
 
