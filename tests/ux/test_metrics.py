@@ -4,6 +4,7 @@ failures and pool claims (issue 23, part 1): exact counts and labels."""
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,13 +32,14 @@ from tests.helpers import (
     async_wait_for,
     write_kernelspec,
 )
-from tests.jupyter_server import JupyterServer, http, ws_execute
+from tests.jupyter_server import REPO, JupyterServer, http, ws_execute
 
 START = "cluster_provisioners_kernel_start_seconds_count"
 LIVE = "cluster_provisioners_live_kernels"
 #: A kernel command that never listens: its start runs into launch_timeout.
 SILENT_ARGV = ["python3", "-c", "import time, sys; time.sleep(60)", "{connection_file}"]
 SUM = "cluster_provisioners_kernel_start_seconds_sum"
+DASHBOARD = REPO / "charts" / "cluster-provisioners" / "dashboards" / "cluster-provisioners.json"
 LOCAL_SPECS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "good": ({}, LOCAL_ARGV),
     "pooled": ({"pool_size": 1, "inherit_server_env": False}, LOCAL_ARGV),
@@ -48,13 +50,18 @@ LOCAL_SPECS: dict[str, tuple[dict[str, Any], list[str]]] = {
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def scrape(server: JupyterServer) -> Samples:
-    """Every sample of the server's ``/metrics`` (with its token)."""
+def metrics_text(server: JupyterServer) -> str:
+    """The server's ``/metrics`` (with its token)."""
     status, body = http("GET", f"{server.base}metrics", server.token, timeout=30)
     assert status == 200, body
+    return body.decode()
+
+
+def scrape(server: JupyterServer) -> Samples:
+    """Every sample of the server's ``/metrics``."""
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(body.decode())
+        for family in text_string_to_metric_families(metrics_text(server))
         for sample in family.samples
     }
 
@@ -156,6 +163,12 @@ async def test_metrics_count_starts_failures_and_claims(server: JupyterServer) -
     after = scrape(server)
     assert ours(after, LIVE) == {labels(target="local"): 3.0}
     assert ours(after, START) == ours(samples, START)  # restarts are not starts
+
+    # every metric the chart's Grafana dashboard queries is one the server serves
+    served = set(re.findall(r"^# TYPE (cluster_provisioners_\w+) ", metrics_text(server), re.M))
+    queried = set(re.findall(r"cluster_provisioners_\w+", DASHBOARD.read_text()))
+    queried = {re.sub(r"_(bucket|count|sum)$", "", name) for name in queried}
+    assert queried and queried <= served, queried - served
 
 
 @pytest.mark.docker
