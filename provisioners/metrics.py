@@ -118,8 +118,8 @@ ENGINE_ERRORS = Counter(
     "Engine API errors by target and kind (unreachable, timeout, unauthorized, forbidden, "
     "not_found, conflict, gone, throttled, server_error, refused, other). Kubernetes: "
     "every API request that failed (not_found and gone are often routine: a pod already "
-    "deleted, an expired watch). Docker and SSH: the engine errors that failed a start or "
-    "restart, or sent a start to the local fallback.",
+    "deleted, an expired watch). Docker and SSH: the engine errors that failed a start "
+    "(a warm kernel's too) or a restart, or sent a start to the local fallback.",
     ["target", "kind"],
 )
 ADOPTIONS = Counter(
@@ -151,10 +151,11 @@ class _Starts:
 _STARTS = _Starts()
 
 
-def start_begun(provisioner: ClusterProvisioner, *, restart: bool) -> None:
-    """A launch begins (``pre_launch``); a first start of a kernel (not a restart, not a
-    warm kernel filling a pool) is timed for the latency histogram."""
-    if restart or provisioner.pool_id:
+def start_begun(provisioner: ClusterProvisioner, *, restart: bool, adopting: bool = False) -> None:
+    """A launch begins (``pre_launch``); a first start of a kernel (not a restart, not an
+    adoption, not a warm kernel filling a pool) is timed for the latency histogram. An
+    adoption that succeeds counts the kernel as live (its outcome: :func:`record_adoption`)."""
+    if restart or adopting or provisioner.pool_id:
         return
     with _STARTS.lock:
         _STARTS.begun[provisioner] = time.monotonic()
@@ -169,23 +170,22 @@ def start_ended(provisioner: ClusterProvisioner, error: BaseException | None = N
 
 
 def _start_ended(provisioner: ClusterProvisioner, error: BaseException | None) -> None:
+    engine = provisioner.engine
+    if error is not None:  # Kubernetes: its client counts each failed request
+        kind = engine_error_kind(error)
+        if kind and engine.target not in ("kubernetes", "local"):
+            ENGINE_ERRORS.labels(engine.target, kind).inc()
     if provisioner.pool_id:
         return  # a warm kernel filling its pool: the pool gauges show it
-    engine = provisioner.engine
     with _STARTS.lock:
         begun = _STARTS.begun.pop(provisioner, None)
         if error is None:
             _STARTS.live.add(provisioner)
             _STARTS.targets.add(engine.target)
-    if error is None:
-        if engine.fallback_for and engine.fallback_for != "kubernetes":
-            ENGINE_ERRORS.labels(engine.fallback_for, "unreachable").inc()
-    else:
-        kind = engine_error_kind(error)
-        if kind and engine.target not in ("kubernetes", "local"):  # Kubernetes: its client
-            ENGINE_ERRORS.labels(engine.target, kind).inc()
     if begun is None:
-        return  # a restart
+        return  # a restart or an adoption
+    if error is None and engine.fallback_for not in ("", "kubernetes"):
+        ENGINE_ERRORS.labels(engine.fallback_for, "unreachable").inc()  # it fell back
     outcome = "ok" if error is None else failure_reason(error)
     pooled = "pooled" if error is None and engine.claimed_from else "cold"
     START_SECONDS.labels(provisioner.target, provisioner.spec_name, outcome, pooled).observe(
