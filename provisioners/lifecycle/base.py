@@ -74,6 +74,8 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
     #: so the lifecycle imports no target and no pool.
     fallback_engine_class: ClassVar[type[Engine] | None] = None
     claim_warm_kernel: ClassVar[WarmClaim | None] = None
+    #: Running kernels the next start of their kernel id adopts (:meth:`expect_adoption`).
+    _adoptions: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, **kwargs: Any) -> None:
         try:
@@ -128,7 +130,9 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Pick the engine, allocate ports, build connection info, command and env."""
-        metrics.start_begun(self, restart=self._restarting)
+        metrics.start_begun(
+            self, restart=self._restarting, adopting=self.kernel_id in self._adoptions
+        )
         try:
             return await self._pre_launch(**kwargs)
         except BaseException as exc:
@@ -170,6 +174,11 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             self._settle_clients = engine.ports == kept and not self._exited_before_restart
             self._restart_launch = True
         else:
+            adopted = ClusterProvisioner._adoptions.pop(self.kernel_id, None)
+            if adopted is not None:
+                await self._adopt(adopted)
+                kwargs["cmd"] = list(self.command or self.kernel_spec.argv)
+                return await super().pre_launch(**kwargs)
             claim = type(self).claim_warm_kernel
             if claim is not None and await claim(self, kwargs):
                 kwargs["cmd"] = list(self.command or self.kernel_spec.argv)
@@ -482,6 +491,34 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         )
         return True
 
+    @staticmethod
+    def expect_adoption(info: dict[str, Any]) -> None:
+        """Let the manager's next start of kernel ``info["kernel_id"]`` adopt the running
+        kernel ``info`` describes (a provisioner info, from :meth:`adoptable_kernels`)
+        instead of starting one: the server then registers it as it registers any kernel
+        it starts (``MappingKernelManager.start_kernel(kernel_id=...)``)."""
+        ClusterProvisioner._adoptions[info["kernel_id"]] = info
+
+    @staticmethod
+    def forget_adoption(kernel_id: str) -> None:
+        """Drop an expected adoption that no start took."""
+        ClusterProvisioner._adoptions.pop(kernel_id, None)
+
+    async def _adopt(self, info: dict[str, Any]) -> None:
+        """Serve this start with the running kernel ``info`` describes (see
+        :meth:`expect_adoption`); raises :class:`ProvisionerError` when it is gone."""
+        await self.load_provisioner_info(info)
+        if not self.engine.has_kernel():
+            await self._teardown(restart=False)
+            msg = f"kernel {self.kernel_id} is gone from its {self.engine.target} engine"
+            raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id)
+        km: Any = self.parent
+        if hasattr(km, "load_connection_info"):
+            # jupyter_client trusts a matching connection file left by the dead server
+            # and would then compare it with the manager's own (new) key: load it first.
+            km.load_connection_info(dict(self.connection_info))
+        self._serve_running_kernel()
+
     async def adoptable_kernels(self) -> list[dict[str, Any]]:
         """The kernels of this kernelspec that a stopped or dead server left for adoption
         (:meth:`Engine.adoptable_kernels`), each as the provisioner info that
@@ -542,10 +579,16 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
     def claim_warm_engine(self, engine: Engine) -> None:
         """Serve this start with the claimed warm kernel ``engine``."""
         self.take_engine(engine)
+        self._serve_running_kernel()
+
+    def _serve_running_kernel(self) -> None:
+        """The coming launch returns the running kernel's connection info as it is (a
+        claimed warm kernel, an adopted one); the manager gets its Curve keys."""
         self._claimed = True
         km: Any = self.parent
-        if engine.curve_keys is not None and hasattr(km, "curve_publickey"):
-            km.curve_publickey, km.curve_secretkey = engine.curve_keys
+        keys = self.engine.curve_keys
+        if keys is not None and hasattr(km, "curve_publickey"):
+            km.curve_publickey, km.curve_secretkey = keys
 
     def release_engine(self) -> Engine:
         """Hand this provisioner's engine (a started warm kernel) over; the provisioner is
