@@ -12,7 +12,6 @@ from typing import Any
 
 import docker
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from provisioners import metrics
@@ -32,13 +31,20 @@ from tests.helpers import (
     async_wait_for,
     write_kernelspec,
 )
+from tests.helpers.metrics import (
+    LIVE,
+    START,
+    SUM,
+    labels,
+    metrics_text,
+    ours,
+    scrape,
+    start_labels,
+)
 from tests.jupyter_server import REPO, JupyterServer, http, ws_execute
 
-START = "cluster_provisioners_kernel_start_seconds_count"
-LIVE = "cluster_provisioners_live_kernels"
 #: A kernel command that never listens: its start runs into launch_timeout.
 SILENT_ARGV = ["python3", "-c", "import time, sys; time.sleep(60)", "{connection_file}"]
-SUM = "cluster_provisioners_kernel_start_seconds_sum"
 DASHBOARD = REPO / "charts" / "cluster-provisioners" / "dashboards" / "cluster-provisioners.json"
 LOCAL_SPECS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "good": ({}, LOCAL_ARGV),
@@ -46,37 +52,6 @@ LOCAL_SPECS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "bad-key": ({"no_such_key": 1}, LOCAL_ARGV),
     "no-ports": ({"port_range": "25000-25003"}, LOCAL_ARGV),
 }
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def metrics_text(server: JupyterServer) -> str:
-    """The server's ``/metrics`` (with its token)."""
-    status, body = http("GET", f"{server.base}metrics", server.token, timeout=30)
-    assert status == 200, body
-    return body.decode()
-
-
-def scrape(server: JupyterServer) -> Samples:
-    """Every sample of the server's ``/metrics``."""
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(metrics_text(server))
-        for sample in family.samples
-    }
-
-
-def ours(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
-    """The samples of metric ``name``, by their labels."""
-    return {labels: value for (n, labels), value in samples.items() if n == name}
-
-
-def labels(**values: str) -> frozenset[tuple[str, str]]:
-    return frozenset(values.items())
-
-
-def start_count(target: str, spec: str, outcome: str, pooled: str = "cold") -> Any:
-    return labels(target=target, kernelspec=spec, outcome=outcome, pooled=pooled)
 
 
 @pytest.fixture
@@ -129,15 +104,15 @@ async def test_metrics_count_starts_failures_and_claims(server: JupyterServer) -
 
     samples = scrape(server)
     assert ours(samples, START) == {
-        start_count("local", "good", "ok"): 2.0,
-        start_count("local", "bad-key", "config"): 1.0,
-        start_count("local", "no-ports", "scheduling"): 1.0,
-        start_count("local", "pooled", "ok"): 2.0,
-        start_count("local", "pooled", "ok", "pooled"): 1.0,
+        start_labels("local", "good", "ok"): 2.0,
+        start_labels("local", "bad-key", "config"): 1.0,
+        start_labels("local", "no-ports", "scheduling"): 1.0,
+        start_labels("local", "pooled", "ok"): 2.0,
+        start_labels("local", "pooled", "ok", "pooled"): 1.0,
     }, server.log()
-    claim_seconds = samples[(SUM, start_count("local", "pooled", "ok", "pooled"))]
+    claim_seconds = samples[(SUM, start_labels("local", "pooled", "ok", "pooled"))]
     assert 0 < claim_seconds < 2.0, claim_seconds
-    assert samples[(SUM, start_count("local", "bad-key", "config"))] == 0.0  # refused at once
+    assert samples[(SUM, start_labels("local", "bad-key", "config"))] == 0.0  # refused at once
     assert ours(samples, LIVE) == {labels(target="local"): 5.0}
     assert ours(samples, "cluster_provisioners_pool_claims_total") == {
         labels(kernelspec="pooled"): 1.0
@@ -195,11 +170,11 @@ def test_docker_starts_a_missing_image_and_a_timeout(
         assert server.request("DELETE", f"api/kernels/{kernel['id']}")[0] == 204
         after = scrape(server)
     assert ours(samples, START) == {
-        start_count("docker", "box", "ok"): 1.0,
-        start_count("docker", "no-image", "image"): 1.0,
-        start_count("docker", "silent", "timeout"): 1.0,
+        start_labels("docker", "box", "ok"): 1.0,
+        start_labels("docker", "no-image", "image"): 1.0,
+        start_labels("docker", "silent", "timeout"): 1.0,
     }
-    assert 2.0 <= samples[(SUM, start_count("docker", "silent", "timeout"))] < 15.0
+    assert 2.0 <= samples[(SUM, start_labels("docker", "silent", "timeout"))] < 15.0
     # the daemon answered 404 for the image
     assert ours(samples, "cluster_provisioners_engine_errors_total") == {
         labels(target="docker", kind="not_found"): 1.0
