@@ -5,14 +5,27 @@ real server in tests/ux/test_metrics.py.)"""
 
 from __future__ import annotations
 
+import base64
 import json
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from tests.chart.helmchart import CHART, FULLNAME, K8S_VERSIONS, NAMESPACE, RELEASE, run_helm
+from tests.chart.helmchart import (
+    CHART,
+    FULLNAME,
+    K8S_VERSIONS,
+    NAMESPACE,
+    RELEASE,
+    Rendered,
+    chart_server,
+    http_get,
+    run_helm,
+)
 
 pytestmark = pytest.mark.helm
 
@@ -113,3 +126,27 @@ def test_schema_rejects_bad_metrics_values(
 def test_lint_with_metrics(helm: str, helm_env: dict[str, str]) -> None:
     proc = run_helm(helm, helm_env, "lint", "--strict", str(CHART), *ENABLED)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_server_answers_the_service_monitors_scrape(
+    helm: str, helm_env: dict[str, str], values_dir: Path, tmp_path: Path
+) -> None:
+    """The chart's server, run with its rendered config, serves the monitor's path to the
+    bearer token the monitor sends, and refuses it without."""
+    docs = render(helm, helm_env, "-f", str(values_dir / "ingress.yaml"), *ENABLED)
+    (endpoint,) = one(docs, "ServiceMonitor", FULLNAME)["spec"]["endpoints"]
+    credentials = endpoint["authorization"]["credentials"]
+    secret = one(docs, "Secret", credentials["name"])
+    token = base64.b64decode(secret["data"][credentials["key"]]).decode()
+    with chart_server(Rendered("ingress", docs), tmp_path) as server:
+        url = server.base.split("/kernels/")[0] + endpoint["path"]
+        assert url == server.base + "metrics"
+        assert http_get(url)[0] == 403
+        status, body = http_get(url, token)  # "token <t>", as the tests send it
+        assert status == 200 and b"jupyter_server_info" in body, body[:300]
+        # the chart's server extension (provisioners.persist) loads the provisioners at
+        # start: their metrics are there before the first kernel
+        assert b"# TYPE cluster_provisioners_live_kernels gauge" in body, server.log()
+        bearer = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(bearer, timeout=10) as response:
+            assert response.status == 200
