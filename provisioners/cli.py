@@ -19,7 +19,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKerne
 from .connection.ports import ClusterPortCache
 from .exceptions import ProvisionerError
 from .lifecycle.engine import kernel_row
-from .lifecycle.owner import ServerIdentity, owner_alive
+from .lifecycle.owner import ServerIdentity, detached_since, owner_alive
 from .manager import AsyncKernelManager
 from .progress import ProgressRenderer
 from .targets import ENTRY_POINTS, TARGETS, load_target, our_kernelspecs, provisioner_for
@@ -278,6 +278,9 @@ def kernel_rows(engine_rows: list[tuple[str, dict[str, Any]]]) -> list[dict[str,
         created = row.get("created") or 0
         row["age"] = round(now - created) if created else None
         row["owner_alive"] = owner_alive(row.get("owner", ""))
+        # a persisted kernel whose server stopped: waiting for the next one to adopt it
+        since = detached_since(row.get("owner", ""))
+        row["detached_for"] = round(now - since) if since is not None else None
     return sorted(by_kernel.values(), key=lambda r: (r.get("created") or 0, r["kernel_id"]))
 
 
@@ -300,6 +303,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = [header]
     for row in rows:
         alive = {True: "alive", False: "gone", None: "?"}[row["owner_alive"]]
+        if row.get("detached_for") is not None:
+            alive = f"detached {_age(row['detached_for'])} ago"
         lines.append(
             (
                 row["kernel_id"],

@@ -48,7 +48,6 @@ from .daemon import (
     ENGINE_ERRORS,
     LABEL_KERNELSPEC,
     LABEL_MANAGED_BY,
-    LABEL_OWNER,
     LABEL_POOL_PREFIX,
     MANAGED_BY,
     UNSAFE_NAME,
@@ -58,6 +57,7 @@ from .daemon import (
     connection_archive,
     container_kernel_dir,
     create_args,
+    current_owner,
     host_path_of,
     is_local_daemon,
     kernel_labels,
@@ -574,8 +574,9 @@ class DockerEngine(Engine):
             all=True,
             filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"},
         )
+        owners = await self.executor.run(lambda: [current_owner(client, item) for item in found])
         rows = []
-        for item in found:
+        for item, owner in zip(found, owners, strict=True):
             labels = item.get("Labels") or {}
             name = (item.get("Names") or ["/?"])[0].lstrip("/")
             kernel_id, warm = listed_kernel_id(labels, name)
@@ -588,7 +589,7 @@ class DockerEngine(Engine):
                     state="warm"
                     if warm and item.get("State") == "running"
                     else item.get("State", ""),
-                    owner=labels.get(LABEL_OWNER, ""),
+                    owner=owner,  # a reattached or detached kernel's is in the container
                     created=float(item.get("Created") or 0),
                     container=item["Id"][:12],
                 )

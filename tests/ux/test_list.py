@@ -102,3 +102,30 @@ async def test_list_marks_a_kernel_on_the_local_fallback(tmp_path: Path) -> None
         assert " for docker " in line
     finally:
         await km.shutdown_kernel()
+
+
+async def test_list_says_a_persisted_kernel_is_detached(
+    docker_client: Any, tmp_path: Path
+) -> None:
+    """A kernel its stopping server detached waits for adoption: ``list`` says since when."""
+    from tests.helpers import KERNEL_TEST_IMAGE
+
+    kernels = tmp_path / "kernels"
+    config = {"image": KERNEL_TEST_IMAGE, "sweep_on_start": False, "persist_kernels": True}
+    ksm = install(kernels, "kept", "cluster-docker-provisioner", config, CONTAINER_ARGV)
+    km = AsyncKernelManager(kernel_name="kept", kernel_spec_manager=ksm)
+    await km.start_kernel()
+    try:
+        assert await km.provisioner.detach()
+        row = row_of(list_kernels(kernels, "--json"), km.kernel_id)
+        assert row["state"] == "running"
+        assert row["detached_for"] is not None and 0 <= row["detached_for"] < 600
+        table = list_kernels(kernels)
+        line = next(line for line in table.stdout.splitlines() if km.kernel_id in line)
+        assert line.rstrip().endswith("ago") and "detached" in line, table.stdout
+    finally:
+        for item in docker_client.api.containers(
+            all=True, filters={"label": f"cluster-provisioners.kernel-id={km.kernel_id}"}
+        ):
+            docker_client.api.remove_container(item["Id"], force=True)
+        await km.shutdown_kernel(now=True)
