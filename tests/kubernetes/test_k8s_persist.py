@@ -34,7 +34,7 @@ from provisioners.k8s.client import KubeApiError, KubeClient, NotFound, resource
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
 from provisioners.k8s.sweep import sweep_orphans
 from provisioners.lifecycle.owner import ServerIdentity, detached_mark, detached_since
-from provisioners.persist.adopt import adopt_kernel
+from provisioners.persist import adopt_kernels
 from tests.helpers import KUBERNETES_PROVISIONER, Kube, async_wait_for, execute
 from tests.helpers.kube import dead_identity, get_pod, new_provisioner, pod_of
 
@@ -42,6 +42,8 @@ pytestmark = [pytest.mark.k8s, pytest.mark.timeout(240)]
 
 MakeKM = Callable[..., AsyncKernelManager]
 LOG = logging.getLogger("test")
+#: A server process of another machine: assumed alive (only its pod can tell).
+OTHER_HOST_PROCESS = "server-7c9d-old.7.12345"
 
 
 # ---------------------------------------------------------------------- manifests (no I/O)
@@ -297,6 +299,43 @@ asyncio.run(main())
 """
 
 
+async def start_in_a_server_that_dies(kernels: Path, name: str, log_path: Path) -> str:
+    """Start a kernel of kernelspec ``name`` (in ``kernels``) from a server process, set
+    ``survivor`` in it, then SIGKILL that server (an OOM kill, a crash); its kernel id."""
+    with log_path.open("wb") as log_file:  # a pipe nobody reads could fill and block it
+        server = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            DIES_WITH_A_PERSISTED_KERNEL,
+            str(kernels),
+            name,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+    try:
+        assert server.stdout is not None
+        line = await asyncio.wait_for(server.stdout.readline(), 150)
+        assert line, log_path.read_text()[-2000:]
+        kernel_id, status = line.decode().split()
+        assert status == "ok", log_path.read_text()[-2000:]
+        return kernel_id
+    finally:
+        server.send_signal(signal.SIGKILL)
+        await server.wait()
+
+
+async def pod_of_kernel(api: KubeClient, kube: Kube, kernel_id: str) -> dict[str, Any]:
+    """The one pod of kernel ``kernel_id``."""
+    pods = await api.request(
+        "GET",
+        resource_path("pods", kube.namespace),
+        query=[("labelSelector", f"{m.KERNEL_SELECTOR},{m.LABEL_KERNEL_ID}={kernel_id}")],
+    )
+    (pod,) = pods["items"]
+    return dict(pod)
+
+
 async def test_a_dead_servers_persisted_kernel_is_marked_then_adopted(
     kube: Kube,
     kube_api: KubeClient,
@@ -314,34 +353,9 @@ async def test_a_dead_servers_persisted_kernel_is_marked_then_adopted(
     # a server's kernel managers find kernelspecs on the Jupyter path, not the multi-kernel
     # manager's own kernelspec manager
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
-    log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log_file:  # a pipe nobody reads could fill and block it
-        server = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            DIES_WITH_A_PERSISTED_KERNEL,
-            str(kernels),
-            name,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log_file,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-    try:
-        assert server.stdout is not None
-        line = await asyncio.wait_for(server.stdout.readline(), 150)
-        assert line, log_path.read_text()[-2000:]
-        kernel_id, status = line.decode().split()
-        forget(kernel_id)
-        assert status == "ok"
-    finally:
-        server.send_signal(signal.SIGKILL)  # the server dies: OOM, SIGKILL, a crash
-        await server.wait()
-    pods = await kube_api.request(
-        "GET",
-        resource_path("pods", kube.namespace),
-        query=[("labelSelector", f"{m.KERNEL_SELECTOR},{m.LABEL_KERNEL_ID}={kernel_id}")],
-    )
-    (pod,) = pods["items"]
+    kernel_id = await start_in_a_server_that_dies(kernels, name, tmp_path / "server.log")
+    forget(kernel_id)
+    pod = await pod_of_kernel(kube_api, kube, kernel_id)
     pod_name = pod["metadata"]["name"]
     assert detached_since(owner_record(pod)[1]) is None  # it died: nobody marked it
 
@@ -362,9 +376,9 @@ async def test_a_dead_servers_persisted_kernel_is_marked_then_adopted(
         kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]),
         connection_dir=str(tmp_path),
     )
-    adopted = await adopt_kernel(mkm, name, records[0])
+    assert kernel_id in await adopt_kernels(mkm)
     try:
-        assert mkm.get_kernel(kernel_id) is adopted
+        adopted = mkm.get_kernel(kernel_id)
         result = await execute(adopted, "print(survivor)")
         assert result["stdout"] == "set before the crash\n", result
         assert owner_record(await get_pod(kube_api, kube, pod_name))[1] == str(
@@ -372,6 +386,78 @@ async def test_a_dead_servers_persisted_kernel_is_marked_then_adopted(
         )
     finally:
         await mkm.shutdown_kernel(kernel_id, now=True)
+
+
+async def test_a_persisted_kernel_outlives_its_deleted_server_pod(
+    kube: Kube,
+    kube_api: KubeClient,
+    kernel_manager: MakeKM,
+    forget: Callable[[str], None],
+    tmp_path: Path,
+) -> None:
+    """The chart's server pod is deleted (force-deleted, evicted, its node lost) while its
+    server had no time to detach: its persisted kernel pod carries no ownerReference, so
+    the collector leaves it, and the next server pod adopts it."""
+    ns = kube.namespace
+    server_name = f"server-{uuid.uuid4().hex[:6]}"
+    server = await kube_api.request(
+        "POST",
+        resource_path("pods", ns),
+        body={
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": server_name},
+            "spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 0,
+                "containers": [{"name": "s", "image": kube.image, "command": ["sleep", "300"]}],
+            },
+        },
+    )
+    server_pod = f"{ns}/{server_name}/{server['metadata']['uid']}"
+    name = spec_name()
+    config = persist_config(kube, server_pod=server_pod)
+    kernel_manager(KUBERNETES_PROVISIONER, config, name=name, **kube.spec())
+    kernel_id = await start_in_a_server_that_dies(
+        tmp_path / "kernels", name, tmp_path / "server.log"
+    )
+    forget(kernel_id)
+    pod = await pod_of_kernel(kube_api, kube, kernel_id)
+    pod_name = pod["metadata"]["name"]
+    assert pod["metadata"]["annotations"][m.ANNOTATION_OWNER_POD] == server_pod
+    assert not pod["metadata"].get("ownerReferences")
+    await kube_api.request(
+        "DELETE", resource_path("pods", ns, server_name), query=[("gracePeriodSeconds", "0")]
+    )
+    assert await async_wait_for(lambda: _gone(kube_api, ns, "pods", server_name), 60, interval=0.5)
+    await asyncio.sleep(5)  # the collector deletes an owned pod within a second or two
+    pod = await get_pod(kube_api, kube, pod_name)
+    assert pod["metadata"].get("deletionTimestamp") is None
+
+    # The Deployment's next server pod (another name and uid) adopts it.
+    next_pod = f"{ns}/server-{uuid.uuid4().hex[:6]}/{uuid.uuid4()}"
+    config = persist_config(kube, server_pod=next_pod)
+    # (the same kernelspec, as the new server pod's config has it)
+    template_km = kernel_manager(KUBERNETES_PROVISIONER, config, name=name, **kube.spec())
+    template = new_provisioner(template_km)
+    records = [r for r in await template.adoptable_kernels() if r["kernel_id"] == kernel_id]
+    assert len(records) == 1
+    km2 = AsyncKernelManager(kernel_name=name, kernel_spec_manager=template_km.kernel_spec_manager)
+    km2.kernel_id = kernel_id
+    prov2 = KernelProvisionerFactory.instance().create_provisioner_instance(
+        kernel_id, km2.kernel_spec, parent=km2
+    )
+    await prov2.load_provisioner_info(records[0])
+    km2.provisioner = prov2
+    km2.load_connection_info(prov2.connection_info)
+    km2.session.key = prov2.connection_info["key"]
+    try:
+        result = await execute(dict(prov2.connection_info), "print(survivor)")
+        assert result["stdout"] == "set before the crash\n", result
+        taken = await get_pod(kube_api, kube, pod_name)
+        assert taken["metadata"]["annotations"][m.ANNOTATION_OWNER_POD] == next_pod
+    finally:
+        await km2.shutdown_kernel(now=True)
 
 
 # ---------------------------------------------------------------------- verdicts and filters
@@ -383,11 +469,17 @@ async def test_sweep_verdicts_and_what_is_adoptable(
     """Pods as servers left them (a sleeping 'kernel' container and a real Secret each):
     only a running, persisted, claimed kernel of this kernelspec and installation whose
     server is gone (or that was detached) is adoptable; the sweep marks a dead server's
-    persisted kernel and removes its other orphans at once, warm ones included."""
+    persisted kernel and removes its other orphans at once, warm ones included. A server
+    pod (the chart's) that is gone counts as a dead server, whatever its process."""
     ns, name, release = kube.namespace, spec_name(), f"rel-{uuid.uuid4().hex[:6]}"
     dead, live, mark = str(dead_identity()), str(ServerIdentity.current()), detached_mark()
     tag = uuid.uuid4().hex[:6]
+    gone_pod = f"{ns}/server-gone-{tag}/{uuid.uuid4()}"
     cases: dict[str, dict[str, Any]] = {
+        "live": {"owner": live},  # this server's: kept, not adoptable
+        # a server process elsewhere (assumed alive) in a server pod that is gone / that runs
+        "pod-gone": {"owner": OTHER_HOST_PROCESS, "owner_pod": gone_pod},
+        "pod-live": {"owner": OTHER_HOST_PROCESS, "owner_pod": "(the live case's pod)"},
         "dead": {"owner": dead},  # persisted, its server died: marked, adoptable
         "detached": {"owner": mark},  # detached by its server: adoptable
         "plain-dead": {"owner": dead, "persist": False},  # removed at once
@@ -396,7 +488,6 @@ async def test_sweep_verdicts_and_what_is_adoptable(
         "other-release": {"owner": mark, "release": f"{release}-other"},
         "no-release": {"owner": mark, "release": ""},
         "other-spec": {"owner": mark, "kernelspec": f"{name}-other"},
-        "live": {"owner": live},  # this server's: kept, not adoptable
     }
     pods: dict[str, str] = {}
     kernel_ids: dict[str, str] = {}
@@ -405,6 +496,9 @@ async def test_sweep_verdicts_and_what_is_adoptable(
         forget(kernel_id)
         kernel_ids[case] = kernel_id
         fields = {"kernelspec": name, "release": release, **fields}
+        if case == "pod-live":  # a kernel pod stands in for a running server pod
+            uid = (await get_pod(kube_api, kube, pods["live"]))["metadata"]["uid"]
+            fields["owner_pod"] = f"{ns}/{pods['live']}/{uid}"
         pods[case] = await _fake_kernel(kube_api, kube, kernel_id, **fields)
     for pod in pods.values():
         await async_wait_for(
@@ -417,17 +511,19 @@ async def test_sweep_verdicts_and_what_is_adoptable(
     template = new_provisioner(template_km)
     ours = set(kernel_ids.values())
     found = {r["kernel_id"] for r in await template.adoptable_kernels()} & ours
-    assert found == {kernel_ids["dead"], kernel_ids["detached"]}
+    assert found == {kernel_ids["dead"], kernel_ids["detached"], kernel_ids["pod-gone"]}
 
     swept = set(await sweep_orphans(kube_api, ns, LOG))
     removed = {case for case, pod in pods.items() if pod in swept}
     assert removed == {"plain-dead", "warm-dead"}
     assert m.secret_name_for(pods["plain-dead"]) in swept
-    marked = owner_record(await get_pod(kube_api, kube, pods["dead"]))
-    assert detached_since(marked[1]) is not None and marked[0] == marked[1] == marked[2]
+    for case in ("dead", "pod-gone"):
+        marked = owner_record(await get_pod(kube_api, kube, pods[case]))
+        assert detached_since(marked[1]) is not None and marked[0] == marked[1] == marked[2]
     assert owner_record(await get_pod(kube_api, kube, pods["live"]))[1] == live
+    assert owner_record(await get_pod(kube_api, kube, pods["pod-live"]))[1] == OTHER_HOST_PROCESS
     found = {r["kernel_id"] for r in await template.adoptable_kernels()} & ours
-    assert found == {kernel_ids["dead"], kernel_ids["detached"]}
+    assert found == {kernel_ids["dead"], kernel_ids["detached"], kernel_ids["pod-gone"]}
 
 
 async def _fake_kernel(
@@ -438,6 +534,7 @@ async def _fake_kernel(
     kernelspec: str,
     release: str,
     owner: str,
+    owner_pod: str = "",
     persist: bool = True,
     pool: str = "",
 ) -> str:
@@ -455,6 +552,7 @@ async def _fake_kernel(
         kernel_id=kernel_id,
         secret_name=secret,
         owner=owner,
+        owner_pod=owner_pod,
         pool=pool,
         persist=persist,
         adoption_grace=900.0,
@@ -474,7 +572,7 @@ async def _fake_kernel(
         secret, kube.namespace, connection_file_content(info, ip="0.0.0.0"), labels
     )
     body["metadata"]["annotations"] = {
-        **m.kernel_annotations(kernel_id, owner),
+        **m.kernel_annotations(kernel_id, owner, owner_pod=owner_pod),
         **persist_annotations,
     }
     await api.request("POST", resource_path("secrets", kube.namespace), body=body)
