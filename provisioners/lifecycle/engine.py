@@ -71,8 +71,9 @@ class Engine:
         self.fallback_for = ""
         self.fallback_cause = ""
         #: Set by the lifecycle before it removes what a failed start created, so that the
-        #: start's error is reported at once: ``remove_kernel`` then need not wait for the
-        #: engine to finish (it may raise ``RemovalPending``). The hook clears it.
+        #: start's error is reported at once (and by a pool drained as its server stops):
+        #: ``remove_kernel`` then need not wait for the engine to finish (it may raise
+        #: ``RemovalPending``). The hook clears it.
         self.start_failed = False
         self.started = False
         self.start_clock = time.monotonic()

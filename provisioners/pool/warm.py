@@ -128,6 +128,8 @@ class WarmPool:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=60)
         kernels, self.ready = list(self.ready), collections.deque()
+        for warm in kernels:  # a server's stop: ask for each removal, do not await its end
+            warm.start_failed = True  # (a pod terminating: confirmed in the background)
         await asyncio.gather(*(self._remove(w) for w in kernels), return_exceptions=True)
 
     def provisioner(self, kernel_id: str) -> ClusterProvisioner:
