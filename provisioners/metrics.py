@@ -15,8 +15,9 @@ Who records what:
 - the pools: :func:`record_claim`, :func:`record_miss` (:mod:`provisioners.pool.claim`)
   and :func:`set_pool_source` (:mod:`provisioners.pool.pools`);
 - the Kubernetes API client: :func:`record_engine_error` for every failed request;
-- adoption of a kernel left by an earlier server: :func:`track_live` and
-  :func:`record_adoption`.
+- adoption of a kernel left by an earlier server: the lifecycle's calls count it as live
+  (``start_begun(adopting=True)``: not timed as a start); the adopter records its outcome
+  with :func:`record_adoption`. :func:`track_live` counts a kernel attached otherwise.
 
 Nothing here raises into its caller: a metric must never fail a kernel.
 """
