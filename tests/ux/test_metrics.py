@@ -45,6 +45,8 @@ from tests.jupyter_server import REPO, JupyterServer, http, ws_execute
 
 #: A kernel command that never listens: its start runs into launch_timeout.
 SILENT_ARGV = ["python3", "-c", "import time, sys; time.sleep(60)", "{connection_file}"]
+#: A Docker daemon address where none listens.
+DEAD_DAEMON = "unix:///nonexistent/docker.sock"
 DASHBOARD = REPO / "charts" / "cluster-provisioners" / "dashboards" / "cluster-provisioners.json"
 LOCAL_SPECS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "good": ({}, LOCAL_ARGV),
@@ -147,7 +149,7 @@ async def test_metrics_count_starts_failures_and_claims(server: JupyterServer) -
 
 
 @pytest.mark.docker
-def test_docker_starts_a_missing_image_and_a_timeout(
+def test_docker_starts_a_missing_image_a_timeout_and_a_daemon_down(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
     image = f"cluster-provisioners-test/missing-{uuid.uuid4().hex[:8]}:none"
@@ -156,6 +158,9 @@ def test_docker_starts_a_missing_image_and_a_timeout(
         "box": (config, CONTAINER_ARGV),
         "no-image": ({**config, "image": image}, CONTAINER_ARGV),
         "silent": ({**config, "launch_timeout": 2.0}, SILENT_ARGV),
+        # no daemon there: the start fails, or falls back to a local kernel
+        "down": ({**config, "docker_host": DEAD_DAEMON, "fallback": "none"}, LOCAL_ARGV),
+        "fallback": ({**config, "docker_host": DEAD_DAEMON, "fallback": "local"}, LOCAL_ARGV),
     }
     with JupyterServer(tmp_path) as server:
         for name, (spec_config, argv) in specs.items():
@@ -166,6 +171,10 @@ def test_docker_starts_a_missing_image_and_a_timeout(
         assert status == 500 and image in str(reply), reply
         status, reply = server.request("POST", "api/kernels", {"name": "silent"})
         assert status == 500 and "launch_timeout" in str(reply), reply
+        status, reply = server.request("POST", "api/kernels", {"name": "down"})
+        assert status == 503 and "unreachable" in str(reply), reply
+        status, local = server.request("POST", "api/kernels", {"name": "fallback"})
+        assert status == 201, local
         samples = scrape(server)
         assert server.request("DELETE", f"api/kernels/{kernel['id']}")[0] == 204
         after = scrape(server)
@@ -173,14 +182,18 @@ def test_docker_starts_a_missing_image_and_a_timeout(
         start_labels("docker", "box", "ok"): 1.0,
         start_labels("docker", "no-image", "image"): 1.0,
         start_labels("docker", "silent", "timeout"): 1.0,
+        start_labels("docker", "down", "engine_down"): 1.0,
+        start_labels("docker", "fallback", "ok"): 1.0,
     }
     assert 2.0 <= samples[(SUM, start_labels("docker", "silent", "timeout"))] < 15.0
-    # the daemon answered 404 for the image
+    # the daemon answered 404 for the image; the dead one twice not at all
     assert ours(samples, "cluster_provisioners_engine_errors_total") == {
-        labels(target="docker", kind="not_found"): 1.0
+        labels(target="docker", kind="not_found"): 1.0,
+        labels(target="docker", kind="unreachable"): 2.0,
     }
-    assert ours(samples, LIVE) == {labels(target="docker"): 1.0}
-    assert ours(after, LIVE) == {labels(target="docker"): 0.0}
+    # the fallback kernel runs locally
+    assert ours(samples, LIVE) == {labels(target="docker"): 1.0, labels(target="local"): 1.0}
+    assert ours(after, LIVE) == {labels(target="docker"): 0.0, labels(target="local"): 1.0}
 
 
 @pytest.mark.parametrize(
