@@ -194,9 +194,14 @@ def _start_ended(provisioner: ClusterProvisioner, error: BaseException | None) -
     )
 
 
-def start_refused(error: ProvisionerConfigError) -> None:
-    """A kernelspec's config was refused before its start began: a failed start that
-    took no time (``config``)."""
+def start_refused(error: ProvisionerConfigError, kwargs: dict[str, Any]) -> None:
+    """A kernelspec's config was refused as the provisioner was made (``kwargs``, its
+    factory's arguments): when a kernel manager was starting that kernel, a failed start
+    that took no time (``config``); not when a provisioner was made for another purpose
+    (an adoption's look for kernels, the command line)."""
+    kernel_id = kwargs.get("kernel_id")
+    if not kernel_id or getattr(kwargs.get("parent"), "kernel_id", None) != kernel_id:
+        return
     START_SECONDS.labels(
         error.target or "unknown", error.kernel_spec or "", "config", "cold"
     ).observe(0.0)

@@ -81,7 +81,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         try:
             spec_name = self._configure(dict(kwargs))
         except ProvisionerConfigError as exc:
-            metrics.start_refused(exc)
+            metrics.start_refused(exc, kwargs)
             # Raised inside the manager's start: the server must not keep the kernel.
             kernel_id = str(kwargs.get("kernel_id") or "")
             forget_failed_start(kwargs.get("parent"), kernel_id, logging.getLogger(__name__))

@@ -12,6 +12,10 @@ from typing import Any
 
 import docker
 import pytest
+from jupyter_client.manager import KernelManager
+from jupyter_client.multikernelmanager import AsyncMultiKernelManager
+from jupyter_client.provisioning import KernelProvisionerFactory
+from prometheus_client import REGISTRY
 from websockets.asyncio.client import connect
 
 from provisioners import metrics
@@ -230,3 +234,30 @@ def test_a_kubernetes_refusal_is_forbidden_and_an_unreachable_api_engine_down() 
                 raise KernelStartError("cannot create pod ns/p: refused") from exc
         except KernelStartError as error:
             assert metrics.failure_reason(error) == outcome, status
+
+
+def test_a_config_refused_outside_a_start_is_no_failed_start(tmp_path: Path) -> None:
+    """A provisioner made to look for kernels (an adoption round, every 15 s, or the
+    command line) is not a start: its refused config is no failed start; the same refusal
+    while a kernel manager starts the kernel is one."""
+    ksm = write_kernelspec(tmp_path / "kernels", "refused", LOCAL_PROVISIONER, {"no_key": 1})
+    spec = ksm.get_kernel_spec("refused")
+    key = (START, start_labels("local", "refused", "config"))
+
+    def count() -> float:
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in REGISTRY.collect()
+            for s in family.samples
+        }.get(key, 0.0)
+
+    before = count()
+    factory = KernelProvisionerFactory.instance()
+    for parent in (None, AsyncMultiKernelManager(kernel_spec_manager=ksm)):  # as adoption does
+        with pytest.raises(ProvisionerConfigError, match="no_key"):
+            factory.create_provisioner_instance("adopt-refused", spec, parent=parent)
+    assert count() == before
+    km = KernelManager(kernel_name="refused", kernel_spec_manager=ksm)
+    with pytest.raises(ProvisionerConfigError, match="no_key"):
+        km.start_kernel()
+    assert count() == before + 1
