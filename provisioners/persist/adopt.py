@@ -16,6 +16,7 @@ from typing import Any
 
 from jupyter_client.provisioning import KernelProvisionerFactory
 
+from .. import metrics
 from ..executor import EngineExecutor
 from ..lifecycle.base import ClusterProvisioner
 
@@ -95,10 +96,12 @@ async def adopt_kernels(mkm: Any) -> list[str]:
                 await mkm.start_kernel(kernel_id=kernel_id, kernel_name=spec_name)
             except Exception as exc:
                 log.warning("Kernel %s (%s): adoption failed: %s", kernel_id, spec_name, exc)
+                metrics.record_adoption(template.engine.target, "failed")
                 continue
             finally:
                 ClusterProvisioner.forget_adoption(kernel_id)
             adopted.append(kernel_id)
+            metrics.record_adoption(template.engine.target, "adopted")
             log.info(
                 "Kernel %s (%s): adopted in %.2f s",
                 kernel_id,

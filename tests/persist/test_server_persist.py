@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 
 from provisioners.docker import LABEL_KERNEL_ID
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
-from tests.jupyter_server import JupyterServer, ws_execute
+from tests.jupyter_server import JupyterServer, http, ws_execute
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(240)]
 
@@ -90,6 +90,10 @@ async def test_a_docker_kernel_and_its_session_survive_a_server_restart(
             assert [(s["id"], s["kernel"]["id"]) for s in sessions] == [(session_id, kernel_id)]
             out = await _run(second, kernel_id, "print(kept_value)")
             assert out["stdout"] == "A-42\n", out
+            status, body = http("GET", second.base + "metrics", second.token)
+            assert status == 200
+            adopted = 'cluster_provisioners_adoptions_total{outcome="adopted",target="docker"} 1.0'
+            assert adopted in body.decode(), body.decode()
             status, _ = second.request("DELETE", f"api/kernels/{kernel_id}")
             assert status == 204
             assert _containers(docker_client, kernel_id) == []
