@@ -45,7 +45,7 @@ from ..executor import EngineExecutor
 from ..lifecycle.engine import Engine
 from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.leftovers import RemovalPending
-from ..lifecycle.owner import ServerPod, detached_mark
+from ..lifecycle.owner import ServerPod, detached_mark, detached_since
 from ..secrets import kube_secret_ref
 from . import manifests as m
 from .client import (
@@ -862,7 +862,7 @@ class PodEngine(Engine):
             self.started = False
             return
         try:
-            await self._take_ownership(pod)
+            await self._take_ownership(pod, state.get("adopt_from"))
         except BaseException:
             self.pod_name = self.pod_uid = self.secret_name = ""
             await self._detach()  # not reattached: let go of the client (and the loop)
@@ -871,42 +871,78 @@ class PodEngine(Engine):
         self.started = kernel_exit_code(pod) is None
         self.log.info("Kernel %s: reattached to pod %s", self.kernel_id, self.pod_name)
 
-    async def _take_ownership(self, pod: dict[str, Any]) -> None:
+    async def _take_ownership(self, pod: dict[str, Any], adopt_from: str | None) -> None:
         """Make this server the owner of the reattached pod and its Secret (owner label and
         annotations, overwriting a detached mark), so that sweeps see a live owner.
 
-        Raises :class:`ProvisionerError` naming the pod when the API refuses."""
+        An adoption (``adopt_from``: the owner record the pod had when it was found
+        adoptable) takes the pod only from that owner or from a detached mark, and only
+        from the pod version it read (a patch with its resourceVersion): of two servers
+        adopting at once, one wins and the other is refused. Raises
+        :class:`ProvisionerError` naming the pod when the API refuses or another server
+        has taken it."""
         s = self.settings
         owner, owner_pod = str(s.owner), s.server_pod
-        annotations = pod["metadata"].get("annotations") or {}
-        if (
-            annotations.get(m.ANNOTATION_OWNER) == owner
-            and annotations.get(m.ANNOTATION_OWNER_POD, "") == owner_pod
-        ):
-            return  # ours already (a reconnect of this very server)
-        body = m.owner_patch(owner, owner_pod)
-        for kind, name in (("pods", self.pod_name), ("secrets", self.secret_name)):
-            try:
-                await self._patch(resource_path(kind, self.namespace, name), body)
-            except NotFound:
-                if kind == "pods":
-                    break  # gone meanwhile: the reflector says so at the next poll
-            except KubeApiError as exc:
-                forbidden = isinstance(exc, Forbidden)
-                what = "Forbidden (grant 'patch' on pods and secrets)" if forbidden else exc
+        path = resource_path("pods", self.namespace, self.pod_name)
+        previous = ""
+        for attempt in range(2):
+            annotations = pod["metadata"].get("annotations") or {}
+            previous = annotations.get(m.ANNOTATION_OWNER, "")
+            if previous == owner and annotations.get(m.ANNOTATION_OWNER_POD, "") == owner_pod:
+                return  # ours already (a reconnect of this very server)
+            taken = adopt_from is not None and previous not in (adopt_from, owner)
+            if taken and detached_since(previous) is None:
                 msg = (
-                    f"cannot take over kernel pod {self.namespace}/{self.pod_name}"
-                    f"{'' if kind == 'pods' else f' (its Secret {name})'}: {what}"
+                    f"kernel pod {self.namespace}/{self.pod_name} was taken over by "
+                    f"another server ({previous}) meanwhile"
                 )
-                raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
-        previous = annotations.get(m.ANNOTATION_OWNER, "?")
+                raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id)
+            body = m.owner_patch(owner, owner_pod)
+            body["metadata"]["resourceVersion"] = pod["metadata"].get("resourceVersion")
+            try:
+                await self._patch(path, body)
+                break
+            except NotFound:
+                return  # gone meanwhile: the reflector says so at the next poll
+            except Conflict as exc:  # changed since read (or our cache was behind): read again
+                fresh = await self._read_pod()
+                if fresh is None:
+                    return
+                if attempt:
+                    self._ownership_refused(exc)
+                pod = fresh
+            except KubeApiError as exc:
+                self._ownership_refused(exc)
+        try:
+            secret = resource_path("secrets", self.namespace, self.secret_name)
+            await self._patch(secret, m.owner_patch(owner, owner_pod))
+        except NotFound:
+            pass  # the kernel already has its connection file
+        except KubeApiError as exc:
+            self._ownership_refused(exc, f" (its Secret {self.secret_name})")
         self.log.info(
             "Kernel %s: pod %s/%s taken over (its owner was %s)",
             self.kernel_id,
             self.namespace,
             self.pod_name,
-            previous,
+            previous or "?",
         )
+
+    def _ownership_refused(self, exc: KubeApiError, what: str = "") -> NoReturn:
+        forbidden = isinstance(exc, Forbidden)
+        why = "Forbidden (grant 'patch' on pods and secrets)" if forbidden else exc
+        msg = f"cannot take over kernel pod {self.namespace}/{self.pod_name}{what}: {why}"
+        raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+
+    async def _read_pod(self) -> dict[str, Any] | None:
+        """The kernel's pod as the API has it now (a list by name: the Role grants no get)."""
+        assert self._client is not None
+        query = [("fieldSelector", f"metadata.name={self.pod_name}")]
+        found = await self._client.request(
+            "GET", resource_path("pods", self.namespace), query=query
+        )
+        items = found.get("items") or []
+        return dict(items[0]) if items else None
 
     # ------------------------------------------------------------------ hooks: persistence
 
@@ -989,11 +1025,11 @@ class PodEngine(Engine):
         selector = f"{m.KERNEL_SELECTOR},{m.LABEL_PERSIST}=true"
         if s.release:
             selector += f",{m.LABEL_RELEASE}={m.sanitize_label_value(s.release)}"
-        path = resource_path("pods", self.namespace)
-        pods = await self._client.request("GET", path, query=[("labelSelector", selector)])
+        query = [("labelSelector", selector)]
+        pods = await self._client.request("GET", resource_path("pods", self.namespace), query=query)
         me = ServerPod.parse(s.server_pod)
         checked: dict[str, bool] = {}
-        found = []
+        chosen = []
         for pod in pods.get("items") or []:
             meta = pod.get("metadata") or {}
             labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
@@ -1005,35 +1041,50 @@ class PodEngine(Engine):
                 continue
             status, _, _ = await owner_status(self._client, meta, me, checked, self.log)
             if status != "live":
-                record = await self._adoption_record(pod)
-                if record is not None:
-                    found.append(record)
+                chosen.append(pod)
+        if not chosen:
+            return []
+        # one list for all their Secrets (the Role grants list, and get only by name)
+        path = resource_path("secrets", self.namespace)
+        secrets = await self._client.request("GET", path, query=query)
+        by_name = {x["metadata"]["name"]: x for x in secrets.get("items") or []}
+        found = []
+        for pod in chosen:
+            record = self._adoption_record(
+                pod, by_name.get(m.secret_name_for(pod["metadata"]["name"]))
+            )
+            if record is not None:
+                found.append(record)
         return found
 
-    async def _adoption_record(self, pod: dict[str, Any]) -> dict[str, Any] | None:
+    def _adoption_record(
+        self, pod: dict[str, Any], secret: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
         """The saved state of the kernel in ``pod`` (its connection file from its Secret),
         or None, logged without the file's content, when the Secret cannot be read."""
-        assert self._client is not None
         meta = pod["metadata"]
         name = meta["name"]
-        kernel_id = (meta.get("annotations") or {}).get(m.ANNOTATION_KERNEL_ID, "")
-        secret = m.secret_name_for(name)
-        try:
-            data = await self._client.request(
-                "GET", resource_path("secrets", self.namespace, secret)
-            )
-            raw = base64.b64decode((data.get("data") or {})[m.CONNECTION_KEY])
-            kernel_info = json.loads(raw)
-            ports = [int(kernel_info[n]) for n in PORT_NAMES]
-        except (KubeApiError, KeyError, TypeError, ValueError) as exc:
-            what = f"{type(exc).__name__}" if not isinstance(exc, KubeApiError) else str(exc)
+        annotations = meta.get("annotations") or {}
+        kernel_id = annotations.get(m.ANNOTATION_KERNEL_ID, "")
+        secret_name = m.secret_name_for(name)
+        problem = "no such Secret"
+        kernel_info: Any = None
+        if secret is not None:
+            try:
+                raw = base64.b64decode((secret.get("data") or {})[m.CONNECTION_KEY])
+                kernel_info = json.loads(raw)
+                ports = [int(kernel_info[n]) for n in PORT_NAMES]
+                problem = ""
+            except (LookupError, TypeError, ValueError) as exc:  # never its content
+                problem = f"no valid {m.CONNECTION_KEY} ({type(exc).__name__})"
+        if problem:
             self.log.warning(
-                "Kernel %s: pod %s/%s not adoptable: its Secret %s cannot be read (%s)",
+                "Kernel %s: pod %s/%s not adoptable: its Secret %s: %s",
                 kernel_id,
                 self.namespace,
                 name,
-                secret,
-                what,
+                secret_name,
+                problem,
             )
             return None
         if not kernel_id or not isinstance(kernel_info, dict):
@@ -1042,9 +1093,11 @@ class PodEngine(Engine):
             "namespace": self.namespace,
             "pod": name,
             "uid": meta.get("uid", ""),
-            "secret": secret,
+            "secret": secret_name,
             "pod_ip": (pod.get("status") or {}).get("podIP", ""),
             "mode": self._mode,
+            # what load_kernel_state takes the pod over from (refused if another took it)
+            "adopt_from": annotations.get(m.ANNOTATION_OWNER, ""),
         }
         return {
             "kernel_id": kernel_id,

@@ -29,6 +29,7 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 
 from provisioners.connection.files import PORT_NAMES, connection_file_content
 from provisioners.connection.ports import ClusterPortCache
+from provisioners.exceptions import ProvisionerError
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeApiError, KubeClient, NotFound, resource_path
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
@@ -215,7 +216,14 @@ async def test_detach_then_adopt_from_a_fresh_provisioner(
         KUBERNETES_PROVISIONER, persist_config(kube), name=name, **kube.spec()
     )
     template = new_provisioner(template_km)
-    records = [r for r in await template.adoptable_kernels() if r["kernel_id"] == km.kernel_id]
+    # the chart's Role grants no 'get' on Secrets (only list): the double can check that
+    denial = kube.forbid("get", "secrets") if kube.forbid is not None else None
+    try:
+        records = await template.adoptable_kernels()
+    finally:
+        if denial is not None:
+            denial.lift()
+    records = [r for r in records if r["kernel_id"] == km.kernel_id]
     assert len(records) == 1, records
     record = records[0]
     assert record["state"]["pod"] == pod_name
@@ -524,6 +532,40 @@ async def test_sweep_verdicts_and_what_is_adoptable(
     assert owner_record(await get_pod(kube_api, kube, pods["pod-live"]))[1] == OTHER_HOST_PROCESS
     found = {r["kernel_id"] for r in await template.adoptable_kernels()} & ours
     assert found == {kernel_ids["dead"], kernel_ids["detached"], kernel_ids["pod-gone"]}
+
+
+async def test_an_adoption_is_refused_once_another_server_took_the_kernel(
+    kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM, forget: Callable[[str], None]
+) -> None:
+    """Two servers found the same detached kernel; the other one took it over first."""
+    name, kernel_id = spec_name(), f"taken-{uuid.uuid4().hex[:6]}"
+    forget(kernel_id)
+    pod_name = await _fake_kernel(
+        kube_api, kube, kernel_id, kernelspec=name, release="", owner=detached_mark()
+    )
+    ns = kube.namespace
+    await async_wait_for(lambda: _container_runs(kube_api, ns, pod_name), 120, interval=0.5)
+    template_km = kernel_manager(
+        KUBERNETES_PROVISIONER, persist_config(kube), name=name, **kube.spec()
+    )
+    template = new_provisioner(template_km)
+    (record,) = [r for r in await template.adoptable_kernels() if r["kernel_id"] == kernel_id]
+    # the other server's pod runs (the kernel's own pod stands in for it)
+    uid = (await get_pod(kube_api, kube, pod_name))["metadata"]["uid"]
+    taken = m.owner_patch(OTHER_HOST_PROCESS, f"{ns}/{pod_name}/{uid}")
+    await kube_api.request(
+        "PATCH",
+        resource_path("pods", ns, pod_name),
+        body=taken,
+        content_type="application/merge-patch+json",
+    )
+    late = KernelProvisionerFactory.instance().create_provisioner_instance(
+        kernel_id, template_km.kernel_spec, parent=None
+    )
+    with pytest.raises(ProvisionerError, match="taken over by another server"):
+        await late.load_provisioner_info(record)
+    assert owner_record(await get_pod(kube_api, kube, pod_name))[1] == OTHER_HOST_PROCESS
+    assert kernel_id not in [r["kernel_id"] for r in await template.adoptable_kernels()]
 
 
 async def _fake_kernel(
