@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ from ..lifecycle.owner import (
 )
 from ..settings import SharedSettings
 from . import manifests as m
-from .client import KubeApiError, KubeClient, NotFound, resource_path
+from .client import Conflict, KubeApiError, KubeClient, NotFound, resource_path
 
 MERGE_PATCH = "application/merge-patch+json"
 #: The adoption grace of a kernel that recorded none, when the sweep has no settings.
@@ -71,7 +72,11 @@ async def sweep_orphans(
         verdict, why = await kernel_verdict(client, meta, me, checked, log, default_grace)
         name = meta["name"]
         if verdict == "mark":
-            await _mark_detached(client, namespace, name, log, why)
+
+            async def judge(meta: dict[str, Any]) -> tuple[str, str]:
+                return await kernel_verdict(client, meta, me, checked, log, default_grace)
+
+            await mark_detached(client, namespace, pod, judge, log)
         if verdict != "remove":
             kept_uids.add(meta.get("uid", ""))
             continue
@@ -155,33 +160,53 @@ async def owner_status(
     return "live", process, ""
 
 
-async def _mark_detached(
+async def mark_detached(
     client: KubeClient,
     namespace: str,
-    name: str,
+    pod: dict[str, Any],
+    judge: Callable[[dict[str, Any]], Awaitable[tuple[str, str]]],
     log: logging.Logger | logging.LoggerAdapter[Any],
-    why: str,
 ) -> None:
-    """Write a detached mark as the owner record of pod ``name`` and its Secret: the
-    kernel is adoptable from now on, and its adoption grace starts."""
+    """Write a detached mark as the owner record of ``pod`` and its Secret: the kernel is
+    adoptable from now on, and its adoption grace starts.
+
+    The pod's patch holds the resourceVersion the verdict was made on: a server that
+    adopted the kernel meanwhile is never overwritten. On a conflict the pod is read again
+    and judged (``judge``) once more."""
     mark = detached_mark()
-    for kind, item, drop in (
-        ("pods", name, True),
-        ("secrets", m.secret_name_for(name), False),
-    ):
-        body = m.owner_patch(mark, mark, drop_owner_references=drop)
-        try:
-            await client.request(
-                "PATCH",
-                resource_path(kind, namespace, item),
-                body=body,
-                content_type=MERGE_PATCH,
-            )
-        except NotFound:
-            continue
-        except KubeApiError as exc:
-            log.warning("Cannot mark kernel %s %s/%s detached: %s", kind[:-1], namespace, item, exc)
+    name = pod["metadata"]["name"]
+    path = resource_path("pods", namespace, name)
+    why = ""
+    for attempt in range(2):
+        verdict, why = await judge(pod["metadata"])
+        if verdict != "mark":
             return
+        body = m.owner_patch(mark, mark, drop_owner_references=True)
+        body["metadata"]["resourceVersion"] = pod["metadata"].get("resourceVersion")
+        try:
+            await client.request("PATCH", path, body=body, content_type=MERGE_PATCH)
+            break
+        except NotFound:
+            return
+        except Conflict:
+            query = [("fieldSelector", f"metadata.name={name}")]
+            found = await client.request("GET", resource_path("pods", namespace), query=query)
+            items = found.get("items") or []
+            if attempt or not items:
+                return  # changed again: the next sweep judges it
+            pod = items[0]
+        except KubeApiError as exc:
+            log.warning("Cannot mark kernel pod %s/%s detached: %s", namespace, name, exc)
+            return
+    secret = resource_path("secrets", namespace, m.secret_name_for(name))
+    try:
+        await client.request(
+            "PATCH", secret, body=m.owner_patch(mark, mark), content_type=MERGE_PATCH
+        )
+    except NotFound:
+        pass
+    except KubeApiError as exc:
+        log.warning("Cannot mark kernel secret %s detached: %s", secret, exc)
     log.warning(
         "Kernel pod %s/%s persists (%s): marked detached, adoptable for its grace",
         namespace,

@@ -33,7 +33,7 @@ from provisioners.exceptions import ProvisionerError
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeApiError, KubeClient, NotFound, resource_path
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
-from provisioners.k8s.sweep import sweep_orphans
+from provisioners.k8s.sweep import kernel_verdict, mark_detached, sweep_orphans
 from provisioners.lifecycle.owner import ServerIdentity, detached_mark, detached_since
 from provisioners.persist import adopt_kernels
 from tests.helpers import KUBERNETES_PROVISIONER, Kube, async_wait_for, execute
@@ -566,6 +566,43 @@ async def test_an_adoption_is_refused_once_another_server_took_the_kernel(
         await late.load_provisioner_info(record)
     assert owner_record(await get_pod(kube_api, kube, pod_name))[1] == OTHER_HOST_PROCESS
     assert kernel_id not in [r["kernel_id"] for r in await template.adoptable_kernels()]
+
+
+async def test_a_sweep_never_marks_a_kernel_adopted_since_it_judged_it(
+    kube: Kube, kube_api: KubeClient, forget: Callable[[str], None]
+) -> None:
+    """The sweep judged a dead server's persisted kernel 'mark'; before its patch, a server
+    adopted the kernel: the mark (preconditioned on the judged version) is not written."""
+    ns, kernel_id = kube.namespace, f"raced-{uuid.uuid4().hex[:6]}"
+    forget(kernel_id)
+    name = spec_name()
+    pod_name = await _fake_kernel(
+        kube_api, kube, kernel_id, kernelspec=name, release="", owner=str(dead_identity())
+    )
+    judged = await get_pod(kube_api, kube, pod_name)  # what the sweep read
+    me = str(ServerIdentity.current())
+    await kube_api.request(
+        "PATCH",
+        resource_path("pods", ns, pod_name),
+        body=m.owner_patch(me),
+        content_type="application/merge-patch+json",
+    )
+
+    async def judge(meta: dict[str, Any]) -> tuple[str, str]:
+        return await kernel_verdict(kube_api, meta, None, {}, LOG)
+
+    assert (await judge(judged["metadata"]))[0] == "mark"
+    await mark_detached(kube_api, ns, judged, judge, LOG)
+    assert owner_record(await get_pod(kube_api, kube, pod_name))[1] == me
+    # judged on the current version, it is marked
+    await kube_api.request(
+        "PATCH",
+        resource_path("pods", ns, pod_name),
+        body=m.owner_patch(str(dead_identity())),
+        content_type="application/merge-patch+json",
+    )
+    await mark_detached(kube_api, ns, await get_pod(kube_api, kube, pod_name), judge, LOG)
+    assert detached_since(owner_record(await get_pod(kube_api, kube, pod_name))[1])
 
 
 async def _fake_kernel(
