@@ -841,8 +841,12 @@ class PodEngine(Engine):
 
     @on_engine_loop
     async def load_kernel_state(self, state: dict[str, Any]) -> None:
-        """Reattach to the saved pod; raises as :meth:`check_engine` does (the client is
-        then let go). A pod gone (or replaced) leaves the engine without a kernel."""
+        """Reattach to the saved pod and take it over (this server becomes its owner,
+        overwriting a detached mark: :meth:`_take_ownership`); the port-forward or relay
+        reopens when the lifecycle asks for the kernel's address. Raises as
+        :meth:`check_engine` does, or :class:`ProvisionerError` when the take-over is
+        refused (the client is then let go). A pod gone (or replaced) leaves the engine
+        without a kernel."""
         if not state.get("pod"):
             return
         self._detached = False
