@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 import docker
 import requests
 from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
+from docker.transport import UnixHTTPAdapter
 
 from ..connection.files import PORT_NAMES
 from ..connection.ports import PortSource
@@ -111,7 +112,38 @@ def connect_docker(
         msg = f"Docker daemon at {where} is unreachable: {exc}"
         raise EngineUnavailableError(msg, target="docker") from exc
     client.api.timeout = timeout
+    _one_pool_per_socket(client)
     return client
+
+
+#: The mount point docker-py routes unix-socket requests through.
+_UNIX_PREFIX = "http+docker://"
+
+
+class _OnePoolUnixAdapter(UnixHTTPAdapter):  # type: ignore[misc]
+    """docker-py's unix-socket adapter with one connection pool for every URL.
+
+    docker-py keeps a pool per request URL (each container's inspect, kill, archive…),
+    each holding its idle connection open: a client talking to many containers kept a
+    socket to dockerd for each. One pool keeps at most as many as calls ran at once.
+    """
+
+    def get_connection(self, url: str, proxies: Any = None) -> Any:
+        return super().get_connection(_UNIX_PREFIX, proxies)
+
+
+def _one_pool_per_socket(client: docker.DockerClient) -> None:
+    """Give a unix-socket client :class:`_OnePoolUnixAdapter` (other transports already
+    pool per host)."""
+    api = client.api
+    old = api.adapters.get(_UNIX_PREFIX)
+    if not isinstance(old, UnixHTTPAdapter) or isinstance(old, _OnePoolUnixAdapter):
+        return
+    adapter = _OnePoolUnixAdapter(
+        f"http+unix://{old.socket_path}", old.timeout, max_pool_size=old.max_pool_size
+    )
+    api.mount(_UNIX_PREFIX, adapter)
+    old.close()
 
 
 def is_local_daemon(docker_host: str) -> bool:

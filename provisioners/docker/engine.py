@@ -53,7 +53,6 @@ from .daemon import (
     UNSAFE_NAME,
     DockerPortSource,
     adoptable_containers,
-    connect_docker,
     connection_archive,
     container_kernel_dir,
     create_args,
@@ -71,6 +70,7 @@ from .daemon import (
     write_owner,
 )
 from .pull import PullProgress, stream_pull
+from .shared import SharedDaemon
 
 if TYPE_CHECKING:
     from .provisioner import DockerClusterProvisioner
@@ -89,8 +89,9 @@ _IP_GRACE = 10.0
 class DockerEngine(Engine):
     """One kernel in a Docker container; its settings are a ``DockerClusterProvisioner``'s.
 
-    Holds the container (id, name, IP), the docker-py client of its daemon and, in
-    container-IP mode, the relay that clients reach it through.
+    Holds the container (id, name, IP), the docker-py client of its daemon (shared by
+    every kernel of this process on that daemon: :mod:`.shared`) and, in container-IP
+    mode, the relay that clients reach it through.
     """
 
     target: ClassVar[str] = "docker"
@@ -102,8 +103,11 @@ class DockerEngine(Engine):
         self.container_id = ""
         self.container_name = ""
         self.container_ip = ""
-        #: The docker-py client of the kernel's daemon (None until the first call).
+        #: The docker-py client of the kernel's daemon (None until the first call), the
+        #: client of :attr:`shared_daemon`.
         self.client: docker.DockerClient | None = None
+        #: The daemon's shared client and event cache this engine holds a reference to.
+        self.shared_daemon: SharedDaemon | None = None
         #: Container-IP mode: the local listeners clients reach the kernel through.
         self.relay: KernelRelay | None = None
         #: The daemon a reattached kernel runs on, from its saved state (None: settings').
@@ -128,13 +132,17 @@ class DockerEngine(Engine):
 
     async def _docker(self) -> docker.DockerClient:
         if self.client is None:
-            self.client = await self.executor.run(
-                connect_docker,
+            shared = await self.executor.run(
+                SharedDaemon.acquire,
                 self.docker_host,
                 timeout=self.settings.api_timeout,
                 connect_timeout=self.settings.connect_timeout,
                 ssh=self.daemon_ssh_settings(),
             )
+            if self.client is not None:  # another call of this engine acquired it first
+                shared.release()
+            else:
+                self.shared_daemon, self.client = shared, shared.client
         return self.client
 
     def daemon_ssh_settings(self) -> SSHSettings | None:
@@ -147,9 +155,12 @@ class DockerEngine(Engine):
         return self.settings.ssh_settings(server)
 
     def _close_client(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        """Let go of the daemon's shared client (closed by its last user)."""
+        shared, self.shared_daemon, self.client = self.shared_daemon, None, None
+        if shared is not None:
+            if self.container_id:
+                shared.forget(self.container_id)
+            shared.release()
 
     def _host_key(self, client: docker.DockerClient) -> str:
         """'localhost' for a daemon of this machine, else 'docker:<daemon id>'."""
@@ -170,6 +181,8 @@ class DockerEngine(Engine):
             await self.executor.run(ping, client, self.settings.connect_timeout)
             self._daemon_key = await self.executor.run(self._host_key, client)
         except ENGINE_ERRORS as exc:
+            if self.shared_daemon is not None:
+                self.shared_daemon.invalidate()  # the next start connects anew
             self._close_client()
             msg = f"Docker daemon {self.docker_host or '(local)'} is unreachable: {exc}"
             raise EngineUnavailableError(msg, target=self.target) from exc
@@ -180,7 +193,7 @@ class DockerEngine(Engine):
         try:
             self._close_client()
         except Exception as exc:  # a client that fails to close is dropped anyway
-            self.client = None
+            self.client = self.shared_daemon = None
             self.log.debug("Kernel %s: closing the Docker client: %s", self.kernel_id, exc)
 
     async def preflight(self) -> list[str]:
@@ -513,7 +526,11 @@ class DockerEngine(Engine):
         Raises the daemon's errors."""
         client = await self._docker()
         grace, spec_name = self.settings.adoption_grace, self.settings.spec_name
-        removed = await self.executor.run(sweep_orphans, client, self.log, grace, spec_name)
+        try:
+            removed = await self.executor.run(sweep_orphans, client, self.log, grace, spec_name)
+        finally:
+            if not self.container_id:  # a template: let go of the shared client
+                self._close_client()
         return [f"container {container_id[:12]}" for container_id in removed]
 
     async def adoptable_kernels(self) -> list[dict[str, Any]]:
@@ -569,12 +586,18 @@ class DockerEngine(Engine):
     async def list_kernels(self) -> list[dict[str, Any]]:
         """Our kernel containers on this daemon."""
         client = await self._docker()
-        found = await self.executor.run(
-            client.api.containers,
-            all=True,
-            filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"},
-        )
-        owners = await self.executor.run(lambda: [current_owner(client, item) for item in found])
+        try:
+            found = await self.executor.run(
+                client.api.containers,
+                all=True,
+                filters={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"},
+            )
+            owners = await self.executor.run(
+                lambda: [current_owner(client, item) for item in found]
+            )
+        finally:
+            if not self.container_id:  # a template: let go of the shared client
+                self._close_client()
         rows = []
         for item, owner in zip(found, owners, strict=True):
             labels = item.get("Labels") or {}
@@ -627,19 +650,30 @@ class DockerEngine(Engine):
 
     async def poll_kernel(self) -> int | None:
         """None while the container is created, running, paused or restarting; its exit
-        code once stopped, -1 once gone; None when the daemon cannot be asked."""
+        code once stopped, -1 once gone; None when the daemon cannot be asked.
+
+        Answered from the daemon's event stream (:mod:`.shared`) while it vouches for the
+        container; otherwise (stream down, first poll since it came up) by an inspect."""
         if not self.container_id or self.client is None:
             return 0
-        try:
-            state = await self._state(self.client)
-        except docker.errors.NotFound:
-            return -1
-        except ENGINE_ERRORS as exc:
-            self.log.debug("Kernel %s: polling the container failed: %s", self.kernel_id, exc)
-            return None
-        if state.get("Status") in ("created", "running", "paused", "restarting"):
-            return None
-        return int(state.get("ExitCode") or 0)
+        container_id, shared = self.container_id, self.shared_daemon
+        known = shared.cached_state(container_id) if shared is not None else None
+        if known is None:
+            token = shared.begin_check(container_id) if shared is not None else None
+            try:
+                state = await self._state(self.client)
+            except docker.errors.NotFound:
+                known = (False, -1)
+            except ENGINE_ERRORS as exc:
+                self.log.debug("Kernel %s: polling the container failed: %s", self.kernel_id, exc)
+                return None
+            else:
+                running = state.get("Status") in ("created", "running", "paused", "restarting")
+                known = (running, int(state.get("ExitCode") or 0))
+            if shared is not None:
+                shared.end_check(container_id, token, *known)
+        running, code = known
+        return None if running else code
 
     async def signal_kernel(self, signum: int) -> None:
         """Send ``signum`` to the container's PID 1 (the kernel); a container already gone
@@ -681,6 +715,8 @@ class DockerEngine(Engine):
         try:
             if self.container_id:  # raises, keeping the id, when the daemon cannot remove it
                 await self._remove_container(await self._docker())
+                if self.shared_daemon is not None:
+                    self.shared_daemon.forget(self.container_id)
         finally:
             if not restart:
                 self._close_client()
