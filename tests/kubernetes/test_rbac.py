@@ -58,13 +58,17 @@ def find_helm() -> str:
     raise AssertionError("unreachable")
 
 
-def rendered_roles(release_ns: str, kernel_ns: str, port_forward: bool, pool: bool) -> Grants:
-    """(verb, resource) pairs each rendered Role grants, by namespace."""
+def rendered_roles(
+    release_ns: str, kernel_ns: str, port_forward: bool, pool: bool, persist: bool = True
+) -> Grants:
+    """(verb, resource) pairs each rendered Role grants, by namespace (``persist``: the
+    chart's kernels.persist, on by default, which needs the pool's patch verbs too)."""
     proc = subprocess.run(
         [find_helm(), "template", RELEASE, str(CHART), "--namespace", release_ns,
          "--set", f"kernels.namespace={kernel_ns}",
          "--set", f"kernels.portForward={str(port_forward).lower()}",
-         "--set", f"kernels.pools.sizes.python3={int(pool)}"],
+         "--set", f"kernels.pools.sizes.python3={int(pool)}",
+         "--set", f"kernels.persist={str(persist).lower()}"],
         capture_output=True, text=True, timeout=120, check=False,
         env={**os.environ, "KUBECONFIG": "/nonexistent"},
     )  # fmt: skip
@@ -198,7 +202,8 @@ async def test_chart_roles_grant_exactly_the_calls_the_provisioner_makes(
                     f"{sorted(seen[ns] - granted)}"
                 )
             assert seen[kernel_ns] >= POOL_GRANTS
-            for ns, granted in rendered_roles(kube.namespace, kernel_ns, forward, False).items():
+            alone = rendered_roles(kube.namespace, kernel_ns, forward, pool=False, persist=False)
+            for ns, granted in alone.items():
                 assert granted == seen[ns] - POOL_GRANTS, (mode, ns, "without a pool")
     finally:
         await kube_api.request(
