@@ -10,7 +10,9 @@ its own, filtered to our containers' ``start``, ``die``, ``destroy`` and ``oom``
 container is vouched for only once the stream was up before it was inspected (or since
 one of its events came), and only while that same stream stays up: after a break every
 container is inspected once more (:meth:`begin_check`, :meth:`end_check`), and while the
-stream is down every poll inspects, as without it.
+stream is down every poll inspects, as without it. Each container is inspected again
+every ``RECHECK`` seconds all the same: a stream to a remote daemon can die silently (a
+NAT or firewall dropping an idle connection), and would then miss a death for ever.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ WATCHED_EVENTS = ("start", "die", "destroy", "oom")
 _REPLAY = 5
 #: Seconds between attempts to reopen a broken stream (doubling up to the last).
 _RETRY = (0.5, 5.0)
+#: Seconds a container's state is answered from the stream before it is inspected again.
+RECHECK = 60.0
 
 
 @dataclass
@@ -47,6 +51,7 @@ class _Known:
     running: bool = True
     code: int = 0  # exit code once stopped; -1 once gone
     events: int = 0  # events seen for it
+    checked: float = 0.0  # time.monotonic() of its last inspect or event
 
 
 class SharedDaemon:
@@ -164,6 +169,8 @@ class SharedDaemon:
             known = self._known.get(container_id)
             if not self._up or known is None or known.generation != self._generation:
                 return None
+            if time.monotonic() - known.checked > RECHECK:
+                return None
             return known.running, known.code
 
     def begin_check(self, container_id: str) -> tuple[int, int] | None:
@@ -186,6 +193,7 @@ class SharedDaemon:
                 return
             if known.events == token[1]:
                 known.running, known.code, known.generation = running, code, token[0]
+                known.checked = time.monotonic()
 
     def forget(self, container_id: str) -> None:
         """Stop watching a container (removed, or no longer this kernel's)."""
@@ -258,4 +266,4 @@ class SharedDaemon:
             else:
                 return
             known.events += 1
-            known.generation = self._generation
+            known.generation, known.checked = self._generation, time.monotonic()
