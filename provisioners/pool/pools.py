@@ -147,8 +147,10 @@ class KernelPools(SingletonConfigurable):
 
     # ------------------------------------------------------------------ drain
 
-    async def drain(self, spec_name: str | None = None) -> None:
-        """Remove the warm kernels of ``spec_name`` (every pool when None); no refill."""
+    async def drain(self, spec_name: str | None = None, *, confirm: bool = True) -> None:
+        """Remove the warm kernels of ``spec_name`` (every pool when None); no refill.
+        Without ``confirm`` (a server's stop, the interpreter's exit) removals are asked
+        for and not awaited to their end (see :meth:`WarmPool.drain`)."""
         with self._lock:
             chosen = [
                 p for p in self._pools.values() if spec_name is None or p.spec_name == spec_name
@@ -164,7 +166,7 @@ class KernelPools(SingletonConfigurable):
             pool.closed = True
         try:
             if chosen:
-                await loop.run(_drain_all(chosen))
+                await loop.run(_drain_all(chosen, confirm))
         finally:
             if self._loop is None:
                 loop.release(self)
@@ -174,7 +176,7 @@ class KernelPools(SingletonConfigurable):
         if not self.pools():
             return
         try:
-            asyncio.run(asyncio.wait_for(self.drain(), self.drain_timeout))
+            asyncio.run(asyncio.wait_for(self.drain(confirm=False), self.drain_timeout))
         except Exception as exc:
             self.log.warning("Draining the kernel pools at exit failed: %s", exc)
 
@@ -187,8 +189,8 @@ def _pool_counts() -> list[tuple[str, int, int, int]]:
 metrics.set_pool_source(_pool_counts)
 
 
-async def _drain_all(pools: list[WarmPool]) -> None:
-    await asyncio.gather(*(p.drain() for p in pools), return_exceptions=True)
+async def _drain_all(pools: list[WarmPool], confirm: bool) -> None:
+    await asyncio.gather(*(p.drain(confirm=confirm) for p in pools), return_exceptions=True)
 
 
 _exit_registered = False

@@ -46,4 +46,4 @@ class PoolExtension(ExtensionApp):
 
     async def stop_extension(self) -> None:
         if KernelPools.initialized():
-            await KernelPools.instance().drain()
+            await KernelPools.instance().drain(confirm=False)  # inside the stop's grace

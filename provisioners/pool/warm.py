@@ -120,16 +120,19 @@ class WarmPool:
         else:
             self.ready.appendleft(warm)
 
-    async def drain(self) -> None:
-        """Stop refilling; remove every warm kernel (and those still starting)."""
+    async def drain(self, *, confirm: bool = True) -> None:
+        """Stop refilling; remove every warm kernel (and those still starting). Without
+        ``confirm`` (a server's stop) each removal is asked for, not awaited to its end:
+        what is still terminating is confirmed in the background while the process lives,
+        and swept by the next server after."""
         self.closed = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=60)
         kernels, self.ready = list(self.ready), collections.deque()
-        for warm in kernels:  # a server's stop: ask for each removal, do not await its end
-            warm.start_failed = True  # (a pod terminating: confirmed in the background)
+        for warm in kernels if not confirm else ():
+            warm.start_failed = True  # remove_kernel may then leave the confirmation pending
         await asyncio.gather(*(self._remove(w) for w in kernels), return_exceptions=True)
 
     def provisioner(self, kernel_id: str) -> ClusterProvisioner:
