@@ -10,9 +10,9 @@ its own, filtered to our containers' ``start``, ``die``, ``destroy`` and ``oom``
 container is vouched for only once the stream was up before it was inspected (or since
 one of its events came), and only while that same stream stays up: after a break every
 container is inspected once more (:meth:`begin_check`, :meth:`end_check`), and while the
-stream is down every poll inspects, as without it. Each container is inspected again
-every ``RECHECK`` seconds all the same: a stream to a remote daemon can die silently (a
-NAT or firewall dropping an idle connection), and would then miss a death for ever.
+stream is down every poll inspects, as without it. On a remote daemon each container is
+inspected again every ``RECHECK`` seconds all the same: a stream to it can die silently
+(a NAT or firewall dropping an idle connection), and would then miss a death for ever.
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ from typing import Any
 import docker
 
 from ..connection.sshconnect import SSHSettings
-from .daemon import ENGINE_ERRORS, LABEL_KERNEL_ID, LABEL_MANAGED_BY, MANAGED_BY, connect_docker
+from .daemon import (
+    ENGINE_ERRORS,
+    LABEL_KERNEL_ID,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    connect_docker,
+    is_local_daemon,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,8 @@ WATCHED_EVENTS = ("start", "die", "destroy", "oom")
 _REPLAY = 5
 #: Seconds between attempts to reopen a broken stream (doubling up to the last).
 _RETRY = (0.5, 5.0)
-#: Seconds a container's state is answered from the stream before it is inspected again.
+#: Seconds a remote daemon's container's state is answered from the stream before it is
+#: inspected again (a local daemon's stream cannot die silently).
 RECHECK = 60.0
 
 
@@ -75,6 +83,7 @@ class SharedDaemon:
         self._up = False
         self._stream: Any = None
         self._stop = threading.Event()
+        self._recheck = float("inf") if is_local_daemon(key[0]) else RECHECK
         self._watcher: threading.Thread | None = None
         if events:
             self._watcher = threading.Thread(target=self._watch, name="docker-events", daemon=True)
@@ -169,7 +178,7 @@ class SharedDaemon:
             known = self._known.get(container_id)
             if not self._up or known is None or known.generation != self._generation:
                 return None
-            if time.monotonic() - known.checked > RECHECK:
+            if time.monotonic() - known.checked > self._recheck:
                 return None
             return known.running, known.code
 
@@ -221,11 +230,14 @@ class SharedDaemon:
                 delay = min(delay * 2, _RETRY[1])
                 continue
             with self._lock:
-                if self._stop.is_set():
-                    self._stream = None
-                else:
+                stopped = self._stop.is_set()
+                if not stopped:
                     self._stream, self._up = stream, True
                     self._generation += 1
+            if stopped:  # released while it connected: nobody else closes this one
+                with contextlib.suppress(Exception):
+                    stream.close()
+                return
             delay = _RETRY[0]
             try:
                 for event in stream:
