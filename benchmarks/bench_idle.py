@@ -18,6 +18,7 @@ import gc
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -88,6 +89,7 @@ async def measure(kernel_name: str, count: int, seconds: float, ksm: object) -> 
     mkm = AsyncMultiKernelManager(
         kernel_spec_manager=ksm,
         kernel_manager_class="jupyter_client.ioloop.AsyncIOLoopKernelManager",
+        connection_dir=tempfile.mkdtemp(prefix="cp-bench-idle-"),  # not the cwd
     )
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     extra = quiet if kernel_name.endswith("local") else {}
