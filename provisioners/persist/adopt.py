@@ -21,6 +21,8 @@ from ..executor import EngineExecutor
 from ..lifecycle.base import ClusterProvisioner
 
 _log = logging.getLogger(__name__)
+#: Kernels adopted at once (each a few engine calls and a kernel manager).
+_AT_ONCE = 8
 #: Kernelspec files are read here, off the event loop.
 _executor = EngineExecutor("persist", max_workers=1)
 
@@ -86,29 +88,43 @@ async def adopt_kernels(mkm: Any) -> list[str]:
         except Exception as exc:
             log.warning("kernelspec %r: cannot look for kernels to adopt: %s", spec_name, exc)
             continue
-        for info in records:
-            kernel_id = info["kernel_id"]
-            if kernel_id in mkm:
-                continue
-            started = time.monotonic()
-            ClusterProvisioner.expect_adoption(info)
-            try:
-                await mkm.start_kernel(kernel_id=kernel_id, kernel_name=spec_name)
-            except Exception as exc:
-                log.warning("Kernel %s (%s): adoption failed: %s", kernel_id, spec_name, exc)
-                metrics.record_adoption(template.engine.target, "failed")
-                continue
-            finally:
-                ClusterProvisioner.forget_adoption(kernel_id)
-            adopted.append(kernel_id)
-            metrics.record_adoption(template.engine.target, "adopted")
-            log.info(
-                "Kernel %s (%s): adopted in %.2f s",
-                kernel_id,
-                spec_name,
-                time.monotonic() - started,
+        gate = asyncio.Semaphore(_AT_ONCE)
+        target = template.engine.target
+        results = await asyncio.gather(
+            *(
+                _adopt_one(mkm, spec_name, target, info, gate, log)
+                for info in records
+                if info["kernel_id"] not in mkm
             )
+        )
+        adopted += [kernel_id for kernel_id in results if kernel_id]
     return adopted
+
+
+async def _adopt_one(
+    mkm: Any,
+    spec_name: str,
+    target: str,
+    info: dict[str, Any],
+    gate: asyncio.Semaphore,
+    log: Any,
+) -> str:
+    """Adopt one kernel through the manager's start; its id, or '' when that failed."""
+    kernel_id = str(info["kernel_id"])
+    async with gate:
+        started = time.monotonic()
+        ClusterProvisioner.expect_adoption(info)
+        try:
+            await mkm.start_kernel(kernel_id=kernel_id, kernel_name=spec_name)
+        except Exception as exc:
+            log.warning("Kernel %s (%s): adoption failed: %s", kernel_id, spec_name, exc)
+            metrics.record_adoption(target, "failed")
+            return ""
+        finally:
+            ClusterProvisioner.forget_adoption(kernel_id)
+    metrics.record_adoption(target, "adopted")
+    log.info("Kernel %s (%s): adopted in %.2f s", kernel_id, spec_name, time.monotonic() - started)
+    return kernel_id
 
 
 async def _kernelspecs(mkm: Any) -> dict[str, Any]:

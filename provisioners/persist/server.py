@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
@@ -45,13 +46,19 @@ class PersistExtension(ExtensionApp):
 
     async def _adopt_once(self) -> None:
         serverapp: Any = self.serverapp
+        started = time.monotonic()
         try:
             adopted = await adopt_kernels(serverapp.kernel_manager)
         except Exception as exc:
             self.log.warning("Adopting kernels failed: %s", exc)
             return
         if adopted:
-            self.log.info("Adopted %d kernel(s): %s", len(adopted), ", ".join(adopted))
+            self.log.info(
+                "Adopted %d kernel(s) in %.2f s: %s",
+                len(adopted),
+                time.monotonic() - started,
+                ", ".join(adopted),
+            )
 
     async def _adopt_forever(self) -> None:
         while True:
