@@ -104,9 +104,7 @@ async def test_list_marks_a_kernel_on_the_local_fallback(tmp_path: Path) -> None
         await km.shutdown_kernel()
 
 
-async def test_list_says_a_persisted_kernel_is_detached(
-    docker_client: Any, tmp_path: Path
-) -> None:
+async def test_list_says_a_persisted_kernel_is_detached(docker_client: Any, tmp_path: Path) -> None:
     """A kernel its stopping server detached waits for adoption: ``list`` says since when."""
     from tests.helpers import KERNEL_TEST_IMAGE
 
