@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import signal
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import docker
@@ -29,37 +27,17 @@ import docker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
-from tests.jupyter_server import JupyterServer, ws_execute
+from tests.jupyter_server import persist_server, run_code
 
 GOAL_DOWNTIME = 15.0  # seconds, the issue's bound for the API's unavailability
 GRACE = 30.0  # a pod's default termination grace
-
-
-def _server(root: Path) -> JupyterServer:
-    config = root / "config"
-    config.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "ServerApp": {"jpserver_extensions": {"provisioners.persist": True}},
-        "PersistExtension": {"adopt_interval": 0},
-    }
-    (config / "jupyter_server_config.json").write_text(json.dumps(settings))
-    return JupyterServer(root, env={"JUPYTER_CONFIG_DIR": str(config)})
-
-
-async def _run(server: JupyterServer, kernel_id: str, code: str) -> dict[str, str]:
-    from websockets.asyncio.client import connect
-
-    session = uuid.uuid4().hex
-    headers = server.ws_headers()
-    async with connect(server.ws_url(kernel_id, session), additional_headers=headers) as ws:
-        return await ws_execute(ws, session, code, timeout=120)
 
 
 async def restart(count: int) -> dict[str, float]:
     """One server restart with ``count`` persisted kernels; its timings."""
     with tempfile.TemporaryDirectory(prefix="cp-bench-persist-") as folder:
         root = Path(folder)
-        first = _server(root)
+        first = persist_server(root, sessions=False, adopt_interval=0)
         settings = {"image": KERNEL_TEST_IMAGE, "sweep_on_start": False, "persist_kernels": True}
         write_kernelspec(
             first.kernels, "kept", "cluster-docker-provisioner", settings, argv=CONTAINER_ARGV
@@ -71,11 +49,11 @@ async def restart(count: int) -> dict[str, float]:
                 assert status == 201, model
                 ids.append(model["id"])
             for kernel_id in ids:
-                await _run(first, kernel_id, f"kept = {kernel_id!r}")
+                await run_code(first, kernel_id, f"kept = {kernel_id!r}")
             t0 = time.perf_counter()
             first.stop(signal.SIGTERM, timeout=120)
             stopped = time.perf_counter() - t0
-        second = _server(root)
+        second = persist_server(root, sessions=False, adopt_interval=0)
         with second:  # returns once GET /api/status answers
             status, kernels = second.request("GET", "api/kernels")
             downtime = time.perf_counter() - t0
@@ -83,7 +61,7 @@ async def restart(count: int) -> dict[str, float]:
             found = re.search(r"Adopted \d+ kernel\(s\)", second.log())
             adopt = _adoption_seconds(second.log())
             for kernel_id in ids:
-                out = await _run(second, kernel_id, "print(kept)")
+                out = await run_code(second, kernel_id, "print(kept)")
                 assert out["stdout"] == f"{kernel_id}\n", out
             for kernel_id in ids:
                 second.request("DELETE", f"api/kernels/{kernel_id}")

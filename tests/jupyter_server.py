@@ -166,6 +166,42 @@ class JupyterServer:
         return {"Authorization": f"token {self.token}"}
 
 
+def persist_server(
+    root: Path,
+    *,
+    sessions: bool = True,
+    adopt_interval: float | None = None,
+    port: int | None = None,
+    token: str | None = None,
+) -> JupyterServer:
+    """A Jupyter Server with the ``provisioners.persist`` extension on the state under
+    ``root``: with ``sessions``, its sessions database on disk there (what survives a
+    restart); ``adopt_interval``: the extension's, when not its default."""
+    config = root / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    extensions = {"provisioners.persist": True}
+    settings: dict[str, Any] = {"ServerApp": {"jpserver_extensions": extensions}}
+    if sessions:
+        settings["SessionManager"] = {"database_filepath": str(root / "sessions.db")}
+    if adopt_interval is not None:
+        settings["PersistExtension"] = {"adopt_interval": adopt_interval}
+    (config / "jupyter_server_config.json").write_text(json.dumps(settings))
+    env = {"JUPYTER_CONFIG_DIR": str(config)}
+    return JupyterServer(root, env=env, port=port, token=token)
+
+
+async def run_code(
+    server: JupyterServer, kernel_id: str, code: str, timeout: float = 60
+) -> dict[str, str]:
+    """Run ``code`` on ``kernel_id`` over a websocket of its own; see :func:`ws_execute`."""
+    from websockets.asyncio.client import connect
+
+    session = uuid.uuid4().hex
+    headers = server.ws_headers()
+    async with connect(server.ws_url(kernel_id, session), additional_headers=headers) as ws:
+        return await ws_execute(ws, session, code, timeout)
+
+
 def message(session: str, msg_type: str, content: dict[str, Any], channel: str = "shell") -> dict:
     """A Jupyter protocol message as the server's websocket takes it (JSON)."""
     msg_id = uuid.uuid4().hex

@@ -518,15 +518,8 @@ class SSHEngine(Engine):
                     settings.host,
                 )
                 continue
-            state = {
-                "host": settings.host,
-                "port": settings.port,
-                "user": settings.user,
-                "kernel_dir": kernel.kernel_dir,
-                "pid": kernel.pid,
-                "start": "" if kernel.start == "-" else kernel.start,
-                "group": kernel.group,
-            }
+            start = "" if kernel.start == "-" else kernel.start
+            state = _kernel_state(settings, kernel.kernel_dir, kernel.pid, start, kernel.group)
             records.append(
                 {
                     "kernel_id": kernel.kernel_id,
@@ -592,15 +585,7 @@ class SSHEngine(Engine):
         ]
 
     def kernel_state(self) -> dict[str, Any]:
-        return {
-            "host": self.settings.host,
-            "port": self.settings.port,
-            "user": self.settings.user,
-            "kernel_dir": self.kernel_dir,
-            "pid": self.pid,
-            "start": self.start_tick,
-            "group": self.group,
-        }
+        return _kernel_state(self.settings, self.kernel_dir, self.pid, self.start_tick, self.group)
 
     async def load_kernel_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`kernel_state`, reconnect and name this server the kernel's owner.
@@ -628,3 +613,19 @@ class SSHEngine(Engine):
                 self.settings.host,
                 result.stderr.strip(),
             )
+
+
+def _kernel_state(
+    settings: Any, kernel_dir: str, pid: int | None, start: str, group: bool
+) -> dict[str, Any]:
+    """What :meth:`SSHEngine.load_kernel_state` reattaches to: the host and the kernel's
+    directory, process id, start tick and process group."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "user": settings.user,
+        "kernel_dir": kernel_dir,
+        "pid": pid,
+        "start": start,
+        "group": group,
+    }

@@ -10,7 +10,6 @@ action from the user (Jupyter Server's GatewayClient reconnects by itself).
 
 from __future__ import annotations
 
-import json
 import signal
 import uuid
 from pathlib import Path
@@ -21,24 +20,15 @@ from websockets.asyncio.client import connect
 
 from provisioners.docker import LABEL_KERNEL_ID
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
-from tests.jupyter_server import JupyterServer, until_answering, ws_execute
+from tests.jupyter_server import JupyterServer, persist_server, until_answering, ws_execute
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(240)]
-
-
-def _gateway(root: Path, port: int | None = None, token: str | None = None) -> JupyterServer:
-    config = root / "config"
-    config.mkdir(parents=True, exist_ok=True)
-    settings = {"ServerApp": {"jpserver_extensions": {"provisioners.persist": True}}}
-    (config / "jupyter_server_config.json").write_text(json.dumps(settings))
-    env = {"JUPYTER_CONFIG_DIR": str(config)}
-    return JupyterServer(root, env=env, port=port, token=token)
 
 
 async def test_a_gateway_restart_keeps_the_users_session_and_open_notebook(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
-    gateway = _gateway(tmp_path / "gateway")
+    gateway = persist_server(tmp_path / "gateway", sessions=False)
     settings = {"image": KERNEL_TEST_IMAGE, "sweep_on_start": False, "persist_kernels": True}
     write_kernelspec(
         gateway.kernels, "kept", "cluster-docker-provisioner", settings, argv=CONTAINER_ARGV
@@ -65,7 +55,9 @@ async def test_a_gateway_restart_keeps_the_users_session_and_open_notebook(
 
                 gateway.stop(signal.SIGTERM)
                 assert "Detached 1 kernel" in gateway.log(), gateway.log()
-                again = _gateway(tmp_path / "gateway", port=gateway.port, token=gateway.token)
+                again = persist_server(
+                    tmp_path / "gateway", sessions=False, port=gateway.port, token=gateway.token
+                )
                 with again:
                     await until_answering(ws, session, timeout=60)
                     out = await ws_execute(ws, session, "print(kept)")

@@ -10,19 +10,16 @@ kernel is the server's child: it ends with the server, persisted or not.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import uuid
 from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
-from websockets.asyncio.client import connect
 
 from provisioners.docker import LABEL_KERNEL_ID
 from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, write_kernelspec
-from tests.jupyter_server import JupyterServer, http, ws_execute
+from tests.jupyter_server import http, persist_server, run_code
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(240)]
 
@@ -30,38 +27,16 @@ DOCKER = "cluster-docker-provisioner"
 LOCAL = "cluster-local-provisioner"
 
 
-def _server(root: Path) -> JupyterServer:
-    """A server with the persist extension and its sessions in a database under ``root``
-    (what the chart's volume holds)."""
-    config = root / "config"
-    config.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "ServerApp": {"jpserver_extensions": {"provisioners.persist": True}},
-        "SessionManager": {"database_filepath": str(root / "sessions.db")},
-        "PersistExtension": {"adopt_interval": 2},
-    }
-    (config / "jupyter_server_config.json").write_text(json.dumps(settings))
-    return JupyterServer(root, env={"JUPYTER_CONFIG_DIR": str(config)})
-
-
 def _containers(client: docker.DockerClient, kernel_id: str) -> list[dict[str, Any]]:
     flt = {"label": f"{LABEL_KERNEL_ID}={kernel_id}"}
     return list(client.api.containers(all=True, filters=flt))
-
-
-async def _run(server: JupyterServer, kernel_id: str, code: str) -> dict[str, str]:
-    session = uuid.uuid4().hex
-    async with connect(
-        server.ws_url(kernel_id, session), additional_headers=server.ws_headers()
-    ) as ws:
-        return await ws_execute(ws, session, code, timeout=60)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_a_docker_kernel_and_its_session_survive_a_server_restart(
     tmp_path: Path, docker_client: docker.DockerClient, stop: signal.Signals
 ) -> None:
-    first = _server(tmp_path)
+    first = persist_server(tmp_path, adopt_interval=2)
     settings = {"image": KERNEL_TEST_IMAGE, "sweep_on_start": False, "persist_kernels": True}
     write_kernelspec(first.kernels, "kept", DOCKER, settings, argv=CONTAINER_ARGV)
     kernel_id = ""
@@ -74,21 +49,21 @@ async def test_a_docker_kernel_and_its_session_survive_a_server_restart(
             )
             assert status == 201, model
             kernel_id, session_id = model["kernel"]["id"], model["id"]
-            out = await _run(first, kernel_id, "kept_value = 'A-' + str(6 * 7)")
+            out = await run_code(first, kernel_id, "kept_value = 'A-' + str(6 * 7)")
             assert out["status"] == "ok", out
             first.stop(stop)
             assert "Detached 1 kernel" in first.log() or stop == signal.SIGKILL, first.log()
         (running,) = _containers(docker_client, kernel_id)
         assert running["State"] == "running"
 
-        second = _server(tmp_path)
+        second = persist_server(tmp_path, adopt_interval=2)
         with second:
             status, kernels = second.request("GET", "api/kernels")
             assert status == 200
             assert [k["id"] for k in kernels] == [kernel_id], second.log()
             status, sessions = second.request("GET", "api/sessions")
             assert [(s["id"], s["kernel"]["id"]) for s in sessions] == [(session_id, kernel_id)]
-            out = await _run(second, kernel_id, "print(kept_value)")
+            out = await run_code(second, kernel_id, "print(kept_value)")
             assert out["stdout"] == "A-42\n", out
             status, body = http("GET", second.base + "metrics", second.token)
             assert status == 200
@@ -103,15 +78,15 @@ async def test_a_docker_kernel_and_its_session_survive_a_server_restart(
 
 
 async def test_a_local_kernel_ends_with_its_server_even_when_persisted(tmp_path: Path) -> None:
-    server = _server(tmp_path)
+    server = persist_server(tmp_path, adopt_interval=2)
     write_kernelspec(server.kernels, "local-kept", LOCAL, {"persist_kernels": True})
     with server:
         status, model = server.request("POST", "api/kernels", {"name": "local-kept"})
         assert status == 201, model
-        out = await _run(server, model["id"], "import os; print(os.getpid())")
+        out = await run_code(server, model["id"], "import os; print(os.getpid())")
         pid = int(out["stdout"])
     await asyncio.sleep(0.5)
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
-    second = _server(tmp_path)
+    second = persist_server(tmp_path, adopt_interval=2)
     with second:
         assert second.request("GET", "api/kernels") == (200, [])

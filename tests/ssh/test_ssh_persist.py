@@ -15,12 +15,10 @@ import json
 import os
 import signal
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import connect
 
 from provisioners.connection.files import PORT_NAMES
 from provisioners.connection.sshlink import SSHLink
@@ -34,7 +32,7 @@ from tests.helpers import (
     write_kernelspec,
 )
 from tests.helpers.ssh import pid_alive
-from tests.jupyter_server import JupyterServer, ws_execute
+from tests.jupyter_server import persist_server, run_code
 
 pytestmark = pytest.mark.ssh
 
@@ -200,27 +198,6 @@ async def test_a_killed_servers_persisted_kernel_is_marked_then_adopted(
     finally:
         await remove(fresh)
     assert not pid_alive(kept_pid) and list(remote_runtime.iterdir()) == []
-
-
-def persist_server(root: Path) -> JupyterServer:
-    """A Jupyter Server with the persist extension, its sessions in a database under
-    ``root`` (what survives a restart of a laptop's server)."""
-    config = root / "config"
-    config.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "ServerApp": {"jpserver_extensions": {"provisioners.persist": True}},
-        "SessionManager": {"database_filepath": str(root / "sessions.db")},
-    }
-    (config / "jupyter_server_config.json").write_text(json.dumps(settings))
-    return JupyterServer(root, env={"JUPYTER_CONFIG_DIR": str(config)})
-
-
-async def run_code(server: JupyterServer, kernel_id: str, code: str) -> dict[str, str]:
-    session = uuid.uuid4().hex
-    async with connect(
-        server.ws_url(kernel_id, session), additional_headers=server.ws_headers()
-    ) as ws:
-        return await ws_execute(ws, session, code, timeout=60)
 
 
 @pytest.mark.timeout(240)
