@@ -73,7 +73,10 @@ class WarmPool:
         self.closed = False
         self.failures = 0
         self._retry_at = 0.0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._starts: set[asyncio.Task[Any]] = set()
+        #: removals are never cancelled (a cancelled one would leave its container or
+        #: pod and port records behind); a drain waits for them
+        self._removals: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ on the pool loop
@@ -95,7 +98,7 @@ class WarmPool:
             self.held < self.size and self._counter.room() > 0 and self._counter.starting_room() > 0
         ):
             self.starting += 1
-            self._spawn(self._start_one())
+            self._track(self._starts, self._start_one())
 
     async def take(self) -> Engine | None:
         """A ready warm kernel (dead ones are removed on the way); the refill starts
@@ -109,14 +112,14 @@ class WarmPool:
                 self.log.warning(
                     "Warm %s kernel %s had exited; removing it", self.target, warm.kernel_id
                 )
-                self._spawn(self._remove(warm))
+                self._remove(warm)
         self._later(self._counter.refill_delay)
         return found
 
     def give_back(self, warm: Engine) -> None:
         """Return an unclaimed warm kernel to the front of the pool."""
         if self.closed:
-            self._spawn(self._remove(warm))
+            self._remove(warm)
         else:
             self.ready.appendleft(warm)
 
@@ -126,14 +129,19 @@ class WarmPool:
         what is still terminating is confirmed in the background while the process lives,
         and swept by the next server after."""
         self.closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=60)
+        starts = list(self._starts)
+        for task in starts:
+            task.cancel()  # a cancelled start removes what it created (shielded)
+        if starts:
+            await asyncio.wait(starts, timeout=60)
         kernels, self.ready = list(self.ready), collections.deque()
-        for warm in kernels if not confirm else ():
-            warm.start_failed = True  # remove_kernel may then leave the confirmation pending
-        await asyncio.gather(*(self._remove(w) for w in kernels), return_exceptions=True)
+        for warm in kernels:
+            if not confirm:
+                warm.start_failed = True  # remove_kernel may then leave confirmation pending
+            self._remove(warm)
+        deadline = time.monotonic() + 60
+        while self._removals and time.monotonic() < deadline:
+            await asyncio.wait(list(self._removals), timeout=deadline - time.monotonic())
 
     def provisioner(self, kernel_id: str) -> ClusterProvisioner:
         """A provisioner of this pool's kernelspec and config, with no kernel manager: it
@@ -161,7 +169,7 @@ class WarmPool:
             warm = starter.release_engine()
         except asyncio.CancelledError:
             if starter is not None:
-                await asyncio.shield(self._cleanup(starter))
+                await asyncio.shield(self._track(self._removals, self._cleanup(starter)))
             raise
         except Exception as exc:
             self.failures += 1
@@ -175,12 +183,12 @@ class WarmPool:
                 exc,
             )
             if starter is not None:
-                await self._cleanup(starter)
+                await asyncio.shield(self._track(self._removals, self._cleanup(starter)))
         else:
             self.failures = 0
             # surplus: a kernel given back (its claim refused) while this one started
             if self.closed or len(self.ready) >= self.size:
-                await self._remove(warm)
+                await asyncio.shield(self._remove(warm))
             else:
                 self.ready.append(warm)
                 self.log.info(
@@ -195,10 +203,12 @@ class WarmPool:
             self.starting -= 1
         self._counter.fill_all()
 
-    async def _remove(self, warm: Engine) -> None:
+    def _remove(self, warm: Engine) -> asyncio.Task[Any]:
+        """Remove a warm kernel in a task of its own, which a drain waits for and never
+        cancels."""
         holder = self.provisioner(warm.kernel_id)
         holder.take_engine(warm)
-        await self._cleanup(holder)
+        return self._track(self._removals, self._cleanup(holder))
 
     async def _cleanup(self, provisioner: ClusterProvisioner) -> None:
         try:
@@ -206,10 +216,11 @@ class WarmPool:
         except Exception as exc:  # cleanup itself records what is left for a retry
             self.log.warning("Warm kernel %s: removal failed: %s", provisioner.kernel_id, exc)
 
-    def _spawn(self, coro: Any) -> None:
+    def _track(self, tasks: set[asyncio.Task[Any]], coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
 
     def _later(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
