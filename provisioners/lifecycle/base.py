@@ -88,6 +88,10 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             raise
         self.spec_name = spec_name
         self.owner = ServerIdentity.current()
+        #: The kernel's user: the start request's ``KERNEL_USERNAME`` (a shared server's
+        #: access layer sets it from the request's identity), kept across restarts and
+        #: adoption. "" when the request named none.
+        self.username = ""
         self.resolved_secrets = {}
         #: The engine that runs this provisioner's kernel: the target's, or another one
         #: swapped in (the local fallback, a claimed warm kernel).
@@ -174,6 +178,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             self._settle_clients = engine.ports == kept and not self._exited_before_restart
             self._restart_launch = True
         else:
+            self.username = str((kwargs.get("env") or {}).get("KERNEL_USERNAME") or "")
             adopted = ClusterProvisioner._adoptions.pop(self.kernel_id, None)
             if adopted is not None:
                 await self._adopt(adopted)
@@ -422,6 +427,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
                 "ports": list(engine.ports),
                 "port_host": engine.port_host,
                 "state": engine.kernel_state(),
+                "username": self.username,
             }
         )
         return info
@@ -434,6 +440,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             msg = f"unsupported provisioner info version {version!r}"
             raise ProvisionerError(msg, target=self.target)
         await super().load_provisioner_info(provisioner_info)
+        self.username = str(provisioner_info.get("username") or "")
         connection = with_bytes(provisioner_info["connection_info"])
         if provisioner_info.get("runner", self.target) != self.target:
             engine = self._local_fallback(provisioner_info.get("fallback_cause", ""))
@@ -542,6 +549,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
                     "ports": list(record.get("ports") or []),
                     "port_host": record.get("port_host", LOCAL_HOST),
                     "state": dict(record.get("state") or {}),
+                    "username": str(record.get("username") or ""),
                 }
             )
         return found
