@@ -218,6 +218,8 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             requested = requested_env_names(kwargs.get("env"))
             kwargs = await super().pre_launch(**kwargs)
             kwargs["env"] = self._kernel_env(kwargs.get("env", {}), engine, requested)
+            if self.username:  # a restart of an adopted kernel: its start request is gone
+                kwargs["env"].setdefault("KERNEL_USERNAME", self.username)
         except BaseException:
             self._release_ports()
             raise
