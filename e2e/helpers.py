@@ -33,6 +33,7 @@ ENV = {
         "SERVER_IMAGE",
         "IMAGE_IMPORT",
         "HELM_ARGS",
+        "KERNEL_NAMESPACE",
     )
 }
 MISSING = [name for name in ("KUBECONFIG", "KUBECTL", "HELM", "CHART", "TOKEN") if not ENV[name]]

@@ -19,7 +19,8 @@
 #   3. port-forwards the chart's Service and runs e2e/test_e2e.py against it, plus a notebook
 #      run through a local KernelManager using the provisioner's port-forward path; then
 #      e2e/test_persist.py: kernels that outlive a `helm upgrade`, a deleted server pod and
-#      a SIGKILLed server;
+#      a SIGKILLed server; then e2e/test_multiuser.py: two users' identities, kernels and
+#      per-user volumes (PVCs bound to hostPath PVs it creates on the node);
 #   4. existing cluster: uninstalls the release (its uninstall hook removes the kernels),
 #      checks that no kernel pod is left and deletes the namespace (kind: deletes the cluster).
 #
@@ -283,10 +284,10 @@ export E2E_IMAGE_IMPORT=$import
 export E2E_HELM_ARGS=${E2E_HELM_ARGS:-}
 
 # ---------------------------------------------------------------- tests
-say "running e2e/test_e2e.py, then e2e/test_persist.py (which restarts the server)"
+say "running e2e/test_e2e.py, e2e/test_persist.py (which restarts the server), e2e/test_multiuser.py"
 cd "$repo"
 # shellcheck disable=SC2086  # E2E_PYTEST_ARGS is a list of words
-"$python" -m pytest e2e/test_e2e.py e2e/test_persist.py -v -s -rs -p no:cacheprovider \
+"$python" -m pytest e2e/test_e2e.py e2e/test_persist.py e2e/test_multiuser.py -v -s -rs -p no:cacheprovider \
     ${E2E_PYTEST_ARGS:-}
 
 # ---------------------------------------------------------------- uninstall
