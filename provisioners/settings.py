@@ -20,6 +20,7 @@ from .secrets import check_reference, kube_secret_ref, resolve_reference
 
 if TYPE_CHECKING:
     from .connection.sshconnect import SSHSettings
+    from .parameters import LaunchParameters
 
 #: Kernel ids end up in file, container and pod names: a fixed, safe alphabet only.
 _SAFE_KERNEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -38,6 +39,10 @@ class SharedSettings(LoggingConfigurable):
     kube_secret_refs: ClassVar[bool] = False
     #: Secrets resolved through the engine (a Kubernetes Secret), by setting name.
     resolved_secrets: dict[str, str]
+    #: Launch parameters (cpu, memory, gpus, image) this target maps onto its settings.
+    launch_resources: ClassVar[tuple[str, ...]] = ()
+    #: This kernel's launch parameters, once its first start resolved them.
+    launch_parameters: LaunchParameters | None = None
 
     port_range = Unicode(
         DEFAULT_PORT_RANGE,
@@ -232,6 +237,39 @@ class SharedSettings(LoggingConfigurable):
             exc.args = (f"kernelspec {spec_name!r}: {exc.args[0]}",)
             raise
         return spec_name
+
+    def apply_launch_parameters(self, env: dict[str, str] | None) -> None:
+        """Resolve this kernel's launch parameters from its start request's ``env``
+        (``KERNEL_<NAME>``, see :mod:`provisioners.parameters`) and apply them to this
+        kernel's settings: the resources through :meth:`launch_settings`, the others
+        exported as ``KERNEL_<NAME>`` in :attr:`env`.
+
+        Raises :class:`~provisioners.parameters.LaunchParameterError` naming a bad
+        value, and :class:`ProvisionerConfigError` for a bad schema or a resource
+        parameter this target cannot honour. Nothing is started or allocated before.
+        """
+        from .parameters import LaunchBounds, resolve_parameters, unsupported_resources
+
+        requested = requested_env_names(env)
+        request_env = {k: v for k, v in (env or {}).items() if k in requested}
+        bounds = LaunchBounds.instance(config=self.config)
+        kernel_spec = getattr(self, "kernel_spec", None)
+        params = resolve_parameters(kernel_spec, request_env, bounds=bounds)
+        spec_name = kernelspec_name(kernel_spec, self.parent)
+        refused = unsupported_resources(params, self.launch_resources, spec_name, self.target)
+        if refused is not None:
+            raise refused
+        for key, value in self.launch_settings(params).items():
+            setattr(self, key, value)
+        if params.values:
+            self.env = {**self.env, **params.other_env()}
+            self.validate_config()
+        self.launch_parameters = params
+
+    def launch_settings(self, params: LaunchParameters) -> dict[str, Any]:
+        """This target's settings for the resource parameters of ``params`` (those in
+        :attr:`launch_resources`), set on this kernel's provisioner only. Pure."""
+        return {}
 
     def validate_config(self) -> None:
         """Cross-field checks; raise :class:`ProvisionerConfigError` naming the key."""

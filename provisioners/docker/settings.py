@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import docker
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, default
@@ -12,9 +13,14 @@ from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, de
 from ..settings import SharedSettings
 from .daemon import CREATE_KEYS, GPUS_SPEC, MANAGED_CREATE_KEYS, OUR_LABELS, is_local_daemon
 
+if TYPE_CHECKING:
+    from ..parameters import LaunchParameters
+
 
 class DockerSettings(SharedSettings):
     """What a Docker kernelspec may set: the image, the daemon, resources and hardening."""
+
+    launch_resources: ClassVar[tuple[str, ...]] = ("cpu", "memory", "gpus", "image")
 
     image = Unicode(
         "",
@@ -201,6 +207,20 @@ class DockerSettings(SharedSettings):
     @default("docker_host")
     def _docker_host_default(self) -> str:
         return os.environ.get("DOCKER_HOST", "")
+
+    def launch_settings(self, params: LaunchParameters) -> dict[str, Any]:
+        """cpu → ``cpu_limit``, memory → ``memory_limit`` (bytes), gpus → ``gpus`` (a
+        count; 0: none), image → ``image``. Pure; never raises."""
+        found: dict[str, Any] = {}
+        if params.cpu is not None:
+            found["cpu_limit"] = params.cpu
+        if params.memory_bytes is not None:
+            found["memory_limit"] = str(params.memory_bytes)
+        if params.gpus is not None:
+            found["gpus"] = str(params.gpus) if params.gpus else ""
+        if params.image is not None:
+            found["image"] = params.image
+        return found
 
     def validate_config(self) -> None:
         super().validate_config()

@@ -7,8 +7,9 @@ kernelspec's ``kernel_provisioner.config`` form (JSON).
 
 from __future__ import annotations
 
+import math
 import os
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Union, default
 
@@ -17,12 +18,27 @@ from ..settings import SharedSettings
 from . import manifests as m
 from .client import default_namespace
 
+if TYPE_CHECKING:
+    from ..parameters import LaunchParameters
+
 
 class KubernetesSettings(SharedSettings):
     """What a Kubernetes kernelspec may set: the image, the namespace, how the server
     reaches the pod, the pod's fields, and who owns it."""
 
     kube_secret_refs: ClassVar[bool] = True
+    #: Settings where ``{username}`` stands for the kernel's user (a DNS label in names, a
+    #: path segment in paths).
+    username_settings: ClassVar[tuple[str, ...]] = (
+        "namespace",
+        "volumes",
+        "volume_mounts",
+        "working_dir",
+        "env",
+        "user_volume_claim",
+        "user_volume_mount_path",
+    )
+    launch_resources: ClassVar[tuple[str, ...]] = ("cpu", "memory", "gpus", "image")
 
     # ------------------------------------------------------------------ where and how
 
@@ -354,6 +370,26 @@ class KubernetesSettings(SharedSettings):
     @default("release")
     def _release_default(self) -> str:
         return os.environ.get("CLUSTER_PROVISIONERS_RELEASE", "")
+
+    def launch_settings(self, params: LaunchParameters) -> dict[str, Any]:
+        """cpu → ``cpu_request`` and ``cpu_limit`` (millicores), memory →
+        ``memory_request`` and ``memory_limit`` (the quantity as given, or bytes), gpus →
+        ``gpus``, image → ``image``: the kernel is guaranteed what it asked for. Pure;
+        never raises."""
+        found: dict[str, Any] = {}
+        if params.cpu is not None:
+            millicores = max(1, math.ceil(params.cpu * 1000 - 1e-6))
+            cpu = str(millicores // 1000) if millicores % 1000 == 0 else f"{millicores}m"
+            found["cpu_request"] = found["cpu_limit"] = cpu
+        if params.memory_bytes is not None:
+            given = params.values.get("memory")
+            memory = given if isinstance(given, str) else str(params.memory_bytes)
+            found["memory_request"] = found["memory_limit"] = memory
+        if params.gpus is not None:
+            found["gpus"] = params.gpus
+        if params.image is not None:
+            found["image"] = params.image
+        return found
 
     def validate_config(self) -> None:
         super().validate_config()

@@ -184,6 +184,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
                 await self._adopt(adopted)
                 kwargs["cmd"] = list(self.command or self.kernel_spec.argv)
                 return await super().pre_launch(**kwargs)
+            self.apply_launch_parameters(kwargs.get("env"))  # before a warm kernel is claimed
             claim = type(self).claim_warm_kernel
             if claim is not None and await claim(self, kwargs):
                 kwargs["cmd"] = list(self.command or self.kernel_spec.argv)
