@@ -4,8 +4,10 @@ A warm kernel was started before the request, so nothing of the request can reac
 through its environment, its working directory or its command line. The rule: a start
 claims a warm kernel only when the request carries none of those inputs, namely
 
+- launch parameters all at their defaults (:mod:`provisioners.parameters`),
 - no ``KERNEL_*`` (or other) variable of the request that the kernel would see, except
-  the names in ``pool_optional_env`` (``JPY_SESSION_NAME`` by default, logged),
+  the names in ``pool_optional_env`` (``JPY_SESSION_NAME`` by default, logged) and
+  launch parameters given their default values,
 - no working directory, where the target passes it to the kernel (a local process),
 - no extra arguments for the kernel's command,
 
@@ -37,11 +39,16 @@ def cold_reason(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> str:
 
 def _cold(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> tuple[str, str]:
     """:func:`cold_reason` with its miss reason (:data:`provisioners.metrics.MISS_REASONS`)."""
+    params = provisioner.launch_parameters
+    if params is not None and not params.defaults:
+        changed = params.describe_changes()
+        return "parameters", f"launch parameters differ from the defaults ({changed})"
     requested = requested_env_names(kwargs.get("env"))
     passed = {
         name for name in requested if provisioner.inherit_server_env or is_request_input(name)
     }
-    missing = sorted(passed - set(provisioner.pool_optional_env))
+    defaults = set(params.env()) if params is not None else set()  # what warm kernels have
+    missing = sorted(passed - set(provisioner.pool_optional_env) - defaults)
     if missing:
         names = ", ".join(missing)
         return "request_env", f"the request sets {names}, which a warm kernel was started without"
