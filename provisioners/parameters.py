@@ -409,7 +409,7 @@ def _typed(name: str, entry: dict[str, Any], raw: Any, spec: str) -> Any:
         if kind == "integer" and _INTEGER.fullmatch(raw):
             value = int(raw)
         elif kind == "number" and _NUMBER.fullmatch(raw):
-            value = float(raw)
+            value = int(raw) if _INTEGER.fullmatch(raw) else float(raw)
         else:
             raise _value_error(name, given, entry, spec, f"is not {_article(kind)}")
     if kind == "boolean":
