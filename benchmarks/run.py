@@ -1,6 +1,6 @@
 """Run the benchmarks and print each ratio against its same-run baseline.
 
-    python -m benchmarks.run [local docker ssh kubernetes curve pool persist idle]
+    python -m benchmarks.run [local docker ssh kubernetes curve pool server_pool persist idle]
 
 Each benchmark measures its baseline in the same run (jupyter_client's provisioner, a
 bare ``docker run``, a direct connection...), so the ratios hold across machines. Goals
@@ -13,7 +13,17 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("local", "docker", "ssh", "kubernetes", "curve", "pool", "persist", "idle")
+BENCHMARKS = (
+    "local",
+    "docker",
+    "ssh",
+    "kubernetes",
+    "curve",
+    "pool",
+    "server_pool",
+    "persist",
+    "idle",
+)
 
 
 def main() -> None:
