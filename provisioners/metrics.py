@@ -68,6 +68,7 @@ OUTCOMES = (
 #: ``reason`` of a pool miss (a start of a pooled kernelspec that was cold).
 MISS_REASONS = (
     "request_env",  # the request sets variables a warm kernel was started without
+    "per_user",  # the kernelspec's settings vary by user ({username})
     "parameters",  # the request's launch parameters differ from the defaults
     "cwd",  # the request's working directory is not the warm kernels' one
     "arguments",  # the request passes extra arguments to the kernel's command

@@ -22,7 +22,7 @@ import base64
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from .exceptions import ProvisionerConfigError
@@ -33,8 +33,10 @@ __all__ = [
     "PLACEHOLDER",
     "UsernameError",
     "dns_label",
+    "expand_env",
     "expand_username",
     "path_segment",
+    "settings_using_username",
     "uses_username",
 ]
 
@@ -188,3 +190,25 @@ def _expand(
     if isinstance(value, tuple):
         return tuple(_expand(item, username, style, setting, path_keys) for item in value)
     return value
+
+
+def expand_env(env: dict[str, str], configured: Mapping[str, str], username: str) -> dict[str, str]:
+    """The kernel's ``env`` with the values the settings' ``env`` (``configured``) gives
+    expanded in the path style (``HOME=/home/{username}``); the request's own values are
+    left as they are. Raises :class:`UsernameError` naming ``env`` without a username."""
+    out = dict(env)
+    for name, value in configured.items():
+        if name in out and uses_username(value):
+            out[name] = expand_username(str(value), username, "path", setting=f"env.{name}")
+    return out
+
+
+def settings_using_username(settings: Any) -> list[str]:
+    """Names of a provisioner's settings that vary by user: those of its
+    ``username_settings`` that use ``{username}`` (or what its own
+    ``settings_using_username()`` says, where it has one)."""
+    own = getattr(settings, "settings_using_username", None)
+    if callable(own):
+        return list(own())
+    names = getattr(settings, "username_settings", ())
+    return [name for name in names if uses_username(getattr(settings, name, None))]

@@ -49,6 +49,9 @@ LABEL_POOL_PREFIX = "cluster-provisioners.pool.name-prefix"
 #: next server to adopt it.
 LABEL_PERSIST = "cluster-provisioners.persist"
 LABEL_GRACE = "cluster-provisioners.adoption-grace"
+#: The kernel's user (the start request's KERNEL_USERNAME). A claimed warm kernel's
+#: container, created without one, has its user in the file ``user`` (:func:`write_user`).
+LABEL_USERNAME = "cluster-provisioners.username"
 OUR_LABELS = (
     LABEL_MANAGED_BY,
     LABEL_KERNEL_ID,
@@ -58,6 +61,7 @@ OUR_LABELS = (
     LABEL_POOL_PREFIX,
     LABEL_PERSIST,
     LABEL_GRACE,
+    LABEL_USERNAME,
 )
 #: The adoption grace of a persisted container without a readable grace label.
 DEFAULT_GRACE = float(SharedSettings.class_traits()["adoption_grace"].default_value)
@@ -187,23 +191,52 @@ def owner_archive(owner: str) -> bytes:
     Labels cannot change once a container exists; a server that reattaches a kernel
     writes itself here, into :func:`container_kernel_dir`, and sweeps read it.
     """
-    content = f"{owner}\n".encode()
+    return _record_archive("owner", owner)
+
+
+def _record_archive(name: str, text: str) -> bytes:
+    """A tar of the one-line file ``name`` (0600) holding ``text``."""
+    content = f"{text}\n".encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        entry = tarfile.TarInfo("owner")
+        entry = tarfile.TarInfo(name)
         entry.size, entry.mode, entry.mtime = len(content), 0o600, time.time()
         tar.addfile(entry, io.BytesIO(content))
     return buf.getvalue()
 
 
+def write_user(client: docker.DockerClient, container_id: str, dir_id: str, username: str) -> None:
+    """Write ``username`` as the user of a claimed warm kernel's container (created
+    without one; labels cannot change), as the file ``user`` next to its owner record.
+    Raises the daemon's errors (:data:`ENGINE_ERRORS`)."""
+    archive = _record_archive("user", username)
+    client.api.put_archive(container_id, container_kernel_dir(dir_id), archive)
+
+
+def current_username(client: docker.DockerClient, item: Mapping[str, Any]) -> str:
+    """The user of a listed kernel container: its label, else (a claimed warm kernel)
+    the file :func:`write_user` wrote; '' when none."""
+    labels = item.get("Labels") or {}
+    if labels.get(LABEL_USERNAME):
+        return str(labels[LABEL_USERNAME])
+    if LABEL_POOL_PREFIX not in labels:
+        return ""
+    return _read_record(client, item["Id"], labels.get(LABEL_KERNEL_ID, ""), "user")
+
+
 def _moved_owner(client: docker.DockerClient, container_id: str, kernel_id: str) -> str:
     """The owner record written into the container after its creation ('' when none): a
     reattaching server's identity, or a detached mark (see :func:`owner_archive`)."""
-    path = posixpath.join(container_kernel_dir(kernel_id), "owner")
+    return _read_record(client, container_id, kernel_id, "owner")
+
+
+def _read_record(client: docker.DockerClient, container_id: str, kernel_id: str, name: str) -> str:
+    """The one-line file ``name`` of the container's kernel directory ('' when none)."""
+    path = posixpath.join(container_kernel_dir(kernel_id), name)
     try:
         stream, _ = client.api.get_archive(container_id, path)
         with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-            member = tar.extractfile("owner")
+            member = tar.extractfile(name)
             return member.read().decode().strip() if member is not None else ""
     except (*ENGINE_ERRORS, tarfile.TarError, KeyError, UnicodeDecodeError):
         return ""
@@ -318,7 +351,7 @@ def adoptable_containers(
     """Our running, persisted kernel containers of kernelspec ``spec_name`` whose owner
     record is :func:`~provisioners.lifecycle.owner.adoptable` (detached, or a server known
     to be gone), each as ``{"kernel_id", "dir_id", "container_id", "container_name",
-    "networks", "kernel_info"}`` (``kernel_info``: the kernel's own connection file, key
+    "networks", "kernel_info", "username"}`` (``kernel_info``: the kernel's own connection file, key
     and Curve keys as text). A container whose connection file cannot be read is left out
     and logged, without its content. Raises the daemon's errors (:data:`ENGINE_ERRORS`).
     """
@@ -355,6 +388,7 @@ def adoptable_containers(
                 "container_name": name,
                 "networks": {k: (v or {}).get("IPAddress") or "" for k, v in networks.items()},
                 "kernel_info": info,
+                "username": current_username(client, item),
             }
         )
     return records
@@ -484,10 +518,14 @@ def kernel_labels(
     ports: Sequence[int],
     kernelspec: str,
     persist_grace: float | None = None,
+    username: str = "",
 ) -> dict[str, str]:
     """The kernel container's labels: ``extra``, then ours; with ``persist_grace`` (the
-    ``adoption_grace`` of a kernel started with ``persist_kernels``) the persist marker."""
+    ``adoption_grace`` of a kernel started with ``persist_kernels``) the persist marker;
+    with ``username`` the kernel's user."""
     labels = dict(extra)
+    if username:
+        labels[LABEL_USERNAME] = username
     if persist_grace is not None:
         labels.update({LABEL_PERSIST: "true", LABEL_GRACE: f"{persist_grace:g}"})
     labels.update(

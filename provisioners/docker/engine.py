@@ -44,6 +44,7 @@ from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.fallback import while_unreachable
 from ..lifecycle.owner import detached_mark
 from ..podenv import maybe_in_pod
+from ..usernames import UsernameError, expand_env, expand_username
 from .daemon import (
     ENGINE_ERRORS,
     LABEL_KERNELSPEC,
@@ -57,6 +58,7 @@ from .daemon import (
     container_kernel_dir,
     create_args,
     current_owner,
+    current_username,
     host_path_of,
     is_local_daemon,
     kernel_labels,
@@ -68,6 +70,7 @@ from .daemon import (
     sweep_once,
     sweep_orphans,
     write_owner,
+    write_user,
 )
 from .pull import PullProgress, stream_pull
 from .shared import SharedDaemon
@@ -245,8 +248,11 @@ class DockerEngine(Engine):
         """A container path under a bind mount of a local daemon, as the server's file."""
         if not self.is_local_daemon():
             return None
-        settings = self.settings
-        return host_path_of(path, settings.volumes, settings.mounts, settings.working_dir)
+        try:
+            volumes, mounts, working_dir = self.user_mounts(self.settings.username)
+        except UsernameError:
+            return None
+        return host_path_of(path, volumes, mounts, working_dir)
 
     def kernel_connection_file(self) -> str:
         return posixpath.join(container_kernel_dir(self.kernel_id), "connection.json")
@@ -290,12 +296,28 @@ class DockerEngine(Engine):
 
     # ------------------------------------------------------------------ start
 
+    def user_mounts(self, username: str) -> tuple[list[str], list[dict[str, Any]], str]:
+        """``volumes``, ``mounts`` and ``working_dir`` with ``{username}`` expanded for
+        ``username`` (as a path segment, a valid volume name too). Raises
+        :class:`UsernameError` naming the setting that uses it when there is no user."""
+        s = self.settings
+        volumes = expand_username(list(s.volumes), username, "path", setting="volumes")
+        mounts = expand_username([dict(m) for m in s.mounts], username, "path", setting="mounts")
+        working_dir = expand_username(s.working_dir, username, "path", setting="working_dir")
+        return volumes, mounts, working_dir
+
     def create_args(self, cmd: list[str], env: dict[str, str], name: str) -> dict[str, Any]:
-        """Keyword arguments of ``containers.create`` for this kernel (no I/O)."""
+        """Keyword arguments of ``containers.create`` for this kernel (no I/O); raises
+        :class:`UsernameError` when a setting uses ``{username}`` and there is no user."""
         s = self.settings
         ports = [self.kernel_info[n] for n in PORT_NAMES]
         grace = s.adoption_grace if s.persist_kernels else None
-        labels = kernel_labels(s.labels, self.kernel_id, str(s.owner), ports, s.spec_name, grace)
+        username = s.username or env.get("KERNEL_USERNAME", "")
+        volumes, mounts, working_dir = self.user_mounts(username)
+        env = expand_env(env, s.env, username)
+        labels = kernel_labels(
+            s.labels, self.kernel_id, str(s.owner), ports, s.spec_name, grace, username
+        )
         if self.pool_id:
             labels[LABEL_POOL_PREFIX] = s.name_prefix
         return create_args(
@@ -306,9 +328,9 @@ class DockerEngine(Engine):
             labels,
             publish=None if s.connect_via_container_ip else (s.publish_ip, ports),
             network=s.network,
-            volumes=s.volumes,
-            mounts=s.mounts,
-            working_dir=s.working_dir,
+            volumes=volumes,
+            mounts=mounts,
+            working_dir=working_dir,
             user=s.user,
             cpu_limit=s.cpu_limit,
             memory_limit=s.memory_limit,
@@ -569,6 +591,7 @@ class DockerEngine(Engine):
                     "ports": [int(info[name]) for name in PORT_NAMES],
                     "port_host": self.allocation_host(),
                     "state": state,
+                    "username": item["username"],
                 }
             )
         return records
@@ -595,11 +618,14 @@ class DockerEngine(Engine):
             owners = await self.executor.run(
                 lambda: [current_owner(client, item) for item in found]
             )
+            users = await self.executor.run(
+                lambda: [current_username(client, item) for item in found]
+            )
         finally:
             if not self.container_id:  # a template: let go of the shared client
                 self._close_client()
         rows = []
-        for item, owner in zip(found, owners, strict=True):
+        for item, owner, user in zip(found, owners, users, strict=True):
             labels = item.get("Labels") or {}
             name = (item.get("Names") or ["/?"])[0].lstrip("/")
             kernel_id, warm = listed_kernel_id(labels, name)
@@ -615,6 +641,7 @@ class DockerEngine(Engine):
                     owner=owner,  # a reattached or detached kernel's is in the container
                     created=float(item.get("Created") or 0),
                     container=item["Id"][:12],
+                    username=user,
                 )
             )
         return rows
@@ -631,12 +658,22 @@ class DockerEngine(Engine):
         if wait > 0:
             await asyncio.sleep(wait)
 
-    async def claim_kernel(self, pool_id: str) -> None:
-        """Rename the warm kernel's container after the kernel id it now serves; raises
-        :class:`ProvisionerError` when the daemon refuses."""
+    async def claim_kernel(self, pool_id: str, username: str = "") -> None:
+        """Rename the warm kernel's container after the kernel id it now serves and write
+        ``username`` as its user (a label cannot be added: the file ``user`` next to its
+        owner record); raises :class:`ProvisionerError` when the daemon refuses."""
         if not self.container_id:
             return
         client = await self._docker()
+        if username:
+            try:
+                await self.executor.run(
+                    write_user, client, self.container_id, self._dir_id, username
+                )
+            except ENGINE_ERRORS as exc:
+                where = f"warm kernel container {self.container_name}"
+                msg = f"cannot record user {username!r} in {where}: {exc}"
+                raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
         suffix = self.container_name.rsplit("-", 1)[-1]
         name = f"{self.settings.name_prefix}{UNSAFE_NAME.sub('-', self.kernel_id)}-{suffix}"
         try:

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 class DockerSettings(SharedSettings):
     """What a Docker kernelspec may set: the image, the daemon, resources and hardening."""
 
+    #: Settings where ``{username}`` stands for the kernel's user (a safe path segment).
+    username_settings: ClassVar[tuple[str, ...]] = ("volumes", "mounts", "working_dir", "env")
+
     launch_resources: ClassVar[tuple[str, ...]] = ("cpu", "memory", "gpus", "image")
 
     image = Unicode(
@@ -96,8 +99,13 @@ class DockerSettings(SharedSettings):
         'SOURCE:TARGET[:MODE]' as in 'docker run -v'; SOURCE is a host path (on the
         daemon's machine) or a volume name, TARGET an absolute path in the container. With
         a local daemon, the server resolves a kernel's paths under a bind mount to its
-        own files. Example: ['/srv/notebooks:/home/jovyan/work',
-        'datasets:/data:ro'].""",
+        own files. '{username}' stands for the kernel's user (the start request's
+        KERNEL_USERNAME) made a safe path segment and volume name ('../x' and 'jürgen'
+        become 'x--<hash>' and 'jurgen--<hash>'); a kernel without a user then fails to
+        start, naming this setting. Example: ['/srv/notebooks:/home/jovyan/work',
+        'datasets:/data:ro'], or a volume per user: ['home-{username}:/home/jovyan/work']
+        (Docker creates it at the user's first kernel; later kernels of that user mount
+        it again).""",
     )
     mounts = List(
         Dict(),
@@ -105,15 +113,18 @@ class DockerSettings(SharedSettings):
         config=True,
         help="""Mounts of the kernel's container in the Docker API form (each needs a
         'Target'), for what 'volumes' cannot say: tmpfs, volume options, read-only binds.
-        Example: [{"Type": "tmpfs", "Target": "/scratch"}, {"Type": "volume",
-        "Source": "data", "Target": "/data", "ReadOnly": true}].""",
+        '{username}' works as in 'volumes'. Example: [{"Type": "tmpfs", "Target":
+        "/scratch"}, {"Type": "volume", "Source": "data", "Target": "/data", "ReadOnly":
+        true}], or a host directory per user: [{"Type": "bind", "Source":
+        "/srv/home/{username}", "Target": "/home/jovyan/work"}] (it must exist).""",
     )
     working_dir = Unicode(
         "",
         config=True,
         help="""The kernel's working directory in its container, as 'docker run -w'
         (default: the image's WORKDIR). Relative paths the kernel reports are taken from
-        here. Example: '/home/jovyan/work'.""",
+        here; '{username}' works as in 'volumes'. Example: '/home/jovyan/work',
+        '/home/jovyan/{username}'.""",
     )
     user = Unicode(
         "",

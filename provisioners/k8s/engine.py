@@ -47,6 +47,7 @@ from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.leftovers import RemovalPending
 from ..lifecycle.owner import ServerPod, detached_mark, detached_since
 from ..secrets import kube_secret_ref
+from ..usernames import UsernameError, expand_env, expand_username, uses_username
 from . import manifests as m
 from .client import (
     Conflict,
@@ -116,8 +117,26 @@ class PodEngine(Engine):
 
     @property
     def namespace(self) -> str:
-        """The namespace of this kernel's pod."""
-        return self._namespace or self.settings.namespace
+        """The namespace of this kernel's pod: a reattached kernel's, else the settings'
+        with ``{username}`` expanded for the kernel's user. Raises :class:`UsernameError`
+        when it uses ``{username}`` and there is no user (see :meth:`_per_user_namespace`)."""
+        if self._namespace:
+            return self._namespace
+        try:
+            return m.user_namespace(self.settings.namespace, self.settings.username)
+        except ValueError as exc:
+            if isinstance(exc, UsernameError):
+                raise
+            raise self.settings.config_error("namespace", str(exc)) from exc
+
+    def _per_user_namespace(self) -> bool:
+        """True when the namespace depends on a user this engine does not have (a template
+        engine asked to list, sweep or adopt): there is no one namespace to look in."""
+        return (
+            not self._namespace
+            and not self.settings.username
+            and uses_username(self.settings.namespace)
+        )
 
     @property
     def client(self) -> KubeClient | None:
@@ -240,7 +259,10 @@ class PodEngine(Engine):
     async def sweep_orphans(self) -> list[str]:
         """Delete our pods and Secrets in the namespace whose server pod or process is gone;
         persisted kernels are marked detached instead, and removed once their adoption
-        grace is over (see :func:`.sweep.sweep_orphans`)."""
+        grace is over (see :func:`.sweep.sweep_orphans`). Nothing where the namespace is
+        per user and this engine has no user."""
+        if self._per_user_namespace():
+            return []
         await self._attach()
         try:
             assert self._client is not None
@@ -254,6 +276,8 @@ class PodEngine(Engine):
 
     async def preflight(self) -> list[str]:
         s = self.settings
+        if self._per_user_namespace():
+            return [f"namespace {s.namespace!r} is per user: each must exist (not checked here)"]
         where = f"namespace {self.namespace!r}"
         try:
             client = await KubeClient.connect(s.kubeconfig, s.context)
@@ -279,7 +303,10 @@ class PodEngine(Engine):
 
     @on_engine_loop
     async def list_kernels(self) -> list[dict[str, Any]]:
-        """Our kernel pods in the namespace."""
+        """Our kernel pods in the namespace (none where it is per user and this engine has
+        no user: there is no one namespace to list)."""
+        if self._per_user_namespace():
+            return []
         await self._attach()
         try:
             assert self._client is not None
@@ -309,10 +336,35 @@ class PodEngine(Engine):
 
     # ------------------------------------------------------------------ manifests
 
+    def user_volume(self, username: str) -> m.UserVolume | None:
+        """The user's own claim (``user_volume_*``), or None without one. Raises
+        :class:`UsernameError` (or the settings' config error) naming the setting."""
+        s = self.settings
+        try:
+            return m.user_volume(
+                s.user_volume_claim,
+                s.user_volume_mount_path,
+                s.user_volume_size,
+                s.user_volume_storage_class,
+                username,
+            )
+        except ValueError as exc:
+            if isinstance(exc, UsernameError):
+                raise
+            raise s.config_error("user_volume_claim", str(exc)) from exc
+
     def pod_spec(self, cmd: list[str], env: dict[str, str]) -> m.KernelPod:
-        """What the kernel's pod is built from: the settings and this kernel's record."""
+        """What the kernel's pod is built from: the settings and this kernel's record, with
+        ``{username}`` expanded for the kernel's user. Raises :class:`UsernameError`
+        naming the setting that uses it when there is no user."""
         s = self.settings
         ports = tuple(int(self.kernel_info[n]) for n in PORT_NAMES)
+        username = s.username or env.get("KERNEL_USERNAME", "")
+        volumes, volume_mounts = m.with_user_volume(
+            *m.user_volumes(s.volumes, s.volume_mounts, username), self.user_volume(username)
+        )
+        working_dir = expand_username(s.working_dir, username, "path", setting="working_dir")
+        env = expand_env(env, s.env, username)
         return m.KernelPod(
             name=self.pod_name,
             namespace=self.namespace,
@@ -322,7 +374,7 @@ class PodEngine(Engine):
             kernel_id=self.kernel_id,
             secret_name=self.secret_name,
             owner=str(s.owner),
-            username=env.get("KERNEL_USERNAME", ""),
+            username=username,
             kernelspec=s.spec_name,
             owner_pod=s.server_pod,
             owner_reference=s.owner_references,
@@ -350,13 +402,13 @@ class PodEngine(Engine):
                 s.host_network,
                 s.node_name,
             ),
-            volumes=tuple(s.volumes),
-            volume_mounts=tuple(s.volume_mounts),
+            volumes=volumes,
+            volume_mounts=volume_mounts,
             service_account_name=s.service_account_name,
             automount_service_account_token=s.automount_service_account_token,
             labels=dict(s.labels),
             annotations=dict(s.annotations),
-            working_dir=s.working_dir,
+            working_dir=working_dir,
             grace_period=s.termination_grace_period,
             template=m.parse_pod_template(s.pod_template),
         )
@@ -408,6 +460,9 @@ class PodEngine(Engine):
         self.secret_name = m.secret_name_for(self.pod_name)
         self.pod_uid = self.pod_ip = ""
         pod = m.pod_manifest(self.pod_spec(cmd, env))
+        volume = self.user_volume(s.username or env.get("KERNEL_USERNAME", ""))
+        if volume is not None:
+            await self._ensure_claim(volume)
         created = await self._create("pods", pod)
         self.progress(
             "pod created", f"{self.namespace}/{self.pod_name} (image {s.image}, {self._mode})"
@@ -462,6 +517,29 @@ class PodEngine(Engine):
                 msg = f"cannot create {kind[:-1]} {self.namespace}/{name}: {what}: {exc}"
                 raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _ensure_claim(self, volume: m.UserVolume) -> None:
+        """Create the user's claim unless it exists (409: created before, by this or another
+        kernel of the user); never deleted with the kernel. Raises :class:`KernelStartError`
+        naming the claim and the API's answer (a 403: the Role lacks 'create' on
+        persistentvolumeclaims; see the chart's kernels.userVolume)."""
+        assert self._client is not None
+        path = resource_path("persistentvolumeclaims", self.namespace)
+        body = m.claim_manifest(volume, self.namespace, self.settings.release)
+        try:
+            await self._client.request("POST", path, body=body)
+        except Conflict:
+            self.progress("user volume", f"claim {self.namespace}/{volume.claim} exists")
+            return
+        except KubeApiError as exc:
+            what = (
+                "Forbidden (grant 'create' on persistentvolumeclaims)"
+                if isinstance(exc, Forbidden)
+                else exc
+            )
+            msg = f"cannot create the user's claim {self.namespace}/{volume.claim}: {what}"
+            raise KernelStartError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+        self.progress("user volume", f"claim {self.namespace}/{volume.claim} created")
 
     async def _wait_running(self) -> dict[str, Any]:
         """Wait on the reflector until the kernel container runs; fail fast on a lost cause."""
@@ -620,18 +698,19 @@ class PodEngine(Engine):
             await self._fail(problem)
 
     @on_engine_loop
-    async def claim_kernel(self, pool_id: str) -> None:
+    async def claim_kernel(self, pool_id: str, username: str = "") -> None:
         """Relabel warm kernel ``pool_id``'s pod and Secret with :attr:`kernel_id` (already
         the real id). A pod's name cannot change, so the claimed kernel keeps its pod
         ``<prefix>-pool-<hex>`` and the Secret named after it; what ``list``, ``cleanup``
         and the orphan sweep read the kernel id from changes (the kernel-id label and
-        annotation), and the pool label, which marks an unclaimed warm kernel, goes.
-        Raises :class:`ProvisionerError` naming the pod when the API refuses."""
+        annotation), and the pool label, which marks an unclaimed warm kernel, goes; the
+        user's label and annotation come with ``username``. Raises
+        :class:`ProvisionerError` naming the pod when the API refuses."""
         if not self.pod_name:
             return
         if self._client is None or self._reflector is None:
             await self._attach(self._mode)
-        body = m.claim_patch(self.kernel_id)
+        body = m.claim_patch(self.kernel_id, username)
         for kind, name in (("pods", self.pod_name), ("secrets", self.secret_name)):
             try:
                 await self._patch(resource_path(kind, self.namespace, name), body)
@@ -1010,7 +1089,10 @@ class PodEngine(Engine):
         record is a detached mark or names a server pod or process that is gone; each
         with its connection file read from its Secret (a pod whose Secret cannot be read
         is logged and left out). Raises :class:`EngineUnavailableError` when the API
-        cannot be reached, :class:`ProvisionerError` when it refuses the list."""
+        cannot be reached, :class:`ProvisionerError` when it refuses the list. None where
+        the namespace is per user ('{username}') and this engine has no user."""
+        if self._per_user_namespace():
+            return []
         await self._attach()
         try:
             return await self._adoptable()
@@ -1109,4 +1191,5 @@ class PodEngine(Engine):
             "ports": ports,
             "port_host": self.allocation_host(),
             "state": state,
+            "username": annotations.get(m.ANNOTATION_USERNAME, ""),
         }

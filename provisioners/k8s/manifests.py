@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from ..usernames import expand_username
+
 MANAGED_BY = "cluster-provisioners"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_COMPONENT = "app.kubernetes.io/component"
@@ -67,6 +69,12 @@ SECRET_MODE = 0o400
 PORT_LABELS = ("shell", "iopub", "stdin", "hb", "control")
 GPU_RESOURCE = "nvidia.com/gpu"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+#: The pod volume (and the label's component) of a user's own claim (``user_volume_*``).
+USER_VOLUME = "user-volume"
+COMPONENT_USER_VOLUME = "user-volume"
+#: Keys whose values are paths (``{username}`` a path segment there, a DNS label elsewhere).
+VOLUME_PATH_KEYS = ("path",)
+MOUNT_PATH_KEYS = ("mountPath", "subPath", "subPathExpr")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE_BAD = re.compile(r"[^A-Za-z0-9._-]+")
@@ -152,6 +160,108 @@ class KernelPod:
     template: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class UserVolume:
+    """A user's own PersistentVolumeClaim, mounted into each of the user's kernels."""
+
+    claim: str
+    mount_path: str
+    size: str = "1Gi"
+    storage_class: str = ""
+    username: str = ""
+
+
+# ---------------------------------------------------------------------- per user
+
+
+def user_volumes(
+    volumes: Iterable[Mapping[str, Any]], volume_mounts: Iterable[Mapping[str, Any]], username: str
+) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
+    """``volumes`` and ``volume_mounts`` with ``{username}`` expanded: a DNS label in names
+    (a volume's, a ``claimName``), a path segment in paths (``path``, ``mountPath``,
+    ``subPath``). Raises :class:`~provisioners.usernames.UsernameError` naming the setting
+    when one uses ``{username}`` and ``username`` is empty."""
+    vols = expand_username(
+        [dict(v) for v in volumes], username, "dns", setting="volumes", path_keys=VOLUME_PATH_KEYS
+    )
+    mounts = expand_username(
+        [dict(v) for v in volume_mounts],
+        username,
+        "dns",
+        setting="volume_mounts",
+        path_keys=MOUNT_PATH_KEYS,
+    )
+    return tuple(vols), tuple(mounts)
+
+
+def user_namespace(namespace: str, username: str) -> str:
+    """``namespace`` with ``{username}`` as a DNS label; raises
+    :class:`~provisioners.usernames.UsernameError` without a user, ``ValueError`` when
+    the result is no DNS-1123 label."""
+    name = expand_username(namespace, username, "dns", setting="namespace")
+    if not is_dns_label(name):
+        raise ValueError(f"namespace {name!r} is not a DNS-1123 label")
+    return str(name)
+
+
+def user_volume(
+    claim: str, mount_path: str, size: str, storage_class: str, username: str
+) -> UserVolume | None:
+    """The user's claim (``claim`` with ``{username}`` as a DNS label), or None when
+    ``mount_path`` is empty (no volume per user). Raises
+    :class:`~provisioners.usernames.UsernameError` without a user, ``ValueError`` when the
+    claim's name is not a DNS-1123 label."""
+    if not mount_path:
+        return None
+    name = expand_username(claim, username, "dns", setting="user_volume_claim")
+    if not is_dns_label(name):
+        raise ValueError(f"user_volume_claim {name!r} is not a DNS-1123 label")
+    path = expand_username(mount_path, username, "path", setting="user_volume_mount_path")
+    return UserVolume(name, path, size, storage_class, username)
+
+
+def with_user_volume(
+    volumes: tuple[Mapping[str, Any], ...],
+    volume_mounts: tuple[Mapping[str, Any], ...],
+    volume: UserVolume | None,
+) -> tuple[tuple[Mapping[str, Any], ...], tuple[Mapping[str, Any], ...]]:
+    """``volumes`` and ``volume_mounts`` plus the user's claim and its mount."""
+    if volume is None:
+        return volumes, volume_mounts
+    claim = {"name": USER_VOLUME, "persistentVolumeClaim": {"claimName": volume.claim}}
+    mount = {"name": USER_VOLUME, "mountPath": volume.mount_path}
+    return (*volumes, claim), (*volume_mounts, mount)
+
+
+def claim_manifest(volume: UserVolume, namespace: str, release: str = "") -> dict[str, Any]:
+    """The user's PersistentVolumeClaim (ReadWriteOnce). It is labelled as ours but never
+    as a kernel's: no sweep, cleanup or kernel removal deletes a user's data."""
+    labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: COMPONENT_USER_VOLUME}
+    annotations = {}
+    if volume.username:
+        labels[LABEL_USERNAME] = sanitize_label_value(volume.username)
+        annotations[ANNOTATION_USERNAME] = volume.username
+    if release:
+        labels[LABEL_RELEASE] = sanitize_label_value(release)
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": volume.size}},
+    }
+    if volume.storage_class:
+        spec["storageClassName"] = volume.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": volume.claim,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": spec,
+    }
+
+
 # ---------------------------------------------------------------------- names and labels
 
 
@@ -212,15 +322,16 @@ def kernel_labels(
     return labels
 
 
-def claim_patch(kernel_id: str) -> dict[str, Any]:
+def claim_patch(kernel_id: str, username: str = "") -> dict[str, Any]:
     """The merge patch (RFC 7386) that gives a claimed warm kernel's pod or Secret the
-    kernel id it now serves: kernel-id label and annotation, no pool label."""
-    return {
-        "metadata": {
-            "labels": {LABEL_KERNEL_ID: sanitize_label_value(kernel_id), LABEL_POOL: None},
-            "annotations": {ANNOTATION_KERNEL_ID: str(kernel_id)},
-        }
-    }
+    kernel id it now serves: kernel-id label and annotation, no pool label; with
+    ``username``, the user's label and annotation."""
+    labels: dict[str, Any] = {LABEL_KERNEL_ID: sanitize_label_value(kernel_id), LABEL_POOL: None}
+    annotations = {ANNOTATION_KERNEL_ID: str(kernel_id)}
+    if username:
+        labels[LABEL_USERNAME] = sanitize_label_value(username)
+        annotations[ANNOTATION_USERNAME] = str(username)
+    return {"metadata": {"labels": labels, "annotations": annotations}}
 
 
 def persist_metadata(

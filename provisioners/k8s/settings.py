@@ -15,6 +15,7 @@ from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, Un
 
 from ..lifecycle.owner import ServerPod
 from ..settings import SharedSettings
+from ..usernames import PLACEHOLDER, uses_username
 from . import manifests as m
 from .client import default_namespace
 
@@ -35,8 +36,6 @@ class KubernetesSettings(SharedSettings):
         "volume_mounts",
         "working_dir",
         "env",
-        "user_volume_claim",
-        "user_volume_mount_path",
     )
     launch_resources: ClassVar[tuple[str, ...]] = ("cpu", "memory", "gpus", "image")
 
@@ -70,7 +69,10 @@ class KubernetesSettings(SharedSettings):
     namespace = Unicode(
         config=True,
         help="""Namespace of the kernel pods. Default: $CLUSTER_PROVISIONERS_NAMESPACE, else the
-        server pod's own namespace when in a cluster, else 'default'.""",
+        server pod's own namespace when in a cluster, else 'default'. '{username}' stands
+        for the kernel's user (KERNEL_USERNAME) as a DNS label ('Alice_B' becomes
+        'alice-b--<hash>'); such namespaces must exist and grant the server the chart's
+        Role. Example: "namespace": "kernels-{username}".""",
     )
     kubeconfig = Unicode(
         "",
@@ -216,16 +218,48 @@ class KubernetesSettings(SharedSettings):
         default_value=[],
         config=True,
         help="""Extra volumes of the pod, in their Kubernetes form (mount them with
-        'volume_mounts'). Example: "volumes": [{"name": "data", "persistentVolumeClaim":
-        {"claimName": "team-data"}}].""",
+        'volume_mounts'). '{username}' stands for the kernel's user: a DNS label in names
+        (a claimName), a path segment under 'path' (hostPath, nfs). Example: "volumes":
+        [{"name": "data", "persistentVolumeClaim": {"claimName": "team-data"}}], or
+        [{"name": "home", "persistentVolumeClaim": {"claimName": "home-{username}"}}]
+        (see 'user_volume_mount_path' for a claim created per user).""",
     )
     volume_mounts = List(
         Dict(),
         default_value=[],
         config=True,
         help="""Extra volumeMounts of the kernel container: where the 'volumes' appear in it.
+        '{username}' works as in 'volumes' (a path segment in mountPath and subPath).
         Example: "volume_mounts": [{"name": "data", "mountPath": "/home/jovyan/data",
-        "readOnly": true}].""",
+        "readOnly": true}], or one shared volume, a directory per user: [{"name": "homes",
+        "mountPath": "/home/jovyan/work", "subPath": "{username}"}].""",
+    )
+    user_volume_mount_path = Unicode(
+        "",
+        config=True,
+        help="""Where each kernel of a user mounts that user's own PersistentVolumeClaim
+        ('user_volume_claim'), created before the user's first pod if missing and never
+        deleted with a kernel (it is the user's data: delete it yourself). Empty: no
+        volume per user. Needs 'create' and 'get' on persistentvolumeclaims (the chart's
+        kernels.userVolume). Example: "/home/jovyan/work".""",
+    )
+    user_volume_claim = Unicode(
+        "claim-{username}",
+        config=True,
+        help="""Name of a user's PersistentVolumeClaim ('user_volume_mount_path'); '{username}'
+        is the kernel's user as a DNS label. Example: "home-{username}".""",
+    )
+    user_volume_size = Unicode(
+        "1Gi",
+        config=True,
+        help="""Storage a user's claim requests when it is created (a quantity). Example:
+        "10Gi".""",
+    )
+    user_volume_storage_class = Unicode(
+        "",
+        config=True,
+        help="""storageClassName of a user's claim when it is created. Empty: the cluster's
+        default class. Example: "standard".""",
     )
     service_account_name = Unicode(
         "",
@@ -308,8 +342,9 @@ class KubernetesSettings(SharedSettings):
         "",
         config=True,
         help="""Working directory of the kernel container (workingDir): where the kernel
-        starts and relative paths resolve. Empty: the image's. Example: "working_dir":
-        "/home/jovyan/work".""",
+        starts and relative paths resolve. Empty: the image's. '{username}' stands for the
+        kernel's user as a path segment. Example: "working_dir": "/home/jovyan/work",
+        "/home/{username}".""",
     )
     termination_grace_period = Int(
         5,
@@ -358,6 +393,11 @@ class KubernetesSettings(SharedSettings):
         $CLUSTER_PROVISIONERS_RELEASE.""",
     )
 
+    def settings_using_username(self) -> list[str]:
+        """The settings that vary by user: those using '{username}', and the user's claim."""
+        used = [name for name in self.username_settings if uses_username(getattr(self, name))]
+        return used + (["user_volume_mount_path"] if self.user_volume_mount_path else [])
+
     @default("namespace")
     def _namespace_default(self) -> str:
         return default_namespace()
@@ -395,8 +435,18 @@ class KubernetesSettings(SharedSettings):
         super().validate_config()
         if not self.image:
             raise self.config_error("image", "required: the kernel image the pod runs")
-        if not m.is_dns_label(self.namespace):
+        if not m.is_dns_label(self.namespace.replace(PLACEHOLDER, "u")):
             raise self.config_error("namespace", f"{self.namespace!r} is not a DNS-1123 label")
+        if not m.is_dns_label(self.user_volume_claim.replace(PLACEHOLDER, "u")):
+            raise self.config_error(
+                "user_volume_claim", f"{self.user_volume_claim!r} is not a DNS-1123 label"
+            )
+        if self.user_volume_mount_path and not self.user_volume_mount_path.startswith("/"):
+            raise self.config_error("user_volume_mount_path", "must be an absolute path")
+        if not m.is_quantity(self.user_volume_size):
+            raise self.config_error(
+                "user_volume_size", f"{self.user_volume_size!r} is not a quantity (e.g. '10Gi')"
+            )
         if not m.is_dns_label(self.pod_name_prefix) or len(self.pod_name_prefix) > 24:
             raise self.config_error(
                 "pod_name_prefix", "use at most 24 lowercase letters, digits and '-'"

@@ -296,6 +296,7 @@ async def list_kernel_pods(client: KubeClient, namespace: str) -> list[dict[str,
                 owner=annotations.get(m.ANNOTATION_OWNER, ""),
                 created=_epoch(meta.get("creationTimestamp", "")),
                 pod=f"{namespace}/{meta['name']}",
+                username=annotations.get(m.ANNOTATION_USERNAME, ""),
             )
         )
     return rows

@@ -255,11 +255,12 @@ class Engine:
         reconnecting by itself) can reach the new kernel, where the engine's relays make
         that later (docker-proxy). Never raises."""
 
-    async def claim_kernel(self, pool_id: str) -> None:
+    async def claim_kernel(self, pool_id: str, username: str = "") -> None:
         """Rename what a warm kernel started as ``pool_id`` to :attr:`kernel_id` (names,
         labels, annotations), so that ``list``, ``cleanup`` and the orphan sweep see it
-        under the id it was claimed for. May raise: the claim is then given up, the warm
-        kernel removed and the request started cold.
+        under the id it was claimed for; record ``username`` (the claiming request's user,
+        '' for none) as the kernel's user where the engine records one. May raise: the
+        claim is then given up, the warm kernel removed and the request started cold.
         """
 
     def uses_request_cwd(self) -> bool:
@@ -290,7 +291,8 @@ class Engine:
 
         Each as a kernel's saved state: ``{"kernel_id", "kernel_info" (the kernel's own
         connection file, key and Curve keys as text), "ports", "port_host", "state" (as
-        :meth:`kernel_state` gives it)}``. Raises :class:`EngineUnavailableError` when the
+        :meth:`kernel_state` gives it), "username" (the kernel's user as recorded on the
+        engine, '' for none)}``. Raises :class:`EngineUnavailableError` when the
         engine cannot be reached; a kernel whose record cannot be read is left out and
         logged (without its key).
         """
@@ -315,7 +317,8 @@ class Engine:
         return []
 
     async def list_kernels(self) -> list[dict[str, Any]]:
-        """Our kernels this engine knows of, as JSON-safe rows (kernel_id, owner, ...)."""
+        """Our kernels this engine knows of, as JSON-safe rows (kernel_id, owner, username
+        (the kernel's user, '' for none), ...)."""
         return []
 
 

@@ -13,8 +13,15 @@ claims a warm kernel only when the request carries none of those inputs, namely
 
 and when the warm kernel gives what the request asks for: the same transport, and
 CurveZMQ when the request's encryption policy asks for it. Otherwise the start is cold
-and the log says why. A restart of a claimed kernel is a cold start in place: the same
-kernel id, HMAC key and Curve keys (clients stay connected), a new container or pod.
+and the log says why.
+
+A kernelspec whose settings vary by user (``{username}`` in a volume, the namespace, the
+working directory or env; a claim per user) never claims: its kernels are made for their
+user. Elsewhere ``KERNEL_USERNAME`` is optional for a claim (a warm kernel runs without
+it) and the engine records the claiming request's user on the claimed kernel.
+
+A restart of a claimed kernel is a cold start in place: the same kernel id, HMAC key and
+Curve keys (clients stay connected), a new container or pod.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from .. import metrics
 from ..connection.ports import ClusterPortCache
 from ..settings import is_request_input, requested_env_names
+from ..usernames import settings_using_username
 from .pools import KernelPools
 
 if TYPE_CHECKING:
@@ -39,6 +47,10 @@ def cold_reason(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> str:
 
 def _cold(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> tuple[str, str]:
     """:func:`cold_reason` with its miss reason (:data:`provisioners.metrics.MISS_REASONS`)."""
+    per_user = settings_using_username(provisioner)
+    if per_user:
+        names = ", ".join(per_user)
+        return "per_user", f"the kernelspec's {names} vary by user ({{username}})"
     params = provisioner.launch_parameters
     if params is not None and not params.defaults:
         changed = params.describe_changes()
@@ -48,7 +60,8 @@ def _cold(provisioner: ClusterProvisioner, kwargs: dict[str, Any]) -> tuple[str,
         name for name in requested if provisioner.inherit_server_env or is_request_input(name)
     }
     defaults = set(params.env()) if params is not None else set()  # what warm kernels have
-    missing = sorted(passed - set(provisioner.pool_optional_env) - defaults)
+    optional = {*provisioner.pool_optional_env, "KERNEL_USERNAME"}  # recorded on the claim
+    missing = sorted(passed - optional - defaults)
     if missing:
         names = ", ".join(missing)
         return "request_env", f"the request sets {names}, which a warm kernel was started without"
@@ -114,7 +127,7 @@ async def claim_warm_kernel(provisioner: ClusterProvisioner, kwargs: dict[str, A
         warm.kernel_id = kernel_id
         warm.pool_id = ""
         warm.claimed_from = pool_id
-        await warm.claim_kernel(pool_id)
+        await warm.claim_kernel(pool_id, provisioner.username)
     except Exception as exc:
         log.warning(
             "Kernel %s: claiming warm kernel %s failed; removing it, starting cold: %s",
@@ -127,7 +140,8 @@ async def claim_warm_kernel(provisioner: ClusterProvisioner, kwargs: dict[str, A
         return False
     provisioner.claim_warm_engine(warm)
     metrics.record_claim(spec)
-    skipped = sorted(requested_env_names(kwargs.get("env")) & set(provisioner.pool_optional_env))
+    optional = {*provisioner.pool_optional_env, "KERNEL_USERNAME"}
+    skipped = sorted(requested_env_names(kwargs.get("env")) & optional)
     provisioner.progress(
         "claimed",
         f"warm kernel {pool_id}" + (f" (without {', '.join(skipped)})" if skipped else ""),

@@ -8,6 +8,7 @@ from typing import Any
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_server.extension.application import ExtensionApp
 
+from ..usernames import settings_using_username
 from .pools import KernelPools
 
 
@@ -40,6 +41,15 @@ class PoolExtension(ExtensionApp):
                 "KernelPools.prefill names kernelspec %r, which has no pool "
                 "(set pool_size in its cluster provisioner config)",
                 spec_name,
+            )
+            return
+        per_user = settings_using_username(provisioner)
+        if per_user:
+            self.log.warning(
+                "KernelPools.prefill: kernelspec %r keeps no warm kernels: its %s vary by "
+                "user ({username}), and each of its kernels starts for its user",
+                spec_name,
+                ", ".join(per_user),
             )
             return
         KernelPools.instance().ensure(provisioner)  # the provisioner is the pool's template

@@ -40,6 +40,7 @@ from ..executor import EngineExecutor
 from ..lifecycle.engine import Engine, kernel_row
 from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.owner import detached_mark
+from ..usernames import expand_env, expand_username
 from .remote import (
     OWNER_FILE,
     PERSIST_FILE,
@@ -56,6 +57,7 @@ from .remote import (
     shell_quote,
     sweep_host,
     write_owner_script,
+    write_user_script,
 )
 
 if TYPE_CHECKING:
@@ -212,11 +214,19 @@ class SSHEngine(Engine):
         self, cmd: list[str], env: dict[str, str], kernel_info: dict[str, Any], **kwargs: Any
     ) -> None:
         """Make the kernel's directory, upload its files, launch it detached and wait
-        until its heartbeat answers through the SSH server (see :meth:`_wait_ready`)."""
+        until its heartbeat answers through the SSH server (see :meth:`_wait_ready`).
+        ``{username}`` in ``remote_cwd`` and ``env`` is the kernel's user as a path
+        segment; :class:`~provisioners.usernames.UsernameError` names the setting that
+        uses it when there is none."""
+        username = self.settings.username or env.get("KERNEL_USERNAME", "")
+        remote_cwd = expand_username(
+            self.settings.remote_cwd, username, "path", setting="remote_cwd"
+        )
+        env = expand_env(env, self.settings.env, username)
         await self._sweep_once()
         kernel_dir = self.kernel_dir
         runtime = posixpath.dirname(kernel_dir)
-        cwd = posixpath.normpath(expand_home(self.settings.remote_cwd or "~", self._home))
+        cwd = posixpath.normpath(expand_home(remote_cwd or "~", self._home))
         if kwargs.get("cwd"):
             self.log.debug("Kernel %s: the server-side cwd is not used remotely", self.kernel_id)
         where = self._where
@@ -231,6 +241,8 @@ class SSHEngine(Engine):
             f"printf '%s\\n' {shell_quote(self.settings.owner)} > {owner_file}\n"
             f"printf '%s\\n' {shell_quote(self.settings.spec_name)} > {spec_file}\n"
         )
+        if username:
+            prepare += write_user_script(kernel_dir, username)
         if self.settings.persist_kernels:  # the kernel outlives its server: see the sweep
             persist_file = shell_quote(posixpath.join(kernel_dir, PERSIST_FILE))
             prepare += f"printf '%s\\n' {self.settings.adoption_grace:g} > {persist_file}\n"
@@ -527,6 +539,7 @@ class SSHEngine(Engine):
                     "ports": ports,
                     "port_host": self.allocation_host(),
                     "state": state,
+                    "username": kernel.username,
                 }
             )
         return records
@@ -580,6 +593,7 @@ class SSHEngine(Engine):
                 state="running" if kernel.alive else "exited",
                 owner=kernel.owner,
                 created=kernel.created,
+                username=kernel.username,
             )
             for kernel in found
         ]

@@ -56,6 +56,9 @@ OWNER_FILE = "owner"
 #: The file in a kernel's directory that marks it persisted (``persist_kernels``); it
 #: holds the kernel's adoption grace in seconds.
 PERSIST_FILE = "persist"
+#: The file in a kernel's directory naming its user (KERNEL_USERNAME), hex-encoded UTF-8 so
+#: that no name can break a line of the listing.
+USER_FILE = "user"
 #: A persisted kernel's grace when its ``persist`` file names none.
 DEFAULT_ADOPTION_GRACE = float(SharedSettings.adoption_grace.default_value)
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
@@ -128,6 +131,20 @@ def write_owner_script(kernel_dir: str, owner: str) -> str:
         f"printf '%s\\n' {shell_quote(owner)} > {owner_file}.new && "
         f"mv -f -- {owner_file}.new {owner_file}\n"
     )
+
+
+def write_user_script(kernel_dir: str, username: str) -> str:
+    """Write ``username`` as the user file of ``kernel_dir`` (see :data:`USER_FILE`)."""
+    user_file = shell_quote(posixpath.join(kernel_dir, USER_FILE))
+    return f"umask 077\nprintf '%s\\n' {username.encode().hex()} > {user_file}\n"
+
+
+def read_user(text: str) -> str:
+    """The user a user file's line names ('' when none or unreadable)."""
+    try:
+        return bytes.fromhex(text.strip()).decode()
+    except (ValueError, UnicodeDecodeError):
+        return ""
 
 
 def exit_report_script(pid: int, start: str, log_file: str, lines: int = 20) -> str:
@@ -209,6 +226,8 @@ class RemoteKernel:
     #: names (None when it names none).
     persisted: bool = False
     grace: float | None = None
+    #: The kernel's user (its :data:`USER_FILE`; '' when none).
+    username: str = ""
 
     @property
     def kernel_id(self) -> str:
@@ -243,16 +262,17 @@ def _remote_kernels(link: SSHLink, remote_runtime_dir: str, timeout: float) -> l
         f'  o=$(head -n 1 "$d/{OWNER_FILE}" 2>/dev/null); p=$(head -n 1 "$d/pid" 2>/dev/null)\n'
         '  k=$(head -n 1 "$d/kernelspec" 2>/dev/null); t=$(stat -c %Y "$d" 2>/dev/null)\n'
         f'  g=; [ -f "$d/{PERSIST_FILE}" ] && g="p $(head -n 1 "$d/{PERSIST_FILE}" 2>/dev/null)"\n'
+        f'  u=$(head -n 1 "$d/{USER_FILE}" 2>/dev/null)\n'
         '  a=0; set -- $p; alive "${1:-}" "${2:-}" && a=1\n'
-        "  printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' "
-        '"$d" "$o" "$p" "$a" "$k" "$t" "$g"\n'
+        "  printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' "
+        '"$d" "$o" "$p" "$a" "$k" "$t" "$g" "$u"\n'
         "done\n"
     )
     found = []
     for line in link.sh(listing, timeout=timeout).stdout.splitlines():
-        kernel_dir, owner, pid_line, alive, kernelspec, created, persist = (
-            [*line.split("\t")] + [""] * 7
-        )[:7]
+        kernel_dir, owner, pid_line, alive, kernelspec, created, persist, user = (
+            [*line.split("\t")] + [""] * 8
+        )[:8]
         if not is_kernel_dir(kernel_dir):
             continue
         fields = pid_line.split()  # "PID START GROUP", as the launch wrote it
@@ -269,6 +289,7 @@ def _remote_kernels(link: SSHLink, remote_runtime_dir: str, timeout: float) -> l
                 created=float(created) if created.isdigit() else 0.0,
                 persisted=persist.startswith("p"),
                 grace=_grace(grace_text),
+                username=read_user(user),
             )
         )
     return found

@@ -31,6 +31,8 @@ class SSHTargetSettings(SharedSettings):
     target: ClassVar[str] = "ssh"
     #: 'ssh_password' follows 'password' here (and may not be set itself).
     secret_settings: ClassVar[tuple[str, ...]] = ("password",)
+    #: Settings where ``{username}`` stands for the kernel's user (a safe path segment).
+    username_settings: ClassVar[tuple[str, ...]] = ("remote_cwd", "env")
 
     host = Unicode(
         "",
@@ -65,7 +67,9 @@ class SSHTargetSettings(SharedSettings):
         config=True,
         help="""Working directory of the kernel on the remote host, absolute or '~/...',
         e.g. '~/notebooks'. Empty: the user's home. It must exist (the start fails naming
-        it otherwise). The server-side cwd of the start request is not used.""",
+        it otherwise). The server-side cwd of the start request is not used.
+        '{username}' stands for the kernel's user (KERNEL_USERNAME) as a safe path
+        segment ('../x' becomes 'x--<hash>'), e.g. '/srv/work/{username}'.""",
     )
     remote_runtime_dir = Unicode(
         DEFAULT_REMOTE_RUNTIME_DIR,
