@@ -49,9 +49,11 @@ SCHEMA_KEYS = frozenset(
     {"type", "default", "minimum", "maximum", "enum", "pattern", "description", "title"}
 )
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
-_NUMBER = re.compile(r"[+-]?(?:\d{1,16}(?:\.\d{0,16})?|\.\d{1,16})(?:[eE][+-]?\d{1,3})?")
-_INTEGER = re.compile(r"[+-]?\d{1,16}")
-_QUANTITY = re.compile(r"(\d{1,16}(?:\.\d{1,9})?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?")
+_NUMBER = re.compile(
+    r"[+-]?(?:[0-9]{1,16}(?:\.[0-9]{0,16})?|\.[0-9]{1,16})(?:[eE][+-]?[0-9]{1,3})?"
+)
+_INTEGER = re.compile(r"[+-]?[0-9]{1,16}")
+_QUANTITY = re.compile(r"([0-9]{1,16}(?:\.[0-9]{1,9})?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?")
 _UNITS = {
     "": 1,
     "k": 10**3,
@@ -256,8 +258,8 @@ def unsupported_resources(
         if name in params.values and name not in supported:
             can = ", ".join(n for n in RESOURCE_PARAMETERS if n in supported) or "none"
             msg = (
-                f"kernelspec {spec_name!r}: launch parameter {name!r} cannot be applied to a "
-                f"{target} kernel (resource parameters it honours: {can}); remove it from "
+                f"kernelspec {spec_name!r}: launch parameter {name!r} cannot be applied to "
+                f"{target} kernels (resource parameters they honour: {can}); remove it from "
                 "metadata.parameters"
             )
             return ProvisionerConfigError(
@@ -366,7 +368,9 @@ def _bound_key(name: str, bound: Any) -> float:
         if size is None:
             raise ValueError(f"{_show(bound)} is not a quantity such as '512Mi', '2Gi', '1G'")
         return float(size)
-    if isinstance(bound, bool) or not isinstance(bound, int | float) or not math.isfinite(bound):
+    if isinstance(bound, bool) or not isinstance(bound, int | float):
+        raise ValueError(f"{_show(bound)} is not a number")
+    if isinstance(bound, float) and not math.isfinite(bound):
         raise ValueError(f"{_show(bound)} is not a finite number")
     if abs(bound) > MAX_NUMBER:
         raise ValueError(f"{_show(bound)} is too large")
@@ -425,7 +429,7 @@ def _typed(name: str, entry: dict[str, Any], raw: Any, spec: str) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _value_error(name, given, entry, spec, f"is not {_article(kind)}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise _value_error(name, given, entry, spec, "is not a finite number")
     if abs(value) > MAX_NUMBER:
         raise _value_error(name, given, entry, spec, "is too large")
@@ -498,6 +502,8 @@ def _allowed(name: str, entry: dict[str, Any]) -> str:
     """What a parameter accepts, in words."""
     kind = entry["type"]
     what = "a memory quantity such as '2Gi'" if name == "memory" else _article(kind)
+    if kind == "boolean":
+        return "true or false"
     if entry.get("enum"):
         return "one of " + ", ".join(_show(o) for o in entry["enum"])
     parts = [what]
@@ -520,5 +526,7 @@ def _article(kind: str) -> str:
 
 def _show(value: Any) -> str:
     """A value quoted for a message, shortened (it may be hostile)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_NUMBER:
+        value = int(value)
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
