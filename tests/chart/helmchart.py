@@ -125,6 +125,19 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "pools": {"sizes": {"python3": 3, "gpu": 0, "analysis": 1}, "maxTotal": 6},
         },
     },
+    # Many users (issue 22): a Hub, a token file, admins and quotas, each Secret referenced.
+    "access": {
+        "access": {
+            "enabled": True,
+            "hub": {
+                "apiUrl": "http://hub.jhub.svc.cluster.local:8081/hub/api",
+                "apiTokenSecret": {"name": "hub", "key": "hub.services.gateway.apiToken"},
+            },
+            "tokenFile": {"existingSecret": "kernel-users"},
+            "adminGroups": ["platform"],
+            "quotas": {"maxKernelsPerUser": 3, "maxCpuPerUser": 4, "maxMemoryPerUser": "16Gi"},
+        },
+    },
     "existing-secret": {
         "auth": {"existingSecret": "site-jupyter-token", "existingSecretKey": "jupyter-token"},
         "serviceAccount": {"create": False, "name": "jupyter-kernels"},

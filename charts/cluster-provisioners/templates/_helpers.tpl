@@ -139,6 +139,7 @@ kernel namespace first, then kernels.extraNamespaces, without duplicates.
 {{- define "cluster-provisioners.configDir" -}}/etc/cluster-provisioners/jupyter{{- end }}
 {{- define "cluster-provisioners.dataDir" -}}/opt/cluster-provisioners/share/jupyter{{- end }}
 {{- define "cluster-provisioners.tokenDir" -}}/var/run/secrets/cluster-provisioners{{- end }}
+{{- define "cluster-provisioners.usersDir" -}}/var/run/secrets/cluster-provisioners-users{{- end }}
 
 {{/*
 Kernelspecs after template rendering: a dict name -> kernel.json content. String values in
@@ -153,6 +154,22 @@ Returned as JSON (use with fromJson).
 {{- range $name, $spec := .Values.kernels.kernelspecs }}
 {{- if $spec }}
 {{- $_ := set $out $name (tpl (toJson $spec) $ | fromJson) }}
+{{- end }}
+{{- end }}
+{{- $volume := .Values.kernels.userVolume }}
+{{- if $volume.enabled }}
+{{- range $name, $spec := $out }}
+{{- $provisioner := dig "metadata" "kernel_provisioner" dict $spec }}
+{{- if eq (index $provisioner "provisioner_name" | default "") "cluster-kubernetes-provisioner" }}
+{{- $config := index $provisioner "config" | default dict }}
+{{- $_ := set $provisioner "config" $config }}
+{{- $defaults := dict "user_volume_mount_path" $volume.mountPath "user_volume_size" $volume.size "user_volume_storage_class" $volume.storageClass }}
+{{- range $key, $value := $defaults }}
+{{- if not (hasKey $config $key) }}
+{{- $_ := set $config $key $value }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- range $name, $size := .Values.kernels.pools.sizes }}
@@ -190,6 +207,17 @@ parsed output of cluster-provisioners.kernelspecs.
 {{- end }}
 {{- end }}
 {{- $pooled | sortAlpha | toJson }}
+{{- end }}
+
+{{/*
+Whether a kernelspec mounts a claim per user (user_volume_mount_path set in its provisioner
+config, from kernels.userVolume or written in the kernelspec): "true" or "". Call with the
+parsed output of cluster-provisioners.kernelspecs.
+*/}}
+{{- define "cluster-provisioners.userVolumes" -}}
+{{- range $name, $spec := . }}
+{{- if dig "metadata" "kernel_provisioner" "config" "user_volume_mount_path" "" $spec }}true{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
