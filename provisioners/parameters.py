@@ -268,6 +268,23 @@ def unsupported_resources(
     return None
 
 
+def fallback_refusal(params: LaunchParameters | None, target: str, cause: str) -> str:
+    """Why the local fallback may not stand in for a ``target`` kernel whose request chose
+    resource parameters other than the defaults ('' when it may): a local process gets
+    none of them, and a choice is never ignored silently."""
+    if params is None:
+        return ""
+    chosen = [n for n in params.changed if n in RESOURCE_PARAMETERS]
+    if not chosen:
+        return ""
+    values = ", ".join(f"{n}={_show(params.values[n])}" for n in chosen)
+    return (
+        f"the {target} engine is unreachable ({cause}); the local fallback cannot give the "
+        f"kernel its launch parameters ({values}), so it is not started. Start it with the "
+        "kernelspec's defaults, or once the engine answers"
+    )
+
+
 # ---------------------------------------------------------------------- the schema
 
 

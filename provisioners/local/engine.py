@@ -14,8 +14,10 @@ from jupyter_core.paths import jupyter_runtime_dir
 
 from ..connection.files import PORT_NAMES, launch_kernel, write_connection_file
 from ..connection.ports import ClusterPortCache, on_reclaim, process_alive, process_start_time
+from ..exceptions import EngineUnavailableError
 from ..executor import EngineExecutor
 from ..lifecycle.engine import Engine
+from ..parameters import fallback_refusal
 
 #: Keyword arguments of a start request that reach the process launcher.
 _LAUNCH_KWARGS = ("stdin", "stdout", "stderr", "cwd", "independent")
@@ -84,7 +86,17 @@ class LocalEngine(Engine):
     async def prepare_command(
         self, kernel_info: dict[str, Any], extra_arguments: list[str]
     ) -> list[str]:
-        """Write the connection file where the kernel manager keeps it, then format argv."""
+        """Write the connection file where the kernel manager keeps it, then format argv.
+
+        As the fallback: :class:`EngineUnavailableError` when the request chose resource
+        launch parameters that a local process cannot have."""
+        if self.fallback_for:
+            params = self.settings.launch_parameters
+            refusal = fallback_refusal(params, self.fallback_for, self.fallback_cause)
+            if refusal:
+                raise EngineUnavailableError(
+                    refusal, target=self.fallback_for, kernel_id=self.kernel_id
+                )
         km = self.manager
         if km is not None and hasattr(km, "format_kernel_cmd") and not self._tunneled:
             if not km.connection_file:  # named after the kernel, so sweeps can find it
