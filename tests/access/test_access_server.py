@@ -66,9 +66,18 @@ async def test_a_user_sees_and_uses_only_their_own_kernels(access_server: Any) -
         status, bobs = bob.request("POST", "api/sessions", _session({"name": "local"}))
         assert status == 201, bobs
         assert bobs["id"] != session_id and bobs["kernel"]["id"] != kernel_id
-        # a session of bob's cannot be switched to alice's kernel
+        # a session of bob's cannot be switched to alice's kernel; to a new kernel it can,
+        # started as bob's (the old one shut down)
         patch = {"kernel": {"id": kernel_id}}
         assert bob.request("PATCH", f"api/sessions/{bobs['id']}", patch)[0] == 404
+        status, patched = bob.request(
+            "PATCH", f"api/sessions/{bobs['id']}", {"kernel": {"name": "local"}}
+        )
+        assert status == 200, patched
+        assert patched["kernel"]["id"] not in (kernel_id, bobs["kernel"]["id"])
+        bobs = patched
+        assert [k["id"] for k in bob.request("GET", "api/kernels")[1]] == [bobs["kernel"]["id"]]
+        assert alice.request("GET", f"api/kernels/{bobs['kernel']['id']}")[0] == 404
         # no server shutdown, no contents, no terminals for a user
         assert bob.request("POST", "api/shutdown")[0] == 403
         assert bob.request("GET", "api/contents")[0] == 403
