@@ -177,6 +177,7 @@ class AccessIdentityProvider(IdentityProvider):
         if own and hmac.compare_digest(_digest(own), _digest(token)):
             name = access.token_admin_name
             return AccessUser(username=name, admin=True)
+        user = None
         if access.token_file:
             tokens = self._token_files.get(access.token_file)
             if tokens is None:
@@ -187,10 +188,18 @@ class AccessIdentityProvider(IdentityProvider):
             if entry is not None:
                 groups = list(entry.groups)
                 admin = access.is_admin(entry.name, groups, entry.admin)
-                return AccessUser(username=entry.name, groups=groups, admin=admin)
-        if access.hub_api_url:
-            return await self._hub_user(token)
-        return None
+                user = AccessUser(username=entry.name, groups=groups, admin=admin)
+        if user is None and access.hub_api_url:
+            user = await self._hub_user(token)
+        if user is not None and user.username == access.token_admin_name and not user.admin:
+            # would own the kernels started with the server's token
+            self.log.error(
+                "User %r refused: the name of the server token's admin "
+                "(KernelAccess.token_admin_name) is not a user's",
+                user.username,
+            )
+            return None
+        return user
 
     # -- JupyterHub -------------------------------------------------------------------
 

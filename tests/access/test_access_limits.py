@@ -7,6 +7,7 @@ kernel is the access extension's record (a cluster provisioner's is its ``userna
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -91,3 +92,10 @@ def test_quotas_parameters_and_kernelspec_groups(access_server: Any) -> None:
         assert len(admin.request("GET", "api/kernels")[1]) == 5
         for kernel in admin.request("GET", "api/kernels")[1]:
             assert admin.request("DELETE", f"api/kernels/{kernel['id']}")[0] == 204
+
+        # starts at once count while they start: of three, two start and one gets 429
+        with ThreadPoolExecutor(3) as pool:
+            starts = [pool.submit(_start, alice, "sized", parameters={"cpu": 0.5}) for _ in "abc"]
+            statuses = sorted(f.result()[0] for f in starts)
+        assert statuses == [201, 201, 429], [f.result() for f in starts]
+        assert len(alice.request("GET", "api/kernels")[1]) == 2

@@ -237,6 +237,12 @@ async def test_the_token_file_maps_tokens_to_users_and_is_read_again(
     admin = await provider.get_user(_Handler({"Authorization": f"token {SERVER_TOKEN}"}))  # type: ignore[arg-type]
     assert admin is not None and admin.admin
 
+    # a user named as the server token's admin would own the admin's kernels: refused
+    path.write_text(json.dumps({"bob-file-token": {"name": "admin"}}))
+    os.utime(path, ns=(3, 3))
+    assert await provider.user_for_token("bob-file-token") is None
+    assert "the name of the server token's admin" in caplog.text
+
     # changed: bob added (an admin by admin_users), alice removed
     path.write_text(json.dumps({"bob-file-token": {"name": "bob", "groups": ["team-b"]}}))
     os.utime(path, ns=(1, 1))  # a new mtime even within the clock's resolution
