@@ -32,6 +32,7 @@ __all__ = [
     "PATH_SEGMENT_MAX",
     "PLACEHOLDER",
     "UsernameError",
+    "check_username",
     "dns_label",
     "expand_env",
     "expand_username",
@@ -62,6 +63,19 @@ class UsernameError(ProvisionerConfigError):
     and the setting uses ``{username}``. ``key`` names the setting."""
 
     http_status = 400
+
+
+def check_username(name: str) -> str:
+    """``name`` if a kernel can carry it as ``KERNEL_USERNAME``; raises
+    :class:`UsernameError` for a NUL character (no process environment can hold one: the
+    start would fail late, in the runtime's words). '' passes (no user)."""
+    if "\x00" in name:
+        raise UsernameError(
+            "the start request's KERNEL_USERNAME contains a NUL character, which no "
+            "kernel environment can hold",
+            key="KERNEL_USERNAME",
+        )
+    return name
 
 
 def _hash(name: str) -> str:

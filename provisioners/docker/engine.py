@@ -44,7 +44,7 @@ from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.fallback import while_unreachable
 from ..lifecycle.owner import detached_mark
 from ..podenv import maybe_in_pod
-from ..usernames import UsernameError, expand_env, expand_username
+from ..usernames import UsernameError, check_username, expand_env, expand_username
 from .daemon import (
     ENGINE_ERRORS,
     LABEL_KERNELSPEC,
@@ -312,7 +312,7 @@ class DockerEngine(Engine):
         s = self.settings
         ports = [self.kernel_info[n] for n in PORT_NAMES]
         grace = s.adoption_grace if s.persist_kernels else None
-        username = s.username or env.get("KERNEL_USERNAME", "")
+        username = check_username(s.username or env.get("KERNEL_USERNAME", ""))
         volumes, mounts, working_dir = self.user_mounts(username)
         env = expand_env(env, s.env, username)
         labels = kernel_labels(

@@ -47,7 +47,13 @@ from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.leftovers import RemovalPending
 from ..lifecycle.owner import ServerPod, detached_mark, detached_since
 from ..secrets import kube_secret_ref
-from ..usernames import UsernameError, expand_env, expand_username, uses_username
+from ..usernames import (
+    UsernameError,
+    check_username,
+    expand_env,
+    expand_username,
+    uses_username,
+)
 from . import manifests as m
 from .client import (
     Conflict,
@@ -359,7 +365,7 @@ class PodEngine(Engine):
         naming the setting that uses it when there is no user."""
         s = self.settings
         ports = tuple(int(self.kernel_info[n]) for n in PORT_NAMES)
-        username = s.username or env.get("KERNEL_USERNAME", "")
+        username = check_username(s.username or env.get("KERNEL_USERNAME", ""))
         volumes, volume_mounts = m.with_user_volume(
             *m.user_volumes(s.volumes, s.volume_mounts, username), self.user_volume(username)
         )

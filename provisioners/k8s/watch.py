@@ -273,6 +273,10 @@ class StartProblem:
         return f"{where}{self.reason}: {self.message}" if self.message else where + self.reason
 
 
+#: The scheduler's words for a pod waiting for its claims to be bound.
+_UNBOUND_CLAIMS = "unbound immediate PersistentVolumeClaims"
+
+
 def start_problem(
     pod: Mapping[str, Any], *, unschedulable_fails: bool = True
 ) -> StartProblem | None:
@@ -284,6 +288,9 @@ def start_problem(
                 cond.get("type") == "PodScheduled"
                 and cond.get("status") == "False"
                 and cond.get("reason") == "Unschedulable"
+                # a claim not bound yet (the volume controller or a provisioner is at it,
+                # e.g. a user's claim created just before the pod) is not a lost cause
+                and _UNBOUND_CLAIMS not in str(cond.get("message", ""))
             ):
                 return StartProblem("Unschedulable", str(cond.get("message", "")))
     for key in ("initContainerStatuses", "containerStatuses"):

@@ -40,7 +40,7 @@ from ..executor import EngineExecutor
 from ..lifecycle.engine import Engine, kernel_row
 from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.owner import detached_mark
-from ..usernames import expand_env, expand_username
+from ..usernames import check_username, expand_env, expand_username
 from .remote import (
     OWNER_FILE,
     PERSIST_FILE,
@@ -218,7 +218,7 @@ class SSHEngine(Engine):
         ``{username}`` in ``remote_cwd`` and ``env`` is the kernel's user as a path
         segment; :class:`~provisioners.usernames.UsernameError` names the setting that
         uses it when there is none."""
-        username = self.settings.username or env.get("KERNEL_USERNAME", "")
+        username = check_username(self.settings.username or env.get("KERNEL_USERNAME", ""))
         remote_cwd = expand_username(
             self.settings.remote_cwd, username, "path", setting="remote_cwd"
         )

@@ -11,6 +11,7 @@ import pytest
 from provisioners.exceptions import ProvisionerConfigError
 from provisioners.usernames import (
     UsernameError,
+    check_username,
     dns_label,
     expand_username,
     path_segment,
@@ -174,3 +175,10 @@ def test_uses_username() -> None:
     assert uses_username({"{username}": 1})
     assert not uses_username({"a": ["x", 1, None]})
     assert not uses_username("/home/user")
+
+
+def test_a_username_no_environment_can_hold_is_refused_by_name() -> None:
+    with pytest.raises(UsernameError, match="NUL") as info:
+        check_username("a\x00b")
+    assert info.value.key == "KERNEL_USERNAME"
+    assert check_username("") == "" and check_username("a\nb") == "a\nb"

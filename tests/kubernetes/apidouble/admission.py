@@ -77,9 +77,43 @@ def admit(res: Resource, obj: JSON, current: JSON | None) -> list[JSON]:
         obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = obj["metadata"][
             "name"
         ]
+    if res.name == "persistentvolumeclaims":
+        return _claim(obj, current)
     if res.name == "events" and current is None:
         obj.setdefault("count", 1)
     return []
+
+
+def _claim(obj: JSON, current: JSON | None) -> list[JSON]:
+    """A PersistentVolumeClaim: accessModes and a storage request required; bound at once
+    (the double's dynamic provisioner: the kubelet backs it with a docker volume). Its
+    spec is immutable but for a larger request."""
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        return [meta.required("spec")]
+    causes = []
+    if not spec.get("accessModes"):
+        causes.append(meta.required("spec.accessModes"))
+    if not ((spec.get("resources") or {}).get("requests") or {}).get("storage"):
+        causes.append(meta.required("spec.resources[storage]"))
+    if current is None:
+        spec.setdefault("volumeMode", "Filesystem")
+        obj["status"] = {
+            "phase": "Bound",
+            "accessModes": list(spec.get("accessModes") or []),
+            "capacity": {"storage": spec["resources"]["requests"]["storage"]} if not causes else {},
+        }
+        return causes
+    obj["status"] = current["status"]
+    old = {k: v for k, v in current["spec"].items() if k != "resources"}
+    new = {k: v for k, v in spec.items() if k != "resources"}
+    if old != new:
+        causes.append(
+            meta.forbidden_field(
+                "spec", "spec is immutable after creation except resources.requests"
+            )
+        )
+    return causes
 
 
 def _pod_update_causes(old: JSON, new: Any) -> list[JSON]:

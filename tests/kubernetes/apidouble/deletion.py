@@ -193,7 +193,7 @@ class Deletion:
                 await self.delete_pod(name, pod["metadata"]["name"], {})
         while self.store.list("pods", name):
             await self.store.wait_change("pods", name, 0.5)
-        for resource in ("secrets", "configmaps", "events"):
+        for resource in ("secrets", "configmaps", "events", "persistentvolumeclaims"):
             for obj in self.store.list(resource, name):
                 self.store.remove(resource, name, obj["metadata"]["name"])
         self.store.remove("namespaces", "", name)

@@ -146,11 +146,15 @@ class PodWorker:
             if problem is None:
                 break
             self.event("FailedMount", problem, "Warning")
-            await self.cluster.store.wait_change(("secrets", "configmaps"), self.ns, delay)
+            kinds = ("secrets", "configmaps", "persistentvolumeclaims")
+            await self.cluster.store.wait_change(kinds, self.ns, delay)
             delay = min(delay * 2, 8.0)
         self.volumes = []
         for vol in spec.get("volumes") or []:
             kind = next(k for k in podspec.SUPPORTED_VOLUMES if k in vol)
+            if kind == "persistentVolumeClaim":
+                self.volumes.append(self._claim_plan(vol))
+                continue
             medium = (vol.get("emptyDir") or {}).get("medium") == "Memory"
             size = (vol.get("emptyDir") or {}).get("sizeLimit")
             self.volumes.append(
@@ -164,6 +168,10 @@ class PodWorker:
             )
         labels = self.rt.labels(self.uid, self.ns, self.name, "volume")
         for plan in self.volumes:
+            if plan.kind == "persistentVolumeClaim":  # the claim's own, outliving the pod
+                claim_labels = self.rt.claim_labels(self.ns)
+                await self.rt.call(self.uid, self.rt.create_volume, plan, claim_labels)
+                continue
             await self.rt.call(self.uid, self.rt.create_volume, plan, labels)
         ports = {}
         for container in spec["containers"]:
@@ -208,12 +216,27 @@ class PodWorker:
                 )
         self.publish()
 
+    def _claim_plan(self, vol: JSON) -> VolumePlan:
+        """A claim's volume: one docker volume per claim object (its uid), shared by
+        every pod that mounts the claim and kept when they go (removed with the double)."""
+        claim = self.cluster.store.get(
+            "persistentvolumeclaims", self.ns, vol["persistentVolumeClaim"]["claimName"]
+        )
+        assert claim is not None  # _mount_problem waited for it
+        uid = claim["metadata"]["uid"]
+        return VolumePlan(vol["name"], f"k8s-double-claim-{uid}", "persistentVolumeClaim", False)
+
     def _mount_problem(self, spec: JSON, fs_group: int | None) -> str | None:
         for vol in spec.get("volumes") or []:
             failed = f'MountVolume.SetUp failed for volume "{vol["name"]}" :'
             if not any(k in vol for k in podspec.SUPPORTED_VOLUMES):
                 kind = next((k for k in vol if k != "name"), "unknown")
                 return f"{failed} volume type {kind} is not supported by the k8s double"
+            if "persistentVolumeClaim" in vol:
+                name = vol["persistentVolumeClaim"].get("claimName", "")
+                if self.cluster.store.get("persistentvolumeclaims", self.ns, name) is None:
+                    return f'persistentvolumeclaim "{name}" not found'
+                continue
             if "secret" in vol or "configMap" in vol:
                 kind = "secret" if "secret" in vol else "configmap"
                 src = vol.get("secret") or vol.get("configMap") or {}
@@ -450,16 +473,26 @@ class PodWorker:
         plans = {p.name: p for p in self.volumes}
         for mount in container.get("volumeMounts") or []:
             plan = plans[mount["name"]]
-            read_only = bool(mount.get("readOnly")) or plan.kind != "emptyDir"
+            read_only = bool(mount.get("readOnly")) or plan.kind in ("secret", "configMap")
             if mount.get("subPath"):
                 base = await self.rt.call(self.uid, self.rt.volume_path, plan.docker_name)
                 source = os.path.join(base, mount["subPath"])
-                if plan.kind == "emptyDir" and not os.path.exists(source):
+                writable = plan.kind in ("emptyDir", "persistentVolumeClaim")
+                if writable and not os.path.exists(source):
                     os.makedirs(source, mode=0o777, exist_ok=True)
                 mounts.append(Mount(mount["mountPath"], source, type="bind", read_only=read_only))
             else:
+                # a claim's volume is never filled from the image (docker's copy-up would
+                # give it the image directory's owner and mode)
+                no_copy = plan.kind == "persistentVolumeClaim"
                 mounts.append(
-                    Mount(mount["mountPath"], plan.docker_name, type="volume", read_only=read_only)
+                    Mount(
+                        mount["mountPath"],
+                        plan.docker_name,
+                        type="volume",
+                        read_only=read_only,
+                        no_copy=no_copy,
+                    )
                 )
         self.term_dir.mkdir(parents=True, exist_ok=True)
         term_file = self.term_dir / f"{rec.name}-{rec.attempt + 1}"

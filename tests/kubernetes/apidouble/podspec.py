@@ -28,7 +28,7 @@ _VOLUME_SOURCES = (
     "csi",
     "ephemeral",
 )
-SUPPORTED_VOLUMES = ("emptyDir", "secret", "configMap")
+SUPPORTED_VOLUMES = ("emptyDir", "secret", "configMap", "persistentVolumeClaim")
 
 
 class ConfigError(Exception):

@@ -53,7 +53,7 @@ class VolumePlan:
 
     name: str
     docker_name: str
-    kind: str  # emptyDir | secret | configMap
+    kind: str  # emptyDir | secret | configMap | persistentVolumeClaim
     tmpfs: bool
     size: str | None = None
 
@@ -117,6 +117,15 @@ class DockerRuntime:
             LABEL_POD: pod,
             LABEL_ROLE: role,
             LABEL_CONTAINER: container,
+        }
+
+    def claim_labels(self, namespace: str) -> dict[str, str]:
+        """Labels of a claim's docker volume: this double's, no pod's (it outlives pods)."""
+        return {
+            LABEL: self.instance,
+            LABEL_OWNER: self.owner,
+            LABEL_NAMESPACE: namespace,
+            LABEL_ROLE: "claim",
         }
 
     def start_events(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -191,7 +200,7 @@ class DockerRuntime:
             plan.docker_name,
             driver="local",
             driver_opts=opts,
-            labels={**labels, LABEL_ROLE: "volume"},
+            labels={LABEL_ROLE: "volume", **labels},
         )
 
     def volume_path(self, docker_name: str) -> str:
@@ -211,10 +220,11 @@ class DockerRuntime:
         script = []
         for vol in volumes:
             path = f"{VOLUME_ROOT}/{vol.name}"
-            mode = "0777" if vol.kind == "emptyDir" else "1777"
+            writable = vol.kind in ("emptyDir", "persistentVolumeClaim")
+            mode = "0777" if writable else "1777"
             if fs_group is not None:
                 script.append(f"chgrp {fs_group} '{path}'")
-                mode = "2777" if vol.kind == "emptyDir" else "3777"
+                mode = "2777" if writable else "3777"
             script.append(f"chmod {mode} '{path}'")
         script.append("exec sleep infinity")
         kwargs: dict[str, Any] = {
@@ -407,7 +417,10 @@ class DockerRuntime:
             if container.labels.get(LABEL_POD_UID) not in live_uids:
                 found.append(f"container {container.name}")
         for volume in self.client.volumes.list(filters=selector):
-            if (volume.attrs.get("Labels") or {}).get(LABEL_POD_UID) not in live_uids:
+            labels = volume.attrs.get("Labels") or {}
+            if labels.get(LABEL_ROLE) == "claim":
+                continue  # a claim's: it outlives every pod (removed with the double)
+            if labels.get(LABEL_POD_UID) not in live_uids:
                 found.append(f"volume {volume.name}")
         return found
 

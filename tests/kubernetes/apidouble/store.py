@@ -105,6 +105,13 @@ RESOURCES: dict[str, Resource] = {
         ),
         Resource("events", "Event", True, _event_fields, short_names=("ev",)),
         Resource(
+            "persistentvolumeclaims",
+            "PersistentVolumeClaim",
+            True,
+            lambda o: _meta_fields({"metadata": {"namespace": ""}, **o}),
+            short_names=("pvc",),
+        ),
+        Resource(
             "namespaces",
             "Namespace",
             False,
