@@ -76,4 +76,5 @@ class AccessAuthorizer(Authorizer):
             raise missing from None
         kernel_id = ((model or {}).get("kernel") or {}).get("id") or ""
         if not access.may_access(handler.kernel_manager, user, kernel_id):
+            access.log.info("User %r refused session %s: not theirs", user.username, sid)
             raise missing

@@ -226,6 +226,8 @@ class KernelAccess(SingletonConfigurable):
     def check_kernel(self, km: Any, user: Any, kernel_id: str) -> None:
         """Raise 404 as for a missing kernel unless ``user`` may use ``kernel_id``."""
         if not self.may_access(km, user, kernel_id):
+            if kernel_id in km:  # for the admin reading the log; the reply says no more
+                self.log.info("User %r refused kernel %s: not theirs", user.username, kernel_id)
             raise AccessError(404, f"Kernel does not exist: {kernel_id}")
 
     def forget(self, kernel_id: str) -> None:
