@@ -4,7 +4,8 @@ Two checks, one module. :func:`wait_until_listening` is the start's probe: it re
 engine's own cheap test (a channel speaking ZMTP, directly, through SSH or through a
 port-forward) and, between tries, asks the engine why the start may be failing, so a
 dead container or an unschedulable pod fails the start at once, in the engine's words.
-:func:`wait_until_answering` is the protocol check for warm kernels and restarts.
+:func:`wait_until_answering` is the protocol check for warm kernels and restarts, and
+:func:`announce_state` asks a running kernel to publish its state once.
 
 A client's iopub socket only gets what the kernel publishes after the client's
 subscription has reached the kernel: a status published earlier is lost. Jupyter
@@ -26,6 +27,7 @@ from jupyter_client.asynchronous import AsyncKernelClient
 __all__ = [
     "IOPUB_AFTER_REPLY",
     "SUBSCRIBER_RECONNECT",
+    "announce_state",
     "wait_until_answering",
     "wait_until_listening",
 ]
@@ -114,3 +116,23 @@ async def _got_answer(get_msg: Any, sent: set[str]) -> bool:
     except queue.Empty:
         return False
     return msg.get("parent_header", {}).get("msg_id") in sent
+
+
+async def announce_state(info: Any, timeout: float = 2.0) -> bool:
+    """Send the kernel at ``info`` one ``kernel_info_request`` on a shell socket of its
+    own and wait for the reply: while it answers, the kernel publishes its state (busy,
+    then idle) to every subscriber of its iopub. Returns whether it replied within
+    ``timeout``; connection errors of the client propagate."""
+    client = AsyncKernelClient()
+    client.load_connection_info(info)
+    client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
+    try:
+        sent = {client.kernel_info()}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await _got_answer(client.get_shell_msg, sent):
+                return True
+        return False
+    finally:
+        client.stop_channels()
+        client.context.destroy(linger=0)

@@ -30,7 +30,7 @@ from .. import metrics
 from ..connection import curve
 from ..connection.files import PORT_NAMES, KernelConnectionInfo, json_safe, with_bytes
 from ..connection.ports import LOCAL_HOST, ClusterPortCache
-from ..connection.readiness import SUBSCRIBER_RECONNECT, wait_until_answering
+from ..connection.readiness import SUBSCRIBER_RECONNECT, announce_state, wait_until_answering
 from ..connection.relay import KernelRelay
 from ..exceptions import (
     EngineUnavailableError,
@@ -62,6 +62,10 @@ _DEATH_CHECK = 0.5
 _GIVE_UP_WAIT = 10.0
 #: Longest wait for an engine to mark one kernel detached as its server stops.
 _DETACH_WAIT = 5.0
+#: Longest wait for Jupyter Server to watch a claimed or adopted kernel, and for its
+#: answer to :func:`announce_state`; the pauses before each of its (at most) tries.
+_ANNOUNCE_WAIT = 2.0
+_ANNOUNCE_DELAYS = (0.005, 0.05, 0.2)
 
 
 class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore[misc,metaclass]
@@ -107,6 +111,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         self._teardown_lock = asyncio.Lock()
         self._claimed = False
         self._given_up_cleanup: asyncio.Task[None] | None = None
+        self._announcing: asyncio.Task[None] | None = None  # held until done
         #: A restart failed because the engine was unreachable: the kernel keeps its
         #: address and counts as exited, so the manager's restarter starts it again.
         self._awaiting_engine = False
@@ -232,6 +237,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         if self._claimed:  # a warm kernel, running and answering since before the request
             self._claimed = False
             metrics.start_ended(self)
+            self._announce_when_watched()
             return self.connection_info
         env = kwargs.pop("env", {})
         restarting, self._restart_launch = self._restart_launch, False
@@ -600,6 +606,33 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         keys = self.engine.curve_keys
         if keys is not None and hasattr(km, "curve_publickey"):
             km.curve_publickey, km.curve_secretkey = keys
+
+    def _announce_when_watched(self) -> None:
+        """Jupyter Server reports a kernel as 'starting' until the iopub watcher it opens
+        after a start sees a status, and a new websocket waits for that (it polls every
+        50 ms). A claimed or adopted kernel published its start long before: once the
+        watcher is there, ask the kernel to publish its state (:func:`announce_state`)."""
+        km: Any = self.parent
+        if km is None or not hasattr(km, "execution_state"):
+            return  # a manager without a watcher (jupyter_client's own, nbclient)
+        self._announcing = asyncio.get_running_loop().create_task(self._announce(km))
+
+    async def _announce(self, km: Any) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _ANNOUNCE_WAIT
+        while km.execution_state != "starting":  # set as the watcher starts
+            if loop.time() > deadline or self._stopped:
+                return
+            await asyncio.sleep(0.002)
+        for delay in _ANNOUNCE_DELAYS:  # its subscription reaches the kernel meanwhile
+            await asyncio.sleep(delay)
+            if km.execution_state != "starting" or self._stopped:
+                return
+            try:
+                await announce_state(dict(self.connection_info), _ANNOUNCE_WAIT)
+            except Exception as exc:  # only a faster first websocket is lost
+                self.log.debug("Kernel %s: asking for its state failed: %s", self.kernel_id, exc)
+                return
 
     def release_engine(self) -> Engine:
         """Hand this provisioner's engine (a started warm kernel) over; the provisioner is

@@ -121,6 +121,15 @@ async def test_server_prefills_claims_over_rest_and_websocket_and_drains(
     assert f"Kernel {kernel['id']} (docker): claimed: warm kernel pool-" in log, log
     print(f"POST /api/kernels: claimed {claim_time:.3f} s, cold {cold_time:.3f} s")
     assert claim_time < 0.5 * cold_time, (claim_time, cold_time)
+    # a claimed kernel published its start long ago: asked once the server watches it, it
+    # reports its state before any websocket (else the first one waits for it)
+    states = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "idle" not in states:
+        _, model = await asyncio.to_thread(server.request, "GET", f"api/kernels/{kernel['id']}")
+        states.append(model["execution_state"])
+        await asyncio.sleep(0.05)
+    assert states[-1] == "idle", states
 
     # the server's own connection file holds the warm kernel's key, and its websocket works
     info = json.loads((Path(jupyter_runtime_dir()) / f"kernel-{kernel['id']}.json").read_text())
