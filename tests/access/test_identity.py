@@ -1,6 +1,7 @@
-"""AccessIdentityProvider in-process: JupyterHub tokens (scope check, groups, cache,
-a Hub that is down) against a tiny tornado app serving the Hub's two API paths, and the
-token file read again when it changes. The real JupyterHub is tests/multiuser's."""
+"""AccessIdentityProvider: JupyterHub tokens (scope check, groups, cache, a Hub that is
+down) against a tiny tornado app serving the Hub's two API paths, in-process and through a
+real Jupyter Server; the token file read again when it changes. The real JupyterHub is
+tests/multiuser's."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tornado.httputil import HTTPHeaders
 from traitlets.config import Config
 
 from provisioners.access import AccessIdentityProvider, AccessUser, KernelAccess
+from tests.helpers import LOCAL_PROVISIONER, write_kernelspec
 from tests.jupyter_server import free_port
 
 SERVICE_TOKEN = "service-token-0123456789"
@@ -254,3 +256,48 @@ async def test_the_token_file_maps_tokens_to_users_and_is_read_again(
     os.utime(path, ns=(2, 2))
     assert (await provider.user_for_token("bob-file-token")) == bob
     assert "is not valid JSON" in caplog.text
+
+
+async def test_a_server_in_hub_mode_serves_hub_users_and_answers_503_without_the_hub(
+    hub: FakeHub, access_server: Any
+) -> None:
+    server = access_server(
+        access={
+            "hub_api_url": f"http://127.0.0.1:{hub.port}/hub/api",
+            "hub_service_name": "gateway",
+            "hub_api_token": SERVICE_TOKEN,
+        }
+    )
+    write_kernelspec(server.kernels, "local", LOCAL_PROVISIONER)
+    await asyncio.to_thread(server.__enter__)
+    try:
+        admin = server.admin
+        alice = type(admin)(server.server, "alice-hub-token-123", "alice")
+        eve = type(admin)(server.server, "other-service-token", "eve")
+        carol = type(admin)(server.server, "carol-hub-token-123", "carol")
+        status, me = await asyncio.to_thread(alice.request, "GET", "api/me")
+        assert status == 200, me
+        assert (me["identity"]["username"], me["identity"]["groups"]) == ("alice", ["team-a"])
+        status, model = await asyncio.to_thread(
+            alice.request, "POST", "api/kernels", {"name": "local", "env": {"KERNEL_USERNAME": "x"}}
+        )
+        assert status == 201, model
+        out = await alice.run(model["id"], "import os; print(os.environ['KERNEL_USERNAME'])")
+        assert out["stdout"] == "alice\n", out
+        assert (await asyncio.to_thread(eve.request, "GET", "api/kernels"))[0] == 403
+        # the token file's bob still works beside the Hub
+        bob = server.clients["bob"]
+        assert await asyncio.to_thread(bob.request, "GET", "api/kernels") == (200, [])
+
+        await hub.stop()
+        status, reply = await asyncio.to_thread(carol.request, "GET", "api/kernels")
+        assert status == 503, reply
+        assert "Cannot authenticate through JupyterHub" in reply["message"], reply
+        assert (await asyncio.to_thread(admin.request, "GET", "api/kernels"))[0] == 200
+        status, _ = await asyncio.to_thread(admin.request, "DELETE", f"api/kernels/{model['id']}")
+        assert status == 204
+    finally:
+        await asyncio.to_thread(server.__exit__, None, None, None)
+    log = server.log()
+    assert "unreachable" in log or "unavailable" in log, log
+    assert [t for t in HUB_USERS if t in log] == []
