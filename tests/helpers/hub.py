@@ -2,7 +2,7 @@
 
 ``Hub(root, gateway_url)`` runs JupyterHub 6 as a subprocess on 127.0.0.1 free ports: the
 dummy authenticator (users ``alice`` and ``bob``, one password), the simple local-process
-spawner, and two services:
+spawner, a group ``team-a`` (alice), and two services:
 
 - ``gateway``, our server: an ``api_token`` and a role granting ``read:users`` (what the
   access layer needs to resolve a user's token and read their groups);
@@ -32,20 +32,24 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from tests.helpers import engine_required
-from tests.jupyter_server import free_port
+from tests.helpers import CONTAINER_ARGV, KERNEL_TEST_IMAGE, engine_required, write_kernelspec
+from tests.jupyter_server import JupyterServer, free_port
 
 SERVICE = "gateway"
 USERS = ("alice", "bob")
 #: JupyterHub's default ``server`` role (what a server token holds when nothing is asked).
 DEFAULT_SERVER_SCOPES = ["users:activity!user", "access:servers!server"]
 SERVICE_SCOPE = f"access:services!service={SERVICE}"
+#: A Hub group with the first user (alice) in it.
+GROUP = "team-a"
 
 
 def proxy_command() -> str | None:
@@ -97,6 +101,7 @@ def _config(hub: Hub, proxy: str) -> str:
             {"name": "admin", "services": ["tester"]},
         ],
         "extra_user_scopes": [SERVICE_SCOPE],
+        "load_groups": {GROUP: {"users": [hub.users[0]]}},
     }
     environment = {
         "JUPYTER_GATEWAY_URL": hub.gateway_url,
@@ -263,3 +268,130 @@ def request(method: str, url: str, token: str | None, body: Any = None) -> tuple
         return status, json.loads(text) if text else None
     except ValueError:
         return status, text
+
+
+class Client:
+    """One user's requests to one server (our server, or their single-user server through
+    the Hub's proxy): REST and a kernel's websocket, with one token."""
+
+    def __init__(self, name: str, base: str, token: str) -> None:
+        self.name = name
+        self.base = base.rstrip("/") + "/"
+        self.token = token
+
+    def __repr__(self) -> str:
+        return f"Client({self.name!r}, {self.base!r})"
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return request(method, self.base + path, self.token, body)
+
+    async def arequest(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """:meth:`request` in a thread (the test's event loop keeps running)."""
+        import asyncio
+
+        return await asyncio.to_thread(self.request, method, path, body)
+
+    def ws_url(self, kernel_id: str, session: str) -> str:
+        base = self.base.replace("http://", "ws://", 1)
+        return f"{base}api/kernels/{kernel_id}/channels?session_id={session}"
+
+    async def run(self, kernel_id: str, code: str, timeout: float = 120) -> dict[str, str]:
+        """Run ``code`` on ``kernel_id`` over a websocket of its own."""
+        from websockets.asyncio.client import connect
+
+        from tests.jupyter_server import until_answering, ws_execute
+
+        session = uuid.uuid4().hex
+        headers = {"Authorization": f"token {self.token}"}
+        async with connect(self.ws_url(kernel_id, session), additional_headers=headers) as ws:
+            await until_answering(ws, session, timeout=timeout)
+            return await ws_execute(ws, session, code, timeout)
+
+
+#: The Docker kernelspec every user starts: a bind mount per user, a cpu parameter.
+KERNELSPEC = "docker-user"
+MOUNT = "/home/jovyan/work"
+MAX_KERNELS = 2
+#: The same kernelspec for the Hub group GROUP only.
+GROUP_KERNELSPEC = "docker-team-a"
+PARAMETERS = {"cpu": {"type": "number", "minimum": 0.5, "maximum": 2, "default": 1}}
+
+
+@dataclass
+class Site:
+    hub: Hub
+    gateway: JupyterServer
+    homes: Path
+    #: Each user's single-user server (through the proxy), with a token of theirs for it.
+    servers: dict[str, Client]
+    #: Each user straight at our server, with a Hub token carrying the service's scope.
+    direct: dict[str, Client]
+
+    @property
+    def admin(self) -> Client:
+        """Our server's own token: an admin."""
+        return Client("admin", self.gateway.base, self.gateway.token)
+
+
+@contextlib.contextmanager
+def hub_site(root: Path) -> Iterator[Site]:
+    """Our server (the access extension, resolving users through the Hub, at most
+    ``MAX_KERNELS`` kernels per user, the Docker kernelspec ``KERNELSPEC``) and a Hub
+    whose users' servers are started and use it as their gateway; stopped on exit."""
+    require_hub()
+    homes = root / "homes"
+    for user in USERS:
+        (homes / user).mkdir(parents=True)
+        (homes / user).chmod(0o777)  # the kernel's user in the image is not root's uid
+    port = free_port()
+    hub = Hub(root / "hub", f"http://127.0.0.1:{port}/")
+    config = root / "gateway-config"
+    config.mkdir()
+    settings = {
+        "ServerApp": {
+            "jpserver_extensions": {"provisioners.access": True},
+            "identity_provider_class": "provisioners.access.AccessIdentityProvider",
+        },
+        "KernelAccess": {
+            "hub_api_url": hub.api_url,
+            "hub_service_name": SERVICE,
+            "max_kernels_per_user": MAX_KERNELS,
+        },
+    }
+    (config / "jupyter_server_config.json").write_text(json.dumps(settings))
+    env = {
+        "JUPYTER_CONFIG_DIR": str(config),
+        # The service's own token (read:users): what the chart passes from its Secret.
+        "JUPYTERHUB_API_TOKEN": hub.service_token,
+    }
+    gateway = JupyterServer(root / "gateway", env=env, port=port)
+    docker_settings = {
+        "image": KERNEL_TEST_IMAGE,
+        "sweep_on_start": False,
+        "volumes": [f"{homes}/{{username}}:{MOUNT}"],
+    }
+    write_kernelspec(
+        gateway.kernels,
+        KERNELSPEC,
+        "cluster-docker-provisioner",
+        docker_settings,
+        argv=CONTAINER_ARGV,
+        metadata={"parameters": PARAMETERS},
+    )
+    write_kernelspec(
+        gateway.kernels,
+        GROUP_KERNELSPEC,
+        "cluster-docker-provisioner",
+        docker_settings,
+        argv=CONTAINER_ARGV,
+        metadata={"allowed_groups": [GROUP]},
+    )
+    with gateway, hub:
+        servers, direct = {}, {}
+        for user in USERS:
+            url = hub.start_server(user)
+            token = hub.token(user, [f"access:servers!user={user}"], note="server")
+            servers[user] = Client(user, url, token)
+            token = hub.token(user, [f"access:services!service={SERVICE}"], note="gateway")
+            direct[user] = Client(user, gateway.base, token)
+        yield Site(hub, gateway, homes, servers, direct)
