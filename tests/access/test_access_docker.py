@@ -1,7 +1,8 @@
 """A Docker kernel through a Jupyter Server with ``provisioners.access``: its
 KERNEL_USERNAME is the identity's name whatever the request body says, the body's other
-``KERNEL_*`` variables reach it and nothing else does, and its owner (the cluster
-provisioner's ``username``) is the only user who reaches it."""
+``KERNEL_*`` variables reach it and nothing else does, its container is labelled with
+that user, and its owner (the cluster provisioner's ``username``) is the only user who
+reaches it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import docker
 import pytest
 
 from provisioners.docker import LABEL_KERNEL_ID
+from provisioners.docker.daemon import LABEL_USERNAME
 from tests.helpers import CONTAINER_ARGV, DOCKER_PROVISIONER, KERNEL_TEST_IMAGE, write_kernelspec
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(240)]
@@ -36,6 +38,9 @@ async def test_a_docker_kernel_runs_as_the_identity_whatever_the_body_says(
             kernel_id = model["id"]
             out = await alice.run(kernel_id, CODE)
             assert (out["status"], out["stdout"]) == ("ok", "alice team-a None\n"), out
+            flt = {"label": f"{LABEL_KERNEL_ID}={kernel_id}"}
+            (container,) = docker_client.api.containers(filters=flt)
+            assert container["Labels"][LABEL_USERNAME] == "alice"
             # bob, whose name the body gave, does not own it
             assert bob.request("GET", "api/kernels") == (200, [])
             assert bob.request("GET", f"api/kernels/{kernel_id}")[0] == 404
