@@ -85,7 +85,8 @@ class KernelAccess(SingletonConfigurable):
         config=True,
         help="""User name of the server's own token (IdentityProvider.token, i.e.
         JUPYTER_TOKEN or the chart's token): an admin. Kernels started with that token get
-        it as KERNEL_USERNAME.""",
+        it as KERNEL_USERNAME. A token-file or JupyterHub user of this name who is not an
+        admin is refused (they would own those kernels): choose a name no user has.""",
     )
     max_kernels_per_user = Int(
         0,
