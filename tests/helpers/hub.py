@@ -13,8 +13,8 @@ own Hub API token as ``GatewayClient.auth_token``. The token reaches it through
 ``Spawner.environment`` (a callable returning ``spawner.api_token`` into
 ``JUPYTER_GATEWAY_AUTH_TOKEN``), never on a command line. ``c.Spawner.server_token_scopes``
 is the Hub's default ``server`` role plus ``access:services!service=gateway``, and every
-user holds that scope (``JupyterHub.extra_user_scopes``): a server token gets only the
-requested scopes its user holds.
+user holds that scope (the ``user`` role): a server token gets only the requested scopes
+its user holds.
 
 Nothing here imports ``provisioners``.
 """
@@ -99,8 +99,10 @@ def _config(hub: Hub, proxy: str) -> str:
         "load_roles": [
             {"name": "gateway-service", "scopes": ["read:users"], "services": [SERVICE]},
             {"name": "admin", "services": ["tester"]},
+            # Every user may reach the service (the README's form; JupyterHub 6 also has
+            # JupyterHub.extra_user_scopes).
+            {"name": "user", "scopes": ["self", SERVICE_SCOPE]},
         ],
-        "extra_user_scopes": [SERVICE_SCOPE],
         "load_groups": {GROUP: {"users": [hub.users[0]]}},
     }
     environment = {
