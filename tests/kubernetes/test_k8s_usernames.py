@@ -23,14 +23,15 @@ from provisioners.k8s.client import KubeApiError, KubeClient, NotFound, resource
 from provisioners.k8s.engine import PodEngine
 from provisioners.k8s.provisioner import KubernetesClusterProvisioner
 from provisioners.k8s.watch import start_problem
+from provisioners.pool import KernelPools
 from provisioners.pool.claim import cold_reason
 from provisioners.usernames import UsernameError, dns_label, path_segment
 from tests.helpers import KUBERNETES_PROVISIONER, Kube, execute
-from tests.helpers.kube import get_pod, no_leftovers, pod_of
+from tests.helpers.kube import filled, get_pod, no_leftovers, pod_of
 
 MakeKM = Callable[..., AsyncKernelManager]
 PORTS = (20001, 20002, 20003, 20004, 20005)
-HOSTILE = ["../x", "..", "/", "Alice_B", "a.b", "-a-", "jürgen", "🐍", "\u202eevil", "a\x00b"]
+HOSTILE = ["../x", "..", "/", "Alice_B", "a.b", "-a-", "jürgen", "🐍", "\u202eevil", "a\x1bb\nc"]
 HOSTILE += ["x" * 300, "{username}", "$(id)"]
 PER_USER = {
     "namespace": "kernels-{username}",
@@ -150,6 +151,11 @@ def test_a_setting_using_username_without_a_user_fails_naming_it(tmp_path: Path,
     with pytest.raises(UsernameError) as info:
         manifests(prov, {"USER_HOME": "/home/{username}"} if key == "env" else {})
     assert key in str(info.value) and "KERNEL_USERNAME" in str(info.value)
+
+
+def test_a_username_with_nul_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(UsernameError, match="KERNEL_USERNAME contains a NUL"):
+        manifests(provisioner(tmp_path, "a\x00b", **PER_USER), {})
 
 
 def test_a_user_volume_without_a_user_fails_naming_it(tmp_path: Path) -> None:
@@ -344,3 +350,25 @@ async def test_a_claim_the_role_may_not_create_fails_the_start_naming_it(
     with pytest.raises(KubeApiError):
         path = resource_path("persistentvolumeclaims", kube.namespace, "claim-carol")
         await kube_api.request("GET", path)
+
+
+async def test_a_claimed_warm_pod_gets_the_claiming_users_label_and_annotation(
+    kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
+) -> None:
+    KernelPools.clear_instance()
+    try:
+        config = kube.config(pool_size=1)
+        km = kernel_manager(KUBERNETES_PROVISIONER, config, **kube.spec(name="pooled-user"))
+        await filled(km, 1)
+        await km.start_kernel(env={"KERNEL_USERNAME": "Alice B"})
+        assert pod_of(km).claimed_from, "not claimed"
+        pod = await get_pod(kube_api, kube, pod_of(km).pod_name)
+        assert pod["metadata"]["annotations"][m.ANNOTATION_USERNAME] == "Alice B"
+        assert pod["metadata"]["labels"][m.LABEL_USERNAME] == m.sanitize_label_value("Alice B")
+        rows = await pod_of(km).list_kernels()
+        assert [r["username"] for r in rows if r["kernel_id"] == km.kernel_id] == ["Alice B"]
+        await km.shutdown_kernel()
+    finally:
+        await KernelPools.instance().drain()
+        KernelPools.clear_instance()
+    await no_leftovers(kube_api, kube.namespace)
