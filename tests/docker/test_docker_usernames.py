@@ -9,12 +9,17 @@ import contextlib
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import docker
 import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 
 from provisioners.docker.daemon import LABEL_USERNAME
 from provisioners.exceptions import ProvisionerConfigError
+from provisioners.persist import adopt_kernels
+from provisioners.targets import provisioner_for
 from provisioners.usernames import UsernameError, path_segment
 from tests.helpers import execute
 
@@ -130,3 +135,45 @@ async def test_a_start_without_a_username_is_refused_naming_the_setting(docker_k
     await plain.start_kernel()
     assert (await execute(plain, "import os; print(os.getcwd())"))["stdout"].strip() == "/tmp"
     await plain.shutdown_kernel()
+
+
+async def test_an_adopted_kernel_keeps_its_user_and_her_volume_across_a_restart(
+    docker_kernels,
+    docker_client: docker.DockerClient,
+    run_volumes: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make, tracker = docker_kernels
+    config = {
+        "persist_kernels": True,
+        "adoption_grace": 600,
+        "volumes": [f"{run_volumes}-{{username}}:/home/jovyan/work"],
+        "working_dir": "/home/jovyan/work",
+    }
+    km = make(config)
+    await km.start_kernel(env={"KERNEL_USERNAME": "Alice_B"})
+    write = "open('notes.txt', 'w').write('kept'); print('ok')"
+    assert (await execute(km, write))["stdout"] == "ok\n"
+    assert await km.provisioner.detach()  # the server stops; the kernel lives on
+
+    kernel_dir = Path(km.kernel_spec.resource_dir).parent
+    spec = KernelSpecManager(kernel_dirs=[str(kernel_dir)]).get_kernel_spec(km.kernel_name)
+    (record,) = await provisioner_for(spec).adoptable_kernels()
+    assert record["kernel_id"] == km.kernel_id and record["username"] == "Alice_B"
+
+    # a fresh server adopts it: the provisioner knows its user again, and a restart (a
+    # new container, no start request) mounts the same user's volume
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir.parent))
+    mkm = AsyncMultiKernelManager(
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)])
+    )
+    assert await adopt_kernels(mkm) == [km.kernel_id]
+    adopted = mkm.get_kernel(km.kernel_id)
+    assert adopted.provisioner.username == "Alice_B"
+    await mkm.restart_kernel(km.kernel_id)
+    read = "print(open('notes.txt').read())"
+    assert (await execute(dict(adopted.get_connection_info()), read))["stdout"] == "kept\n"
+    volume = mounted_volume(docker_client, adopted, "/home/jovyan/work")
+    assert volume == f"{run_volumes}-Alice_B"
+    await mkm.shutdown_kernel(km.kernel_id, now=True)
+    assert tracker.containers(km.kernel_id) == []
