@@ -174,18 +174,20 @@ class PodEngine(Engine):
     async def _attach(self, mode: str = "") -> None:
         """Hold the shared client and the namespace's reflector; resolve the connection mode.
 
-        Raises :class:`EngineUnavailableError` when the API cannot be reached and
-        :class:`KernelStartError` when it refuses to list the namespace's pods.
+        Raises :class:`EngineUnavailableError` when the API cannot be reached,
+        :class:`KernelStartError` when it refuses to list the namespace's pods, and
+        :class:`UsernameError` (before anything is held) for a namespace of no user.
         """
         s = self.settings
+        namespace = self.namespace
         if self._client is None:
             self._client = await acquire_client(self, s.kubeconfig, s.context)
             self._client.timeout = s.api_timeout
         try:
-            reflector = self._client.reflectors.get(self.namespace)
+            reflector = self._client.reflectors.get(namespace)
             if reflector is None:
-                reflector = PodReflector(self._client, self.namespace)
-                self._client.reflectors[self.namespace] = reflector
+                reflector = PodReflector(self._client, namespace)
+                self._client.reflectors[namespace] = reflector
             if not reflector.running:
                 await reflector.start(timeout=s.api_timeout)
         except KubeApiError as exc:

@@ -372,3 +372,19 @@ async def test_a_claimed_warm_pod_gets_the_claiming_users_label_and_annotation(
         await KernelPools.instance().drain()
         KernelPools.clear_instance()
     await no_leftovers(kube_api, kube.namespace)
+
+
+async def test_a_namespace_per_user_without_a_user_fails_fast_naming_it(
+    kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM
+) -> None:
+    km = kernel_manager(
+        KUBERNETES_PROVISIONER, kube.config(namespace="kernels-{username}"), **kube.spec()
+    )
+    with pytest.raises(UsernameError, match="'namespace' uses"):
+        await km.start_kernel()
+    assert not km.has_kernel
+    # a template engine (no user) has no one namespace to list, sweep or adopt from
+    engine = pod_of(km)
+    assert await engine.list_kernels() == []
+    assert await engine.adoptable_kernels() == []
+    assert await engine.sweep_orphans() == []
