@@ -101,7 +101,9 @@ class SharedSettings(LoggingConfigurable):
         default_value={},
         config=True,
         help="""Extra environment variables for the kernel, added after the kernelspec's env
-        and the KERNEL_* values of the start request.""",
+        and the KERNEL_* values of the start request. On the Docker, SSH and Kubernetes
+        targets '{username}' in a value stands for the kernel's user (KERNEL_USERNAME) as a
+        safe path segment, e.g. {"USER_DATA": "/data/{username}"}.""",
     )
     inherit_server_env = Bool(
         False,
