@@ -17,7 +17,9 @@ from typing import Any
 
 from jupyter_client.jsonutil import json_default
 from jupyter_core.utils import ensure_async
+from jupyter_server._tz import isoformat, utcfromtimestamp
 from jupyter_server.auth.decorator import authorized
+from jupyter_server.services.api.handlers import APIStatusHandler
 from jupyter_server.services.kernels.handlers import MainKernelHandler
 from jupyter_server.services.kernelspecs.handlers import MainKernelSpecHandler
 from jupyter_server.services.sessions.handlers import SessionHandler, SessionRootHandler
@@ -319,11 +321,30 @@ class AccessSessionHandler(AccessHandlerMixin, SessionHandler):
         await SessionHandler.patch.__wrapped__(self, session_id)  # type: ignore[attr-defined]
 
 
+class AccessAPIStatusHandler(AccessHandlerMixin, APIStatusHandler):
+    """``/api/status``: a user's own kernels and connections are counted, not everyone's."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        km = self.kernel_manager
+        kernels = await ensure_async(km.list_kernels())
+        mine = [k for k in kernels if self.access.may_access(km, self.current_user, k["id"])]
+        model = {
+            "started": isoformat(self.settings.get("started", utcfromtimestamp(0))),
+            "last_activity": isoformat(self.application.last_activity()),  # type: ignore[attr-defined]
+            "kernels": len(mine),
+            "connections": sum(k["connections"] for k in mine),
+        }
+        self.finish(json.dumps(model, sort_keys=True))
+
+
 def access_handlers() -> list[tuple[str, type]]:
     """The URL rules of the access handlers (Jupyter Server's own patterns)."""
     session_id = r"(?P<session_id>\w+-\w+-\w+-\w+-\w+)"
     return [
         (r"/api/kernels", AccessMainKernelHandler),
+        (r"/api/status", AccessAPIStatusHandler),
         (r"/api/kernelspecs", AccessMainKernelSpecHandler),
         (r"/api/sessions", AccessSessionRootHandler),
         (rf"/api/sessions/{session_id}", AccessSessionHandler),

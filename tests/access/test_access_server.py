@@ -86,7 +86,10 @@ async def test_a_user_sees_and_uses_only_their_own_kernels(access_server: Any) -
         assert status == 200
         assert (me["identity"]["username"], me["identity"]["groups"]) == ("bob", ["team-b"])
         assert me["identity"]["admin"] is False
-        assert bob.request("GET", "api/status")[0] == 200
+        status, counts = bob.request("GET", "api/status")  # his own kernel, not alice's
+        assert (status, counts["kernels"]) == (200, 1), counts
+        assert alice.request("GET", "api/status")[1]["kernels"] == 1
+        assert admin.request("GET", "api/status")[1]["kernels"] == 2
         # an unknown token is nobody
         stranger = type(bob)(server.server, "not-a-token-" + uuid.uuid4().hex, "x")
         assert stranger.request("GET", "api/kernels")[0] == 403
