@@ -562,7 +562,8 @@ def kernel_container(spec: KernelPod) -> dict[str, Any]:
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": list(spec.command),
-        "env": [{"name": str(k), "value": str(v)} for k, v in spec.env.items()],
+        # '$' doubled: the kubelet expands $(NAME) in values and reads '$$' as '$'
+        "env": [{"name": str(k), "value": str(v).replace("$", "$$")} for k, v in spec.env.items()],
         "ports": [
             {"name": name, "containerPort": int(port), "protocol": "TCP"}
             for name, port in zip(PORT_LABELS, spec.ports, strict=True)

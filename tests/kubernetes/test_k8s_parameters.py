@@ -65,6 +65,10 @@ def test_the_pod_manifest_carries_the_requested_resources_and_image() -> None:
         "limits": {"cpu": "250m", "memory": "512Mi", "nvidia.com/gpu": "1"},
     }
     assert prov.env == {"KERNEL_MODE": "exact"}
+    # env values are data: the kubelet's $(NAME) expansion and '$$' never apply to them
+    literal = m.pod_manifest(engine.pod_spec(["python3"], {"KERNEL_NOTE": "$(HOME) $$ $"}))
+    note = literal["spec"]["containers"][0]["env"]
+    assert note == [{"name": "KERNEL_NOTE", "value": "$$(HOME) $$$$ $$"}]
     # another kernel of the kernelspec: the schema's defaults, not the other's values
     other = KubernetesClusterProvisioner(
         kernel_id="k-other", kernel_spec=spec, image="kernel:py3", namespace="kernels"
