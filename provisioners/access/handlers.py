@@ -88,6 +88,10 @@ class AccessHandlerMixin:
         user = self.current_user
         km = self.kernel_manager
         access = self.access
+        if kernel_name is not None and not isinstance(kernel_name, str):
+            raise AccessError(400, "the kernel's 'name' must be a string")
+        if path is not None and not isinstance(path, str):
+            raise AccessError(400, "'path' must be a string")
         name = kernel_name or km.default_kernel_name
         try:
             spec = await ensure_async(self.kernel_spec_manager.get_kernel_spec(name))

@@ -62,6 +62,9 @@ def test_quotas_parameters_and_kernelspec_groups(access_server: Any) -> None:
         assert status == 400 and "'colour'" in reply["message"], reply
         status, reply = _start(alice, "sized", env={"KERNEL_MEMORY": "lots"})
         assert status == 400 and "'memory'" in reply["message"], reply
+        status, reply = _start(alice, "sized", env={"KERNEL_CPU": 2})
+        assert status == 400 and "'KERNEL_CPU' must be a string" in reply["message"], reply
+        assert alice.request("POST", "api/kernels", {"name": ["sized"]})[0] == 400
         assert alice.request("GET", "api/kernels") == (200, [])
 
         # quotas on the sum of alice's kernels' resolved cpu and memory, and their count
