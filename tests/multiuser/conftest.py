@@ -4,11 +4,13 @@ request's user through the Hub (:func:`tests.helpers.hub.hub_site`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import docker
 import pytest
 
+from provisioners.k8s.client import KubeClient
+from tests.helpers import Kube
 from tests.helpers.hub import Site, hub_site
 
 
@@ -19,3 +21,13 @@ def site(
     """One site for the module's tests (each deletes the kernels it started)."""
     with hub_site(tmp_path_factory.mktemp("multiuser")) as running:
         yield running
+
+
+@pytest.fixture
+async def kube_client(kube: Kube) -> AsyncIterator[KubeClient]:
+    """A client of the ``kube`` API (the double, or $KUBECONFIG's cluster)."""
+    client = await KubeClient.connect(kube.kubeconfig)
+    try:
+        yield client
+    finally:
+        await client.close()

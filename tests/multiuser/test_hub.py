@@ -7,14 +7,18 @@ server resolves through the Hub (the ``gateway`` service, scope
 her own directory; bob, through his own server and straight at ours, over REST and the
 websocket, can neither see, attach to, interrupt, restart nor delete it. The kernel quota
 and a bad launch parameter are refused with their messages; a Hub token without the
-service's scope is refused. Kernels answer execute_requests throughout.
+service's scope is refused. Kernels answer execute_requests throughout. The same
+isolation holds for a Kubernetes kernel (the API double, or $KUBECONFIG's cluster) with a
+PersistentVolumeClaim per user.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -23,6 +27,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from provisioners.docker import LABEL_KERNEL_ID
+from provisioners.k8s import manifests as m
+from provisioners.k8s.client import KubeClient, NotFound, resource_path
+from tests.helpers import CONTAINER_ARGV, Kube, write_kernelspec
 from tests.helpers.hub import (
     GROUP_KERNELSPEC,
     KERNELSPEC,
@@ -32,6 +39,7 @@ from tests.helpers.hub import (
     Client,
     Site,
 )
+from tests.helpers.kube import no_leftovers
 from tests.jupyter_server import execute_request
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
@@ -266,3 +274,92 @@ async def test_a_kernelspec_for_a_hub_group(site: Site) -> None:
         assert out["stdout"] == "team-a\n", out
     finally:
         delete_all(site)
+
+
+async def bind_claim(kube: Kube, api: KubeClient, claim: str, root: Path) -> None:
+    """On a real cluster (none provisions storage on the test node): a hostPath
+    PersistentVolume pre-bound to ``claim``. The double binds claims itself."""
+    if kube.forbid is not None:
+        return
+    (root / claim).mkdir(parents=True)
+    (root / claim).chmod(0o777)  # the kernel runs as jovyan (1000)
+    volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"pv-hub-{claim}", "labels": {"cluster-provisioners-test": "hub"}},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": {"path": str(root / claim), "type": "Directory"},
+            "claimRef": {"namespace": kube.namespace, "name": claim},
+        },
+    }
+    await api.request("POST", "/api/v1/persistentvolumes", body=volume)
+
+
+async def delete_claim(kube: Kube, api: KubeClient, claim: str) -> None:
+    with contextlib.suppress(NotFound):
+        await api.request("DELETE", resource_path("persistentvolumeclaims", kube.namespace, claim))
+    if kube.forbid is None:
+        with contextlib.suppress(NotFound):
+            await api.request("DELETE", f"/api/v1/persistentvolumes/pv-hub-{claim}")
+
+
+@pytest.mark.k8s
+async def test_alices_kubernetes_kernel_and_claim_are_hers_alone(
+    site: Site, kube: Kube, kube_client: KubeClient, tmp_path: Path
+) -> None:
+    alice, bob = site.servers["alice"], site.servers["bob"]
+    claims = {user: f"claim-{user}" for user in ("alice", "bob")}
+    for claim in claims.values():
+        await delete_claim(kube, kube_client, claim)  # a run killed before its cleanup
+        await bind_claim(kube, kube_client, claim, tmp_path)
+    config = kube.config(user_volume_mount_path=MOUNT, working_dir=MOUNT, fs_group=1000)
+    name = "k8s-user"
+    write_kernelspec(
+        site.gateway.kernels, name, "cluster-kubernetes-provisioner", config, argv=CONTAINER_ARGV
+    )
+    notebook = {"type": "notebook", "kernel": {"name": name}}
+    started: list[str] = []
+    try:
+        body = {"path": "k.ipynb", **notebook}
+        status, model = await alice.arequest("POST", "api/sessions", body)
+        assert status == 201, (status, model)
+        kid = model["kernel"]["id"]
+        started.append(kid)
+        out = await alice.run(
+            kid,
+            "secret = 'A-private-value'; open('note.txt', 'w').write('from alice')\n"
+            "import os; print(os.environ['KERNEL_USERNAME'], os.getcwd())",
+        )
+        assert out["stdout"] == f"alice {MOUNT}\n", out
+        path = resource_path("persistentvolumeclaims", kube.namespace, claims["alice"])
+        claim = await kube_client.request("GET", path)
+        assert claim["metadata"]["annotations"][m.ANNOTATION_USERNAME] == "alice"
+
+        for who in (bob, site.direct["bob"]):
+            status, listed = await who.arequest("GET", "api/kernels")
+            assert status == 200 and kid not in json.dumps(listed), (who, listed)
+            status, answer = await who.arequest("DELETE", f"api/kernels/{kid}")
+            assert status == 404, (who, status, answer)
+            status, answer = await who.arequest("POST", f"api/kernels/{kid}/interrupt", {})
+            assert status == 404, (who, status, answer)
+            assert await cannot_attach(who, kid) == "refused 404", who
+
+        # bob's own Kubernetes kernel has his own claim, without alice's file.
+        status, model = await bob.arequest("POST", "api/sessions", body)
+        assert status == 201, (status, model)
+        started.append(model["kernel"]["id"])
+        out = await bob.run(started[-1], "import os; print(sorted(os.listdir('.')))")
+        assert out["stdout"] == "[]\n", out
+        assert (await alice.run(kid, "print(secret)"))["stdout"] == "A-private-value\n"
+    finally:
+        for kernel_id in started:
+            await site.admin.arequest("DELETE", f"api/kernels/{kernel_id}")
+        for kernel_id in started:
+            await no_leftovers(kube_client, kube.namespace, kernel_id)
+        for claim in claims.values():
+            await delete_claim(kube, kube_client, claim)
+        (site.gateway.kernels / name / "kernel.json").unlink()
