@@ -268,6 +268,19 @@ class SharedSettings(LoggingConfigurable):
             self.validate_config()
         self.launch_parameters = params
 
+    def restore_launch_parameters(self, env: Any) -> None:
+        """Apply again the launch parameters a running kernel was started with (``env``:
+        their ``KERNEL_<NAME>`` values, saved in its provisioner info), so that a restart
+        of the reattached kernel keeps them. Values the kernelspec or the bounds refuse
+        now are logged, and the defaults apply. Never raises."""
+        saved = {str(k): str(v) for k, v in (env or {}).items()} if isinstance(env, dict) else {}
+        for attempt in (saved, {}):
+            try:
+                self.apply_launch_parameters(attempt)
+                return
+            except ProvisionerConfigError as exc:
+                self.log.warning("Launch parameters of a reattached kernel not applied: %s", exc)
+
     def launch_settings(self, params: LaunchParameters) -> dict[str, Any]:
         """This target's settings for the resource parameters of ``params`` (those in
         :attr:`launch_resources`), set on this kernel's provisioner only. Pure."""

@@ -437,6 +437,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
                 "port_host": engine.port_host,
                 "state": engine.kernel_state(),
                 "username": self.username,
+                "launch_env": self.launch_parameters.env() if self.launch_parameters else {},
             }
         )
         return info
@@ -450,6 +451,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             raise ProvisionerError(msg, target=self.target)
         await super().load_provisioner_info(provisioner_info)
         self.username = str(provisioner_info.get("username") or "")
+        self.restore_launch_parameters(provisioner_info.get("launch_env"))
         connection = with_bytes(provisioner_info["connection_info"])
         if provisioner_info.get("runner", self.target) != self.target:
             engine = self._local_fallback(provisioner_info.get("fallback_cause", ""))

@@ -4,13 +4,14 @@ request chose, other parameters reach the kernel's env, a bad value leaves nothi
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
 
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.parameters import LaunchBounds, LaunchParameterError
-from tests.helpers import KERNEL_TEST_IMAGE, execute
+from tests.helpers import KERNEL_TEST_IMAGE, execute, reattached_manager
 
 pytestmark = pytest.mark.docker
 
@@ -109,3 +110,21 @@ async def test_admin_bounds_apply_on_top_of_the_schema(docker_kernels) -> None:
     attrs = await asyncio.to_thread(tracker.client.api.inspect_container, cid)
     assert attrs["HostConfig"]["NanoCpus"] == 500_000_000
     assert (await execute(km, "print(1 + 1)"))["stdout"] == "2\n"
+
+
+async def test_a_reattached_kernel_keeps_its_parameters_for_its_restarts(docker_kernels) -> None:
+    """Another server process reconnects from the provisioner info: its provisioner has
+    this kernel's settings again, which a restart uses (see the first test). (jupyter_client
+    cannot restart a manager it did not start itself, so the restart is not run here.)"""
+    make, _ = docker_kernels
+    km = make(metadata={"parameters": PARAMETERS})
+    await km.start_kernel(env={"KERNEL_CPU": "0.5", "KERNEL_MODE": "exact"})
+    info = json.loads(json.dumps(await km.provisioner.get_provisioner_info()))
+    assert info["launch_env"]["KERNEL_CPU"] == "0.5"
+    again = await reattached_manager(km, info)
+    prov = again.provisioner
+    assert (prov.cpu_limit, prov.memory_limit) == (0.5, str(512 * 2**20))
+    assert prov.env["KERNEL_MODE"] == "exact"
+    assert prov.launch_parameters.changed == ("cpu", "mode")
+    assert (await execute(again, "print('still here')"))["stdout"] == "still here\n"
+    await again.shutdown_kernel(now=True)
