@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import psutil
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -242,6 +243,22 @@ async def test_a_token_without_the_services_scope_is_refused(site: Site) -> None
         "GET", "api/kernels"
     )
     assert status == 403
+    # Each single-user server sends its own server token, from its environment, never
+    # from its command line, and no two users share one.
+    assert site.hub.proc is not None
+    tokens_sent = {}
+    for proc in psutil.Process(site.hub.proc.pid).children(recursive=True):
+        cmdline = proc.cmdline()
+        if "jupyterhub.singleuser" not in cmdline:
+            continue
+        env = proc.environ()
+        sent = env["JUPYTER_GATEWAY_AUTH_TOKEN"]
+        assert sent == env["JUPYTERHUB_API_TOKEN"] and sent not in " ".join(cmdline)
+        tokens_sent[env["JUPYTERHUB_USER"]] = sent
+    assert sorted(tokens_sent) == ["alice", "bob"] and len(set(tokens_sent.values())) == 2
+    for user, sent in tokens_sent.items():
+        status, me = await Client(user, site.gateway.base, sent).arequest("GET", "api/me")
+        assert status == 200 and me["identity"]["username"] == user, (status, me)
     # The Hub does give single-user servers the scope (c.Spawner.server_token_scopes).
     status, tokens = site.hub.api("GET", "users/bob/tokens")
     assert status == 200
