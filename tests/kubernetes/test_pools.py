@@ -180,8 +180,9 @@ async def test_request_inputs_start_cold_and_leave_the_pool_alone(
     km = kernel_manager(KUBERNETES_PROVISIONER, kube.config(pool_size=1), **kube.spec(name="cold"))
     await filled(km, 1)
     warm = await warm_pods(kube_api, kube)
-    await km.start_kernel(env={"KERNEL_USERNAME": "x"})
-    assert "cold start, not from the pool: the request sets KERNEL_USERNAME" in caplog.text
+    # (KERNEL_USERNAME alone would claim: a claimed kernel records its user)
+    await km.start_kernel(env={"KERNEL_USERNAME": "x", "KERNEL_TEAM": "x"})
+    assert "cold start, not from the pool: the request sets KERNEL_TEAM" in caplog.text
     prov = pod_of(km)
     assert not prov.fallback_for and prov.pod_name not in warm
     assert prov.pod_name.startswith("kernel-") and not prov.pod_name.startswith("kernel-pool-")
