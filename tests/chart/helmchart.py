@@ -319,13 +319,17 @@ class ChartServer:
 
 
 @contextlib.contextmanager
-def chart_server(rendered: Rendered, tmp_path: Path) -> Iterator[ChartServer]:
+def chart_server(
+    rendered: Rendered, tmp_path: Path, secret_env: dict[str, str] | None = None
+) -> Iterator[ChartServer]:
     """Lay the pod's files out under ``tmp_path``, start the server on a loopback port,
-    wait until it answers, and terminate it on exit (if the test has not stopped it)."""
+    wait until it answers, and terminate it on exit (if the test has not stopped it).
+    ``secret_env``: the values of the container's variables from Secrets (valueFrom)."""
     root = tmp_path / "root"
     pod_env = lay_out_pod(rendered, root)
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
     run_env.update(pod_env)
+    run_env.update(secret_env or {})
     home = Path(pod_env.get("HOME", str(root / "tmp")))
     run_env.update(
         JUPYTER_CONFIG_DIR=str(home / ".jupyter"),

@@ -32,6 +32,7 @@ from tests.chart.helmchart import (
     load_config,
     run_helm,
 )
+from tests.helpers.hub import GROUP, SERVICE_SCOPE, Hub
 
 pytestmark = pytest.mark.helm
 
@@ -288,3 +289,39 @@ def test_server_runs_the_rendered_access_config(
         assert http_get(server.base + "api/kernels", "nobody-knows-this")[0] == 403
         assert http_get(server.base + "api/kernels")[0] == 403
         assert token not in server.log() and "alice-token-0123456789" not in server.log()
+
+
+def test_rendered_hub_config_resolves_users_through_a_real_hub(
+    helm: str, helm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The chart's access.hub values against JupyterHub 6: a user's token with the
+    service's scope is that user, the service's api_token (from its Secret) reads their
+    groups, access.adminUsers / adminGroups make admins, and a Hub token without the
+    scope is refused."""
+    with Hub(tmp_path / "hub", "http://127.0.0.1:9/") as hub:
+        values = {
+            "access": {
+                "enabled": True,
+                "hub": {"apiUrl": hub.api_url, "apiTokenSecret": {"name": "hub-service"}},
+                "adminGroups": [GROUP],  # alice is in it; bob is not
+            }
+        }
+        rendered = render(helm, helm_env, values, tmp_path)
+        env = env_of(rendered)["JUPYTERHUB_API_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert env == {"name": "hub-service", "key": "token"}
+        secret_env = {"JUPYTERHUB_API_TOKEN": hub.service_token}
+        tokens = {user: hub.token(user, [SERVICE_SCOPE]) for user in ("alice", "bob")}
+        no_scope = hub.token("bob", ["read:users:name!user=bob"])
+        with chart_server(rendered, tmp_path, secret_env) as server:
+            for user, token in tokens.items():
+                status, body = http_get(server.base + "api/me", token)
+                assert status == 200, (user, status, body)
+                assert json.loads(body)["identity"]["username"] == user
+            # An admin (by the Hub group) may use the whole API; a user only kernels.
+            assert http_get(server.base + "api/contents", tokens["alice"])[0] == 200
+            assert http_get(server.base + "api/contents", tokens["bob"])[0] == 403
+            assert http_get(server.base + "api/kernels", tokens["bob"])[0] == 200
+            assert http_get(server.base + "api/kernels", no_scope)[0] == 403
+            log = server.log()
+            assert "not recognized" not in log and "Traceback" not in log, log
+            assert hub.service_token not in log and tokens["bob"] not in log
