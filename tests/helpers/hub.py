@@ -314,6 +314,8 @@ class Client:
 KERNELSPEC = "docker-user"
 MOUNT = "/home/jovyan/work"
 MAX_KERNELS = 2
+#: CPUs one user's kernels may request in all (the kernelspec's ``cpu`` parameter).
+MAX_CPU = 2.0
 #: The same kernelspec for the Hub group GROUP only.
 GROUP_KERNELSPEC = "docker-team-a"
 PARAMETERS = {"cpu": {"type": "number", "minimum": 0.5, "maximum": 2, "default": 1}}
@@ -338,7 +340,8 @@ class Site:
 @contextlib.contextmanager
 def hub_site(root: Path) -> Iterator[Site]:
     """Our server (the access extension, resolving users through the Hub, at most
-    ``MAX_KERNELS`` kernels per user, the Docker kernelspec ``KERNELSPEC``) and a Hub
+    ``MAX_KERNELS`` kernels and ``MAX_CPU`` CPUs per user, the Docker kernelspec
+    ``KERNELSPEC``) and a Hub
     whose users' servers are started and use it as their gateway; stopped on exit."""
     require_hub()
     homes = root / "homes"
@@ -358,6 +361,7 @@ def hub_site(root: Path) -> Iterator[Site]:
             "hub_api_url": hub.api_url,
             "hub_service_name": SERVICE,
             "max_kernels_per_user": MAX_KERNELS,
+            "max_cpu_per_user": MAX_CPU,
         },
     }
     (config / "jupyter_server_config.json").write_text(json.dumps(settings))

@@ -5,11 +5,11 @@ servers in gateway mode against our server; each sends its own Hub token, which 
 server resolves through the Hub (the ``gateway`` service, scope
 ``access:services!service=gateway``). alice's notebook runs in a Docker kernel that mounts
 her own directory; bob, through his own server and straight at ours, over REST and the
-websocket, can neither see, attach to, interrupt, restart nor delete it. The kernel quota
-and a bad launch parameter are refused with their messages; a Hub token without the
-service's scope is refused. Kernels answer execute_requests throughout. The same
-isolation holds for a Kubernetes kernel (the API double, or $KUBECONFIG's cluster) with a
-PersistentVolumeClaim per user.
+websocket, can neither see, attach to, interrupt, restart nor delete it. The kernel count
+and CPU quotas and bad launch parameters are refused with their messages; a Hub token
+without the service's scope is refused. Kernels answer execute_requests throughout. The
+same isolation holds for a Kubernetes kernel (the API double, or $KUBECONFIG's cluster)
+with a PersistentVolumeClaim per user.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tests.helpers import CONTAINER_ARGV, Kube, write_kernelspec
 from tests.helpers.hub import (
     GROUP_KERNELSPEC,
     KERNELSPEC,
+    MAX_CPU,
     MAX_KERNELS,
     MOUNT,
     SERVICE,
@@ -177,7 +178,7 @@ async def test_alices_kernel_is_hers_alone(site: Site, docker_client: docker.Doc
     assert not containers(docker_client, kid), "alice's container outlived its deletion"
 
 
-async def test_quota_and_parameters_are_refused_with_their_messages(
+async def test_quotas_and_parameters_are_refused_with_their_messages(
     site: Site, docker_client: docker.DockerClient
 ) -> None:
     alice = site.servers["alice"]
@@ -217,13 +218,22 @@ async def test_quota_and_parameters_are_refused_with_their_messages(
             named = "gpus" if "gpus" in json.dumps(body) else "cpu"
             assert named in answer["message"], (body, answer)
         assert kernels_of(site.admin) == set(kernels)
-        # A good one starts, and answers.
+        # A good one starts, and answers, its container limited to what it asked for.
         status, model = await bob.arequest(
-            "POST", "api/kernels", {"name": KERNELSPEC, "parameters": {"cpu": 0.5}}
+            "POST", "api/kernels", {"name": KERNELSPEC, "parameters": {"cpu": 1.5}}
         )
         assert status == 201, (status, model)
         out = await bob.run(model["id"], "import os; print(os.environ['KERNEL_USERNAME'])")
         assert out["stdout"] == "bob\n", out
+        (container,) = containers(docker_client, model["id"])
+        nano_cpus = docker_client.api.inspect_container(container["Id"])["HostConfig"]["NanoCpus"]
+        assert nano_cpus == 1_500_000_000
+        # One more at the default cpu (1) would pass his CPU cap: 403 saying the cap.
+        status, answer = await bob.arequest("POST", "api/kernels", {"name": KERNELSPEC})
+        assert status == 403, (status, answer)
+        assert "CPU cap exceeded" in answer["message"], answer
+        assert f"cap of {MAX_CPU:g} CPU" in answer["message"], answer
+        assert kernels_of(site.admin) == {*kernels, model["id"]}
     finally:
         delete_all(site)
 
