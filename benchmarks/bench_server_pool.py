@@ -3,9 +3,10 @@
 From ``POST /api/kernels`` to the first ``kernel_info_reply`` over the kernel's websocket,
 for a kernelspec whose warm pool holds a ready kernel (Docker on the local daemon;
 Kubernetes on $KUBECONFIG when set, else the API double, with ``--targets kubernetes``,
-reached on the pod IP as the chart's server reaches it, or ``--k8s-mode port-forward``). Each sample is split
-into its steps: the POST (the claim and Jupyter Server's own start), the websocket's
-opening (the server connects its ZMQ streams and nudges the kernel) and the reply. The
+reached on the pod IP as the chart's server reaches it, or ``--k8s-mode port-forward``).
+Each sample is split into its steps: the POST (the claim and Jupyter Server's own start),
+the websocket's opening (the server connects its ZMQ streams and nudges the kernel) and
+the reply. The
 baselines, measured in the same run on the same server, are reconnects: a new websocket
 and its first reply, to the pooled kernel once it runs and to a local kernel of
 jupyter_client's own provisioner (Jupyter Server's floor for any kernel: it nudges the
