@@ -27,6 +27,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -49,6 +50,9 @@ SCHEMA_KEYS = frozenset(
     {"type", "default", "minimum", "maximum", "enum", "pattern", "description", "title"}
 )
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_ENV_NAME = re.compile(r"KERNEL_[A-Z][A-Z0-9_]{0,39}")
+#: Longest record of a kernel's launch values an engine keeps (a label or annotation).
+_MAX_RECORD = 16_384
 _NUMBER = re.compile(
     r"[+-]?(?:[0-9]{1,16}(?:\.[0-9]{0,16})?|\.[0-9]{1,16})(?:[eE][+-]?[0-9]{1,3})?"
 )
@@ -266,6 +270,33 @@ def unsupported_resources(
                 msg, key=f"parameters.{name}", kernel_spec=spec_name, target=target
             )
     return None
+
+
+def encode_launch_env(params: LaunchParameters | None) -> str:
+    """The values of ``params`` that differ from the defaults, as a JSON object of
+    ``KERNEL_<NAME>`` strings for an engine's record of the kernel ('' for defaults), so
+    that the server that adopts the kernel restarts it with them."""
+    if params is None or not params.changed:
+        return ""
+    return json.dumps(params.env(params.changed), sort_keys=True, separators=(",", ":"))
+
+
+def decode_launch_env(text: Any) -> dict[str, str]:
+    """:func:`encode_launch_env`'s values read back from an engine's record; {} when
+    absent or malformed (the kernelspec's defaults then apply)."""
+    if not isinstance(text, str) or not text or len(text) > _MAX_RECORD:
+        return {}
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {
+        k: v
+        for k, v in found.items()
+        if isinstance(k, str) and _ENV_NAME.fullmatch(k) and isinstance(v, str)
+    }
 
 
 def fallback_refusal(params: LaunchParameters | None, target: str, cause: str) -> str:

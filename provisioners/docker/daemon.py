@@ -33,6 +33,7 @@ from ..connection.ports import PortSource
 from ..connection.sshconnect import SSHSettings
 from ..exceptions import EngineUnavailableError, KernelStartError, ProvisionerError
 from ..lifecycle.owner import adoptable, detached_mark, detached_since, sweep_verdict
+from ..parameters import decode_launch_env
 from ..settings import SharedSettings
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -52,6 +53,9 @@ LABEL_GRACE = "cluster-provisioners.adoption-grace"
 #: The kernel's user (the start request's KERNEL_USERNAME). A claimed warm kernel's
 #: container, created without one, has its user in the file ``user`` (:func:`write_user`).
 LABEL_USERNAME = "cluster-provisioners.username"
+#: The kernel's launch parameters that differ from its kernelspec's defaults (JSON of
+#: KERNEL_<NAME> values): the adopting server restarts the kernel with them.
+LABEL_LAUNCH_ENV = "cluster-provisioners.launch-env"
 OUR_LABELS = (
     LABEL_MANAGED_BY,
     LABEL_KERNEL_ID,
@@ -62,6 +66,7 @@ OUR_LABELS = (
     LABEL_PERSIST,
     LABEL_GRACE,
     LABEL_USERNAME,
+    LABEL_LAUNCH_ENV,
 )
 #: The adoption grace of a persisted container without a readable grace label.
 DEFAULT_GRACE = float(SharedSettings.class_traits()["adoption_grace"].default_value)
@@ -351,9 +356,10 @@ def adoptable_containers(
     """Our running, persisted kernel containers of kernelspec ``spec_name`` whose owner
     record is :func:`~provisioners.lifecycle.owner.adoptable` (detached, or a server known
     to be gone), each as ``{"kernel_id", "dir_id", "container_id", "container_name",
-    "networks", "kernel_info", "username"}`` (``kernel_info``: the kernel's own connection file, key
-    and Curve keys as text). A container whose connection file cannot be read is left out
-    and logged, without its content. Raises the daemon's errors (:data:`ENGINE_ERRORS`).
+    "networks", "kernel_info", "username", "launch_env"}`` (``kernel_info``: the kernel's
+    own connection file, key and Curve keys as text). A container whose connection file
+    cannot be read is left out and logged, without its content. Raises the daemon's
+    errors (:data:`ENGINE_ERRORS`).
     """
     log = log or logging.getLogger(__name__)
     wanted = [f"{LABEL_MANAGED_BY}={MANAGED_BY}", f"{LABEL_PERSIST}=true"]
@@ -389,6 +395,7 @@ def adoptable_containers(
                 "networks": {k: (v or {}).get("IPAddress") or "" for k, v in networks.items()},
                 "kernel_info": info,
                 "username": current_username(client, item),
+                "launch_env": decode_launch_env(labels.get(LABEL_LAUNCH_ENV)),
             }
         )
     return records

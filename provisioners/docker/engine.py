@@ -43,11 +43,13 @@ from ..lifecycle.engine import PORT_NAMES, Engine, kernel_row
 from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.fallback import while_unreachable
 from ..lifecycle.owner import detached_mark
+from ..parameters import encode_launch_env
 from ..podenv import maybe_in_pod
 from ..usernames import UsernameError, check_username, expand_env, expand_username
 from .daemon import (
     ENGINE_ERRORS,
     LABEL_KERNELSPEC,
+    LABEL_LAUNCH_ENV,
     LABEL_MANAGED_BY,
     LABEL_POOL_PREFIX,
     MANAGED_BY,
@@ -320,6 +322,8 @@ class DockerEngine(Engine):
         )
         if self.pool_id:
             labels[LABEL_POOL_PREFIX] = s.name_prefix
+        if launch_env := encode_launch_env(s.launch_parameters):
+            labels[LABEL_LAUNCH_ENV] = launch_env
         return create_args(
             s.image,
             cmd,
@@ -592,6 +596,7 @@ class DockerEngine(Engine):
                     "port_host": self.allocation_host(),
                     "state": state,
                     "username": item["username"],
+                    "launch_env": item["launch_env"],
                 }
             )
         return records

@@ -46,6 +46,7 @@ from ..lifecycle.engine import Engine
 from ..lifecycle.failed_start import exited_while_starting
 from ..lifecycle.leftovers import RemovalPending
 from ..lifecycle.owner import ServerPod, detached_mark, detached_since
+from ..parameters import decode_launch_env, encode_launch_env
 from ..secrets import kube_secret_ref
 from ..usernames import (
     UsernameError,
@@ -361,6 +362,14 @@ class PodEngine(Engine):
                 raise
             raise s.config_error("user_volume_claim", str(exc)) from exc
 
+    def pod_annotations(self) -> dict[str, str]:
+        """The settings' annotations, and this kernel's launch values other than the
+        defaults (read back by :meth:`adoptable_kernels`). Pure."""
+        found = dict(self.settings.annotations)
+        if launch_env := encode_launch_env(self.settings.launch_parameters):
+            found[m.ANNOTATION_LAUNCH_ENV] = launch_env
+        return found
+
     def pod_spec(self, cmd: list[str], env: dict[str, str]) -> m.KernelPod:
         """What the kernel's pod is built from: the settings and this kernel's record, with
         ``{username}`` expanded for the kernel's user. Raises :class:`UsernameError`
@@ -415,7 +424,7 @@ class PodEngine(Engine):
             service_account_name=s.service_account_name,
             automount_service_account_token=s.automount_service_account_token,
             labels=dict(s.labels),
-            annotations=dict(s.annotations),
+            annotations=self.pod_annotations(),
             working_dir=working_dir,
             grace_period=s.termination_grace_period,
             template=m.parse_pod_template(s.pod_template),
@@ -1200,4 +1209,5 @@ class PodEngine(Engine):
             "port_host": self.allocation_host(),
             "state": state,
             "username": annotations.get(m.ANNOTATION_USERNAME, ""),
+            "launch_env": decode_launch_env(annotations.get(m.ANNOTATION_LAUNCH_ENV)),
         }

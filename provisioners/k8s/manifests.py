@@ -41,6 +41,9 @@ ANNOTATION_OWNER = f"{PREFIX}/owner"
 ANNOTATION_PORTS = f"{PREFIX}/ports"
 ANNOTATION_KERNELSPEC = f"{PREFIX}/kernelspec"
 ANNOTATION_USERNAME = f"{PREFIX}/username"
+#: The kernel's launch parameters that differ from its kernelspec's defaults (JSON of
+#: KERNEL_<NAME> values): the adopting server restarts the kernel with them.
+ANNOTATION_LAUNCH_ENV = f"{PREFIX}/launch-env"
 #: ``namespace/name/uid`` of the server pod that started the kernel (see ServerPod).
 ANNOTATION_OWNER_POD = f"{PREFIX}/owner-pod"
 #: The installation (the chart's ``<namespace>.<release>``) whose server started the kernel.

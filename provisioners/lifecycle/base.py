@@ -561,6 +561,7 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
                     "port_host": record.get("port_host", LOCAL_HOST),
                     "state": dict(record.get("state") or {}),
                     "username": str(record.get("username") or ""),
+                    "launch_env": dict(record.get("launch_env") or {}),
                 }
             )
         return found

@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 
 from provisioners.connection.ports import ClusterPortCache
 from provisioners.parameters import LaunchBounds, LaunchParameterError
+from provisioners.persist import adopt_kernels
+from provisioners.targets import provisioner_for
 from tests.helpers import KERNEL_TEST_IMAGE, execute, reattached_manager
 
 pytestmark = pytest.mark.docker
@@ -128,3 +133,33 @@ async def test_a_reattached_kernel_keeps_its_parameters_for_its_restarts(docker_
     assert prov.launch_parameters.changed == ("cpu", "mode")
     assert (await execute(again, "print('still here')"))["stdout"] == "still here\n"
     await again.shutdown_kernel(now=True)
+
+
+async def test_an_adopted_kernel_restarts_with_its_parameters(
+    docker_kernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make, tracker = docker_kernels
+    km = make({"persist_kernels": True, "adoption_grace": 600}, metadata={"parameters": PARAMETERS})
+    await km.start_kernel(env={"KERNEL_CPU": "0.5", "KERNEL_MODE": "exact"})
+    assert await km.provisioner.detach()  # the server stops; the kernel lives on
+
+    kernel_dir = Path(km.kernel_spec.resource_dir).parent
+    spec = KernelSpecManager(kernel_dirs=[str(kernel_dir)]).get_kernel_spec(km.kernel_name)
+    (record,) = await provisioner_for(spec).adoptable_kernels()
+    assert record["launch_env"] == {"KERNEL_CPU": "0.5", "KERNEL_MODE": "exact"}
+
+    # a fresh server adopts it; a restart (a new container, no start request) keeps them
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir.parent))
+    mkm = AsyncMultiKernelManager(
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)])
+    )
+    assert await adopt_kernels(mkm) == [km.kernel_id]
+    adopted = mkm.get_kernel(km.kernel_id)
+    await mkm.restart_kernel(km.kernel_id)
+    cid = adopted.provisioner.engine.container_id
+    attrs = await asyncio.to_thread(tracker.client.api.inspect_container, cid)
+    assert attrs["HostConfig"]["NanoCpus"] == 500_000_000
+    code = "import os; print(os.environ['KERNEL_MODE'])"
+    assert (await execute(dict(adopted.get_connection_info()), code))["stdout"] == "exact\n"
+    await mkm.shutdown_kernel(km.kernel_id, now=True)
+    assert tracker.containers(km.kernel_id) == []

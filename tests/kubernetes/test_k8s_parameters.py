@@ -4,13 +4,17 @@ with parameters runs in such a pod, and a bad value creates nothing."""
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 
 from provisioners.connection.files import PORT_NAMES
 from provisioners.connection.ports import ClusterPortCache
@@ -18,6 +22,7 @@ from provisioners.k8s import KubernetesClusterProvisioner
 from provisioners.k8s import manifests as m
 from provisioners.k8s.client import KubeClient
 from provisioners.parameters import LaunchBounds, LaunchParameterError
+from provisioners.persist import adopt_kernels
 from tests.helpers import KUBERNETES_PROVISIONER, Kube, execute
 from tests.helpers.kube import get_pod, no_leftovers, pod_of
 
@@ -119,4 +124,39 @@ async def test_a_bad_value_creates_no_pod_and_holds_no_port(
     assert time.monotonic() - began < 5
     assert caught.value.parameter == "memory" and "above the maximum" in str(caught.value)
     assert ClusterPortCache.instance().held() == {}
+    await no_leftovers(kube_api, kube.namespace, km.kernel_id)
+
+
+async def test_an_adopted_kernel_restarts_in_a_pod_with_its_parameters(
+    kube: Kube, kube_api: KubeClient, kernel_manager: MakeKM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = kube.config(connection_mode="port-forward", persist_kernels=True)
+    km = kernel_manager(
+        KUBERNETES_PROVISIONER,
+        config,
+        metadata={"parameters": schema(kube.image)},
+        name=f"params-{uuid.uuid4().hex[:8]}",  # adoption looks for kernels by kernelspec
+        **kube.spec(),
+    )
+    await km.start_kernel(env={"KERNEL_CPU": "0.2", "KERNEL_MODE": "exact"})
+    pod = await get_pod(kube_api, kube, pod_of(km).pod_name)
+    recorded = json.loads(pod["metadata"]["annotations"][m.ANNOTATION_LAUNCH_ENV])
+    assert recorded == {"KERNEL_CPU": "0.2", "KERNEL_MODE": "exact"}  # the chosen ones only
+    assert await km.provisioner.detach()  # the server stops; the kernel lives on
+    ClusterPortCache.instance().release(pod_of(km).allocation_owner)  # with its process
+
+    # the next server adopts it; a restart (a new pod, no start request) keeps the values
+    kernel_dir = Path(km.kernel_spec.resource_dir).parent
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir.parent))
+    mkm = AsyncMultiKernelManager(
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)])
+    )
+    assert km.kernel_id in await adopt_kernels(mkm)
+    adopted = mkm.get_kernel(km.kernel_id)
+    await mkm.restart_kernel(km.kernel_id)
+    pod = await get_pod(kube_api, kube, pod_of(adopted).pod_name)
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "200m"
+    code = "import os; print(os.environ['KERNEL_MODE'])"
+    assert (await execute(dict(adopted.get_connection_info()), code))["stdout"] == "exact\n"
+    await mkm.shutdown_kernel(km.kernel_id, now=True)
     await no_leftovers(kube_api, kube.namespace, km.kernel_id)
