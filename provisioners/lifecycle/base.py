@@ -43,6 +43,7 @@ from ..executor import EngineExecutor
 from ..loopthread import LoopThread
 from ..podenv import maybe_in_pod
 from ..settings import SharedSettings, is_request_input, requested_env_names
+from ..usernames import check_username
 from . import leftovers
 from .engine import Engine
 from .failed_start import as_start_error, forget_failed_start
@@ -183,7 +184,10 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
             self._settle_clients = engine.ports == kept and not self._exited_before_restart
             self._restart_launch = True
         else:
-            self.username = str((kwargs.get("env") or {}).get("KERNEL_USERNAME") or "")
+            # a NUL (no environment can hold one) is refused here, on every target
+            self.username = check_username(
+                str((kwargs.get("env") or {}).get("KERNEL_USERNAME") or "")
+            )
             adopted = ClusterProvisioner._adoptions.pop(self.kernel_id, None)
             if adopted is not None:
                 await self._adopt(adopted)

@@ -76,3 +76,15 @@ async def test_unusable_usernames_are_refused_by_name_leaving_nothing(
         assert not km.has_kernel
         assert await resolve(target.leftovers(kernel_id)) == []
         count("hostile usernames tried", target.name)
+
+
+@pytest.mark.parametrize("target", ["local"], indirect=True)
+async def test_a_nul_username_is_refused_on_the_local_target_too(
+    kernel_manager, target: TargetCase
+) -> None:
+    km = kernel_manager(target.provisioner, **target.spec())
+    kernel_id = str(uuid.uuid4())
+    with pytest.raises(UsernameError, match="KERNEL_USERNAME contains a NUL"):
+        await km.start_kernel(kernel_id=kernel_id, env={**os.environ, "KERNEL_USERNAME": "a\x00b"})
+    assert not km.has_kernel
+    assert await resolve(target.leftovers(kernel_id)) == []
