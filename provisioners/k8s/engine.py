@@ -728,7 +728,8 @@ class PodEngine(Engine):
         if self._client is None or self._reflector is None:
             await self._attach(self._mode)
         body = m.claim_patch(self.kernel_id, username)
-        for kind, name in (("pods", self.pod_name), ("secrets", self.secret_name)):
+
+        async def relabel(kind: str, name: str) -> None:
             try:
                 await self._patch(resource_path(kind, self.namespace, name), body)
             except KubeApiError as exc:
@@ -740,6 +741,16 @@ class PodEngine(Engine):
                     f"as kernel {self.kernel_id} (was {pool_id}): {what}"
                 )
                 raise ProvisionerError(msg, target=self.target, kernel_id=self.kernel_id) from exc
+
+        # the pod and its Secret at once: a claim waits for one round trip, not two
+        outcomes = await asyncio.gather(
+            relabel("pods", self.pod_name),
+            relabel("secrets", self.secret_name),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         self.log.debug(
             "Kernel %s: warm pod %s/%s relabelled (was %s)",
             self.kernel_id,

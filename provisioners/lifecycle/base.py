@@ -618,19 +618,25 @@ class ClusterProvisioner(SharedSettings, KernelProvisionerBase):  # type: ignore
         """Jupyter Server reports a kernel as 'starting' until the iopub watcher it opens
         after a start sees a status, and a new websocket waits for that (it polls every
         50 ms). A claimed or adopted kernel published its start long before: once the
-        watcher is there, ask the kernel to publish its state (:func:`announce_state`)."""
+        watcher is there, a claimed warm kernel is reported idle (it answered its warm
+        check and nobody has used it since), and an adopted one, which may be busy, is
+        asked to publish its state (:func:`announce_state`)."""
         km: Any = self.parent
         if km is None or not hasattr(km, "execution_state"):
             return  # a manager without a watcher (jupyter_client's own, nbclient)
-        self._announcing = asyncio.get_running_loop().create_task(self._announce(km))
+        claimed = bool(self.engine.claimed_from)
+        self._announcing = asyncio.get_running_loop().create_task(self._announce(km, claimed))
 
-    async def _announce(self, km: Any) -> None:
+    async def _announce(self, km: Any, claimed: bool) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _ANNOUNCE_WAIT
         while km.execution_state != "starting":  # set as the watcher starts
             if loop.time() > deadline or self._stopped:
                 return
             await asyncio.sleep(0.002)
+        if claimed:
+            km.execution_state = "idle"
+            return
         for delay in _ANNOUNCE_DELAYS:  # its subscription reaches the kernel meanwhile
             await asyncio.sleep(delay)
             if km.execution_state != "starting" or self._stopped:

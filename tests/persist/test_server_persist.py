@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,15 @@ async def test_a_docker_kernel_and_its_session_survive_a_server_restart(
             assert [k["id"] for k in kernels] == [kernel_id], second.log()
             status, sessions = second.request("GET", "api/sessions")
             assert [(s["id"], s["kernel"]["id"]) for s in sessions] == [(session_id, kernel_id)]
+            # asked for its state once adopted: not 'starting' until a websocket nudges it
+            states: list[str] = []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and "idle" not in states:
+                states.append(
+                    second.request("GET", f"api/kernels/{kernel_id}")[1]["execution_state"]
+                )
+                await asyncio.sleep(0.05)
+            assert states[-1] == "idle", states
             out = await run_code(second, kernel_id, "print(kept_value)")
             assert out["stdout"] == "A-42\n", out
             status, body = http("GET", second.base + "metrics", second.token)

@@ -121,8 +121,8 @@ async def test_server_prefills_claims_over_rest_and_websocket_and_drains(
     assert f"Kernel {kernel['id']} (docker): claimed: warm kernel pool-" in log, log
     print(f"POST /api/kernels: claimed {claim_time:.3f} s, cold {cold_time:.3f} s")
     assert claim_time < 0.5 * cold_time, (claim_time, cold_time)
-    # a claimed kernel published its start long ago: asked once the server watches it, it
-    # reports its state before any websocket (else the first one waits for it)
+    # a claimed kernel published its start long ago: it is reported idle once the server
+    # watches it, before any websocket (else the first one waits for a status)
     states = []
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and "idle" not in states:
