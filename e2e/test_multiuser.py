@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from e2e.helpers import ENV, MISSING, Forward, helm_upgrade
+from tests.helpers.kube import hostpath_volume
 from tests.jupyter_server import http, until_answering, ws_execute
 
 pytestmark = [
@@ -51,27 +52,6 @@ def cluster(*args: str, stdin: str | None = None) -> str:
     )
     assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
     return proc.stdout
-
-
-def persistent_volume(user: str, namespace: str) -> dict[str, Any]:
-    """A hostPath PV pre-bound to ``claim-<user>`` in the kernels' namespace."""
-    path = VOLUME_ROOT / user
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {
-            "name": f"e2e-claim-{user}",
-            "labels": {"e2e.cluster-provisioners/created-by": "test_multiuser"},
-        },
-        "spec": {
-            "capacity": {"storage": "1Gi"},
-            "accessModes": ["ReadWriteOnce"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "storageClassName": "",
-            "hostPath": {"path": str(path), "type": "Directory"},
-            "claimRef": {"namespace": namespace, "name": f"claim-{user}"},
-        },
-    }
 
 
 class User:
@@ -114,7 +94,9 @@ def per_user_release(forward: Forward) -> Any:
         path = VOLUME_ROOT / name
         path.mkdir(parents=True, exist_ok=True)
         path.chmod(0o777)  # the kernel runs as jovyan (1000)
-        cluster("apply", "-f", "-", stdin=json.dumps(persistent_volume(name, namespace)))
+        labels = {"e2e.cluster-provisioners/created-by": "test_multiuser"}
+        volume = hostpath_volume(f"e2e-claim-{name}", str(path), namespace, f"claim-{name}", labels)
+        cluster("apply", "-f", "-", stdin=json.dumps(volume))
     data = base64.b64encode(json.dumps(users_file).encode()).decode()
     secret = {
         "apiVersion": "v1",

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
@@ -135,3 +136,39 @@ def dead_identity() -> ServerIdentity:
     start = process_start_time(proc.pid)
     proc.wait()
     return ServerIdentity(socket.gethostname(), proc.pid, start or "1")
+
+
+def hostpath_volume(
+    name: str, path: str, namespace: str, claim: str, labels: dict[str, str]
+) -> dict[str, Any]:
+    """A hostPath PersistentVolume ``name`` (a directory of this machine, which the test
+    node shares) pre-bound to claim ``namespace/claim``: the test node provisions no
+    storage."""
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": {"path": path, "type": "Directory"},
+            "claimRef": {"namespace": namespace, "name": claim},
+        },
+    }
+
+
+async def bind_claim(
+    kube: Kube, api: KubeClient, claim: str, root: Path, *, prefix: str, label: str
+) -> None:
+    """On a real cluster: a hostPath PersistentVolume ``<prefix>-<claim>`` (labelled
+    ``cluster-provisioners-test=<label>``) pre-bound to ``claim``, on a directory under
+    ``root`` the kernel (jovyan, 1000) may write. The double binds claims itself."""
+    if kube.forbid is not None:
+        return
+    (root / claim).mkdir(parents=True)
+    (root / claim).chmod(0o777)
+    labels = {"cluster-provisioners-test": label}
+    volume = hostpath_volume(f"{prefix}-{claim}", str(root / claim), kube.namespace, claim, labels)
+    await api.request("POST", "/api/v1/persistentvolumes", body=volume)

@@ -27,7 +27,7 @@ from provisioners.pool import KernelPools
 from provisioners.pool.claim import cold_reason
 from provisioners.usernames import UsernameError, dns_label, path_segment
 from tests.helpers import KUBERNETES_PROVISIONER, Kube, execute
-from tests.helpers.kube import filled, get_pod, no_leftovers, pod_of
+from tests.helpers.kube import bind_claim, filled, get_pod, no_leftovers, pod_of
 
 MakeKM = Callable[..., AsyncKernelManager]
 PORTS = (20001, 20002, 20003, 20004, 20005)
@@ -250,29 +250,6 @@ async def claims(kube: Kube, kube_api: KubeClient) -> AsyncIterator[list[str]]:
                 await kube_api.request("DELETE", f"/api/v1/persistentvolumes/pv-{name}")
 
 
-async def bind_volume(kube: Kube, api: KubeClient, claim: str, root: Path) -> None:
-    """On a real cluster: a hostPath PersistentVolume (a directory of this machine, which
-    the node shares) pre-bound to ``claim``."""
-    if kube.forbid is not None:  # the double binds claims at once
-        return
-    (root / claim).mkdir(parents=True)
-    (root / claim).chmod(0o777)  # the kernel runs as jovyan (1000)
-    volume = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"pv-{claim}", "labels": {"cluster-provisioners-test": "users"}},
-        "spec": {
-            "capacity": {"storage": "1Gi"},
-            "accessModes": ["ReadWriteOnce"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "storageClassName": "",
-            "hostPath": {"path": str(root / claim), "type": "Directory"},
-            "claimRef": {"namespace": kube.namespace, "name": claim},
-        },
-    }
-    await api.request("POST", "/api/v1/persistentvolumes", body=volume)
-
-
 async def test_each_user_gets_a_claim_created_once_and_only_their_kernels_mount_it(
     kube: Kube,
     kube_api: KubeClient,
@@ -285,7 +262,9 @@ async def test_each_user_gets_a_claim_created_once_and_only_their_kernels_mount_
     alice_claim, bob_claim = f"claim-{alice}", "claim-" + dns_label(bob, 57)
     claims += [alice_claim, bob_claim]
     for claim in claims:
-        await bind_volume(kube, kube_api, claim, tmp_path_factory.mktemp("claims"))
+        await bind_claim(
+            kube, kube_api, claim, tmp_path_factory.mktemp("claims"), prefix="pv", label="users"
+        )
     config = kube.config(
         user_volume_mount_path="/home/jovyan/work",
         user_volume_storage_class="",

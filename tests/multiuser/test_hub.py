@@ -41,7 +41,7 @@ from tests.helpers.hub import (
     Client,
     Site,
 )
-from tests.helpers.kube import no_leftovers
+from tests.helpers.kube import bind_claim, no_leftovers
 from tests.jupyter_server import execute_request
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
@@ -303,29 +303,6 @@ async def test_a_kernelspec_for_a_hub_group(site: Site) -> None:
         delete_all(site)
 
 
-async def bind_claim(kube: Kube, api: KubeClient, claim: str, root: Path) -> None:
-    """On a real cluster (none provisions storage on the test node): a hostPath
-    PersistentVolume pre-bound to ``claim``. The double binds claims itself."""
-    if kube.forbid is not None:
-        return
-    (root / claim).mkdir(parents=True)
-    (root / claim).chmod(0o777)  # the kernel runs as jovyan (1000)
-    volume = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"pv-hub-{claim}", "labels": {"cluster-provisioners-test": "hub"}},
-        "spec": {
-            "capacity": {"storage": "1Gi"},
-            "accessModes": ["ReadWriteOnce"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "storageClassName": "",
-            "hostPath": {"path": str(root / claim), "type": "Directory"},
-            "claimRef": {"namespace": kube.namespace, "name": claim},
-        },
-    }
-    await api.request("POST", "/api/v1/persistentvolumes", body=volume)
-
-
 async def delete_claim(kube: Kube, api: KubeClient, claim: str) -> None:
     with contextlib.suppress(NotFound):
         await api.request("DELETE", resource_path("persistentvolumeclaims", kube.namespace, claim))
@@ -342,7 +319,7 @@ async def test_alices_kubernetes_kernel_and_claim_are_hers_alone(
     claims = {user: f"claim-{user}" for user in ("alice", "bob")}
     for claim in claims.values():
         await delete_claim(kube, kube_client, claim)  # a run killed before its cleanup
-        await bind_claim(kube, kube_client, claim, tmp_path)
+        await bind_claim(kube, kube_client, claim, tmp_path, prefix="pv-hub", label="hub")
     config = kube.config(user_volume_mount_path=MOUNT, working_dir=MOUNT, fs_group=1000)
     name = "k8s-user"
     write_kernelspec(
