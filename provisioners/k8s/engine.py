@@ -189,7 +189,7 @@ class PodEngine(Engine):
             if reflector is None:
                 reflector = PodReflector(self._client, namespace)
                 self._client.reflectors[namespace] = reflector
-            if not reflector.running:
+            if not reflector.loaded:  # another engine may have started it: wait for its list
                 await reflector.start(timeout=s.api_timeout)
         except KubeApiError as exc:
             await self._detach()

@@ -101,6 +101,11 @@ class PodReflector:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @property
+    def loaded(self) -> bool:
+        """True once the first list is in: before it, :meth:`get` knows no pod."""
+        return self.running and self._loaded.is_set()
+
     def get(self, name: str) -> dict[str, Any] | None:
         """The cached pod ``name``, or None when it does not exist (as far as we know)."""
         return self.pods.get(name)

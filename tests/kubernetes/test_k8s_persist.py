@@ -666,3 +666,45 @@ async def _container_runs(api: KubeClient, ns: str, name: str) -> bool:
         return False
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
     return any("running" in (s.get("state") or {}) for s in statuses)
+
+
+async def test_a_fresh_server_adopts_several_kernels_at_once(
+    kube: Kube,
+    kernel_manager: MakeKM,
+    forget: Callable[[str], None],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Adoption runs several at once on a fresh API client: each must see its pod once the
+    namespace's pod list is in (a reflector another adoption has only just started knows
+    no pod yet, and a kernel taken for gone would be removed)."""
+    name = spec_name()
+    managers = [
+        kernel_manager(KUBERNETES_PROVISIONER, persist_config(kube), name=name, **kube.spec())
+        for _ in range(3)
+    ]
+    await asyncio.gather(*(km.start_kernel() for km in managers))
+    for km in managers:
+        forget(km.kernel_id)
+        assert (await execute(km, f"mine = {km.kernel_id!r}"))["status"] == "ok"
+    for km in managers:  # the server stops: every engine lets go of the shared client
+        provisioner = km.provisioner
+        assert isinstance(provisioner, KubernetesClusterProvisioner)
+        assert await provisioner.detach() is True
+        server_stopped(km)
+    kernels = tmp_path / "kernels"  # where kernel_manager wrote the kernelspec
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    mkm = AsyncMultiKernelManager(
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]),
+        connection_dir=str(tmp_path),
+    )
+    ids = {km.kernel_id for km in managers}
+    adopted = set(await adopt_kernels(mkm))
+    try:
+        assert ids <= adopted, f"not adopted: {ids - adopted}"
+        for kernel_id in ids:
+            result = await execute(mkm.get_kernel(kernel_id), "print(mine)")
+            assert result["stdout"] == f"{kernel_id}\n", result
+    finally:
+        for kernel_id in adopted & ids:
+            await mkm.shutdown_kernel(kernel_id, now=True)
