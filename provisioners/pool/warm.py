@@ -71,6 +71,8 @@ class WarmPool:
         self.ready: collections.deque[Engine] = collections.deque()
         self.starting = 0
         self.closed = False
+        #: False once a drain at a server's stop asks removals not to await their end
+        self.confirm_removals = True
         self.failures = 0
         self._retry_at = 0.0
         self._starts: set[asyncio.Task[Any]] = set()
@@ -129,6 +131,7 @@ class WarmPool:
         what is still terminating is confirmed in the background while the process lives,
         and swept by the next server after."""
         self.closed = True
+        self.confirm_removals = confirm
         starts = list(self._starts)
         for task in starts:
             task.cancel()  # a cancelled start removes what it created (shielded)
@@ -169,6 +172,8 @@ class WarmPool:
             warm = starter.release_engine()
         except asyncio.CancelledError:
             if starter is not None:
+                if not self.confirm_removals:  # a server's stop: never wait for a pod's end
+                    starter.engine.start_failed = True
                 await asyncio.shield(self._track(self._removals, self._cleanup(starter)))
             raise
         except Exception as exc:
