@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ def cluster(*args: str, stdin: str | None = None) -> str:
     """kubectl without the release's namespace (cluster-scoped objects, -n given)."""
     proc = subprocess.run(
         [ENV["KUBECTL"], *args],
-        env={"KUBECONFIG": ENV["KUBECONFIG"], "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "KUBECONFIG": ENV["KUBECONFIG"]},
         input=stdin,
         capture_output=True,
         text=True,
