@@ -343,7 +343,31 @@ def _raise_connect_error(exc: BaseException, settings: SSHSettings) -> None:
         raise TunnelError(msg) from exc
 
 
+class _Unsignalled:
+    """Stands in for a closing channel's readiness pipe: signals nothing."""
+
+    def set(self) -> None:
+        """Nothing to wake: the channel is closing."""
+
+    def clear(self) -> None:
+        """Nothing to reset."""
+
+
+_UNSIGNALLED = _Unsignalled()
+
+
 def close_quietly(chan: paramiko.Channel) -> None:
-    """Close ``chan``; closing writes to the transport, which may have just died."""
+    """Close ``chan``; closing writes to the transport, which may have just died.
+
+    A channel that was selected on has a readiness pipe, which paramiko closes in the
+    closing thread while the transport's thread may be feeding the channel data and
+    writing to that pipe under the buffer's lock only. The write then fails with EBADF
+    (or EPIPE) in the transport's thread, which ends the whole SSH connection and every
+    channel on it (other kernels' requests in flight are lost), or lands in whatever
+    file took the closed fd's number. So the channel's buffers stop signalling the pipe
+    first, under their own locks: no feed can be touching it when it closes.
+    """
+    for buffer in (chan.in_buffer, chan.in_stderr_buffer):
+        buffer.set_event(_UNSIGNALLED)
     with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
         chan.close()

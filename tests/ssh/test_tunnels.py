@@ -4,6 +4,7 @@ host-key checks, authentication errors, reconnects and ``ssh_server`` on a provi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -299,3 +300,65 @@ async def test_remote_scripts_with_and_without_a_kept_shell(tmp_path: Path) -> N
                 await asyncio.to_thread(link.release)
         finally:
             server.stop()
+
+
+def _chatty_server() -> tuple[socket.socket, Any]:
+    """A listener on 127.0.0.1 whose every connection gets data without pause until the
+    peer goes away; ``(listener, stop)``."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def talk(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while not done.is_set():
+                conn.sendall(b"x" * 512)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while not done.is_set():
+                conn, _ = listener.accept()
+                threading.Thread(target=talk, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def stop() -> None:
+        done.set()
+        listener.close()
+
+    return listener, stop
+
+
+async def test_connections_closing_while_data_arrives_keep_the_ssh_link(
+    sshd: Any, server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relay that closes its channel while the transport feeds it data must not take
+    the shared SSH connection down with it. paramiko closes a channel's readiness pipe
+    (what the relay selects on) in the closing thread while its transport thread may be
+    signalling that pipe: the write then fails with EBADF in the transport thread, which
+    drops the connection and every other kernel channel on it, losing their requests in
+    flight (a Jupyter Server's nudge closing its transient channels did it)."""
+    listener, stop = _chatty_server()
+    port = listener.getsockname()[1]
+    forward = await asyncio.to_thread(
+        forward_tunnel, 0, port, "127.0.0.1", server, str(sshd.user_key_path)
+    )
+    local = forward.server_address[1]
+
+    def churn(rounds: int) -> int:
+        received = 0
+        for _ in range(rounds):
+            with socket.create_connection(("127.0.0.1", local), timeout=10) as conn:
+                received += len(conn.recv(4096))
+        return received
+
+    try:
+        received = await asyncio.gather(*(asyncio.to_thread(churn, 60) for _ in range(4)))
+        assert all(received), received
+        await asyncio.sleep(0.5)  # relays finish closing
+        assert forward.link.connected and forward.link.reconnects == 0, caplog.text
+        assert "Socket exception" not in caplog.text
+    finally:
+        await asyncio.to_thread(forward.shutdown)
+        stop()
