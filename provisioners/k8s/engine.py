@@ -658,6 +658,7 @@ class PodEngine(Engine):
             remote,
             local,
             connect_timeout=self.settings.api_timeout,
+            protocol=self.settings.port_forward_protocol,
             logger=self.log,
         )
         await self._forwarder.start()

@@ -96,6 +96,16 @@ class KubernetesSettings(SharedSettings):
         'auto' picks pod-ip with in-cluster config, else
         port-forward.""",
     )
+    port_forward_protocol = CaselessStrEnum(
+        ["spdy", "websocket"],
+        default_value="spdy",
+        config=True,
+        help="""How a 'port-forward' connection goes through the API server. 'spdy': one
+        SPDY/3.1 connection per kernel pod carries all of its client connections, as
+        kubectl's port-forward does (if the API server, or a proxy in between, refuses
+        the upgrade, the server logs it once and uses websockets instead). 'websocket':
+        one websocket per client connection (a kernel's client holds four or five).""",
+    )
     pod_ip_relay = Bool(
         True,
         config=True,

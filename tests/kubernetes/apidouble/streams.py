@@ -1,4 +1,5 @@
-"""Streaming endpoints of the double: pods/log, pods/exec and pods/portforward.
+"""Streaming endpoints of the double: pods/log, pods/exec and pods/portforward (the
+SPDY/3.1 upgrade of pods/portforward is in ``spdyserver``).
 
 Websocket framing follows the kubelet: every message starts with a channel byte
 (``channel.k8s.io``; the ``base64.`` variants send text with an ASCII digit and base64
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import docker.errors
 from aiohttp import WSMsgType, web
 
+from . import spdyserver
 from .meta import JSON, bad_request, not_found
 from .runtime import connect_in_netns
 
@@ -378,6 +380,13 @@ async def portforward_handler(
     cluster: Cluster, request: web.Request, ns: str, name: str
 ) -> web.StreamResponse:
     pod, worker = _pod_and_worker(cluster, ns, name)
+    if spdyserver.is_spdy_upgrade(request):  # ports come in each stream's headers
+        sandbox = worker.sandbox if worker else None
+        if sandbox is None or pod["status"].get("phase") in ("Succeeded", "Failed"):
+            raise bad_request("unable to upgrade connection: pod does not exist")
+        if spdyserver.stats(cluster).refuse_upgrade:
+            raise bad_request("Upgrade request required")
+        return await spdyserver.serve(request, cluster, name, sandbox)
     ports: list[int] = []
     for value in request.query.getall("ports", []):
         for item in value.split(","):
@@ -395,6 +404,7 @@ async def portforward_handler(
         raise bad_request("unable to upgrade connection: pod does not exist")
     protocol = negotiate(request, PORTFORWARD_PROTOCOLS)
     chan = await _upgrade(request, protocol)
+    spdyserver.stats(cluster).websockets += 1
     for index, port in enumerate(ports):
         await chan.send(2 * index, struct.pack("<H", port))
         await chan.send(2 * index + 1, struct.pack("<H", port))
