@@ -283,18 +283,28 @@ class PortForwarder(LocalRelay):
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int
     ) -> None:
-        if self.transport == "spdy":
-            try:
-                await self._serve_spdy(reader, writer, index)
-                return
-            except _UseWebsocket:
-                pass
-        await self._serve_ws(reader, writer, index)
+        remote = self.remote_ports[index]
+        try:
+            if self.transport == "spdy":
+                try:
+                    await self._serve_spdy(reader, writer, remote)
+                    return
+                except _UseWebsocket:
+                    pass
+            await self._serve_ws(reader, writer, remote)
+        except asyncio.CancelledError:
+            raise
+        except KubeApiError as exc:
+            self._log_refusal(remote, exc)
+        except Exception as exc:
+            self.log.debug("Port-forward to %s:%s ended: %r", self.pod, remote, exc)
 
     async def _serve_spdy(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, remote: int
     ) -> None:
-        remote = self.remote_ports[index]
+        """Relay one client connection over a stream pair of the pod's SPDY connection;
+        raises :class:`_UseWebsocket` when the server refuses SPDY, else what reaching
+        the kernel raises."""
         pair: tuple[spdy.SpdyStream, spdy.SpdyStream] | None = None
         try:
             pair = await self._reach_kernel_spdy(remote)
@@ -316,12 +326,6 @@ class PortForwarder(LocalRelay):
                 self.log.debug("Port-forward to %s:%s: %s", self.pod, remote, text)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.drain(), _LINGER)
-        except (asyncio.CancelledError, _UseWebsocket):
-            raise
-        except KubeApiError as exc:
-            self._log_refusal(remote, exc)
-        except Exception as exc:
-            self.log.debug("Port-forward to %s:%s ended: %r", self.pod, remote, exc)
         finally:
             if pair is not None:
                 for stream in pair:
@@ -432,9 +436,10 @@ class PortForwarder(LocalRelay):
         return None
 
     async def _serve_ws(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, remote: int
     ) -> None:
-        remote = self.remote_ports[index]
+        """Relay one client connection over a websocket of its own; raises what reaching
+        the kernel raises."""
         ws: aiohttp.ClientWebSocketResponse | None = None
         try:
             ws, frames, greeting = await self._reach_kernel(remote)
@@ -453,12 +458,6 @@ class PortForwarder(LocalRelay):
                 error = task.exception()
                 if isinstance(error, PortForwardError):
                     self.log.debug("Port-forward to %s:%s: %s", self.pod, remote, error)
-        except asyncio.CancelledError:
-            raise
-        except KubeApiError as exc:
-            self._log_refusal(remote, exc)
-        except Exception as exc:
-            self.log.debug("Port-forward to %s:%s ended: %r", self.pod, remote, exc)
         finally:
             if ws is not None:
                 with contextlib.suppress(Exception):
