@@ -8,6 +8,7 @@ import contextlib
 import json
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -305,8 +306,6 @@ async def test_remote_scripts_with_and_without_a_kept_shell(tmp_path: Path) -> N
 def _chatty_server() -> tuple[socket.socket, Any]:
     """A listener on 127.0.0.1 whose every connection gets data without pause until the
     peer goes away; ``(listener, stop)``."""
-    import threading
-
     listener = socket.create_server(("127.0.0.1", 0))
     done = threading.Event()
 
